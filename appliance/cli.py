@@ -1,0 +1,109 @@
+"""The ``appliance`` command. It only parses arguments and calls into the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance import config as config_mod
+from appliance.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance", description="Edge AI appliance runtime: serve models on the LAN."
+    )
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve models over HTTP (the daemon)")
+    _config_flags(run)
+
+    check = sub.add_parser("config", help="validate the configuration and print it resolved")
+    _config_flags(check)
+    check.add_argument("--reference", action="store_true",
+                       help="print the Markdown reference of every key instead")
+
+    models = sub.add_parser("models", help="list the models the configuration would serve")
+    _config_flags(models)
+    models.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="appliance.toml (default: $APPLIANCE_CONFIG)")
+    parser.add_argument("--host", help="address to bind (http.host)")
+    parser.add_argument("--port", type=int, help="HTTP port, 0 for any free one (http.port)")
+    parser.add_argument("--models-dir", type=Path, metavar="DIR",
+                        help="model repository (models.dir)")
+    parser.add_argument("--model", type=Path, action="append", metavar="FILE", default=None,
+                        help="serve this .gguf or .onnx file directly; repeatable (models.files)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="logging.level")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    pairs = {
+        ("http", "host"): args.host,
+        ("http", "port"): args.port,
+        ("models", "dir"): args.models_dir,
+        ("models", "files"): args.model,
+        ("logging", "level"): args.log_level,
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for (section, key), value in pairs.items():
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "config" and args.reference:
+        print(config_mod.reference(), end="")
+        return 0
+    try:
+        cfg = config_mod.load(path=args.config, env=os.environ, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "config":
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    if args.command == "models":
+        return _list_models(cfg, as_json=args.json)
+
+    from appliance import logs, server
+
+    logs.setup(cfg.logging.level)
+    return server.run(cfg)
+
+
+def _list_models(cfg: config_mod.Config, *, as_json: bool) -> int:
+    from appliance.core.repository import collect
+
+    specs = collect(cfg.models.dir, cfg.models.files)
+    rows = [
+        {"name": s.name, "version": s.version, "runtime": s.runtime, "file": str(s.path),
+         "description": s.description, "problem": s.problem}
+        for s in specs
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            status = f"INVALID: {row['problem']}" if row["problem"] else "ok"
+            print(f"{row['name']:<24} {row['runtime']:<6} v{row['version']:<6} {status}")
+    return 1 if any(r["problem"] for r in rows) else 0

@@ -1,0 +1,372 @@
+"""One validated configuration, resolved once before anything starts.
+
+Sources, later ones winning: built-in defaults, ``appliance.toml`` (``--config`` or
+``$APPLIANCE_CONFIG``), environment variables ``APPLIANCE_<SECTION>__<KEY>``, command-line
+flags. Every section forbids unknown keys; a bad value stops start-up with a
+:class:`~appliance.errors.ConfigError` naming the key, the value, where it came from and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "APPLIANCE_"
+ENV_CONFIG_FILE = "APPLIANCE_CONFIG"
+
+_DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class Section(BaseModel):
+    """Base of every config section: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DeviceConfig(Section):
+    """Who this box is; MQTT topics, mDNS names and the hub all use it."""
+
+    id: str = Field(
+        default="",
+        pattern=r"^$|" + _DEVICE_ID_PATTERN,
+        description="Stable device id: lower-case letters, digits and '-', at most 63 "
+        "characters. Empty means derived from /etc/machine-id (or the hostname).",
+    )
+    name: str = Field(
+        default="",
+        max_length=128,
+        description="Human name shown in discovery and on the hub. Empty means the hostname.",
+    )
+
+
+class HttpConfig(Section):
+    """The single HTTP port serving OpenAI, Open Inference Protocol v2 and ops routes."""
+
+    host: str = Field(default="0.0.0.0", min_length=1, description="Address to bind.")
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest accepted request body in bytes; larger bodies get 413.",
+    )
+    shutdown_timeout: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        allow_inf_nan=False,
+        description="Seconds in-flight requests may run after SIGTERM before they are cut.",
+    )
+
+
+class ModelsConfig(Section):
+    """Where models come from and how much work each may queue."""
+
+    dir: Path | None = Field(
+        default=None,
+        description="Model repository: one sub-directory with a manifest.toml per model. "
+        "Unset means the default models shipped with the appliance.",
+    )
+    files: list[Path] = Field(
+        default_factory=list,
+        description="Model files (.onnx or .gguf) served directly, named after the file "
+        "without its extension; no manifest needed.",
+    )
+    queue_size: int = Field(
+        default=8,
+        ge=0,
+        le=10_000,
+        description="Requests that may wait per model beyond those running; more get 503.",
+    )
+    parallel: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Requests a model runs at the same time (per-model option overrides).",
+    )
+    retry_after: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds suggested in Retry-After when a model's queue is full.",
+    )
+
+
+class LoggingConfig(Section):
+    """Log level and what may appear in logs."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level logged."
+    )
+    log_payloads: bool = Field(
+        default=False,
+        description="Log prompts and request payloads (off: they may hold personal data).",
+    )
+
+
+class Config(Section):
+    """The whole configuration. Sections map to ``[section]`` tables in appliance.toml."""
+
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load(
+    *,
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Merge defaults, file, environment and flag overrides; validate; resolve derived values.
+
+    ``overrides`` is ``{section: {key: value}}`` as the CLI produces it. Raises
+    :class:`ConfigError` for anything invalid.
+    """
+    env = {} if env is None else env
+    raw: dict[str, dict[str, Any]] = {}
+    sources: dict[tuple[str, str], str] = {}
+
+    if path is None and env.get(ENV_CONFIG_FILE):
+        path = Path(env[ENV_CONFIG_FILE])
+    if path is not None:
+        _merge(raw, sources, _read_file(path), str(path))
+    _merge(raw, sources, _from_env(env, sources), None)
+    if overrides:
+        _merge(raw, sources, overrides, "command line")
+
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, raw, sources)) from None
+    return _resolve(config)
+
+
+def _read_file(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        parsed = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data: dict[str, Any] = dict(parsed)
+    for key, value in data.items():
+        if key not in Config.model_fields:
+            raise ConfigError(
+                f"config file {path}: unknown section {key!r}; "
+                f"allowed sections: {', '.join(Config.model_fields)}"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"config file {path}: {key!r} must be a [{key}] table")
+    return data
+
+
+def _from_env(env: Mapping[str, str], sources: dict[tuple[str, str], str]) -> dict[str, Any]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        section_field = Config.model_fields.get(section)
+        if section_field is None:
+            raise ConfigError(
+                f"environment variable {name}: unknown section {section!r}; "
+                f"allowed sections: {', '.join(Config.model_fields)}"
+            )
+        model = section_field.annotation
+        assert isinstance(model, type)
+        assert issubclass(model, Section)
+        field = model.model_fields.get(key)
+        if field is None:
+            raise ConfigError(
+                f"environment variable {name}: unknown key {key!r} in [{section}]; "
+                f"allowed keys: {', '.join(model.model_fields)}"
+            )
+        parsed: Any = value
+        if getattr(field.annotation, "__origin__", None) is list:
+            # Lists come comma-separated from the environment: "a.onnx,b.gguf".
+            parsed = [item.strip() for item in value.split(",") if item.strip()]
+        out.setdefault(section, {})[key] = parsed
+        sources[(section, key)] = f"environment variable {name}"
+    return out
+
+
+def _merge(
+    raw: dict[str, dict[str, Any]],
+    sources: dict[tuple[str, str], str],
+    layer: Mapping[str, Any],
+    origin: str | None,
+) -> None:
+    for section, values in layer.items():
+        target = raw.setdefault(section, {})
+        for key, value in values.items():
+            target[key] = value
+            if origin is not None:
+                sources[(section, key)] = origin
+
+
+def _describe(
+    exc: ValidationError,
+    raw: Mapping[str, Mapping[str, Any]],
+    sources: Mapping[tuple[str, str], str],
+) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            lines.append(f"  {key}: unknown key; allowed keys: {allowed}")
+            continue
+        value = err.get("input")
+        origin = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
+        where = f" (from {origin})" if origin else ""
+        allowed = _allowed_values(loc)
+        hint = f"; allowed: {allowed}" if allowed else ""
+        lines.append(f"  {key} = {value!r}{where}: {err['msg']}{hint}")
+    return "\n".join(lines)
+
+
+def _section_model(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return None
+        model = field.annotation
+    return model
+
+
+def _allowed_keys(loc: list[str]) -> str:
+    model = _section_model(loc)
+    return ", ".join(model.model_fields) if model else "(none)"
+
+
+def _allowed_values(loc: list[str]) -> str:
+    model = _section_model(loc[:-1])
+    if model is None or loc[-1] not in model.model_fields:
+        return ""
+    schema = model.model_json_schema()["properties"].get(loc[-1], {})
+    parts: list[str] = []
+    options = schema.get("anyOf", [schema])
+    for option in options:
+        if "enum" in option:
+            parts.append(" | ".join(repr(v) for v in option["enum"]))
+        elif "const" in option:
+            parts.append(repr(option["const"]))
+        elif "type" in option:
+            bounds = []
+            for name, sym in (
+                ("minimum", ">="),
+                ("exclusiveMinimum", ">"),
+                ("maximum", "<="),
+                ("exclusiveMaximum", "<"),
+                ("minLength", "length >="),
+                ("maxLength", "length <="),
+            ):
+                if name in option:
+                    bounds.append(f"{sym} {option[name]}")
+            if "pattern" in option:
+                bounds.append(f"matching {option['pattern']}")
+            parts.append(option["type"] + (f" ({', '.join(bounds)})" if bounds else ""))
+    text = " or ".join(parts)
+    description = schema.get("description")
+    return f"{text} — {description}" if description else text
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def _resolve(config: Config) -> Config:
+    """Fill the values whose defaults depend on the machine."""
+    device = config.device
+    if not device.id or not device.name:
+        device = device.model_copy(
+            update={"id": device.id or default_device_id(), "name": device.name or _hostname()}
+        )
+    models = config.models
+    if models.dir is None and not models.files:
+        models = models.model_copy(update={"dir": default_models_dir()})
+    return config.model_copy(update={"device": device, "models": models})
+
+
+def _hostname() -> str:
+    return socket.gethostname() or "appliance"
+
+
+def default_device_id(machine_id_file: Path = Path("/etc/machine-id")) -> str:
+    """A stable id derived from the machine id, never the raw id itself.
+
+    systemd asks applications to hash /etc/machine-id with an application key rather than
+    expose it; without one, fall back to the hostname.
+    """
+    try:
+        machine_id = machine_id_file.read_text(encoding="ascii").strip()
+    except OSError:
+        machine_id = ""
+    if machine_id:
+        digest = hashlib.sha256(b"appliance-device-id:" + machine_id.encode()).hexdigest()
+        return f"appliance-{digest[:12]}"
+    cleaned = "".join(c if c.isalnum() else "-" for c in _hostname().lower()).strip("-")
+    return (cleaned or "appliance")[:63]
+
+
+def default_models_dir() -> Path:
+    """The default models: inside the installed package, or ``models/`` of a source checkout."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "default_models"
+    if shipped.is_dir():
+        return shipped
+    return package.parent / "models"
+
+
+# -------------------------------------------------------------------------- reference
+
+
+def reference() -> str:
+    """Markdown reference of every key, generated from the models so it cannot drift."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `appliance config --reference`; do not edit by hand.",
+        "",
+        "Sources, later ones winning: built-in defaults, the TOML file (`--config FILE` or "
+        f"`${ENV_CONFIG_FILE}`), environment variables, command-line flags.",
+    ]
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, Section)
+        lines += ["", f"## [{section}]", "", (model.__doc__ or "").strip(), ""]
+        lines += ["| key | environment variable | default | allowed |", "|---|---|---|---|"]
+        for key in model.model_fields:
+            default = model.model_fields[key].get_default(call_default_factory=True)
+            env = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+            allowed = _allowed_values([section, key]).replace("|", "\\|")
+            lines.append(f"| `{key}` | `{env}` | `{default!r}` | {allowed} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,335 @@
+"""The core API every transport calls: look up models, validate requests, run them.
+
+All request validation that does not depend on a wire format lives here, so HTTP, MQTT and
+any later transport reject the same things with the same messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from appliance.core.admission import Ticket
+from appliance.core.metrics import Metrics
+from appliance.core.models import ModelHandle, ModelManager
+from appliance.core.types import (
+    DATATYPES,
+    Array,
+    Capability,
+    EmbeddingResult,
+    GenerateRequest,
+    InferResult,
+    ModelInfo,
+    ModelState,
+    TokenChunk,
+    datatype_of,
+)
+from appliance.errors import RequestError, ShuttingDown, UnsupportedOperation
+from appliance.runtimes.base import Runtime
+
+log = logging.getLogger(__name__)
+
+MAX_EMBED_INPUTS = 2048
+
+
+class Core:
+    """What transports may ask of the appliance."""
+
+    def __init__(self, models: ModelManager, metrics: Metrics) -> None:
+        self.models = models
+        self.metrics = metrics
+        self.started = time.time()
+        self._closing = False
+
+    # -- state ------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work from now on; in-flight work finishes."""
+        self._closing = True
+
+    @property
+    def ready(self) -> bool:
+        """Loading is over and at least one model (or none was configured) serves."""
+        if self.models.loading or self._closing:
+            return False
+        handles = self.models.handles()
+        return not handles or any(h.state is ModelState.READY for h in handles)
+
+    @property
+    def loading(self) -> bool:
+        return self.models.loading
+
+    def list_models(self) -> list[ModelInfo]:
+        return [h.info() for h in self.models.handles()]
+
+    def model(self, name: str, version: str | None = None) -> ModelInfo:
+        return self.models.get(name, version).info()
+
+    # -- tensor inference -------------------------------------------------------------
+
+    async def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, Array],
+        *,
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> InferResult:
+        """Validate ``inputs`` against the model's signature and run it."""
+        handle, runtime = self._runtime(name, version, Capability.INFER)
+        wanted = self._check_tensors(runtime, inputs, outputs)
+        ticket = self._admit(handle)
+        async with ticket:
+            self._gauge(handle)
+            started = time.perf_counter()
+            try:
+                results = await runtime.infer(inputs, wanted)
+            finally:
+                self.metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
+        self._gauge(handle)
+        return InferResult(outputs=results)
+
+    def _check_tensors(
+        self, runtime: Runtime, inputs: Mapping[str, Array], outputs: Sequence[str] | None
+    ) -> list[str]:
+        signature = runtime.signature
+        expected = {spec.name: spec for spec in signature.inputs}
+        for tensor in inputs:
+            if tensor not in expected:
+                raise RequestError(
+                    f"unexpected input tensor {tensor!r}; the model takes: "
+                    f"{', '.join(expected)}",
+                    param="inputs",
+                )
+        for spec in signature.inputs:
+            if spec.name not in inputs:
+                raise RequestError(f"missing input tensor {spec.name!r}", param="inputs")
+            value = inputs[spec.name]
+            actual_type = datatype_of(value.dtype)
+            if actual_type != spec.datatype:
+                raise RequestError(
+                    f"input tensor {spec.name!r} has datatype {actual_type}, "
+                    f"expected {spec.datatype}",
+                    param="inputs",
+                )
+            if len(value.shape) != len(spec.shape) or any(
+                want not in (-1, got) for want, got in zip(spec.shape, value.shape, strict=True)
+            ):
+                raise RequestError(
+                    f"input tensor {spec.name!r} has shape {list(value.shape)}, expected "
+                    f"{_shape_text(spec.shape)}",
+                    param="inputs",
+                )
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise RequestError(
+                    f"input tensor {spec.name!r} contains NaN or infinite values", param="inputs"
+                )
+        names = [spec.name for spec in signature.outputs]
+        if not outputs:
+            return names
+        for out in outputs:
+            if out not in names:
+                raise RequestError(
+                    f"unknown output tensor {out!r}; the model returns: {', '.join(names)}",
+                    param="outputs",
+                )
+        return list(dict.fromkeys(outputs))
+
+    # -- text generation --------------------------------------------------------------
+
+    async def generate(
+        self, name: str, request: GenerateRequest, *, version: str | None = None
+    ) -> TokenStream:
+        """Admit a generation and return its token stream (not yet started).
+
+        Raises before anything is streamed when the request is invalid or the model busy, so
+        transports can still answer with an error status.
+        """
+        handle, runtime = self._runtime(name, version, Capability.GENERATE)
+        self._check_generation(runtime, request)
+        ticket = self._admit(handle)
+        return TokenStream(self, handle, runtime, request, ticket)
+
+    def _check_generation(self, runtime: Runtime, request: GenerateRequest) -> None:
+        context = runtime.context_length
+        params = request.params
+        if request.prompt is None and not request.messages:
+            raise RequestError("a prompt or at least one message is required", param="messages")
+        if context is None:
+            return
+        if params.max_tokens is not None and params.max_tokens > context:
+            raise RequestError(
+                f"max_tokens {params.max_tokens} exceeds the model's context length {context}",
+                param="max_tokens",
+            )
+        text = request.prompt if request.prompt is not None else "\n".join(
+            m.content for m in request.messages or ()
+        )
+        tokens = runtime.count_tokens(text)
+        if tokens >= context:
+            raise RequestError(
+                f"the prompt is {tokens} tokens, longer than the model's context length "
+                f"{context}",
+                param="prompt" if request.prompt is not None else "messages",
+            )
+
+    # -- embeddings -------------------------------------------------------------------
+
+    async def embed(
+        self, name: str, texts: Sequence[str], *, version: str | None = None
+    ) -> EmbeddingResult:
+        handle, runtime = self._runtime(name, version, Capability.EMBED)
+        if not texts:
+            raise RequestError("input must hold at least one text", param="input")
+        if len(texts) > MAX_EMBED_INPUTS:
+            raise RequestError(
+                f"input holds {len(texts)} texts; at most {MAX_EMBED_INPUTS} are allowed",
+                param="input",
+            )
+        context = runtime.context_length
+        if context is not None:
+            for i, text in enumerate(texts):
+                tokens = runtime.count_tokens(text)
+                if tokens > context:
+                    raise RequestError(
+                        f"input[{i}] is {tokens} tokens, longer than the model's context "
+                        f"length {context}",
+                        param="input",
+                    )
+        async with self._admit(handle):
+            self._gauge(handle)
+            started = time.perf_counter()
+            try:
+                result = await runtime.embed(texts)
+            finally:
+                self.metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
+        self._gauge(handle)
+        self.metrics.prompt_tokens.labels(name).inc(result.prompt_tokens)
+        return result
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _runtime(
+        self, name: str, version: str | None, capability: Capability
+    ) -> tuple[ModelHandle, Runtime]:
+        if self._closing:
+            raise ShuttingDown("the appliance is shutting down")
+        handle = self.models.get(name, version)
+        runtime = handle.ready_runtime()
+        if capability not in runtime.capabilities:
+            what = {
+                Capability.INFER: "tensor inference",
+                Capability.GENERATE: "text generation",
+                Capability.EMBED: "embeddings",
+            }[capability]
+            can = ", ".join(sorted(c.value for c in runtime.capabilities))
+            raise UnsupportedOperation(
+                f"model {name!r} ({handle.spec.runtime}) does not support {what}; it supports: "
+                f"{can}",
+                param="model",
+            )
+        return handle, runtime
+
+    def _admit(self, handle: ModelHandle) -> Ticket:
+        try:
+            ticket = handle.admission.admit()
+        except Exception:
+            self.metrics.rejected.labels(handle.name).inc()
+            raise
+        self._gauge(handle)
+        return ticket
+
+    def _gauge(self, handle: ModelHandle) -> None:
+        self.metrics.queue_depth.labels(handle.name).set(handle.admission.waiting)
+        self.metrics.running.labels(handle.name).set(handle.admission.running)
+
+
+class TokenStream:
+    """An admitted generation. Iterate it once; ``aclose`` (or ``async with``) frees the model.
+
+    Holding the queue ticket in this object rather than in an async generator means the
+    ticket is released even when the stream is never iterated.
+    """
+
+    def __init__(
+        self,
+        core: Core,
+        handle: ModelHandle,
+        runtime: Runtime,
+        request: GenerateRequest,
+        ticket: Ticket,
+    ) -> None:
+        self._core = core
+        self._handle = handle
+        self._runtime = runtime
+        self.request = request
+        self._ticket = ticket
+        self._iterator: AsyncIterator[TokenChunk] | None = None
+
+    async def __aenter__(self) -> TokenStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        if self._iterator is not None:
+            raise RuntimeError("a token stream can be iterated only once")
+        self._iterator = self._run()
+        return self._iterator
+
+    async def aclose(self) -> None:
+        iterator = self._iterator
+        if iterator is not None:
+            aclose: Callable[[], Any] | None = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        self._ticket.release()
+        self._core._gauge(self._handle)
+
+    async def _run(self) -> AsyncIterator[TokenChunk]:
+        metrics = self._core.metrics
+        name = self._handle.name
+        async with self._ticket:
+            self._core._gauge(self._handle)
+            started = time.perf_counter()
+            first = True
+            try:
+                async for chunk in self._runtime.generate(self.request):
+                    if first:
+                        metrics.time_to_first_token.labels(name).observe(
+                            time.perf_counter() - started
+                        )
+                        first = False
+                    if chunk.finish_reason is not None:
+                        metrics.prompt_tokens.labels(name).inc(chunk.prompt_tokens)
+                    elif chunk.text:
+                        # Counted as they stream so an abandoned generation shows too.
+                        metrics.tokens_generated.labels(name).inc()
+                    yield chunk
+            finally:
+                metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
+
+
+def collect_text(chunks: Sequence[TokenChunk]) -> tuple[str, TokenChunk]:
+    """Join streamed chunks; returns the text and the final chunk (with usage)."""
+    if not chunks:
+        raise RuntimeError("the runtime produced no final chunk")
+    return "".join(c.text for c in chunks), chunks[-1]
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join("-1 (any)" if d == -1 else str(d) for d in shape) + "]"
+
+
+__all__ = ["DATATYPES", "Core", "TokenStream", "collect_text"]

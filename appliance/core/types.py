@@ -1,0 +1,158 @@
+"""Value types passed between transports, the core and runtimes."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+class Capability(str, enum.Enum):
+    """What a loaded model can do; transports pick routes by it."""
+
+    INFER = "infer"  # tensors in, tensors out (Open Inference Protocol v2)
+    GENERATE = "generate"  # text generation: completions and chat
+    EMBED = "embed"  # text embeddings
+
+
+class ModelState(str, enum.Enum):
+    """Lifecycle of one model in the repository."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a tensor model. ``-1`` in ``shape`` is a dynamic dimension."""
+
+    name: str
+    datatype: str  # Open Inference Protocol name: FP32, INT64, BOOL, BYTES, ...
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The tensors a model takes and returns."""
+
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+
+Array = npt.NDArray[Any]
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """Outputs of one tensor inference, by name, in the model's output order."""
+
+    outputs: Mapping[str, Array]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. Validated by the core before any runtime sees them."""
+
+    max_tokens: int | None = None  # None: until the context is full or a stop
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    json_schema: Mapping[str, Any] | None = None  # constrain output to this JSON schema
+    json_object: bool = False  # constrain output to any JSON object
+    logit_bias: Mapping[int, float] | None = None  # token id -> bias added to its logit
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A completion (``prompt``) or chat (``messages``) request."""
+
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """A piece of generated text. The last chunk has ``finish_reason`` and the usage counts."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """One vector per input text."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the transports may tell clients about a model."""
+
+    name: str
+    version: str
+    runtime: str
+    state: ModelState
+    description: str
+    error: str | None
+    capabilities: frozenset[Capability]
+    signature: Signature
+    context_length: int | None
+    created: int  # unix time the model file was last changed
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+
+# Open Inference Protocol datatypes and their numpy equivalents. BYTES maps to object
+# arrays of ``bytes``.
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+
+def datatype_of(dtype: np.dtype[Any]) -> str:
+    """The Open Inference Protocol name of a numpy dtype."""
+    if dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    for name, candidate in DATATYPES.items():
+        if candidate == dtype:
+            return name
+    raise ValueError(f"no Open Inference Protocol datatype for numpy dtype {dtype}")

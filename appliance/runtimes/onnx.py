@@ -1,0 +1,142 @@
+"""ONNX models through onnxruntime.
+
+Execution providers are chosen from the manifest and what the installed onnxruntime offers:
+``auto`` prefers TensorRT, then CUDA (Jetson-class boxes), then XNNPACK (Arm CPUs), then
+the CPU. Providers that are asked for but not installed are skipped with a warning, so one
+manifest works on a Pi and on a Jetson.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from appliance.core.types import DATATYPES, Array, Capability, Signature, TensorSpec
+from appliance.errors import ModelLoadError
+from appliance.runtimes.base import Runtime, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+_AUTO_ORDER = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "XnnpackExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+# onnxruntime's type strings ("tensor(float)") -> Open Inference Protocol datatypes.
+_ORT_TYPES: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+class OnnxOptions(RuntimeOptions):
+    """``[options]`` of an ONNX model manifest."""
+
+    execution_providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        description="Providers in order of preference, or ['auto'] for the best installed.",
+    )
+    inter_op_threads: int | None = Field(default=None, ge=1, le=256)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    memory_arena: bool = Field(
+        default=True, description="onnxruntime's CPU memory arena (off saves RSS on a Pi)."
+    )
+
+
+def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The providers to use, in order, from those wanted and those installed."""
+    if list(wanted) == ["auto"]:
+        wanted = _AUTO_ORDER
+    chosen = [p for p in wanted if p in available]
+    for missing in (p for p in wanted if p not in available):
+        if missing != "XnnpackExecutionProvider" or list(wanted) != list(_AUTO_ORDER):
+            log.warning("execution provider %s is not installed; skipping it", missing)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")  # always a fallback for unsupported nodes
+    return chosen
+
+
+class OnnxRuntime(Runtime):
+    """A tensor model run by an onnxruntime ``InferenceSession``."""
+
+    kind: ClassVar[str] = "onnx"
+    options_model: ClassVar[type[RuntimeOptions]] = OnnxOptions
+
+    _session: Any = None
+    _signature: Signature = Signature()
+
+    def load_blocking(self) -> None:
+        import onnxruntime as ort
+
+        options = self.options
+        assert isinstance(options, OnnxOptions)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.threads or 0
+        if options.inter_op_threads:
+            so.inter_op_num_threads = options.inter_op_threads
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[options.graph_optimization]
+        so.enable_cpu_mem_arena = options.memory_arena
+        so.log_severity_level = 3  # warnings from onnxruntime go to stderr otherwise
+        providers = choose_providers(options.execution_providers, ort.get_available_providers())
+        try:
+            self._session = ort.InferenceSession(str(self.path), so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own unrelated exception types
+            raise ModelLoadError(f"onnxruntime cannot load {self.path.name}: {exc}") from exc
+        self._signature = Signature(
+            inputs=tuple(_spec(arg) for arg in self._session.get_inputs()),
+            outputs=tuple(_spec(arg) for arg in self._session.get_outputs()),
+        )
+        log.info("model %s: onnxruntime providers %s", self.name, self._session.get_providers())
+
+    def close_blocking(self) -> None:
+        self._session = None
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset({Capability.INFER})
+
+    @property
+    def signature(self) -> Signature:
+        return self._signature
+
+    async def infer(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> dict[str, Array]:
+        return await self.run_blocking(self._run, dict(inputs), list(outputs))
+
+    def _run(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+        feed = {
+            name: (value.astype(np.str_) if value.dtype == np.object_ else value)
+            for name, value in inputs.items()
+        }
+        results = self._session.run(outputs, feed)
+        return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}
+
+
+def _spec(arg: Any) -> TensorSpec:
+    datatype = _ORT_TYPES.get(arg.type)
+    if datatype is None or datatype not in DATATYPES:
+        raise ModelLoadError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape)
+    return TensorSpec(name=arg.name, datatype=datatype, shape=shape)

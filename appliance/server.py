@@ -1,0 +1,120 @@
+"""The daemon: startup → serve until a signal → shutdown.
+
+Each long-lived resource is a lifecycle unit started in order and stopped in reverse by an
+``AsyncExitStack``. Signals only set flags: the first SIGTERM/SIGINT starts a graceful stop
+(no new requests, in-flight ones finish up to ``http.shutdown_timeout``), a second SIGINT
+forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from appliance import __version__
+from appliance.config import Config
+from appliance.core.metrics import Metrics
+from appliance.core.models import ModelManager
+from appliance.core.repository import collect
+from appliance.core.service import Core
+from appliance.transports.http import build_app
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """One running appliance."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.core: Core | None = None
+        self.addresses: list[tuple[str, int]] = []
+        self._stop = asyncio.Event()
+        self._force = False
+        self._stack = contextlib.AsyncExitStack()
+
+    @property
+    def port(self) -> int:
+        """The bound HTTP port (useful with port 0)."""
+        return self.addresses[0][1]
+
+    async def serve(self) -> None:
+        """Run until :meth:`request_stop` or a signal."""
+        self._install_signal_handlers()
+        try:
+            await self.startup()
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def startup(self) -> None:
+        config = self.config
+        specs = await asyncio.to_thread(collect, config.models.dir, config.models.files)
+        models = ModelManager(specs, config.models, self.metrics)
+        self._stack.push_async_callback(models.close)
+        self.core = core = Core(models, self.metrics)
+
+        app = build_app(core, config)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,  # a client that goes away stops its own work
+            shutdown_timeout=config.http.shutdown_timeout,
+            access_log=logging.getLogger("aiohttp.access"),
+        )
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        self._stack.callback(core.begin_shutdown)  # runs first on the way down
+        site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True)
+        await site.start()
+        self.addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
+        for host, port in self.addresses:
+            log.info("appliance %s (device %s) listening on http://%s:%d", __version__,
+                     config.device.id, _url_host(host), port)
+        # Models load after the socket is bound so /health can answer "loading" meanwhile.
+        await models.start()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down")
+        await self._stack.aclose()
+        log.info("stopped")
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stop.is_set() and sig == signal.SIGINT and not self._force:
+            self._force = True
+            log.warning("second interrupt: exiting now")
+            raise SystemExit(130)
+        log.info("received %s; stopping gracefully", signal.Signals(sig).name)
+        self._stop.set()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def run(config: Config) -> int:
+    """Serve until stopped; the exit status for the CLI."""
+    server = Server(config)
+    try:
+        asyncio.run(server.serve())
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+__all__: Sequence[str] = ["Server", "run"]

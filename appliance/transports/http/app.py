@@ -1,0 +1,52 @@
+"""The aiohttp application: routes of every API family, error mapping and request metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from appliance.config import Config
+from appliance.core.service import Core
+from appliance.transports.http import oip, openai, ops
+from appliance.transports.http.errors import from_exception
+from appliance.transports.http.keys import CONFIG, CORE
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every exception to a response (the only place that does) and count the request."""
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except Exception as exc:
+        response = from_exception(request, exc)
+    core = request.app[CORE]
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    model = request.get("model", "")
+    core.metrics.requests.labels("http", route_name, model, str(response.status)).inc()
+    core.metrics.request_latency.labels("http", route_name, model).observe(
+        time.perf_counter() - started
+    )
+    return response
+
+
+def build_app(core: Core, config: Config) -> web.Application:
+    """The HTTP application for one daemon."""
+    app = web.Application(
+        client_max_size=config.http.max_body_bytes,
+        middlewares=[_errors_and_metrics],
+    )
+    app[CORE] = core
+    app[CONFIG] = config
+    app.add_routes(ops.routes)
+    app.add_routes(openai.routes)
+    app.add_routes(oip.routes)
+    return app

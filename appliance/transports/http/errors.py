@@ -1,0 +1,119 @@
+"""The one place where errors become HTTP responses.
+
+OpenAI routes answer in OpenAI's error shape (``{"error": {"message", "type", "param",
+"code"}}``) so the official client raises the right exception; every other route answers
+``{"error": "..."}`` as the Open Inference Protocol asks. Unexpected exceptions are logged
+with their traceback and answered with a generic 500 that reveals nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from aiohttp import web
+
+from appliance.errors import (
+    ModelNotFound,
+    ModelUnavailable,
+    Overloaded,
+    PayloadTooLarge,
+    RequestError,
+    ShuttingDown,
+)
+from appliance.transports.http.keys import CONFIG
+
+log = logging.getLogger(__name__)
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
+
+
+def error_response(
+    request: web.Request,
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An error in the shape the route's protocol expects."""
+    body: dict[str, Any]
+    if request.path.startswith("/v1/"):
+        body = {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "server_error"),
+                "param": param,
+                "code": None,
+            }
+        }
+    else:
+        body = {"error": message}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def from_exception(request: web.Request, exc: BaseException) -> web.StreamResponse:
+    """Map an exception raised while handling ``request`` to a response."""
+    if isinstance(exc, PayloadTooLarge):
+        return error_response(request, 413, str(exc), param=exc.param)
+    if isinstance(exc, RequestError):
+        return error_response(request, 400, exc.message, param=exc.param)
+    if isinstance(exc, ModelNotFound):
+        return error_response(request, 404, str(exc), param="model")
+    if isinstance(exc, Overloaded):
+        return error_response(
+            request, 503, str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after))}
+        )
+    if isinstance(exc, (ModelUnavailable, ShuttingDown)):
+        return error_response(request, 503, str(exc), headers={"Retry-After": "5"})
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[CONFIG].http.max_body_bytes
+        return error_response(
+            request, 413, f"request body is larger than the limit of {limit} bytes",
+            param="body",
+        )
+    if isinstance(exc, web.HTTPException):
+        if exc.status == 404:
+            return error_response(request, 404, f"no route for {request.method} {request.path}")
+        if exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            return error_response(
+                request,
+                405,
+                f"method {request.method} is not allowed for {request.path}; allowed: {allowed}",
+                headers={"Allow": allowed},
+            )
+        text = exc.text or exc.reason
+        return error_response(request, exc.status, text, headers=dict(exc.headers))
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(request, 500, "internal error; see the appliance log")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body parsed as JSON, or a 400 naming what is wrong."""
+    raw = await request.read()
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    if not raw:
+        raise RequestError("the request body is empty; a JSON object is expected", param="body")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise RequestError("the request body is not UTF-8 text", param="body") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", param="body"
+        ) from None

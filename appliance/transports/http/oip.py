@@ -1,0 +1,134 @@
+"""Open Inference Protocol v2 (KServe / Triton REST) routes.
+
+Supports the JSON tensor form and the binary tensor data extension Triton clients use by
+default. Errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from appliance import __version__
+from appliance.core.oip import decode_request, encode_outputs
+from appliance.core.types import Capability, ModelInfo, ModelState
+from appliance.errors import ModelUnavailable, RequestError, UnsupportedOperation
+from appliance.transports.http.errors import error_response, parse_json
+from appliance.transports.http.keys import CORE
+
+routes = web.RouteTableDef()
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_PLATFORMS = {"onnx": "onnxruntime_onnx", "gguf": "llama_cpp_gguf"}
+
+
+@routes.get("/v2")
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response({"name": "appliance", "version": __version__,
+                              "extensions": EXTENSIONS})
+
+
+@routes.get("/v2/health/live")
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+@routes.get("/v2/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    if core.ready:
+        return web.json_response({"ready": True})
+    reason = "loading models" if core.loading else "no model is ready"
+    return error_response(request, 503, f"not ready: {reason}")
+
+
+@routes.get("/v2/models/{name}")
+@routes.get("/v2/models/{name}/versions/{version}")
+async def model_metadata(request: web.Request) -> web.Response:
+    info = _info(request)
+    return web.json_response(_metadata(info))
+
+
+@routes.get("/v2/models/{name}/ready")
+@routes.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(request: web.Request) -> web.Response:
+    info = _info(request)
+    if info.state is ModelState.READY:
+        return web.json_response({"name": info.name, "ready": True})
+    exc = ModelUnavailable(info.name, info.state.value, info.error)
+    return error_response(request, 503, str(exc))
+
+
+@routes.post("/v2/models/{name}/infer")
+@routes.post("/v2/models/{name}/versions/{version}/infer")
+async def infer(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    version = request.match_info.get("version")
+    request["model"] = name
+    core = request.app[CORE]
+    info = core.model(name, version)  # 404 before reading a large body for nothing
+    if info.state is ModelState.READY and Capability.INFER not in info.capabilities:
+        raise UnsupportedOperation(
+            f"model {name!r} is a {info.runtime} language model; use /v1/chat/completions "
+            "or /v1/completions",
+            param="model",
+        )
+    raw = await request.read()
+    header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is not None:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise RequestError(f"{HEADER_LENGTH} must be an integer") from None
+        if not 0 <= split <= len(raw):
+            raise RequestError(f"{HEADER_LENGTH} {split} is outside the body of {len(raw)} bytes")
+        body, binary = parse_json(raw[:split]), raw[split:]
+    else:
+        body, binary = parse_json(raw), b""
+    decoded = decode_request(body, binary)
+    result = await core.infer(name, decoded.inputs, version=version, outputs=decoded.outputs)
+    binary_names = set(decoded.binary_outputs)
+    if decoded.binary_default:
+        binary_names |= set(result.outputs)
+    tensors, blobs = encode_outputs(result.outputs, binary_names)
+    answer: dict[str, Any] = {
+        "model_name": name,
+        "model_version": info.version,
+        "outputs": tensors,
+    }
+    if decoded.id is not None:
+        answer["id"] = decoded.id
+    header = json.dumps(answer).encode()
+    if not blobs:
+        return web.Response(body=header, content_type="application/json")
+    return web.Response(
+        body=header + b"".join(blobs),
+        headers={HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"},
+    )
+
+
+def _info(request: web.Request) -> ModelInfo:
+    return request.app[CORE].model(request.match_info["name"], request.match_info.get("version"))
+
+
+def _metadata(info: ModelInfo) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": info.name,
+        "versions": [info.version],
+        "platform": _PLATFORMS.get(info.runtime, info.runtime),
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+            for t in info.signature.inputs
+        ],
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+            for t in info.signature.outputs
+        ],
+        "state": info.state.value,
+    }
+    if info.error:
+        meta["error"] = info.error
+    return meta

@@ -1,0 +1,247 @@
+"""OpenAI-compatible routes: models, chat completions, completions, embeddings.
+
+Handlers parse and validate the body, call the core and serialise; streaming answers are
+Server-Sent Events ending in ``data: [DONE]``. The first token is awaited before the
+response starts, so a request the model rejects still gets a proper 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+from aiohttp import web
+from pydantic import BaseModel
+
+from appliance.core.service import TokenStream
+from appliance.core.types import ModelState, TokenChunk
+from appliance.errors import ApplianceError
+from appliance.transports.http.errors import read_json
+from appliance.transports.http.keys import CONFIG, CORE
+from appliance.transports.http.openai_schema import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+    parse,
+)
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    owner = request.app[CONFIG].device.id
+    cards = [
+        ModelCard(id=m.name, created=m.created, owned_by=owner, state=m.state.value)
+        for m in core.list_models()
+        if m.state is not ModelState.FAILED
+    ]
+    return _json(ModelList(data=cards))
+
+
+@routes.get("/v1/models/{model}")
+async def get_model(request: web.Request) -> web.Response:
+    info = request.app[CORE].model(request.match_info["model"])
+    owner = request.app[CONFIG].device.id
+    return _json(ModelCard(id=info.name, created=info.created, owned_by=owner,
+                           state=info.state.value))
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
+    request["model"] = body.model
+    stream = await request.app[CORE].generate(body.model, body.to_core())
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    if not body.stream:
+        text, last = await _collect(stream)
+        return _json(
+            ChatCompletion(
+                id=ident,
+                created=created,
+                model=body.model,
+                choices=[ChatChoice(message=AssistantMessage(content=text),
+                                    finish_reason=last.finish_reason)],
+                usage=_usage(last),
+            )
+        )
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def event(chunk: TokenChunk | None, *, role: bool = False) -> BaseModel:
+        if chunk is None:  # the usage-only event at the end
+            return ChatCompletionChunk(id=ident, created=created, model=body.model, choices=[])
+        delta = Delta(role="assistant", content="") if role else Delta(content=chunk.text)
+        if chunk.finish_reason is not None:
+            delta = Delta()
+        return ChatCompletionChunk(
+            id=ident, created=created, model=body.model,
+            choices=[ChunkChoice(delta=delta, finish_reason=chunk.finish_reason)],
+        )
+
+    return await _sse(request, stream, event, include_usage, opening=True)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    body: CompletionRequest = parse(CompletionRequest, await read_json(request))
+    request["model"] = body.model
+    stream = await request.app[CORE].generate(body.model, body.to_core())
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prefix = body.prompt_text() if body.echo else ""
+
+    if not body.stream:
+        text, last = await _collect(stream)
+        return _json(
+            Completion(
+                id=ident, created=created, model=body.model,
+                choices=[CompletionChoice(text=prefix + text, finish_reason=last.finish_reason)],
+                usage=_usage(last),
+            )
+        )
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def event(chunk: TokenChunk | None, *, role: bool = False) -> BaseModel:
+        if chunk is None:
+            return Completion(id=ident, created=created, model=body.model, choices=[])
+        text = (prefix + chunk.text) if role else chunk.text
+        return Completion(
+            id=ident, created=created, model=body.model,
+            choices=[CompletionChoice(text=text, finish_reason=chunk.finish_reason)],
+        )
+
+    return await _sse(request, stream, event, include_usage, opening=bool(prefix))
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    body: EmbeddingRequest = parse(EmbeddingRequest, await read_json(request))
+    request["model"] = body.model
+    core = request.app[CORE]
+    result = await core.embed(body.model, body.texts())
+    data = []
+    for i, vector in enumerate(result.vectors):
+        if body.dimensions is not None:
+            vector = vector[: body.dimensions]
+        value: list[float] | str = vector
+        if body.encoding_format == "base64":
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append(Embedding(index=i, embedding=value))
+    return _json(
+        EmbeddingList(
+            data=data, model=body.model,
+            usage=Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+        )
+    )
+
+
+# ------------------------------------------------------------------------ helpers
+
+EventFactory = Callable[..., BaseModel]
+
+
+async def _collect(stream: TokenStream) -> tuple[str, TokenChunk]:
+    parts: list[str] = []
+    last: TokenChunk | None = None
+    async with stream:
+        async for chunk in stream:
+            parts.append(chunk.text)
+            last = chunk
+    assert last is not None
+    assert last.finish_reason is not None
+    return "".join(parts), last
+
+
+async def _sse(
+    request: web.Request,
+    stream: TokenStream,
+    event: EventFactory,
+    include_usage: bool,
+    *,
+    opening: bool,
+) -> web.StreamResponse:
+    async with stream:
+        chunks: AsyncIterator[TokenChunk] = aiter(stream)
+        # Wait for the first piece before committing to a 200: errors raised by the model
+        # (a prompt it rejects, say) still become a 4xx.
+        first = await anext(chunks)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        if opening:
+            await _send(response, event(TokenChunk(text=""), role=True))
+        chunk: TokenChunk | None = first
+        last = first
+        try:
+            while chunk is not None:
+                last = chunk
+                await _send(response, event(chunk))
+                chunk = await anext(chunks, None)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            # Headers are sent: the error can only travel as an event now.
+            log.error("generation failed mid-stream on model %s", request.get("model"),
+                      exc_info=exc)
+            message = str(exc) if isinstance(exc, ApplianceError) else "generation failed"
+            payload = {"error": {"message": message, "type": "server_error", "param": None,
+                                 "code": None}}
+            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+            await response.write_eof()
+            return response
+        if include_usage:
+            final = event(None)
+            final_dict = final.model_dump(mode="json")
+            final_dict["usage"] = _usage(last).model_dump()
+            await response.write(f"data: {json.dumps(final_dict)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+async def _send(response: web.StreamResponse, event: BaseModel) -> None:
+    await response.write(b"data: " + event.model_dump_json(exclude_none=False).encode() + b"\n\n")
+
+
+def _usage(chunk: TokenChunk) -> Usage:
+    return Usage(
+        prompt_tokens=chunk.prompt_tokens,
+        completion_tokens=chunk.completion_tokens,
+        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
+    )
+
+
+def _json(model: BaseModel) -> web.Response:
+    return web.Response(body=model.model_dump_json().encode(), content_type="application/json")
+
+
+__all__ = ["routes"]

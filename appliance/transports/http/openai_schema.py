@@ -1,0 +1,296 @@
+"""Request and response bodies of the OpenAI-compatible API.
+
+Requests ignore fields we do not use (clients send many), but every field we do use is
+checked: types, ranges, NaN. The same models describe the routes in ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
+from appliance.errors import RequestError
+
+MAX_STOP = 16
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = "response"
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    # llama-cpp-python's server accepts the schema here for json_object; so do we.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    model: str = Field(min_length=1, description="Model name, as listed by GET /v1/models.")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=1000, description="llama.cpp extension.")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="llama.cpp extension.")
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10, description="llama.cpp ext.")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings.")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
+    logit_bias: dict[int, float] | None = Field(
+        default=None, description="Token id -> bias from -100 to 100 added to its logit."
+    )
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if token < 0:
+                raise ValueError(f"token id {token} is negative")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias {bias} for token {token} is outside -100..100")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if len(value) > MAX_STOP:
+                raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
+            if any(not s for s in value):
+                raise ValueError("stop sequences must not be empty")
+        return value
+
+    def sampling(self, max_tokens: int | None, fmt: ResponseFormat | None = None) -> SamplingParams:
+        defaults = SamplingParams()
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        schema = None
+        json_object = False
+        if fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise RequestError(
+                    "response_format of type json_schema needs a json_schema object",
+                    param="response_format",
+                )
+            schema = fmt.json_schema.schema_
+        elif fmt is not None and fmt.type == "json_object":
+            schema = fmt.schema_
+            json_object = schema is None
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_pick(self.temperature, defaults.temperature),
+            top_p=_pick(self.top_p, defaults.top_p),
+            top_k=_pick(self.top_k, defaults.top_k),
+            min_p=_pick(self.min_p, defaults.min_p),
+            repeat_penalty=_pick(self.repeat_penalty, defaults.repeat_penalty),
+            presence_penalty=_pick(self.presence_penalty, defaults.presence_penalty),
+            frequency_penalty=_pick(self.frequency_penalty, defaults.frequency_penalty),
+            stop=tuple(s for s in stop if s),
+            seed=self.seed,
+            json_schema=schema,
+            json_object=json_object,
+            logit_bias=self.logit_bias,
+        )
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions"""
+
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+
+    def to_core(self) -> GenerateRequest:
+        messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in self.messages)
+        limit = self.max_completion_tokens or self.max_tokens
+        return GenerateRequest(messages=messages, params=self.sampling(limit, self.response_format))
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions"""
+
+    prompt: str | list[str] = Field(description="One prompt (a list of one is accepted).")
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt is supported per request")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def to_core(self) -> GenerateRequest:
+        return GenerateRequest(prompt=self.prompt_text(), params=self.sampling(self.max_tokens))
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings"""
+
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(description="A text or a list of texts.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+# ---------------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    state: str = Field(description="loading | ready | failed (appliance extension).")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE ``data:`` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A completion, or (``stream: true``) one SSE event of one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+def parse(model: type[_Request], body: Any) -> Any:
+    """Validate ``body`` into ``model``; the first problem becomes a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", param="body")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
+        # Union members add their type names to the location; keep the field path only.
+        loc = [p for p in loc if p not in {"str", "list[str]", "list[TextPart]", "int", "float"}]
+        field = ".".join(loc) or "body"
+        if err["type"] == "missing":
+            raise RequestError(f"{field}: this field is required", param=field) from None
+        value = err.get("input")
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise RequestError(f"{field}: {err['msg']} (got {shown})", param=field) from None
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
