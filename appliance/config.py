@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -145,26 +145,41 @@ def load(
     ``overrides`` is ``{section: {key: value}}`` as the CLI produces it. Raises
     :class:`ConfigError` for anything invalid.
     """
+    return _resolve(load_model(Config, path=path, env=env, overrides=overrides))
+
+
+RootT = TypeVar("RootT", bound=BaseModel)
+
+
+def load_model(
+    root: type[RootT],
+    *,
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    env_prefix: str = ENV_PREFIX,
+    env_config_file: str = ENV_CONFIG_FILE,
+) -> RootT:
+    """Load any sectioned configuration model (the daemon's, the hub's) the same way."""
     env = {} if env is None else env
     raw: dict[str, dict[str, Any]] = {}
     sources: dict[tuple[str, str], str] = {}
 
-    if path is None and env.get(ENV_CONFIG_FILE):
-        path = Path(env[ENV_CONFIG_FILE])
+    if path is None and env.get(env_config_file):
+        path = Path(env[env_config_file])
     if path is not None:
-        _merge(raw, sources, _read_file(path), str(path))
-    _merge(raw, sources, _from_env(env, sources), None)
+        _merge(raw, sources, _read_file(root, path), str(path))
+    _merge(raw, sources, _from_env(root, env, sources, env_prefix), None)
     if overrides:
         _merge(raw, sources, overrides, "command line")
 
     try:
-        config = Config.model_validate(raw)
+        return root.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, raw, sources)) from None
-    return _resolve(config)
+        raise ConfigError(_describe(root, exc, sources)) from None
 
 
-def _read_file(path: Path) -> dict[str, dict[str, Any]]:
+def _read_file(root: type[BaseModel], path: Path) -> dict[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -175,27 +190,32 @@ def _read_file(path: Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     data: dict[str, Any] = dict(parsed)
     for key, value in data.items():
-        if key not in Config.model_fields:
+        if key not in root.model_fields:
             raise ConfigError(
                 f"config file {path}: unknown section {key!r}; "
-                f"allowed sections: {', '.join(Config.model_fields)}"
+                f"allowed sections: {', '.join(root.model_fields)}"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"config file {path}: {key!r} must be a [{key}] table")
     return data
 
 
-def _from_env(env: Mapping[str, str], sources: dict[tuple[str, str], str]) -> dict[str, Any]:
+def _from_env(
+    root: type[BaseModel],
+    env: Mapping[str, str],
+    sources: dict[tuple[str, str], str],
+    prefix: str,
+) -> dict[str, Any]:
     out: dict[str, dict[str, Any]] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(prefix) or "__" not in name:
             continue
-        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        section_field = Config.model_fields.get(section)
+        section, _, key = name[len(prefix) :].lower().partition("__")
+        section_field = root.model_fields.get(section)
         if section_field is None:
             raise ConfigError(
                 f"environment variable {name}: unknown section {section!r}; "
-                f"allowed sections: {', '.join(Config.model_fields)}"
+                f"allowed sections: {', '.join(root.model_fields)}"
             )
         model = section_field.annotation
         assert isinstance(model, type)
@@ -230,8 +250,8 @@ def _merge(
 
 
 def _describe(
+    root: type[BaseModel],
     exc: ValidationError,
-    raw: Mapping[str, Mapping[str, Any]],
     sources: Mapping[tuple[str, str], str],
 ) -> str:
     lines = ["invalid configuration:"]
@@ -239,20 +259,20 @@ def _describe(
         loc = [str(part) for part in err["loc"]]
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
+            allowed = _allowed_keys(root, loc[:-1])
             lines.append(f"  {key}: unknown key; allowed keys: {allowed}")
             continue
         value = err.get("input")
         origin = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
         where = f" (from {origin})" if origin else ""
-        allowed = _allowed_values(loc)
+        allowed = _allowed_values(root, loc)
         hint = f"; allowed: {allowed}" if allowed else ""
         lines.append(f"  {key} = {value!r}{where}: {err['msg']}{hint}")
     return "\n".join(lines)
 
 
-def _section_model(loc: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
+def _section_model(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = root
     for part in loc:
         field = model.model_fields.get(part)
         if field is None or not (
@@ -263,13 +283,13 @@ def _section_model(loc: list[str]) -> type[BaseModel] | None:
     return model
 
 
-def _allowed_keys(loc: list[str]) -> str:
-    model = _section_model(loc)
+def _allowed_keys(root: type[BaseModel], loc: list[str]) -> str:
+    model = _section_model(root, loc)
     return ", ".join(model.model_fields) if model else "(none)"
 
 
-def _allowed_values(loc: list[str]) -> str:
-    model = _section_model(loc[:-1])
+def _allowed_values(root: type[BaseModel], loc: list[str]) -> str:
+    model = _section_model(root, loc[:-1])
     if model is None or loc[-1] not in model.model_fields:
         return ""
     schema = model.model_json_schema()["properties"].get(loc[-1], {})
@@ -349,24 +369,32 @@ def default_models_dir() -> Path:
 # -------------------------------------------------------------------------- reference
 
 
-def reference() -> str:
+def reference(
+    root: type[BaseModel] | None = None,
+    *,
+    title: str = "Configuration reference",
+    command: str = "appliance config --reference",
+    env_prefix: str = ENV_PREFIX,
+    env_config_file: str = ENV_CONFIG_FILE,
+) -> str:
     """Markdown reference of every key, generated from the models so it cannot drift."""
+    root = Config if root is None else root
     lines = [
-        "# Configuration reference",
+        f"# {title}",
         "",
-        "Generated by `appliance config --reference`; do not edit by hand.",
+        f"Generated by `{command}`; do not edit by hand.",
         "",
         "Sources, later ones winning: built-in defaults, the TOML file (`--config FILE` or "
-        f"`${ENV_CONFIG_FILE}`), environment variables, command-line flags.",
+        f"`${env_config_file}`), environment variables, command-line flags.",
     ]
-    for section, field in Config.model_fields.items():
+    for section, field in root.model_fields.items():
         model = field.annotation
         assert isinstance(model, type) and issubclass(model, Section)
         lines += ["", f"## [{section}]", "", (model.__doc__ or "").strip(), ""]
         lines += ["| key | environment variable | default | allowed |", "|---|---|---|---|"]
         for key in model.model_fields:
             default = model.model_fields[key].get_default(call_default_factory=True)
-            env = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
-            allowed = _allowed_values([section, key]).replace("|", "\\|")
+            env = f"{env_prefix}{section.upper()}__{key.upper()}"
+            allowed = _allowed_values(root, [section, key]).replace("|", "\\|")
             lines.append(f"| `{key}` | `{env}` | `{default!r}` | {allowed} |")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -81,6 +83,25 @@ class Server:
                      config.device.id, _url_host(host), port)
         # Models load after the socket is bound so /health can answer "loading" meanwhile.
         await models.start()
+        for unit in self._units():
+            await self._stack.enter_async_context(unit)
+
+    def _units(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
+        """Lifecycle units started after HTTP is bound, in this order; stopped in reverse.
+
+        Each is an async context manager that starts its background work on enter and stops
+        it (with a timeout) on exit. Optional units import their modules lazily.
+        """
+        units: list[contextlib.AbstractAsyncContextManager[Any]] = []
+        return units
+
+    @property
+    def http_url(self) -> str:
+        """The URL LAN clients use to reach this daemon's HTTP side."""
+        host, port = self.addresses[0]
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"http://{_url_host(host)}:{port}"
 
     async def shutdown(self) -> None:
         log.info("shutting down")

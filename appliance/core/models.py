@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from appliance.config import ModelsConfig
 from appliance.core.admission import Admission
@@ -95,6 +95,22 @@ class ModelManager:
                 metrics.model_load_failures.labels(spec.name).inc()
         self._loader: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` on the loop whenever a model's state changes.
+
+        Listeners must not block (schedule work instead). Returns a function that removes it.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("model state listener failed")
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -129,8 +145,10 @@ class ModelManager:
             for handle in self._handles.values():
                 if handle.state is ModelState.LOADING:
                     await self._load(handle)
+                    self._changed()
         finally:
             self._loaded.set()
+            self._changed()
 
     async def _load(self, handle: ModelHandle) -> None:
         spec = handle.spec
