@@ -1,37 +1,200 @@
-"""The OpenAPI description of every route, and a self-contained docs page rendered from it."""
+"""The OpenAPI 3.1 description of every route, built once per application.
+
+The documentation of each route is data in ``openapi_routes.py`` (``OPERATIONS``, keyed by
+method and path template). :func:`build` walks the application's router and looks every
+route up there, so a route added without documentation cannot go unnoticed: in strict mode
+(the tests) it raises :class:`UndocumentedRoute`; at start-up the daemon logs it and still
+serves, because missing docs are no reason to take a box off the LAN.
+
+Request and response bodies of the OpenAI- and Ollama-compatible routes come from the
+pydantic models that validate them; the rest are hand-written JSON Schemas
+(``openapi_schemas.py``). The document and the docs page (``docs_page.py``) are rendered
+once, in an ``on_startup`` hook, and served from the application's state.
+"""
 
 from __future__ import annotations
 
-import html
+import asyncio
+import copy
+import json
+import logging
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from pydantic.json_schema import models_json_schema
 
 from appliance import __version__
+from appliance.transports.http import docs_page
+from appliance.transports.http.openapi_routes import (
+    DESCRIPTION,
+    OPERATIONS,
+    PATH_PARAMETERS,
+    PYDANTIC_MODELS,
+    TAGS,
+)
+from appliance.transports.http.openapi_schemas import REF, SCHEMAS
+
+log = logging.getLogger(__name__)
+
+UNDOCUMENTED = "Undocumented"
 
 
-def spec(router: web.UrlDispatcher) -> dict[str, Any]:
-    """An OpenAPI 3.1 document for the routes in ``router``."""
-    paths: dict[str, Any] = {}
+# --------------------------------------------------------------------------- building
+
+
+class UndocumentedRoute(LookupError):
+    """Routes of the application that :data:`OPERATIONS` does not describe."""
+
+    def __init__(self, routes: list[tuple[str, str]]) -> None:
+        listed = ", ".join(f"{method} {path}" for method, path in routes)
+        super().__init__(
+            f"routes without documentation: {listed}; describe them in "
+            "appliance/transports/http/openapi_routes.py (OPERATIONS)"
+        )
+        self.routes = routes
+
+
+def routes_of(router: web.UrlDispatcher) -> list[tuple[str, str]]:
+    """``(method, path template)`` of every route, in registration order.
+
+    aiohttp adds a HEAD route to every GET; HEAD is implied by GET in HTTP (and in
+    OpenAPI practice), so only a HEAD without its GET counts as a route of its own.
+    """
+    found: list[tuple[str, str]] = []
     for resource in router.resources():
-        path = resource.canonical
-        for route in resource:
-            if route.method == "HEAD":
+        methods = [route.method for route in resource]
+        for method in methods:
+            if method == "HEAD" and "GET" in methods:
                 continue
-            paths.setdefault(path, {})[route.method.lower()] = {
-                "summary": (route.handler.__doc__ or "").strip().splitlines()[0:1] or [""],
-            }
+            key = (method, resource.canonical)
+            if key not in found:
+                found.append(key)
+    return found
+
+
+def components() -> dict[str, Any]:
+    """Every schema the operations refer to: pydantic's and the hand-written ones."""
+    schemas: dict[str, Any] = {}
+    families = [copy.deepcopy(SCHEMAS)]
+    for prefix, models in PYDANTIC_MODELS.items():
+        _, generated = models_json_schema(models, ref_template=REF + prefix + "{model}")
+        families.append({prefix + name: schema
+                         for name, schema in generated.get("$defs", {}).items()})
+    for family in families:
+        clash = schemas.keys() & family.keys()
+        if clash:  # a silent overwrite would describe one body with another's schema
+            raise ValueError(f"schema names defined twice: {sorted(clash)}")
+        schemas.update(family)
+    return dict(sorted(schemas.items()))
+
+
+def build(router: web.UrlDispatcher, *, strict: bool = True) -> dict[str, Any]:
+    """An OpenAPI 3.1 document for the routes in ``router``.
+
+    With ``strict``, a route missing from :data:`OPERATIONS` raises
+    :class:`UndocumentedRoute`; without, it is described as undocumented and logged.
+    """
+    # Table order, not registration order: the table groups related routes for readers.
+    order = {key: i for i, key in enumerate(OPERATIONS)}
+    routes = sorted(routes_of(router), key=lambda key: order.get(key, len(order)))
+    missing = [key for key in routes if key not in OPERATIONS]
+    if missing and strict:
+        raise UndocumentedRoute(missing)
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path in routes:
+        if (method, path) in OPERATIONS:
+            operation = copy.deepcopy(OPERATIONS[(method, path)])
+        else:
+            log.warning("route %s %s has no documentation in openapi_routes.OPERATIONS",
+                        method, path)
+            operation = _undocumented(router, method, path)
+        names = re.findall(r"{(\w+)(?::[^}]*)?}", path)
+        if names:
+            operation["parameters"] = [
+                _path_parameter(n, strict=strict) for n in names
+            ] + operation.get("parameters", [])
+        paths.setdefault(path, {})[method.lower()] = operation
+    used = {op["tags"][0] for ops in paths.values() for op in ops.values()}
+    tags = [tag for tag in TAGS if tag["name"] in used]
+    if UNDOCUMENTED in used:
+        tags.append({"name": UNDOCUMENTED, "description": "Routes nobody described yet."})
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Appliance", "version": __version__},
+        "info": {
+            "title": "Appliance",
+            "version": __version__,
+            "summary": "Edge AI appliance: quantized ONNX and GGUF models over HTTP.",
+            "description": DESCRIPTION,
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "tags": copy.deepcopy(tags),
         "paths": paths,
+        "components": {"schemas": components()},
     }
 
 
-def docs_page(document: dict[str, Any]) -> str:
-    rows = "".join(
-        f"<li><code>{html.escape(method.upper())} {html.escape(path)}</code></li>"
-        for path, ops in document["paths"].items()
-        for method in ops
+def _path_parameter(name: str, *, strict: bool) -> dict[str, Any]:
+    details = PATH_PARAMETERS.get(name)
+    if details is None:
+        if strict:
+            raise LookupError(
+                f"path parameter {{{name}}} is not described in openapi_routes.PATH_PARAMETERS"
+            )
+        details = {"schema": {"type": "string"}}
+    return {"name": name, "in": "path", "required": True, **copy.deepcopy(details)}
+
+
+def _undocumented(router: web.UrlDispatcher, method: str, path: str) -> dict[str, Any]:
+    doc = ""
+    for resource in router.resources():
+        for route in resource:
+            if resource.canonical == path and route.method == method:
+                doc = (route.handler.__doc__ or "").strip()
+    summary = doc.splitlines()[0] if doc else "Undocumented route"
+    return {"tags": [UNDOCUMENTED], "summary": summary,
+            "responses": {"default": {"description": "Not documented yet."}}}
+
+
+# ------------------------------------------------------------------ serving the result
+
+
+@dataclass(frozen=True)
+class Published:
+    """The description of one application, rendered once at start-up."""
+
+    document: dict[str, Any]
+    json: bytes
+    page: docs_page.Page
+
+
+PUBLISHED = web.AppKey("openapi", Published)
+
+
+async def publish(app: web.Application) -> None:
+    """``on_startup`` hook: describe the app once its router is complete."""
+    # Tens of milliseconds here, a few hundred on a Pi 4: off the loop, which other
+    # lifecycle units may already be using. Nothing changes the router meanwhile.
+    app[PUBLISHED] = await asyncio.to_thread(_render, app.router)
+
+
+def _render(router: web.UrlDispatcher) -> Published:
+    document = build(router, strict=False)
+    return Published(
+        document=document,
+        json=json.dumps(document, ensure_ascii=False).encode(),
+        page=docs_page.Page(document),
     )
-    return f"<!doctype html><title>Appliance API</title><ul>{rows}</ul>"
+
+
+__all__ = [
+    "PUBLISHED",
+    "UNDOCUMENTED",
+    "Published",
+    "UndocumentedRoute",
+    "build",
+    "components",
+    "publish",
+    "routes_of",
+]
