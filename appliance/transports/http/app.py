@@ -10,9 +10,10 @@ from aiohttp import web
 
 from appliance.config import Config
 from appliance.core.service import Core
-from appliance.transports.http import oip, openai, ops
+from appliance.transports import ws
+from appliance.transports.http import oip, ollama, openai, openapi, ops
 from appliance.transports.http.errors import from_exception
-from appliance.transports.http.keys import CONFIG, CORE
+from appliance.transports.http.keys import CONFIG, CORE, MODEL
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,11 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     core = request.app[CORE]
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
-    model = request.get("model", "")
+    model = request.get(MODEL, "")
+    if model and all(h.name != model for h in core.models.handles()):
+        # Only configured models become label values: names clients make up would add
+        # series to /metrics without bound.
+        model = ""
     core.metrics.requests.labels("http", route_name, model, str(response.status)).inc()
     core.metrics.request_latency.labels("http", route_name, model).observe(
         time.perf_counter() - started
@@ -49,4 +54,7 @@ def build_app(core: Core, config: Config) -> web.Application:
     app.add_routes(ops.routes)
     app.add_routes(openai.routes)
     app.add_routes(oip.routes)
+    app.add_routes(ollama.routes)  # also GET /, which Ollama clients probe
+    ws.setup(app)
+    app.on_startup.append(openapi.publish)  # once the router is complete
     return app

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from aiohttp import web
 
+from appliance.core import oip_msgpack
 from appliance.errors import (
     ModelNotFound,
     ModelUnavailable,
@@ -24,6 +26,7 @@ from appliance.errors import (
     ShuttingDown,
 )
 from appliance.transports.http.keys import CONFIG
+from appliance.transports.http.negotiation import answers_msgpack
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,12 @@ def error_response(
         }
     else:
         body = {"error": message}
+    if request.path.startswith("/v2/") and request.path.endswith("/infer") and (
+        answers_msgpack(request)
+    ):
+        # The inference routes negotiate MessagePack; so do their errors.
+        packed = {**(headers or {}), "Content-Type": oip_msgpack.CONTENT_TYPE}
+        return web.Response(body=oip_msgpack.pack(body), status=status, headers=packed)
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -77,6 +86,12 @@ def from_exception(request: web.Request, exc: BaseException) -> web.StreamRespon
         )
     if isinstance(exc, (ModelUnavailable, ShuttingDown)):
         return error_response(request, 503, str(exc), headers={"Retry-After": "5"})
+    if isinstance(exc, web.RequestPayloadError):
+        # The body's Content-Encoding or chunked framing is broken (raised by request.read()).
+        cause = getattr(exc.__cause__, "message", "") or "malformed body"
+        return error_response(
+            request, 400, f"the request body cannot be decoded: {cause}", param="body"
+        )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[CONFIG].http.max_body_bytes
         return error_response(
@@ -95,7 +110,10 @@ def from_exception(request: web.Request, exc: BaseException) -> web.StreamRespon
                 headers={"Allow": allowed},
             )
         text = exc.text or exc.reason
-        return error_response(request, exc.status, text, headers=dict(exc.headers))
+        # The exception's own Content-Type/Length describe its plain-text body, not ours.
+        skip = ("content-type", "content-length")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in skip}
+        return error_response(request, exc.status, text, headers=headers)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return error_response(request, 500, "internal error; see the appliance log")
 
@@ -106,14 +124,30 @@ async def read_json(request: web.Request) -> Any:
     return parse_json(raw)
 
 
+# A ``\uD800``-``\uDFFF`` escape: json accepts lone surrogates, which no UTF-8 text can hold.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json(raw: bytes) -> Any:
     if not raw:
         raise RequestError("the request body is empty; a JSON object is expected", param="body")
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
+        if not raw.isascii() or _SURROGATE_ESCAPE.search(raw):
+            # Strings reach tokenizers and numpy as UTF-8; a lone surrogate would fail there.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeDecodeError:
         raise RequestError("the request body is not UTF-8 text", param="body") from None
+    except UnicodeEncodeError:
+        raise RequestError(
+            "the request body holds a lone UTF-16 surrogate (\\uD800-\\uDFFF), which is not "
+            "valid Unicode text",
+            param="body",
+        ) from None
     except json.JSONDecodeError as exc:
         raise RequestError(
             f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", param="body"
         ) from None
+    except RecursionError:
+        raise RequestError("the JSON body is nested too deeply", param="body") from None
+    return value

@@ -7,22 +7,27 @@ default. Errors are ``{"error": "..."}``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from appliance import __version__
-from appliance.core.oip import decode_request, encode_outputs
-from appliance.core.types import Capability, ModelInfo, ModelState
+from appliance.core import oip_msgpack
+from appliance.core.oip import PLATFORMS, decode_request, encode_outputs
+from appliance.core.types import Array, Capability, ModelInfo, ModelState
 from appliance.errors import ModelUnavailable, RequestError, UnsupportedOperation
 from appliance.transports.http.errors import error_response, parse_json
-from appliance.transports.http.keys import CORE
+from appliance.transports.http.keys import CORE, MODEL
+from appliance.transports.http.negotiation import answers_msgpack, msgpack_request
 
 routes = web.RouteTableDef()
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
-_PLATFORMS = {"onnx": "onnxruntime_onnx", "gguf": "llama_cpp_gguf"}
+# Only what is implemented: Triton clients call an extension's routes when it is listed
+# (the model_repository extension would need /v2/repository/index, load and unload).
+EXTENSIONS = ["binary_tensor_data"]
+_PLATFORMS = PLATFORMS
 
 
 @routes.get("/v2")
@@ -42,7 +47,7 @@ async def ready(request: web.Request) -> web.Response:
     if core.ready:
         return web.json_response({"ready": True})
     reason = "loading models" if core.loading else "no model is ready"
-    return error_response(request, 503, f"not ready: {reason}")
+    return error_response(request, 503, f"not ready: {reason}", headers={"Retry-After": "5"})
 
 
 @routes.get("/v2/models/{name}")
@@ -59,7 +64,7 @@ async def model_ready(request: web.Request) -> web.Response:
     if info.state is ModelState.READY:
         return web.json_response({"name": info.name, "ready": True})
     exc = ModelUnavailable(info.name, info.state.value, info.error)
-    return error_response(request, 503, str(exc))
+    return error_response(request, 503, str(exc), headers={"Retry-After": "5"})
 
 
 @routes.post("/v2/models/{name}/infer")
@@ -67,7 +72,7 @@ async def model_ready(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     version = request.match_info.get("version")
-    request["model"] = name
+    request[MODEL] = name
     core = request.app[CORE]
     info = core.model(name, version)  # 404 before reading a large body for nothing
     if info.state is ModelState.READY and Capability.INFER not in info.capabilities:
@@ -78,7 +83,12 @@ async def infer(request: web.Request) -> web.Response:
         )
     raw = await request.read()
     header_length = request.headers.get(HEADER_LENGTH)
-    if header_length is not None:
+    if msgpack_request(request):
+        # MessagePack: the JSON form's shape, with raw tensor bytes as ``data``.
+        if header_length is not None:
+            raise RequestError(f"{HEADER_LENGTH} does not apply to a MessagePack body")
+        body, binary = oip_msgpack.binary_form(oip_msgpack.unpack(raw))
+    elif header_length is not None:
         try:
             split = int(header_length)
         except ValueError:
@@ -90,6 +100,8 @@ async def infer(request: web.Request) -> web.Response:
         body, binary = parse_json(raw), b""
     decoded = decode_request(body, binary)
     result = await core.infer(name, decoded.inputs, version=version, outputs=decoded.outputs)
+    if answers_msgpack(request):
+        return _msgpack_answer(name, info.version, decoded.id, result.outputs)
     binary_names = set(decoded.binary_outputs)
     if decoded.binary_default:
         binary_names |= set(result.outputs)
@@ -108,6 +120,19 @@ async def infer(request: web.Request) -> web.Response:
         body=header + b"".join(blobs),
         headers={HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"},
     )
+
+
+def _msgpack_answer(
+    name: str, version: str, request_id: str | None, outputs: Mapping[str, Array]
+) -> web.Response:
+    answer: dict[str, Any] = {
+        "model_name": name,
+        "model_version": version,
+        "outputs": oip_msgpack.encode_outputs_msgpack(outputs),
+    }
+    if request_id is not None:
+        answer["id"] = request_id
+    return web.Response(body=oip_msgpack.pack(answer), content_type=oip_msgpack.CONTENT_TYPE)
 
 
 def _info(request: web.Request) -> ModelInfo:

@@ -23,7 +23,7 @@ from appliance.core.service import TokenStream
 from appliance.core.types import ModelState, TokenChunk
 from appliance.errors import ApplianceError
 from appliance.transports.http.errors import read_json
-from appliance.transports.http.keys import CONFIG, CORE
+from appliance.transports.http.keys import CONFIG, CORE, MODEL
 from appliance.transports.http.openai_schema import (
     AssistantMessage,
     ChatChoice,
@@ -72,7 +72,7 @@ async def get_model(request: web.Request) -> web.Response:
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
-    request["model"] = body.model
+    request[MODEL] = body.model
     stream = await request.app[CORE].generate(body.model, body.to_core())
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -108,7 +108,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     body: CompletionRequest = parse(CompletionRequest, await read_json(request))
-    request["model"] = body.model
+    request[MODEL] = body.model
     stream = await request.app[CORE].generate(body.model, body.to_core())
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prefix = body.prompt_text() if body.echo else ""
@@ -140,7 +140,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     body: EmbeddingRequest = parse(EmbeddingRequest, await read_json(request))
-    request["model"] = body.model
+    request[MODEL] = body.model
     core = request.app[CORE]
     result = await core.embed(body.model, body.texts())
     data = []
@@ -210,7 +210,7 @@ async def _sse(
             raise
         except Exception as exc:
             # Headers are sent: the error can only travel as an event now.
-            log.error("generation failed mid-stream on model %s", request.get("model"),
+            log.error("generation failed mid-stream on model %s", request.get(MODEL),
                       exc_info=exc)
             message = str(exc) if isinstance(exc, ApplianceError) else "generation failed"
             payload = {"error": {"message": message, "type": "server_error", "param": None,

@@ -41,6 +41,7 @@ async def health(request: web.Request) -> web.Response:
                      **({"error": m.error} if m.error else {})}
             for m in models
         },
+        "units": core.unit_status(),  # health, alerts, hub sync ... as each unit reports
     }
     code = 200 if status in ("ok", "degraded") else 503
     return web.json_response(body, status=code)
@@ -54,10 +55,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.get("/openapi.json")
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(openapi.spec(request.app.router))
+    """The OpenAPI 3.1 document, built once at start-up (``openapi.publish``)."""
+    return web.Response(body=request.app[openapi.PUBLISHED].json,
+                        content_type="application/json")
 
 
 @routes.get("/docs")
 async def docs(request: web.Request) -> web.Response:
-    return web.Response(text=openapi.docs_page(openapi.spec(request.app.router)),
-                        content_type="text/html")
+    """The human docs page rendered from the same document."""
+    page = request.app[openapi.PUBLISHED].page
+    return web.Response(text=page.render(request.scheme, request.host), content_type="text/html",
+                        headers=page.headers)

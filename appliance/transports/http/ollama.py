@@ -1,0 +1,344 @@
+"""Ollama-compatible routes, so Home Assistant's Ollama integration and Open WebUI work.
+
+The subset real clients use: ``GET /`` ("Ollama is running"), ``/api/version``,
+``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/chat``, ``/api/generate``, ``/api/embed``
+and ``/api/embeddings``. Answers stream as NDJSON unless ``stream`` is false; as on the
+OpenAI routes the first token is awaited before the status is sent, so a request the model
+rejects still gets a 4xx. Errors are ``{"error": "..."}`` (mapped in ``errors.py``); one that
+happens after streaming started arrives as a last ``{"error": ...}`` line, as Ollama does.
+
+Only language models are listed: tensor models are served by the Open Inference Protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from appliance.core.service import Core, TokenStream
+from appliance.core.types import Capability, ModelInfo, ModelState, TokenChunk
+from appliance.errors import ApplianceError, ModelUnavailable, RequestError
+from appliance.transports.http.errors import read_json
+from appliance.transports.http.keys import CORE, MODEL
+from appliance.transports.http.ollama_schema import (
+    LATEST,
+    OLLAMA_VERSION,
+    AssistantMessage,
+    ChatAnswer,
+    ChatRequest,
+    Embed,
+    Embeddings,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateAnswer,
+    GenerateRequestBody,
+    ModelDetails,
+    Running,
+    RunningModel,
+    Show,
+    ShowRequest,
+    TagModel,
+    Tags,
+    Version,
+    model_ref,
+    parse,
+)
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+NDJSON = "application/x-ndjson"
+_TEXT = frozenset({Capability.GENERATE, Capability.EMBED})
+# Models stay loaded for as long as they are served; Ollama shows "Forever" for this.
+_FOREVER = "9999-12-31T23:59:59Z"
+
+
+@routes.get("/")
+async def root(request: web.Request) -> web.Response:
+    """Ollama's liveness answer; Ollama clients probe it before anything else."""
+    return web.Response(text="Ollama is running")
+
+
+@routes.get("/api/version")
+async def version(request: web.Request) -> web.Response:
+    return _json(Version(version=OLLAMA_VERSION))
+
+
+@routes.get("/api/tags")
+async def tags(request: web.Request) -> web.Response:
+    models = [_tag(m) for m in request.app[CORE].list_models() if _language_model(m)]
+    return _json(Tags(models=models))
+
+
+@routes.get("/api/ps")
+async def running(request: web.Request) -> web.Response:
+    models = [
+        RunningModel(**_tag(m).model_dump(), expires_at=_FOREVER,
+                     context_length=m.context_length)
+        for m in request.app[CORE].list_models()
+        if m.ready and _language_model(m)
+    ]
+    return _json(Running(models=models))
+
+
+@routes.post("/api/show")
+async def show(request: web.Request) -> web.Response:
+    body: ShowRequest = parse(ShowRequest, await read_json(request))
+    name, version = model_ref(body.model or body.name)
+    info = request.app[CORE].model(name, version)
+    request[MODEL] = info.name
+    capabilities = [c for cap, c in ((Capability.GENERATE, "completion"),
+                                     (Capability.EMBED, "embedding"))
+                    if cap in info.capabilities]
+    model_info: dict[str, object] = {"general.name": info.name,
+                                     "appliance.runtime": info.runtime,
+                                     "appliance.version": info.version,
+                                     "appliance.state": info.state.value}
+    if info.context_length is not None:
+        model_info["appliance.context_length"] = info.context_length
+    return _json(Show(
+        modelfile=f"# Served by the appliance from its model repository.\nFROM {info.name}\n",
+        details=_details(info),
+        model_info=model_info,
+        capabilities=capabilities,
+        modified_at=_iso(info.created),
+    ))
+
+
+@routes.post("/api/chat")
+async def chat(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter_ns()
+    body: ChatRequest = parse(ChatRequest, await read_json(request))
+    name, version = _target(request, body.model)
+    if body.tools:
+        raise RequestError(f"{json.dumps(body.model)} does not support tools", param="tools")
+    if body.thinking():
+        raise RequestError(f"{json.dumps(body.model)} does not support thinking", param="think")
+    if any(m.images for m in body.messages):
+        raise RequestError(f"{json.dumps(body.model)} does not support images", param="messages")
+    core = request.app[CORE]
+    if not body.messages:  # Ollama's way to load (or, with keep_alive 0, unload) a model
+        _require_ready(core, name, version)
+        return _json(ChatAnswer(model=body.model, created_at=_now(), done=True,
+                                done_reason="unload" if body.unload else "load",
+                                message=AssistantMessage(content="")))
+    stream = await core.generate(name, body.to_core(), version=version)
+
+    def answer(chunk: TokenChunk, timing: _Timing | None) -> BaseModel:
+        return ChatAnswer(model=body.model, created_at=_now(), done=timing is not None,
+                          message=AssistantMessage(content=chunk.text),
+                          **_final(chunk, timing))
+
+    return await _respond(request, stream, answer, body.streaming, started)
+
+
+@routes.post("/api/generate")
+async def generate(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter_ns()
+    body: GenerateRequestBody = parse(GenerateRequestBody, await read_json(request))
+    name, version = _target(request, body.model)
+    unsupported = [("suffix", "insert"), ("template", "custom templates"),
+                   ("context", "context"), ("images", "images")]
+    for field, what in unsupported:
+        if getattr(body, field):
+            raise RequestError(f"{json.dumps(body.model)} does not support {what}", param=field)
+    if body.thinking():
+        raise RequestError(f"{json.dumps(body.model)} does not support thinking", param="think")
+    core = request.app[CORE]
+    if not body.prompt:  # load (or unload) only, as Ollama does for an empty prompt
+        _require_ready(core, name, version)
+        return _json(GenerateAnswer(model=body.model, created_at=_now(), done=True,
+                                    done_reason="unload" if body.unload else "load",
+                                    response=""))
+    stream = await core.generate(name, body.to_core(), version=version)
+
+    def answer(chunk: TokenChunk, timing: _Timing | None) -> BaseModel:
+        return GenerateAnswer(model=body.model, created_at=_now(), done=timing is not None,
+                              response=chunk.text, **_final(chunk, timing))
+
+    return await _respond(request, stream, answer, body.streaming, started)
+
+
+@routes.post("/api/embed")
+async def embed(request: web.Request) -> web.Response:
+    started = time.perf_counter_ns()
+    body: EmbedRequest = parse(EmbedRequest, await read_json(request))
+    name, version = _target(request, body.model)
+    core = request.app[CORE]
+    texts = body.texts()
+    if not texts:  # Ollama loads the model and answers no vectors
+        _require_ready(core, name, version)
+        return _json(Embed(model=body.model, embeddings=[]))
+    result = await core.embed(name, texts, version=version)
+    vectors = result.vectors
+    if body.dimensions is not None:
+        vectors = [_normalised(v[: body.dimensions]) for v in vectors]
+    return _json(Embed(model=body.model, embeddings=vectors, load_duration=0,
+                       total_duration=time.perf_counter_ns() - started,
+                       prompt_eval_count=result.prompt_tokens))
+
+
+@routes.post("/api/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    body: EmbeddingsRequest = parse(EmbeddingsRequest, await read_json(request))
+    name, version = _target(request, body.model)
+    core = request.app[CORE]
+    if not body.prompt:
+        _require_ready(core, name, version)
+        return _json(Embeddings(embedding=[]))
+    result = await core.embed(name, [body.prompt], version=version)
+    return _json(Embeddings(embedding=result.vectors[0]))
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+class _Timing:
+    """Ollama's durations (nanoseconds): models are loaded ahead, so loading takes none."""
+
+    def __init__(self, started: int, first: int) -> None:
+        self.started, self.first, self.end = started, first, time.perf_counter_ns()
+
+
+def _final(chunk: TokenChunk, timing: _Timing | None) -> dict[str, Any]:
+    if timing is None:
+        return {}
+    return {
+        "done_reason": chunk.finish_reason,
+        "total_duration": timing.end - timing.started,
+        "load_duration": 0,
+        "prompt_eval_count": chunk.prompt_tokens,
+        "prompt_eval_duration": timing.first - timing.started,
+        "eval_count": chunk.completion_tokens,
+        "eval_duration": timing.end - timing.first,
+    }
+
+
+Answer = Callable[[TokenChunk, "_Timing | None"], BaseModel]
+
+
+async def _respond(
+    request: web.Request, stream: TokenStream, answer: Answer, streaming: bool, started: int
+) -> web.StreamResponse:
+    async with stream:
+        chunks: AsyncIterator[TokenChunk] = aiter(stream)
+        # The first piece decides the status: an error raised by the model is still a 4xx.
+        first = await anext(chunks)
+        first_at = time.perf_counter_ns()
+        if not streaming:
+            parts = [first] + [piece async for piece in chunks]
+            last = parts[-1]
+            text = "".join(p.text for p in parts)
+            whole = TokenChunk(text=text, finish_reason=last.finish_reason,
+                               prompt_tokens=last.prompt_tokens,
+                               completion_tokens=last.completion_tokens)
+            return _json(answer(whole, _Timing(started, first_at)))
+        response = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await response.prepare(request)
+        try:
+            async for chunk in _prepend(first, chunks):
+                if chunk.finish_reason is not None:
+                    await _line(response, answer(chunk, _Timing(started, first_at)))
+                elif chunk.text:
+                    await _line(response, answer(chunk, None))
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            # The status is sent: the error can only travel as a last line now.
+            log.error("generation failed mid-stream on model %s", request.get(MODEL),
+                      exc_info=exc)
+            message = str(exc) if isinstance(exc, ApplianceError) else "generation failed"
+            await response.write(b'{"error": ' + _quote(message) + b"}\n")
+        await response.write_eof()
+        return response
+
+
+async def _prepend(first: TokenChunk, rest: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _line(response: web.StreamResponse, answer: BaseModel) -> None:
+    await response.write(answer.model_dump_json(exclude_none=True).encode() + b"\n")
+
+
+def _quote(text: str) -> bytes:
+    return json.dumps(text).encode()
+
+
+def _target(request: web.Request, reference: str) -> tuple[str, str | None]:
+    """The model a request is for; an unknown one is a 404 before anything else, as in Ollama."""
+    name, version = model_ref(reference)
+    request[MODEL] = name
+    request.app[CORE].model(name, version)
+    return name, version
+
+
+def _require_ready(core: Core, name: str, version: str | None) -> None:
+    """404 for an unknown model, 503 for one that is not serving: what loading it would say."""
+    info = core.model(name, version)
+    if info.state is not ModelState.READY:
+        raise ModelUnavailable(info.name, info.state.value, info.error)
+
+
+def _language_model(info: ModelInfo) -> bool:
+    if info.state is ModelState.FAILED:
+        return False
+    if info.ready:
+        return bool(info.capabilities & _TEXT)
+    return info.runtime == "gguf"  # still loading: the file format tells
+
+
+def _tag(info: ModelInfo) -> TagModel:
+    reference = f"{info.name}:{LATEST}"
+    identity = f"{info.name}\0{info.version}\0{info.created}\0{info.size}".encode()
+    return TagModel(
+        name=reference,
+        model=reference,
+        modified_at=_iso(info.created),
+        size=info.size,
+        # Ollama's digest identifies a manifest; ours identifies the served file version.
+        digest=hashlib.sha256(identity).hexdigest(),
+        details=_details(info),
+    )
+
+
+def _details(info: ModelInfo) -> ModelDetails:
+    return ModelDetails(format=info.runtime)
+
+
+def _normalised(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+def _now() -> str:
+    return _format(datetime.now(timezone.utc))
+
+
+def _iso(unix: float) -> str:
+    return _format(datetime.fromtimestamp(unix, timezone.utc))
+
+
+def _format(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _json(model: BaseModel) -> web.Response:
+    return web.Response(body=model.model_dump_json(exclude_none=True).encode(),
+                        content_type="application/json", charset="utf-8")
+
+
+__all__ = ["routes"]

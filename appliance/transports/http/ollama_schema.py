@@ -1,0 +1,337 @@
+"""Request and response bodies of the Ollama-compatible API (the subset real clients use).
+
+Requests ignore fields we do not use, as Ollama does, and convert to core requests; ranges of
+the sampling parameters are checked once, by the core. What only Ollama defines is checked
+here: model references (``name[:tag]``), ``format``, ``keep_alive`` durations and the
+meaning of negative ``num_predict``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
+from appliance.errors import RequestError
+
+# The Ollama API level this implements; clients such as Open WebUI only display it.
+OLLAMA_VERSION = "0.9.0"
+LATEST = "latest"
+
+# Go's time.ParseDuration syntax, which Ollama uses for string keep_alive values.
+_DURATION = re.compile(r"^[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+$")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+def model_ref(reference: str) -> tuple[str, str | None]:
+    """``name[:tag]`` → (model name, version or None). ``latest`` means whatever is served."""
+    name, _, tag = reference.partition(":")
+    if not name:
+        raise RequestError("model is required", param="model")
+    return name, (None if tag in ("", LATEST) else tag)
+
+
+class Options(_Request):
+    """``options``: Ollama's Modelfile parameters that map onto our sampling parameters.
+
+    Load-time options (``num_ctx``, ``num_gpu``, ``num_thread``...) belong to the model's
+    manifest on the appliance and are accepted but ignored, as unknown options are.
+    """
+
+    num_predict: int | None = Field(
+        default=None, description="Tokens to generate at most; -1 or -2: until a stop."
+    )
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: list[str] | str | None = None
+    seed: int | None = None
+    num_ctx: int | None = Field(default=None, description="Ignored: set n_ctx in the manifest.")
+
+    @field_validator("num_predict")
+    @classmethod
+    def _num_predict(cls, value: int | None) -> int | None:
+        if value is not None and (value == 0 or value < -2):
+            raise ValueError("must be -1 or -2 (no limit) or at least 1")
+        return value
+
+    def sampling(self, fmt: str | dict[str, Any] | None) -> SamplingParams:
+        defaults = SamplingParams()
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_tokens=None if self.num_predict is None or self.num_predict < 0
+            else self.num_predict,
+            temperature=_pick(self.temperature, defaults.temperature),
+            top_p=_pick(self.top_p, defaults.top_p),
+            top_k=_pick(self.top_k, defaults.top_k),
+            min_p=_pick(self.min_p, defaults.min_p),
+            repeat_penalty=_pick(self.repeat_penalty, defaults.repeat_penalty),
+            presence_penalty=_pick(self.presence_penalty, defaults.presence_penalty),
+            frequency_penalty=_pick(self.frequency_penalty, defaults.frequency_penalty),
+            stop=tuple(stop),
+            seed=self.seed,
+            json_schema=fmt if isinstance(fmt, dict) else None,
+            json_object=fmt == "json",
+        )
+
+
+class Message(_Request):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = Field(default=None, description="Not supported: must be empty.")
+
+
+class _Generation(_Request):
+    model: str = Field(description="Model name, optionally with a tag: `name` or `name:latest`.")
+    format: Literal["", "json"] | dict[str, Any] | None = Field(
+        default=None, description='"json" for any JSON value, or a JSON Schema to follow.'
+    )
+    options: Options | None = None
+    stream: bool | None = Field(default=None, description="false: one answer; default: NDJSON.")
+    keep_alive: float | str | None = Field(
+        default=None,
+        description="How long the model stays loaded: seconds, or a Go duration such as "
+        '"5m" or "-1s" (negative: forever). Accepted; models stay loaded while served.',
+    )
+    think: bool | str | None = Field(default=None, description="Not supported: false or absent.")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, str) and value != "0" and not _DURATION.match(value):
+            raise ValueError(f'time: invalid duration "{value}"')
+        return value
+
+    @property
+    def unload(self) -> bool:
+        """``keep_alive`` of zero: Ollama's request to unload the model now."""
+        return self.keep_alive is not None and keep_alive_seconds(self.keep_alive) == 0
+
+    @property
+    def streaming(self) -> bool:
+        """Ollama streams unless ``stream`` is false (null means the default)."""
+        return self.stream is not False
+
+    def sampling(self) -> SamplingParams:
+        return (self.options or Options()).sampling(self.format or None)
+
+    def thinking(self) -> bool:
+        return self.think not in (None, False, "", "false")
+
+
+class ChatRequest(_Generation):
+    """POST /api/chat"""
+
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Not supported: must be empty."
+    )
+
+    def to_core(self) -> GenerateRequest:
+        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in self.messages)
+        return GenerateRequest(messages=messages, params=self.sampling())
+
+
+class GenerateRequestBody(_Generation):
+    """POST /api/generate"""
+
+    prompt: str = ""
+    system: str = ""
+    raw: bool = Field(default=False, description="Send the prompt as-is, without the template.")
+    suffix: str = Field(default="", description="Not supported: must be empty.")
+    template: str = Field(default="", description="Not supported: must be empty.")
+    context: list[int] | None = Field(default=None, description="Not supported: must be empty.")
+    images: list[str] | None = Field(default=None, description="Not supported: must be empty.")
+
+    def to_core(self) -> GenerateRequest:
+        if self.raw:
+            return GenerateRequest(prompt=self.prompt, params=self.sampling())
+        # Ollama renders /api/generate prompts with the model's template, as one user turn.
+        turns = [ChatMessage(role="system", content=self.system)] if self.system else []
+        turns.append(ChatMessage(role="user", content=self.prompt))
+        return GenerateRequest(messages=tuple(turns), params=self.sampling())
+
+
+class EmbedRequest(_Request):
+    """POST /api/embed"""
+
+    model: str
+    input: str | list[str] = ""
+    truncate: bool = Field(
+        default=True, description="Accepted; inputs longer than the context are refused."
+    )
+    dimensions: int | None = Field(default=None, ge=1)
+    keep_alive: float | str | None = None
+
+    def texts(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input] if self.input else []
+        return list(self.input)
+
+
+class EmbeddingsRequest(_Request):
+    """POST /api/embeddings (the older, single-text form)"""
+
+    model: str
+    prompt: str = ""
+    keep_alive: float | str | None = None
+
+
+class ShowRequest(_Request):
+    """POST /api/show"""
+
+    model: str = ""
+    name: str = Field(default="", description="Older clients' spelling of `model`.")
+    verbose: bool = False
+
+
+# ---------------------------------------------------------------------- responses
+
+
+class ModelDetails(BaseModel):
+    parent_model: str = ""
+    format: str
+    family: str = ""
+    families: list[str] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+class TagModel(BaseModel):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class Tags(BaseModel):
+    models: list[TagModel]
+
+
+class RunningModel(TagModel):
+    expires_at: str
+    size_vram: int = 0
+    context_length: int | None = None
+
+
+class Running(BaseModel):
+    models: list[RunningModel]
+
+
+class Show(BaseModel):
+    modelfile: str
+    parameters: str = ""
+    template: str = ""
+    details: ModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    modified_at: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class _Answer(BaseModel):
+    model: str
+    created_at: str
+    done: bool
+    done_reason: str | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class ChatAnswer(_Answer):
+    """A chat answer, or one line of a streamed one."""
+
+    message: AssistantMessage
+
+
+class GenerateAnswer(_Answer):
+    """A generate answer, or one line of a streamed one."""
+
+    response: str
+
+
+class Embed(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+
+
+class Embeddings(BaseModel):
+    embedding: list[float]
+
+
+class Version(BaseModel):
+    version: str
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def keep_alive_seconds(value: float | str) -> float | None:
+    """Seconds from an Ollama ``keep_alive``; None means forever (any negative value)."""
+    if isinstance(value, str):
+        seconds = 0.0 if value in ("0", "+0", "-0") else _go_duration(value)
+    else:
+        seconds = float(value)
+    return None if seconds < 0 else seconds
+
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+          "h": 3600.0}
+
+
+def _go_duration(text: str) -> float:
+    sign = -1.0 if text.startswith("-") else 1.0
+    total = 0.0
+    for number, unit in re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)", text):
+        total += float(number) * _UNITS[unit]
+    return sign * total
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """Validate ``body`` into ``model``; the first problem becomes a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", param="body")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        # Union members and literals add their type names to the location; drop them.
+        loc = [str(p) for p in err["loc"] if not isinstance(p, str) or not _type_part(p)]
+        field = ".".join(loc) or "body"
+        if err["type"] == "missing":
+            raise RequestError(f"{field} is required", param=field) from None
+        shown = repr(err.get("input"))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise RequestError(f"{field}: {err['msg']} (got {shown})", param=field) from None
+
+
+def _type_part(part: str) -> bool:
+    return part.startswith(("function-", "literal[", "list[", "dict[")) or part in {
+        "str", "int", "float", "bool", "Options", "Message",
+    }
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
