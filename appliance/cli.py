@@ -13,6 +13,8 @@ from typing import Any
 from appliance import __version__
 from appliance import config as config_mod
 from appliance.errors import ConfigError
+from appliance.hub import cli as hub_cli
+from appliance.ops import discover_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the models the configuration would serve")
     _config_flags(models)
     models.add_argument("--json", action="store_true", help="print JSON")
+    discover_cli.add_parser(sub)
+    hub_cli.add_parser(sub)
     return parser
 
 
@@ -70,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "discover":
+        return discover_cli.run(args)
+    if args.command == "hub":
+        return hub_cli.run(args)
     if args.command == "config" and args.reference:
         print(config_mod.reference(), end="")
         return 0

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from appliance.errors import ConfigError
 
@@ -122,6 +131,575 @@ class LoggingConfig(Section):
     )
 
 
+class HealthConfig(Section):
+    """How often the box measures itself; snapshots feed alerts, MQTT and the hub."""
+
+    interval: float = Field(
+        default=10.0,
+        ge=0.05,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds between health snapshots (system sensors and per-model stats).",
+    )
+    disk_paths: list[Path] = Field(
+        default_factory=lambda: [Path("/")],
+        max_length=16,
+        description="Filesystems whose usage is reported, by a path on each.",
+    )
+
+
+AlertRuleName = Literal[
+    "latency_high", "qps_low", "gpu_busy", "memory_high", "http_5xx", "model_load_failures"
+]
+
+
+class AlertsConfig(Section):
+    """Alert rules evaluated on the device (defaults from the original design notes).
+
+    Every rule has ``<rule>_threshold``, ``<rule>_window`` (seconds the value is averaged or
+    counted over; 0 = the latest snapshot) and ``<rule>_for`` (seconds the condition must hold
+    before the alert fires).
+    """
+
+    enabled: bool = Field(default=True, description="Evaluate alert rules at all.")
+    disabled: list[AlertRuleName] = Field(
+        default_factory=list,
+        description="Rules not evaluated, by name: latency_high, qps_low, gpu_busy, "
+        "memory_high, http_5xx, model_load_failures.",
+    )
+    hysteresis: float = Field(
+        default=10.0,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="Percent of the threshold a firing alert's value must move back past "
+        "before it resolves, so a value hovering at the threshold does not flap.",
+    )
+    min_requests: int = Field(
+        default=10,
+        ge=1,
+        le=1_000_000,
+        description="Requests a window must hold before latency and 5xx rates are judged.",
+    )
+    latency_high_threshold: float = Field(
+        default=500.0, gt=0, le=3_600_000, allow_inf_nan=False,
+        description="Average response time per model above this many milliseconds fires.",
+    )
+    latency_high_window: float = Field(
+        default=60.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds the average response time is taken over.",
+    )
+    latency_high_for: float = Field(
+        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds the average must stay high before latency_high fires.",
+    )
+    qps_target: float = Field(
+        default=0.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        description="Expected requests per second over all models; 0 disables qps_low.",
+    )
+    qps_low_threshold: float = Field(
+        default=80.0, gt=0, le=100, allow_inf_nan=False,
+        description="qps_low fires when requests/s fall below this percent of qps_target.",
+    )
+    qps_low_window: float = Field(
+        default=60.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds requests are counted over for qps_low.",
+    )
+    qps_low_for: float = Field(
+        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds the rate must stay low before qps_low fires.",
+    )
+    gpu_busy_threshold: float = Field(
+        default=90.0, gt=0, le=100, allow_inf_nan=False,
+        description="GPU utilisation percent (the busiest GPU) above which gpu_busy fires.",
+    )
+    gpu_busy_window: float = Field(
+        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds GPU utilisation is averaged over.",
+    )
+    gpu_busy_for: float = Field(
+        default=300.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds utilisation must stay high before gpu_busy fires.",
+    )
+    memory_high_threshold: float = Field(
+        default=85.0, gt=0, le=100, allow_inf_nan=False,
+        description="System memory use in percent above which memory_high fires.",
+    )
+    memory_high_window: float = Field(
+        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds memory use is averaged over.",
+    )
+    memory_high_for: float = Field(
+        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds memory use must stay high before memory_high fires.",
+    )
+    http_5xx_threshold: float = Field(
+        default=1.0, gt=0, le=100, allow_inf_nan=False,
+        description="Percent of HTTP responses with a 5xx status above which http_5xx fires.",
+    )
+    http_5xx_window: float = Field(
+        default=300.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds the 5xx share is counted over.",
+    )
+    http_5xx_for: float = Field(
+        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds the share must stay high before http_5xx fires.",
+    )
+    model_load_failures_threshold: float = Field(
+        default=3.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        description="model_load_failures fires when more loads than this failed in the window.",
+    )
+    model_load_failures_window: float = Field(
+        default=3600.0, ge=0, le=86_400 * 7, allow_inf_nan=False,
+        description="Seconds failed model loads are counted over.",
+    )
+    model_load_failures_for: float = Field(
+        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds the count must stay high before model_load_failures fires.",
+    )
+
+
+class HubSyncConfig(Section):
+    """Keeping the fleet hub informed: heartbeats, alerts and events through a durable outbox."""
+
+    url: str = Field(
+        default="",
+        pattern=r"^$|^https?://[^\s/]+(/\S*)?$",
+        description="Base URL of the hub, e.g. http://hub.local:8090. Empty: no hub sync.",
+    )
+    token: SecretStr = Field(
+        default=SecretStr(""),
+        description="This device's hub token (from `appliance hub enroll`). Prefer token_file "
+        "or the systemd credential 'hub-token' ($CREDENTIALS_DIRECTORY/hub-token).",
+    )
+    token_file: Path | None = Field(
+        default=None, description="File holding the device's hub token."
+    )
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) that signed an https hub's certificate, e.g. the hub's "
+        "own self-signed certificate. Unset: the system's trusted CAs.",
+    )
+    heartbeat_interval: float = Field(
+        default=30.0, ge=0.05, le=86_400, allow_inf_nan=False,
+        description="Seconds between heartbeats (a health snapshot) queued for the hub.",
+    )
+    outbox_path: Path | None = Field(
+        default=None,
+        description="SQLite outbox file. Unset: outbox.db in the state directory "
+        "($STATE_DIRECTORY, else /var/lib/appliance as root, else ~/.local/state/appliance).",
+    )
+    outbox_max_records: int = Field(
+        default=100_000, ge=10, le=100_000_000,
+        description="Records the outbox holds at most; beyond it the oldest are dropped "
+        "(heartbeats before alerts and events).",
+    )
+    outbox_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=4096, le=64 * 1024**3,
+        description="Payload bytes the outbox holds at most; same drop policy.",
+    )
+    outbox_max_age: float = Field(
+        default=7 * 86_400.0, ge=1, le=365 * 86_400, allow_inf_nan=False,
+        description="Seconds a record may wait for the hub before it is dropped.",
+    )
+    batch_size: int = Field(
+        default=200, ge=1, le=10_000, description="Records sent to the hub per request."
+    )
+    backoff_initial: float = Field(
+        default=1.0, gt=0, le=3600, allow_inf_nan=False,
+        description="Seconds to wait after the first failed upload; doubles per failure.",
+    )
+    backoff_max: float = Field(
+        default=300.0, gt=0, le=86_400, allow_inf_nan=False,
+        description="Longest wait between upload attempts.",
+    )
+    timeout: float = Field(
+        default=15.0, gt=0, le=600, allow_inf_nan=False,
+        description="Seconds one upload request may take.",
+    )
+
+
+_RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+_TEMPLATE_FIELDS = frozenset({"base", "rule", "source", "device_id", "model"})
+
+
+def _check_topic_prefix(value: str) -> str:
+    """A topic prefix other topics are built under: no wildcards, no NUL, not starting with
+    '$' (the broker's) and no empty level, so joined topics never hold '//'."""
+    if not value:
+        return value
+    if any(c in value for c in "#+\x00") or value.startswith("$"):
+        raise ValueError("a topic prefix may not hold '#', '+' or NUL, nor start with '$'")
+    if any(not level for level in value.split("/")):
+        raise ValueError("a topic prefix may not start or end with '/' or hold '//'")
+    return value
+
+
+def _check_topic_filter(value: str) -> str:
+    """An MQTT subscription filter: '+' and '#' only as whole levels, '#' only last."""
+    if not value or "\x00" in value or len(value.encode()) > 1024:
+        raise ValueError("must be a non-empty topic filter of at most 1024 bytes")
+    if value.startswith("$"):
+        raise ValueError("topics starting with '$' belong to the broker")
+    levels = value.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError("'#' may only be a whole level at the end, e.g. 'sensors/#'")
+        if "+" in level and level != "+":
+            raise ValueError("'+' may only be a whole level, e.g. 'sensors/+/telemetry'")
+    return value
+
+
+def _check_topic_template(value: str) -> str:
+    """A topic with ``{base}``, ``{rule}``, ``{source}``, ``{device_id}``, ``{model}`` and
+    ``{0}``, ``{1}`` ... (levels of the source topic) placeholders; no wildcards."""
+    import string
+
+    if "\x00" in value or "#" in value or "+" in value:
+        raise ValueError("an output topic may not hold '#', '+' or NUL")
+    try:
+        parsed = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template: {exc}") from None
+    for _, field_name, spec, conversion in parsed:
+        if field_name is None:
+            continue
+        if field_name not in _TEMPLATE_FIELDS and not field_name.isdigit():
+            raise ValueError(
+                f"unknown placeholder {{{field_name}}}; allowed: "
+                f"{', '.join('{' + f + '}' for f in sorted(_TEMPLATE_FIELDS))}, {{0}}, {{1}} ..."
+            )
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{field_name}}} may not carry a format or conversion")
+    return value
+
+
+class StreamRule(Section):
+    """One stream rule: readings on matching topics are windowed per source topic and each
+    full window (or every ``hop`` readings) is run through a model."""
+
+    name: str = Field(
+        pattern=_RULE_NAME_PATTERN,
+        description="Rule name (letters, digits, '_', '-'); used in topics and metrics.",
+    )
+    topic: str = Field(
+        description="Topic filter the readings arrive on; '+' and '#' wildcards allowed, "
+        "e.g. 'sensors/+/telemetry'. Every matching topic is a source with its own window.",
+    )
+    model: str = Field(
+        default="sensor-anomaly", min_length=1, max_length=128,
+        description="Model each window is run through (a tensor model).",
+    )
+    input: str = Field(
+        default="", max_length=128,
+        description="Input tensor the window is fed to. Empty: the model's only input.",
+    )
+    fields: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="JSON fields (dotted paths) read from each reading, in channel order. "
+        "Empty: each reading is a single number.",
+    )
+    window: int = Field(
+        default=32, ge=1, le=4096, description="Readings in one window (per source topic)."
+    )
+    hop: int = Field(
+        default=0, ge=0, le=4096,
+        description="Run the model every this many new readings once the window is full; "
+        "0 means every full, non-overlapping window (hop = window).",
+    )
+    output: str = Field(
+        default="{base}/rules/{rule}/{source}",
+        min_length=1, max_length=1024,
+        description="Topic template for every result; placeholders {base}, {rule}, "
+        "{source}, {device_id}, {model} and {0}, {1} ... (levels of the source topic).",
+    )
+    anomaly_output: str = Field(
+        default="{base}/anomalies/{rule}/{source}",
+        max_length=1024,
+        description="Topic template for anomaly events (results whose anomaly_tensor is "
+        "true); same placeholders. Empty: no separate anomaly events.",
+    )
+    anomaly_tensor: str = Field(
+        default="is_anomaly", max_length=128,
+        description="BOOL output that marks a window anomalous. Empty: none does.",
+    )
+    max_sources: int = Field(
+        default=1000, ge=1, le=1_000_000,
+        description="Source topics windowed at once; the least recently heard is dropped "
+        "beyond that.",
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        return _check_topic_filter(value)
+
+    @field_validator("output", "anomaly_output")
+    @classmethod
+    def _templates(cls, value: str) -> str:
+        return _check_topic_template(value)
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item or any(not part for part in item.split(".")):
+                raise ValueError(f"field {item!r} must be a name or a dotted path like 'a.b'")
+        return value
+
+
+class MqttConfig(Section):
+    """The MQTT transport: requests, stream rules and Home Assistant discovery (docs/mqtt.md)."""
+
+    # TLS keys are flat (tls_*) rather than a nested table so each has an environment variable.
+
+    enabled: bool = Field(default=True, description="Connect to the broker at all.")
+    host: str = Field(
+        default="localhost", min_length=1, max_length=253,
+        description="Broker host name or address.",
+    )
+    port: int = Field(
+        default=1883, ge=1, le=65535, description="Broker port (usually 1883, 8883 with TLS)."
+    )
+    client_id: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._:-]{0,128}$",
+        description="MQTT client id; keep it stable so the broker keeps the session. "
+        "Empty: 'appliance-<device id>'.",
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT protocol version the appliance speaks to the broker."
+    )
+    keepalive: int = Field(
+        default=30, ge=5, le=65535,
+        description="Seconds between keepalive pings; the broker declares the appliance gone "
+        "(and publishes its last will) after 1.5 times this without traffic.",
+    )
+    username: str = Field(default="", max_length=256, description="Broker user name; empty: none.")
+    password: SecretStr = Field(
+        default=SecretStr(""),
+        description="Broker password. Prefer password_file or the systemd credential "
+        "'mqtt-password' ($CREDENTIALS_DIRECTORY/mqtt-password).",
+    )
+    password_file: Path | None = Field(
+        default=None, description="File holding the broker password."
+    )
+    tls: bool = Field(default=False, description="Connect with TLS.")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA certificates (PEM) to verify the broker; unset: the system's."
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate (PEM) for brokers that require one."
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of tls_cert_file; unset: inside that file."
+    )
+    tls_min_version: Literal["1.2", "1.3"] = Field(
+        default="1.2", description="Oldest TLS version accepted."
+    )
+    tls_insecure: bool = Field(
+        default=False,
+        description="Do not check that the broker's certificate names `host` (testing only).",
+    )
+    base_topic: str = Field(
+        default="",
+        max_length=256,
+        description="Topic prefix of this device. Empty: 'appliance/<device id>'.",
+    )
+    fleet_topic: str = Field(
+        default="appliance/fleet",
+        min_length=1,
+        max_length=256,
+        description="Topic prefix shared by the fleet; requests to <fleet_topic>/infer/<model> "
+        "are spread over appliances subscribed with the same shared_group.",
+    )
+    shared_group: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        description="Also take fleet requests through the shared subscription "
+        "$share/<group>/<fleet_topic>/infer/#. Empty: no fleet subscription.",
+    )
+    session_expiry: int = Field(
+        default=86_400, ge=0, le=4_294_967_295,
+        description="Seconds the broker keeps this session (subscriptions and queued requests) "
+        "while the appliance is away (MQTT 5; 3.1.1 sessions last as the broker decides).",
+    )
+    reconnect_min: float = Field(
+        default=1.0, gt=0, le=3600, allow_inf_nan=False,
+        description="Seconds before the first reconnect attempt; doubles per failure.",
+    )
+    reconnect_max: float = Field(
+        default=60.0, gt=0, le=86_400, allow_inf_nan=False,
+        description="Longest wait between reconnect attempts (each wait is jittered).",
+    )
+    timeout: float = Field(
+        default=10.0, gt=0, le=600, allow_inf_nan=False,
+        description="Seconds to wait for the broker to acknowledge a connect or a publish.",
+    )
+    max_payload_bytes: int = Field(
+        default=1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        description="Largest request or reading accepted; larger ones get a 'too_large' error.",
+    )
+    max_inflight: int = Field(
+        default=64, ge=1, le=10_000,
+        description="MQTT requests handled at once; more get a 'busy' reply.",
+    )
+    reply_queue_size: int = Field(
+        default=1000, ge=1, le=1_000_000,
+        description="Messages (replies, results) held while the broker is away; beyond it the "
+        "oldest are dropped and counted.",
+    )
+    dedup_ttl: float = Field(
+        default=300.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds a reply is remembered so a redelivered request (same id) is "
+        "answered again instead of run twice; 0 disables.",
+    )
+    dedup_size: int = Field(
+        default=1000, ge=1, le=1_000_000, description="Replies remembered at most."
+    )
+    stats_interval: float = Field(
+        default=60.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="Seconds between retained stats documents; 0: only on changes.",
+    )
+    homeassistant: bool = Field(
+        default=True, description="Announce the device to Home Assistant (MQTT discovery)."
+    )
+    discovery_prefix: str = Field(
+        default="homeassistant",
+        min_length=1,
+        max_length=256,
+        description="Home Assistant discovery prefix; '<prefix>/status' online re-announces.",
+    )
+    rules: list[StreamRule] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Stream rules, TOML only: [[mqtt.rules]] tables (see docs/mqtt.md).",
+    )
+
+    @field_validator("base_topic", "fleet_topic", "discovery_prefix")
+    @classmethod
+    def _prefixes(cls, value: str) -> str:
+        return _check_topic_prefix(value)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:
+        # TOML users write `protocol = 5`; the version names are strings.
+        return "5" if value == 5 and not isinstance(value, bool) else value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_cert_file") is None:
+            raise ValueError("tls_key_file needs tls_cert_file")
+        return value
+
+    @field_validator("reconnect_max")
+    @classmethod
+    def _backoff_order(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("reconnect_min")
+        if low is not None and value < low:
+            raise ValueError(f"must not be less than reconnect_min ({low})")
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rules(cls, value: list[StreamRule]) -> list[StreamRule]:
+        names = [rule.name for rule in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"stream rule names must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+
+class MdnsConfig(Section):
+    """mDNS/DNS-SD: announce the appliance on the LAN so clients find it (docs/discovery.md)."""
+
+    enabled: bool = Field(
+        default=True, description="Announce _appliance._tcp and _http._tcp over mDNS."
+    )
+    interfaces: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Interfaces to announce on, by name (eth0, wlan0, lo) or IPv4 address. "
+        "Empty: every non-loopback interface with an IPv4 address. Environment: comma-separated.",
+    )
+    rescan_interval: float = Field(
+        default=30.0,
+        ge=0.1,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds between interface rescans, so an address that appears or "
+        "changes (DHCP, Wi-Fi) is announced.",
+    )
+
+    @field_validator("interfaces")
+    @classmethod
+    def _interface_names(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not 0 < len(item) <= 64 or not all(c.isalnum() or c in "_.:@-" for c in item):
+                raise ValueError(f"{item!r} is not an interface name or IPv4 address")
+        return value
+
+
+class WebSocketConfig(Section):
+    """The WebSocket endpoint ``/ws`` on the HTTP port: many requests over one connection."""
+
+    enabled: bool = Field(default=True, description="Serve /ws on the HTTP port.")
+    max_message_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest message a client may send; a larger one closes the connection "
+        "with code 1009 (message too big).",
+    )
+    max_in_flight: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Requests one connection may have running at once; more are refused "
+        "with a 429 error message.",
+    )
+    heartbeat: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds between the server's pings; a client that does not answer in "
+        "time is disconnected. 0 turns server pings off.",
+    )
+
+
+class GrpcConfig(Section):
+    """Open Inference Protocol v2 over gRPC (KServe/Triton); off by default, see docs/grpc.md."""
+
+    enabled: bool = Field(
+        default=False, description="Serve gRPC (needs grpcio: pip install 'appliance[grpc]')."
+    )
+    host: str = Field(default="0.0.0.0", min_length=1, description="Address to bind.")
+    port: int = Field(
+        default=8081, ge=0, le=65535, description="TCP port (KServe's default); 0 picks one."
+    )
+    max_message_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest request or response message in bytes; larger ones fail with "
+        "RESOURCE_EXHAUSTED.",
+    )
+
+    @field_validator("enabled")
+    @classmethod
+    def _grpcio_installed(cls, value: bool) -> bool:
+        import importlib.util
+
+        if value and importlib.util.find_spec("grpc") is None:
+            raise ValueError("gRPC needs grpcio, which is not installed: "
+                             "pip install 'appliance[grpc]'")
+        return value
+
+
 class Config(Section):
     """The whole configuration. Sections map to ``[section]`` tables in appliance.toml."""
 
@@ -129,6 +707,13 @@ class Config(Section):
     http: HttpConfig = Field(default_factory=HttpConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    hub: HubSyncConfig = Field(default_factory=HubSyncConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    mdns: MdnsConfig = Field(default_factory=MdnsConfig)
+    websocket: WebSocketConfig = Field(default_factory=WebSocketConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -145,7 +730,14 @@ def load(
     ``overrides`` is ``{section: {key: value}}`` as the CLI produces it. Raises
     :class:`ConfigError` for anything invalid.
     """
+    if env is not None:
+        # APPLIANCE_HUB_<SECTION>__<KEY> configures the fleet hub (appliance.hub.config), not
+        # this daemon; APPLIANCE_HUB__<KEY> (two underscores) is this daemon's [hub] section.
+        env = {k: v for k, v in env.items() if not _HUB_SERVICE_VARIABLE.match(k)}
     return _resolve(load_model(Config, path=path, env=env, overrides=overrides))
+
+
+_HUB_SERVICE_VARIABLE = re.compile(r"^APPLIANCE_HUB_(?!_)")
 
 
 RootT = TypeVar("RootT", bound=BaseModel)
@@ -258,13 +850,13 @@ def _describe(
     for err in exc.errors():
         loc = [str(part) for part in err["loc"]]
         key = ".".join(loc)
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(root, loc[:-1])
-            lines.append(f"  {key}: unknown key; allowed keys: {allowed}")
-            continue
         value = err.get("input")
         origin = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
         where = f" (from {origin})" if origin else ""
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, loc[:-1])
+            lines.append(f"  {key} = {value!r}{where}: unknown key; allowed keys: {allowed}")
+            continue
         allowed = _allowed_values(root, loc)
         hint = f"; allowed: {allowed}" if allowed else ""
         lines.append(f"  {key} = {value!r}{where}: {err['msg']}{hint}")
@@ -353,7 +945,10 @@ def default_device_id(machine_id_file: Path = Path("/etc/machine-id")) -> str:
     if machine_id:
         digest = hashlib.sha256(b"appliance-device-id:" + machine_id.encode()).hexdigest()
         return f"appliance-{digest[:12]}"
-    cleaned = "".join(c if c.isalnum() else "-" for c in _hostname().lower()).strip("-")
+    # ASCII only: str.isalnum() accepts "é" or "日", which the device id pattern does not.
+    cleaned = "".join(
+        c if c.isascii() and c.isalnum() else "-" for c in _hostname().lower()
+    ).strip("-")
     return (cleaned or "appliance")[:63]
 
 

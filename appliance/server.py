@@ -14,7 +14,7 @@ import logging
 import signal
 import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -24,7 +24,12 @@ from appliance.core.metrics import Metrics
 from appliance.core.models import ModelManager
 from appliance.core.repository import collect
 from appliance.core.service import Core
+from appliance.errors import ConfigError
 from appliance.transports.http import build_app
+
+if TYPE_CHECKING:
+    from appliance.ops.alerts import AlertEngine
+    from appliance.ops.health import HealthCollector
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,8 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.core: Core | None = None
+        self.health: HealthCollector | None = None  # set once units start
+        self.alerts: AlertEngine | None = None
         self.addresses: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
         self._force = False
@@ -93,6 +100,41 @@ class Server:
         it (with a timeout) on exit. Optional units import their modules lazily.
         """
         units: list[contextlib.AbstractAsyncContextManager[Any]] = []
+        units += self._health_units()
+        if self.config.mqtt.enabled:  # HTTP serves whether or not the broker is there
+            from appliance.transports.mqtt import MqttTransport
+
+            assert self.core is not None
+            health = self.health
+            units.append(MqttTransport(
+                self.core, self.config, http_url=self.http_url,
+                health=lambda: health.latest.to_dict() if health and health.latest else None,
+            ))
+        if self.config.grpc.enabled:  # grpcio is an optional extra: import only when asked
+            from appliance.transports.grpc.server import GrpcServer
+
+            assert self.core is not None
+            units.append(GrpcServer(self.core, self.config))
+        if self.config.mdns.enabled:  # last in, first out: the goodbye goes out first
+            from appliance.ops.discovery import Announcer
+
+            assert self.core is not None
+            units.append(Announcer(self.config, self.core, self.addresses, started=units))
+        return units
+
+    def _health_units(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
+        """Health snapshots, alert rules on them, and (with ``hub.url``) the hub uploader."""
+        from appliance.ops.alerts import AlertEngine
+        from appliance.ops.health import HealthCollector
+
+        assert self.core is not None
+        self.health = HealthCollector(self.core, self.config.health)
+        self.alerts = AlertEngine(self.health, self.config.alerts, self.metrics)
+        units: list[contextlib.AbstractAsyncContextManager[Any]] = [self.health, self.alerts]
+        if self.config.hub.url:
+            from appliance.ops.hubsync import HubSync
+
+            units.append(HubSync(self.config, self.health, self.alerts))
         return units
 
     @property
@@ -135,6 +177,9 @@ def run(config: Config) -> int:
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1
+    except ConfigError as exc:  # found while starting units (e.g. an unreadable token file)
+        log.error("%s", exc)
+        return 2
     return 0
 
 

@@ -51,6 +51,12 @@ def default_models() -> Path:
 def make_config(**sections: dict[str, Any]) -> config_mod.Config:
     """A config bound to loopback on a free port, with the given section overrides."""
     overrides: dict[str, dict[str, Any]] = {"http": {"host": "127.0.0.1", "port": 0}}
+    if "mdns" not in sections:
+        # Never announce on the machine's real interfaces; mDNS tests name theirs.
+        overrides["mdns"] = {"enabled": False}
+    if "mqtt" not in sections:
+        # Never talk to a broker the machine happens to run; MQTT tests start their own.
+        overrides["mqtt"] = {"enabled": False}
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
     return config_mod.load(env={}, overrides=overrides)
@@ -128,6 +134,9 @@ class DaemonProcess:
 def start_daemon(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
     """Start ``python -m appliance run`` on a free loopback port (not yet waited for)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    # Never announce on the machine's real interfaces; mDNS tests name theirs.
+    full_env["APPLIANCE_MDNS__ENABLED"] = "false"
+    full_env["APPLIANCE_MQTT__ENABLED"] = "false"  # MQTT tests name their own broker
     full_env.update(env or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "run", "--host", "127.0.0.1", "--port", "0", *args],

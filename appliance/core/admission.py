@@ -8,6 +8,7 @@ overloaded box answers 503 in milliseconds instead of piling up work it cannot f
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import TracebackType
 
 from appliance.errors import Overloaded
@@ -16,8 +17,18 @@ from appliance.errors import Overloaded
 class Admission:
     """The queue of one model."""
 
-    def __init__(self, name: str, *, parallel: int, queue_size: int, retry_after: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        parallel: int,
+        queue_size: int,
+        retry_after: float,
+        on_change: Callable[[Admission], None] | None = None,
+    ) -> None:
         self.name = name
+        # Called after every change of the running/waiting counts (metrics gauges).
+        self._on_change = on_change
         self.parallel = parallel
         self.queue_size = queue_size
         self.retry_after = retry_after
@@ -39,7 +50,12 @@ class Admission:
         if self._admitted >= self.parallel + self.queue_size:
             raise Overloaded(self.name, self.retry_after)
         self._admitted += 1
+        self._changed()
         return Ticket(self)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self)
 
 
 class Ticket:
@@ -57,6 +73,7 @@ class Ticket:
         await self._admission._slots.acquire()
         self._running = True
         self._admission._running += 1
+        self._admission._changed()
         return self
 
     async def __aexit__(
@@ -75,3 +92,4 @@ class Ticket:
             self._admission._running -= 1
             self._admission._slots.release()
         self._admission._admitted -= 1
+        self._admission._changed()

@@ -85,6 +85,131 @@ class Metrics:
             "appliance_model_load_seconds", "How long the last load of a model took.", ["model"],
             registry=r,
         )
+        self._health_metrics(r)
+        self._mqtt_metrics(r)
+
+    def _health_metrics(self, r: CollectorRegistry) -> None:
+        """Box health, alerts and the hub outbox (set by the ``appliance.ops`` units)."""
+        self.system_cpu_percent = Gauge(
+            "appliance_system_cpu_percent", "Whole-machine CPU use.", registry=r
+        )
+        self.system_memory_percent = Gauge(
+            "appliance_system_memory_percent", "Whole-machine memory use.", registry=r
+        )
+        self.temperature = Gauge(
+            "appliance_temperature_celsius", "Temperature by sensor (thermal zone).", ["sensor"],
+            registry=r,
+        )
+        self.gpu_utilization = Gauge(
+            "appliance_gpu_utilization_percent", "GPU utilisation.", ["gpu"], registry=r
+        )
+        self.process_rss = Gauge(
+            "appliance_process_resident_memory_bytes", "The daemon's resident memory.", registry=r
+        )
+        self.alert_firing = Gauge(
+            "appliance_alert_firing",
+            "1 while an alert fires, 0 once resolved; by rule and subject (model, or '' for "
+            "the device).",
+            ["rule", "subject", "severity"],
+            registry=r,
+        )
+        self.alerts_fired = Counter(
+            "appliance_alerts_fired", "Times an alert started firing.", ["rule"], registry=r
+        )
+        self.outbox_records = Gauge(
+            "appliance_outbox_records", "Records waiting in the hub outbox.", registry=r
+        )
+        self.outbox_bytes = Gauge(
+            "appliance_outbox_bytes", "Payload bytes waiting in the hub outbox.", registry=r
+        )
+        self.outbox_appended = Counter(
+            "appliance_outbox_appended", "Records durably appended to the outbox.", ["kind"],
+            registry=r,
+        )
+        self.outbox_dropped = Counter(
+            "appliance_outbox_dropped",
+            "Records dropped unsent, by reason (size: over a bound; age: too old).",
+            ["reason"],
+            registry=r,
+        )
+        self.outbox_corrupt = Counter(
+            "appliance_outbox_corrupt", "Corrupt outbox databases moved aside.", registry=r
+        )
+        self.hub_uploads = Counter(
+            "appliance_hub_uploads", "Upload attempts to the hub, by result.", ["result"],
+            registry=r,
+        )
+        self.hub_last_upload = Gauge(
+            "appliance_hub_last_upload_timestamp_seconds",
+            "Unix time of the last upload the hub acknowledged.",
+            registry=r,
+        )
+
+    def _mqtt_metrics(self, r: CollectorRegistry) -> None:
+        """The MQTT transport (``appliance.transports.mqtt``); its requests are also counted
+        in ``appliance_requests`` with ``transport="mqtt"``."""
+        self.mqtt_connected = Gauge(
+            "appliance_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
+        )
+        self.mqtt_connects = Counter(
+            "appliance_mqtt_connects", "Successful connections to the broker.", registry=r
+        )
+        self.mqtt_connect_failures = Counter(
+            "appliance_mqtt_connect_failures",
+            "Connection attempts that failed or connections that broke.",
+            registry=r,
+        )
+        self.mqtt_received = Counter(
+            "appliance_mqtt_messages_received",
+            "Messages received, by kind (request, reading, control).",
+            ["kind"],
+            registry=r,
+        )
+        self.mqtt_published = Counter(
+            "appliance_mqtt_messages_published",
+            "Messages the broker acknowledged, by kind (reply, chunk, result, state).",
+            ["kind"],
+            registry=r,
+        )
+        self.mqtt_outbox = Gauge(
+            "appliance_mqtt_outbox_messages",
+            "Messages waiting to be published (they queue while the broker is away).",
+            registry=r,
+        )
+        self.mqtt_dropped = Counter(
+            "appliance_mqtt_messages_dropped",
+            "Messages dropped unsent because the outbox was full.",
+            ["kind"],
+            registry=r,
+        )
+        self.mqtt_duplicates = Counter(
+            "appliance_mqtt_duplicate_requests",
+            "Redelivered requests answered from the reply cache instead of run again.",
+            registry=r,
+        )
+        self.mqtt_rejected = Counter(
+            "appliance_mqtt_rejected_messages",
+            "Messages refused before reaching the core, by reason (too_large, retained, "
+            "topic, format).",
+            ["reason"],
+            registry=r,
+        )
+        self.mqtt_rule_readings = Counter(
+            "appliance_mqtt_rule_readings", "Readings a stream rule accepted.", ["rule"],
+            registry=r,
+        )
+        self.mqtt_rule_bad_readings = Counter(
+            "appliance_mqtt_rule_bad_readings",
+            "Readings a stream rule could not parse (logged once per source).",
+            ["rule"],
+            registry=r,
+        )
+        self.mqtt_rule_windows = Counter(
+            "appliance_mqtt_rule_windows",
+            "Windows a stream rule handled, by result (ok, anomaly, error, dropped).",
+            ["rule", "result"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -36,9 +36,10 @@ class ModelHandle:
         self.error: str | None = spec.problem
         self.runtime: Runtime | None = None
         try:
-            self.created = int(spec.path.stat().st_mtime)
+            stat = spec.path.stat()
+            self.created, self.size = int(stat.st_mtime), stat.st_size
         except OSError:
-            self.created = 0
+            self.created = self.size = 0
 
     @property
     def name(self) -> str:
@@ -63,6 +64,7 @@ class ModelHandle:
             signature=runtime.signature if runtime else Signature(),
             context_length=runtime.context_length if runtime else None,
             created=self.created,
+            size=self.size,
         )
 
 
@@ -87,6 +89,7 @@ class ModelManager:
                 parallel=parallel,
                 queue_size=config.queue_size if queue is None else queue,
                 retry_after=config.retry_after,
+                on_change=self._queue_changed,
             )
             handle = ModelHandle(spec, admission)
             self._handles[spec.name] = handle
@@ -96,6 +99,10 @@ class ModelManager:
         self._loader: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
+
+    def _queue_changed(self, admission: Admission) -> None:
+        self._metrics.queue_depth.labels(admission.name).set(admission.waiting)
+        self._metrics.running.labels(admission.name).set(admission.running)
 
     def add_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener()`` on the loop whenever a model's state changes.

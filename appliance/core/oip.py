@@ -19,6 +19,8 @@ from appliance.core.types import DATATYPES, Array, datatype_of
 from appliance.errors import RequestError
 
 MAX_ELEMENTS = 64 * 1024 * 1024  # per tensor; a guard against absurd shapes
+# The ``platform`` of a model in OIP metadata, by runtime (Triton's names where it has one).
+PLATFORMS = {"onnx": "onnxruntime_onnx", "gguf": "llama_cpp_gguf"}
 
 
 @dataclass
@@ -169,9 +171,13 @@ def _from_list(label: str, datatype: str, dtype: np.dtype[Any], flat: list[Any])
     elif dtype.kind in "iu" and not all(isinstance(v, int) for v in flat):
         raise RequestError(f"{label}: {datatype} data must be integers", param="inputs")
     try:
-        return np.array(flat, dtype=dtype)
-    except (OverflowError, ValueError) as exc:
-        raise RequestError(f"{label}: a value does not fit {datatype}: {exc}") from None
+        # A float beyond the type's range (1e39 for FP32) would only warn and become inf.
+        with np.errstate(over="raise"):
+            return np.array(flat, dtype=dtype)
+    except (OverflowError, ValueError, FloatingPointError) as exc:
+        raise RequestError(
+            f"{label}: a value does not fit {datatype}: {exc}", param="inputs"
+        ) from None
 
 
 def _from_bytes(
@@ -223,6 +229,10 @@ def encode_outputs(
                 v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
                 for v in value.reshape(-1)
             ]
+        elif value.dtype.kind == "f" and not np.isfinite(value).all():
+            # JSON has no NaN or infinity; such elements are sent as null (binary data
+            # carries them exactly).
+            tensor["data"] = [v if math.isfinite(v) else None for v in value.reshape(-1).tolist()]
         else:
             tensor["data"] = value.reshape(-1).tolist()
         tensors.append(tensor)

@@ -65,7 +65,8 @@ class ModelSpec:
 
 def valid_name(name: str) -> bool:
     """Whether ``name`` is a legal model name (so it can never be a path)."""
-    return bool(_NAME_RE.match(name))
+    # fullmatch: with match, "$" would also accept a name ending in a newline.
+    return bool(_NAME_RE.fullmatch(name))
 
 
 def scan(directory: Path) -> list[ModelSpec]:
@@ -145,18 +146,30 @@ def collect(directory: Path | None, files: Iterable[Path]) -> list[ModelSpec]:
     """All specs from a repository directory and direct files; duplicates become failures."""
     specs = scan(directory) if directory is not None else []
     specs.extend(spec_for_file(f) for f in files)
+    taken = {spec.name for spec in specs}
     seen: dict[str, ModelSpec] = {}
     result = []
     for spec in specs:
         if spec.name in seen:
+            # The failure needs a name of its own: models are looked up by name, and
+            # sharing one would replace the model that serves with the failed duplicate.
+            name = _free_name(spec.name, taken)
+            taken.add(name)
             other = seen[spec.name].source
-            result.append(
-                _replace_problem(spec, f"model name {spec.name!r} is already used by {other}")
+            spec = _replace_problem(
+                spec, f"model name {spec.name!r} is already used by {other}", name=name
             )
-            continue
         seen[spec.name] = spec
         result.append(spec)
     return result
+
+
+def _free_name(base: str, taken: set[str]) -> str:
+    """A valid model name derived from ``base`` that is not in ``taken``."""
+    n = 1
+    while f"{base[:48]}.duplicate-{n}" in taken:
+        n += 1
+    return f"{base[:48]}.duplicate-{n}"
 
 
 def verify_file(spec: ModelSpec) -> None:
@@ -196,9 +209,9 @@ def _broken(name: str, source: Path, problem: str) -> ModelSpec:
     )
 
 
-def _replace_problem(spec: ModelSpec, problem: str) -> ModelSpec:
-    log.error("model %s (%s): %s", spec.name, spec.source, problem)
-    return ModelSpec(**{**spec.__dict__, "problem": problem})
+def _replace_problem(spec: ModelSpec, problem: str, *, name: str) -> ModelSpec:
+    log.error("model %s (%s): %s", name, spec.source, problem)
+    return ModelSpec(**{**spec.__dict__, "name": name, "problem": problem})
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 from appliance.core.admission import Ticket
 from appliance.core.metrics import Metrics
 from appliance.core.models import ModelHandle, ModelManager
+from appliance.core.sampling import check_sampling
 from appliance.core.types import (
     DATATYPES,
     Array,
@@ -45,12 +46,41 @@ class Core:
         self.metrics = metrics
         self.started = time.time()
         self._closing = False
+        self._status: dict[str, Callable[[], Mapping[str, Any]]] = {}
 
     # -- state ------------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
         """Refuse new work from now on; in-flight work finishes."""
         self._closing = True
+
+    def add_status(
+        self, name: str, provider: Callable[[], Mapping[str, Any]]
+    ) -> Callable[[], None]:
+        """Publish a lifecycle unit's state: ``provider()`` is called (on the loop, must be
+        quick and JSON-ready) whenever a transport reports health, under ``name``.
+
+        Returns a function that removes it. Transports only serialize :meth:`unit_status`.
+        """
+        if name in self._status:
+            raise ValueError(f"a status named {name!r} is already registered")
+        self._status[name] = provider
+
+        def remove() -> None:
+            self._status.pop(name, None)
+
+        return remove
+
+    def unit_status(self) -> dict[str, Any]:
+        """Every registered unit's state, by name; a failing provider reports its error."""
+        out: dict[str, Any] = {}
+        for name, provider in list(self._status.items()):
+            try:
+                out[name] = dict(provider())
+            except Exception as exc:
+                log.exception("status provider %s failed", name)
+                out[name] = {"error": str(exc) or type(exc).__name__}
+        return out
 
     @property
     def ready(self) -> bool:
@@ -85,13 +115,11 @@ class Core:
         wanted = self._check_tensors(runtime, inputs, outputs)
         ticket = self._admit(handle)
         async with ticket:
-            self._gauge(handle)
             started = time.perf_counter()
             try:
                 results = await runtime.infer(inputs, wanted)
             finally:
                 self.metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
-        self._gauge(handle)
         return InferResult(outputs=results)
 
     def _check_tensors(
@@ -160,6 +188,7 @@ class Core:
         params = request.params
         if request.prompt is None and not request.messages:
             raise RequestError("a prompt or at least one message is required", param="messages")
+        check_sampling(params)
         if context is None:
             return
         if params.max_tokens is not None and params.max_tokens > context:
@@ -202,13 +231,11 @@ class Core:
                         param="input",
                     )
         async with self._admit(handle):
-            self._gauge(handle)
             started = time.perf_counter()
             try:
                 result = await runtime.embed(texts)
             finally:
                 self.metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
-        self._gauge(handle)
         self.metrics.prompt_tokens.labels(name).inc(result.prompt_tokens)
         return result
 
@@ -241,12 +268,8 @@ class Core:
         except Exception:
             self.metrics.rejected.labels(handle.name).inc()
             raise
-        self._gauge(handle)
         return ticket
 
-    def _gauge(self, handle: ModelHandle) -> None:
-        self.metrics.queue_depth.labels(handle.name).set(handle.admission.waiting)
-        self.metrics.running.labels(handle.name).set(handle.admission.running)
 
 
 class TokenStream:
@@ -290,22 +313,23 @@ class TokenStream:
 
     async def aclose(self) -> None:
         iterator = self._iterator
-        if iterator is not None:
-            aclose: Callable[[], Any] | None = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        self._ticket.release()
-        self._core._gauge(self._handle)
+        try:
+            if iterator is not None:
+                aclose: Callable[[], Any] | None = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        finally:
+            self._ticket.release()
 
     async def _run(self) -> AsyncIterator[TokenChunk]:
         metrics = self._core.metrics
         name = self._handle.name
         async with self._ticket:
-            self._core._gauge(self._handle)
             started = time.perf_counter()
             first = True
+            chunks = self._runtime.generate(self.request)
             try:
-                async for chunk in self._runtime.generate(self.request):
+                async for chunk in chunks:
                     if first:
                         metrics.time_to_first_token.labels(name).observe(
                             time.perf_counter() - started
@@ -318,6 +342,11 @@ class TokenStream:
                         metrics.tokens_generated.labels(name).inc()
                     yield chunk
             finally:
+                # Stop the runtime's generation before the model's slot is given back, so
+                # the next request never overlaps with a dying one.
+                close: Callable[[], Any] | None = getattr(chunks, "aclose", None)
+                if close is not None:
+                    await close()
                 metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
 
 

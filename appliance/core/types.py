@@ -123,6 +123,7 @@ class ModelInfo:
     signature: Signature
     context_length: int | None
     created: int  # unix time the model file was last changed
+    size: int = 0  # bytes of the model file
 
     @property
     def ready(self) -> bool:

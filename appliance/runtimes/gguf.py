@@ -205,8 +205,7 @@ class GgufRuntime(Runtime):
                 yield item
         finally:
             cancelled.set()
-            # The model is free for the next request only once the thread has stopped.
-            await asyncio.shield(worker)
+            await _until_done(worker)
 
     def _generate_blocking(
         self, request: GenerateRequest, cancelled: threading.Event
@@ -243,7 +242,27 @@ class GgufRuntime(Runtime):
                     f"logit_bias names token {token} but the vocabulary has {llama.n_vocab()}",
                     param="logit_bias",
                 )
+        from llama_cpp import LogitsProcessorList
+
         grammar = _grammar(params)
+        # llama.cpp samples once per generated token; counting samples (rather than
+        # re-tokenising the text) gives exact usage.
+        samples = 0
+
+        # The bias is applied here too: llama-cpp-python drops every logits processor, its
+        # own logit_bias one included, when both are given (LogitsProcessorList.extend
+        # returns None), which would silently ignore logit_bias and zero the usage.
+        bias = sorted((params.logit_bias or {}).items())
+        bias_ids = [token for token, _ in bias]
+        bias_values = [value for _, value in bias]
+
+        def count_sample(input_ids: Any, scores: Any) -> Any:
+            nonlocal samples
+            samples += 1
+            if bias_ids:
+                scores[bias_ids] += bias_values
+            return scores
+
         pieces = llama.create_completion(
             prompt=tokens,
             max_tokens=params.max_tokens,
@@ -259,9 +278,8 @@ class GgufRuntime(Runtime):
             stream=True,
             grammar=grammar,
             stopping_criteria=stopping,
-            logit_bias=dict(params.logit_bias) if params.logit_bias else None,
+            logits_processor=LogitsProcessorList([count_sample]),
         )
-        text: list[str] = []
         finish = "stop"
         try:
             for piece in pieces:
@@ -269,18 +287,14 @@ class GgufRuntime(Runtime):
                     return
                 choice = piece["choices"][0]
                 if choice["text"]:
-                    text.append(choice["text"])
                     yield TokenChunk(text=choice["text"])
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
         finally:
             pieces.close()
-        joined = "".join(text)
-        completion = (
-            len(llama.tokenize(joined.encode("utf-8"), add_bos=False, special=False))
-            if joined
-            else 0
-        )
+        # A generation that stopped on its own sampled one more token (end of text, or the
+        # one that completed a stop sequence) than the text it returns.
+        completion = max(0, samples - 1) if finish == "stop" else samples
         yield TokenChunk(
             text="", finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=completion
         )
@@ -296,6 +310,22 @@ class GgufRuntime(Runtime):
         vectors, count = self._embedder.embed(texts, normalize=True, return_count=True)
         return EmbeddingResult(vectors=[list(map(float, v)) for v in vectors],
                                prompt_tokens=int(count))
+
+
+async def _until_done(worker: asyncio.Future[None]) -> None:
+    """Wait for the generation thread, even through repeated cancellation.
+
+    The model is free for the next request only once the thread has stopped; it stops
+    within one token of the cancel flag, so this wait is short.
+    """
+    interrupted = False
+    while not worker.done():
+        try:
+            await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 def _grammar(params: SamplingParams) -> Any:

@@ -1,0 +1,126 @@
+"""The hub's aiohttp application: ingest, fleet API, dashboard, /health and /metrics.
+
+Errors become JSON ``{"error": "..."}`` responses in exactly one place (the middleware).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from appliance import __version__
+from appliance.hub import fleet, ingest
+from appliance.hub.config import HubConfig
+from appliance.hub.ingest import Forbidden, HubRequestError, Unauthorized
+from appliance.hub.keys import CONFIG, METRICS, STARTED, STORAGE
+from appliance.hub.metrics import HubMetrics
+from appliance.hub.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+routes = web.RouteTableDef()
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def from_exception(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, Unauthorized):
+        return _error(401, str(exc), {"WWW-Authenticate": 'Bearer realm="appliance-hub"'})
+    if isinstance(exc, Forbidden):
+        return _error(403, str(exc))
+    if isinstance(exc, HubRequestError):
+        return _error(400, str(exc))
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return _error(413, "the request body is larger than http.max_body_bytes")
+    if isinstance(exc, web.HTTPException):
+        if exc.status == 404:
+            return _error(404, exc.text if exc.text and not exc.text.startswith("404")
+                          else f"no route for {request.method} {request.path}")
+        if exc.status == 405:
+            return _error(405, f"method {request.method} is not allowed for {request.path}",
+                          {"Allow": exc.headers.get("Allow", "")})
+        return _error(exc.status, exc.text or exc.reason)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return _error(500, "internal error; see the hub log")
+
+
+@web.middleware
+async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except Exception as exc:
+        response = from_exception(request, exc)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.http_requests.labels(route, str(response.status)).inc()
+    if route == "/api/v1/ingest":
+        metrics.ingest_batches.labels(str(response.status)).inc()
+    return response
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """200 while the storage answers, else 503."""
+    storage = request.app[STORAGE]
+    body = {
+        "status": "ok",
+        "version": __version__,
+        "storage": storage.kind,
+        "uptime_s": round(time.time() - request.app[STARTED], 3),
+    }
+    try:
+        await storage.ping()
+    except Exception as exc:
+        log.warning("storage ping failed: %s", exc)
+        return web.json_response({**body, "status": "unavailable", "error": str(exc)},
+                                 status=503)
+    return web.json_response(body)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _dashboard_page() -> str:
+    return resources.files("appliance.hub").joinpath("static/dashboard.html").read_text("utf-8")
+
+
+@routes.get("/")
+async def dashboard(request: web.Request) -> web.Response:
+    """The fleet dashboard: one self-contained page (no CDN; the hub may be offline)."""
+    return web.Response(
+        text=request.app[PAGE],
+        content_type="text/html",
+        headers={"Cache-Control": "no-cache",
+                 "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
+                 "script-src 'unsafe-inline'; img-src 'self' data:"},
+    )
+
+
+PAGE = web.AppKey("page", str)
+
+
+def build_app(storage: Storage, config: HubConfig, metrics: HubMetrics) -> web.Application:
+    app = web.Application(
+        client_max_size=config.http.max_body_bytes, middlewares=[_errors_and_metrics]
+    )
+    app[STORAGE] = storage
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[STARTED] = time.time()
+    app[PAGE] = _dashboard_page()
+    app.add_routes(routes)
+    app.add_routes(ingest.routes)
+    app.add_routes(fleet.routes)
+    return app

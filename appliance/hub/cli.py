@@ -1,0 +1,140 @@
+"""``appliance hub ...``: run the fleet hub and manage device enrolment. Parses and calls only.
+
+    appliance hub [run]            serve (the long-running service; SIGTERM stops gracefully)
+    appliance hub enroll DEVICE    create a device (or re-key it) and print its token once
+    appliance hub revoke DEVICE    revoke a device's token: its uploads get 401 from now on
+    appliance hub devices          list devices and their status
+    appliance hub config           print the resolved configuration (--reference: every key)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``hub`` command to the ``appliance`` parser's subcommands."""
+    hub = subparsers.add_parser("hub", help="the fleet hub appliances report to")
+    sub = hub.add_subparsers(dest="hub_command", metavar="HUB_COMMAND")
+    run = sub.add_parser("run", help="serve the hub (the default)")
+    _flags(run)
+    run.add_argument("--host", help="address to bind (http.host)")
+    run.add_argument("--port", type=int, help="HTTP port, 0 for any free one (http.port)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="logging.level")
+    enroll = sub.add_parser("enroll", help="enrol a device and print its token")
+    _flags(enroll)
+    enroll.add_argument("device", metavar="DEVICE_ID", help="the device's [device] id")
+    enroll.add_argument("--name", default="", help="a human name for the fleet view")
+    revoke = sub.add_parser("revoke", help="revoke a device's token")
+    _flags(revoke)
+    revoke.add_argument("device", metavar="DEVICE_ID")
+    devices = sub.add_parser("devices", help="list enrolled devices")
+    _flags(devices)
+    devices.add_argument("--json", action="store_true", help="print JSON")
+    config = sub.add_parser("config", help="validate the hub configuration and print it")
+    _flags(config)
+    config.add_argument("--reference", action="store_true",
+                        help="print the Markdown reference of every key instead")
+
+
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="hub.toml (default: $APPLIANCE_HUB_CONFIG)")
+    parser.add_argument("--storage", metavar="URL",
+                        help="sqlite:///PATH or postgresql://... (storage.url)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    pairs = {
+        ("http", "host"): getattr(args, "host", None),
+        ("http", "port"): getattr(args, "port", None),
+        ("storage", "url"): getattr(args, "storage", None),
+        ("logging", "level"): getattr(args, "log_level", None),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for (section, key), value in pairs.items():
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out ``appliance hub ...``; returns the exit status."""
+    from appliance.hub import config as hub_config
+
+    command = args.hub_command or "run"
+    if command == "config" and args.reference:
+        print(hub_config.hub_reference(), end="")
+        return 0
+    try:
+        cfg = hub_config.load(path=getattr(args, "config", None), env=os.environ,
+                              overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"appliance hub: {exc}", file=sys.stderr)
+        return 2
+    if command == "config":
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    if command == "run":
+        from appliance import logs
+        from appliance.hub import server
+
+        logs.setup(cfg.logging.level)
+        return server.run(cfg)
+    try:
+        return asyncio.run(_manage(command, args, cfg))
+    except (ConfigError, OSError) as exc:
+        print(f"appliance hub: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _manage(command: str, args: argparse.Namespace, cfg: Any) -> int:
+    import re
+
+    from appliance.hub.config import storage_url
+    from appliance.hub.storage import from_url
+    from appliance.hub.tokens import hash_token, new_token
+
+    if command in ("enroll", "revoke") and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}",
+                                                            args.device):
+        print(f"appliance hub: device id {args.device!r} is not valid: lower-case letters, "
+              "digits and '-', at most 63 characters", file=sys.stderr)
+        return 2
+    storage = from_url(storage_url(cfg), pool_size=2)
+    await storage.open()
+    try:
+        if command == "enroll":
+            token = new_token()
+            await storage.enroll(args.device, args.name, hash_token(token), time.time())
+            print(token)
+            print(f"enrolled {args.device}; give the device this token as hub.token, "
+                  "hub.token_file or the systemd credential 'hub-token' (it is shown once)",
+                  file=sys.stderr)
+            return 0
+        if command == "revoke":
+            if not await storage.revoke(args.device, time.time()):
+                print(f"appliance hub: no device {args.device!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.device}", file=sys.stderr)
+            return 0
+        rows = await storage.devices()
+        if args.json:
+            print(json.dumps([d.to_dict() for d in rows], indent=2))
+        else:
+            for d in rows:
+                seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.last_seen)) \
+                    if d.last_seen else "-"
+                print(f"{d.id:<32} {d.status():<10} last seen {seen}  {d.name}")
+        return 0
+    finally:
+        await storage.close()

@@ -1,0 +1,401 @@
+"""The box measures itself: system sensors and per-model request statistics.
+
+:class:`HealthCollector` is a lifecycle unit that takes a :class:`HealthSnapshot` every
+``health.interval`` seconds. System readings (psutil, sysfs, ``nvidia-smi``) are blocking
+calls, so they run on a worker thread; per-model numbers come from the daemon's own
+Prometheus registry, so every transport that counts its requests there is included.
+
+A snapshot carries both cumulative counters (``requests_total``, ``latency_sum_s`` ...) and
+rates over the interval since the previous snapshot (``requests_per_s``, percentiles), so
+consumers can compute any window of their own (the alert rules do). Sensors a box does not
+have are absent (``None``, empty mapping or tuple), never faked.
+
+Consumers: ``collector.latest`` (the newest snapshot, or ``None`` before the first),
+``await collector.snapshot()`` (measure now), ``collector.add_listener(fn)`` (called on the
+loop with every snapshot), and :meth:`HealthSnapshot.to_dict` for a JSON-ready form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from appliance.config import HealthConfig
+from appliance.core.service import Core
+from appliance.ops import sensors
+from appliance.ops.reqstats import Counters, bucket_quantile, read_counters
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[["HealthSnapshot"], None]
+
+
+@dataclass(frozen=True)
+class DiskStats:
+    """Usage of the filesystem holding ``path``."""
+
+    path: str
+    total_bytes: int
+    used_bytes: int
+    percent: float
+
+
+@dataclass(frozen=True)
+class GpuStats:
+    """One GPU: an NVIDIA card (``nvidia-smi``) or a Jetson's integrated GPU (sysfs)."""
+
+    name: str
+    utilization_percent: float
+    memory_used_bytes: int | None = None  # None: not reported (Jetson GPUs share system RAM)
+    memory_total_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Throttling:
+    """Raspberry Pi firmware flags (``get_throttled``): now and since boot."""
+
+    under_voltage: bool
+    freq_capped: bool
+    throttled: bool
+    soft_temp_limit: bool
+    under_voltage_occurred: bool
+    freq_capped_occurred: bool
+    throttled_occurred: bool
+    soft_temp_limit_occurred: bool
+    raw: int
+
+
+@dataclass(frozen=True)
+class SystemStats:
+    """Whole-machine readings."""
+
+    cpu_percent: float
+    cpu_count: int
+    load_1m: float
+    load_5m: float
+    load_15m: float
+    memory_total_bytes: int
+    memory_available_bytes: int
+    memory_percent: float
+    swap_total_bytes: int
+    swap_used_bytes: int
+    swap_percent: float
+    disks: tuple[DiskStats, ...]
+    net_rx_bytes: int
+    net_tx_bytes: int
+    net_rx_bytes_per_s: float
+    net_tx_bytes_per_s: float
+    process_rss_bytes: int
+    process_cpu_percent: float
+    uptime_s: float  # since boot
+    temperatures_c: Mapping[str, float] = field(default_factory=dict)
+    throttling: Throttling | None = None
+    gpus: tuple[GpuStats, ...] = ()
+
+    @property
+    def max_temperature_c(self) -> float | None:
+        return max(self.temperatures_c.values()) if self.temperatures_c else None
+
+    @property
+    def max_gpu_percent(self) -> float | None:
+        return max(g.utilization_percent for g in self.gpus) if self.gpus else None
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """One model's requests over every transport: cumulative totals and interval rates."""
+
+    name: str
+    state: str
+    requests_total: int
+    errors_total: int  # answered with a 5xx status (or an MQTT "error")
+    latency_sum_s: float  # response time, queue wait included
+    latency_count: int
+    tokens_total: int
+    load_failures: int
+    queue_depth: int
+    running: int
+    requests_per_s: float
+    error_rate: float  # errors / requests in the interval, 0..1
+    tokens_per_s: float
+    latency_avg_ms: float | None  # None: no request finished in the interval
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+
+
+@dataclass(frozen=True)
+class HealthSnapshot:
+    """Everything the box knows about itself at one moment."""
+
+    time: float  # Unix time
+    monotonic: float  # time.monotonic() of the measurement, for windows
+    interval_s: float  # seconds since the previous snapshot (rates cover this)
+    process_uptime_s: float
+    system: SystemStats
+    models: Mapping[str, ModelStats]
+    http_requests_total: int  # HTTP responses, health/readiness probes excepted
+    http_5xx_total: int
+
+    @property
+    def requests_total(self) -> int:
+        return sum(m.requests_total for m in self.models.values())
+
+    @property
+    def requests_per_s(self) -> float:
+        return sum(m.requests_per_s for m in self.models.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: plain dicts, lists, numbers and strings."""
+        out = dataclasses.asdict(self)
+        out.pop("monotonic")
+        out["system"]["max_temperature_c"] = self.system.max_temperature_c
+        out["system"]["max_gpu_percent"] = self.system.max_gpu_percent
+        out["requests_per_s"] = self.requests_per_s
+        return out
+
+
+# --------------------------------------------------------------------------- the unit
+
+
+class HealthCollector:
+    """Lifecycle unit: a snapshot every ``interval`` seconds, off the event loop."""
+
+    def __init__(
+        self,
+        core: Core,
+        config: HealthConfig,
+        *,
+        sysfs: Path = Path("/sys"),
+        nvidia_smi: str | None = "nvidia-smi",
+    ) -> None:
+        self._core = core
+        self._config = config
+        self._probe = sensors.SystemProbe(
+            disk_paths=[str(p) for p in config.disk_paths], sysfs=sysfs, nvidia_smi=nvidia_smi
+        )
+        self.latest: HealthSnapshot | None = None
+        self._previous: Counters | None = None
+        self._listeners: list[Listener] = []
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.started_monotonic = time.monotonic()
+        self._remove_status: Callable[[], None] = lambda: None
+
+    @property
+    def core(self) -> Core:
+        return self._core
+
+    @property
+    def interval(self) -> float:
+        return self._config.interval
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(snapshot)`` on the loop after each snapshot; must not block.
+
+        Returns a function that removes it.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def __aenter__(self) -> HealthCollector:
+        # The first reading only primes CPU counters; rates start with the second.
+        await asyncio.to_thread(self._probe.prime)
+        self._previous = read_counters(self._core)
+        self._remove_status = self._core.add_status("health", self._status)
+        self._task = asyncio.create_task(self._run(), name="appliance-health")
+        return self
+
+    def _status(self) -> dict[str, Any]:
+        snap = self.latest
+        if snap is None:
+            return {"interval_s": self._config.interval, "last": None}
+        system = snap.system
+        return {
+            "interval_s": self._config.interval,
+            "last": snap.time,
+            "cpu_percent": system.cpu_percent,
+            "memory_percent": system.memory_percent,
+            "max_temperature_c": system.max_temperature_c,
+            "max_gpu_percent": system.max_gpu_percent,
+            "under_voltage": system.throttling.under_voltage if system.throttling else None,
+        }
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._remove_status()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.interval)
+            try:
+                await self.snapshot()
+            except Exception:
+                log.exception("health snapshot failed")
+
+    async def snapshot(self) -> HealthSnapshot:
+        """Measure now, make it :attr:`latest` and hand it to every listener."""
+        async with self._lock:
+            system = await asyncio.to_thread(self._probe.read)
+            snap = self._build(system)
+            self.latest = snap
+            self._export(snap)
+        for listener in list(self._listeners):
+            try:
+                listener(snap)
+            except Exception:
+                log.exception("health listener failed")
+        return snap
+
+    def _export(self, snap: HealthSnapshot) -> None:
+        metrics = self._core.metrics
+        system = snap.system
+        metrics.system_cpu_percent.set(system.cpu_percent)
+        metrics.system_memory_percent.set(system.memory_percent)
+        metrics.process_rss.set(system.process_rss_bytes)
+        for sensor, celsius in system.temperatures_c.items():
+            metrics.temperature.labels(sensor).set(celsius)
+        for gpu in system.gpus:
+            metrics.gpu_utilization.labels(gpu.name).set(gpu.utilization_percent)
+
+    def _build(self, system: sensors.Reading) -> HealthSnapshot:
+        now_mono = time.monotonic()
+        previous_snap = self.latest
+        interval = now_mono - (
+            previous_snap.monotonic if previous_snap is not None else self.started_monotonic
+        )
+        interval = max(interval, 1e-6)
+        current = read_counters(self._core)
+        before = self._previous or Counters()
+        self._previous = current
+
+        models: dict[str, ModelStats] = {}
+        for handle in self._core.models.handles():
+            name = handle.name
+            requests = current.requests.get(name, 0)
+            errors = current.errors.get(name, 0)
+            d_requests = requests - before.requests.get(name, 0)
+            d_errors = errors - before.errors.get(name, 0)
+            lat_sum = current.latency_sum.get(name, 0.0)
+            lat_count = current.latency_count.get(name, 0)
+            d_count = lat_count - before.latency_count.get(name, 0)
+            d_sum = lat_sum - before.latency_sum.get(name, 0.0)
+            now_buckets = current.buckets.get(name, {})
+            old_buckets = before.buckets.get(name, {})
+            delta = {le: v - old_buckets.get(le, 0.0) for le, v in now_buckets.items()}
+            tokens = current.tokens.get(name, 0)
+
+            def pct(q: float, delta: dict[float, float] = delta) -> float | None:
+                value = bucket_quantile(q, delta)
+                return None if value is None else round(value * 1000, 3)
+
+            models[name] = ModelStats(
+                name=name,
+                state=handle.state.value,
+                requests_total=requests,
+                errors_total=errors,
+                latency_sum_s=lat_sum,
+                latency_count=lat_count,
+                tokens_total=tokens,
+                load_failures=current.load_failures.get(name, 0),
+                queue_depth=handle.admission.waiting,
+                running=handle.admission.running,
+                requests_per_s=d_requests / interval,
+                error_rate=d_errors / d_requests if d_requests > 0 else 0.0,
+                tokens_per_s=(tokens - before.tokens.get(name, 0)) / interval,
+                latency_avg_ms=round(d_sum / d_count * 1000, 3) if d_count > 0 else None,
+                latency_p50_ms=pct(0.5),
+                latency_p95_ms=pct(0.95),
+                latency_p99_ms=pct(0.99),
+            )
+
+        stats = SystemStats(
+            cpu_percent=system.cpu_percent,
+            cpu_count=system.cpu_count,
+            load_1m=system.load[0],
+            load_5m=system.load[1],
+            load_15m=system.load[2],
+            memory_total_bytes=system.memory_total,
+            memory_available_bytes=system.memory_available,
+            memory_percent=system.memory_percent,
+            swap_total_bytes=system.swap_total,
+            swap_used_bytes=system.swap_used,
+            swap_percent=system.swap_percent,
+            disks=tuple(
+                DiskStats(path=d.path, total_bytes=d.total, used_bytes=d.used, percent=d.percent)
+                for d in system.disks
+            ),
+            net_rx_bytes=system.net_rx,
+            net_tx_bytes=system.net_tx,
+            net_rx_bytes_per_s=system.net_rx_per_s,
+            net_tx_bytes_per_s=system.net_tx_per_s,
+            process_rss_bytes=system.rss,
+            process_cpu_percent=system.process_cpu_percent,
+            uptime_s=system.uptime,
+            temperatures_c=dict(system.temperatures),
+            throttling=_throttling(system.throttled),
+            gpus=tuple(
+                GpuStats(
+                    name=g.name,
+                    utilization_percent=g.utilization,
+                    memory_used_bytes=g.memory_used,
+                    memory_total_bytes=g.memory_total,
+                )
+                for g in system.gpus
+            ),
+        )
+        return HealthSnapshot(
+            time=time.time(),
+            monotonic=now_mono,
+            interval_s=round(interval, 6),
+            process_uptime_s=round(time.time() - self._core.started, 3),
+            system=stats,
+            models=models,
+            http_requests_total=current.http_total,
+            http_5xx_total=current.http_5xx,
+        )
+
+
+def _throttling(raw: int | None) -> Throttling | None:
+    if raw is None:
+        return None
+    return Throttling(
+        under_voltage=bool(raw & 0x1),
+        freq_capped=bool(raw & 0x2),
+        throttled=bool(raw & 0x4),
+        soft_temp_limit=bool(raw & 0x8),
+        under_voltage_occurred=bool(raw & 0x10000),
+        freq_capped_occurred=bool(raw & 0x20000),
+        throttled_occurred=bool(raw & 0x40000),
+        soft_temp_limit_occurred=bool(raw & 0x80000),
+        raw=raw,
+    )
+
+
+__all__ = [
+    "DiskStats",
+    "GpuStats",
+    "HealthCollector",
+    "HealthSnapshot",
+    "ModelStats",
+    "SystemStats",
+    "Throttling",
+    "bucket_quantile",
+]

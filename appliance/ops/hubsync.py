@@ -1,0 +1,315 @@
+"""Keeping the fleet hub informed: heartbeats, alerts and events through the outbox.
+
+:class:`HubSync` is a lifecycle unit with two tasks. The *writer* appends what the daemon
+produces — a heartbeat (the latest health snapshot) every ``hub.heartbeat_interval``, every
+alert transition, model state changes, start-up and outbox-recovery events — to the durable
+:class:`~appliance.ops.outbox.Outbox`, in the order produced. The *uploader* sends the
+oldest records in batches of ``hub.batch_size`` to ``POST {hub.url}/api/v1/ingest`` with the
+device's bearer token and deletes them only once the hub answered 200. A failed upload is
+retried after a capped exponential backoff with jitter (``backoff_initial`` doubling up to
+``backoff_max``), so a hub that is away for hours gets every record, in order, once it is
+back; the hub drops the duplicates a lost acknowledgement causes.
+
+Heartbeats ride on health snapshots, so their spacing is the larger of
+``hub.heartbeat_interval`` and ``health.interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from appliance import __version__
+from appliance.config import Config
+from appliance.errors import ConfigError
+from appliance.ops.alerts import AlertEngine, AlertEvent
+from appliance.ops.health import HealthCollector, HealthSnapshot
+from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record, default_state_dir
+
+log = logging.getLogger(__name__)
+
+INGEST_PATH = "/api/v1/ingest"
+CREDENTIAL_NAME = "hub-token"
+_BACKLOG = 1000  # records produced faster than the disk takes them; beyond: dropped
+_FLUSH_ON_STOP = 2.0  # seconds a graceful stop spends trying to hand the hub what is queued
+
+
+class HubRejected(Exception):
+    """The hub answered with an error status."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"hub answered {status}: {text[:200]}")
+        self.status = status
+
+
+def resolve_token(config: Config, env: Mapping[str, str]) -> str:
+    """The device token: ``hub.token``, else ``hub.token_file``, else the systemd credential
+    ``hub-token``. Raises :class:`ConfigError` when hub sync is on and none is found."""
+    hub = config.hub
+    token = hub.token.get_secret_value().strip()
+    if token:
+        return token
+    candidates: list[tuple[str, Path]] = []
+    if hub.token_file is not None:
+        candidates.append(("hub.token_file", hub.token_file))
+    elif env.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(("credential", Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME))
+    for where, path in candidates:
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where} = {str(path)!r}: cannot read the hub token: "
+                              f"{exc.strerror or exc}") from None
+        if token:
+            return token
+        raise ConfigError(f"{where} = {str(path)!r}: the file is empty")
+    raise ConfigError(
+        f"hub.url = {hub.url!r} is set but no device token is: set hub.token, hub.token_file "
+        f"or the systemd credential {CREDENTIAL_NAME!r} (get one with `appliance hub enroll "
+        f"{config.device.id}` on the hub)"
+    )
+
+
+def outbox_path(config: Config, env: Mapping[str, str]) -> Path:
+    if config.hub.outbox_path is not None:
+        return config.hub.outbox_path
+    return default_state_dir(env, is_root=os.geteuid() == 0, home=Path.home()) / "outbox.db"
+
+
+class HubSync:
+    """Lifecycle unit: durable queueing and upload of everything bound for the hub."""
+
+    def __init__(
+        self,
+        config: Config,
+        collector: HealthCollector,
+        alerts: AlertEngine | None,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if env is None else env
+        self._config = config
+        self._hub = config.hub
+        self._collector = collector
+        self._alerts = alerts
+        self._core = collector.core
+        self._token = resolve_token(config, env)
+        self.outbox = Outbox(
+            outbox_path(config, env),
+            max_records=self._hub.outbox_max_records,
+            max_bytes=self._hub.outbox_max_bytes,
+            max_age=self._hub.outbox_max_age,
+            metrics=self._core.metrics,
+        )
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(_BACKLOG)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._last_heartbeat: float | None = None
+        self._last_models: dict[str, str] = {}
+        self._idle = asyncio.Event()  # set while the outbox is empty
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_upload: float | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> HubSync:
+        await self.outbox.open()
+        try:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._tls()),
+                timeout=aiohttp.ClientTimeout(total=self._hub.timeout),
+                headers={"Authorization": f"Bearer {self._token}",
+                         "User-Agent": f"appliance/{__version__}"},
+            )
+            for moved in self.outbox.recovered:
+                self._put("event", {"type": "outbox_corrupt", "moved_to": str(moved)})
+            self._put("event", {"type": "started", "version": __version__,
+                                "name": self._config.device.name})
+            self._unsubscribe = [
+                self._collector.add_listener(self._on_snapshot),
+                self._core.models.add_listener(self._on_models),
+                self._core.add_status("hub", self._status),
+            ]
+            if self._alerts is not None:
+                # Alerts that fired before this unit started are passed on as well; with no
+                # await in between, none can fire unseen.
+                self._unsubscribe.append(self._alerts.add_listener(self._on_alert))
+                for event in self._alerts.active():
+                    self._on_alert(event)
+            self._tasks = [
+                asyncio.create_task(self._write(), name="appliance-hub-writer"),
+                asyncio.create_task(self._upload(), name="appliance-hub-uploader"),
+            ]
+        except BaseException:
+            await self._close()
+            raise
+        log.info("hub sync to %s (outbox %s, stream %s, %d record(s) queued)",
+                 self._hub.url, self.outbox.path, self.outbox.stream, self.outbox.records)
+        return self
+
+    def _tls(self) -> ssl.SSLContext | bool:
+        """Verify an https hub against ``hub.tls_ca_file`` (or the system CAs)."""
+        if self._hub.tls_ca_file is None:
+            return True
+        try:
+            return ssl.create_default_context(cafile=str(self._hub.tls_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"hub.tls_ca_file = {str(self._hub.tls_ca_file)!r}: {exc}") from None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+        writer, uploader = self._tasks or (None, None)
+        if writer is not None:
+            # Whatever was produced is appended (durable) before the uploader stops.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._queue.put(("", {})), _FLUSH_ON_STOP)
+                await asyncio.wait_for(asyncio.shield(writer), _FLUSH_ON_STOP)
+        if uploader is not None and self.failures == 0 and self.outbox.records:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained(), _FLUSH_ON_STOP)
+        await self._close()
+
+    async def _drained(self) -> None:
+        await self._idle.wait()
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self.outbox.close()
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "url": self._hub.url,
+            "stream": self.outbox.stream,
+            "queued": self.outbox.records,
+            "queued_bytes": self.outbox.bytes,
+            "dropped": dict(self.outbox.dropped),
+            "last_seq": self.outbox.last_seq,
+            "last_upload": self.last_upload,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+    # -- producing --------------------------------------------------------------------
+
+    def _put(self, kind: str, body: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait((kind, body))
+        except asyncio.QueueFull:
+            self._core.metrics.outbox_dropped.labels("backlog").inc()
+            log.error("outbox backlog full; dropped a %s record", kind)
+
+    def _on_snapshot(self, snap: HealthSnapshot) -> None:
+        last = self._last_heartbeat
+        # A little slack so a heartbeat interval equal to the health interval is not skipped
+        # by timer jitter.
+        if last is not None and snap.monotonic - last < self._hub.heartbeat_interval * 0.95:
+            return
+        self._last_heartbeat = snap.monotonic
+        body = snap.to_dict()
+        body["alerts_firing"] = len(self._alerts.active()) if self._alerts else 0
+        self._put(HEARTBEAT, body)
+
+    def _on_alert(self, event: AlertEvent) -> None:
+        self._put("alert", event.to_dict())
+
+    def _on_models(self) -> None:
+        states = {h.name: h.state.value for h in self._core.models.handles()}
+        if states != self._last_models:
+            self._last_models = states
+            self._put("event", {"type": "models", "models": states})
+
+    async def _write(self) -> None:
+        while True:
+            kind, body = await self._queue.get()
+            if not kind:  # the stop marker: everything before it is appended
+                return
+            try:
+                await self.outbox.append(kind, body)
+            except (OutboxError, OSError, ValueError) as exc:
+                log.error("outbox: cannot store a %s record: %s", kind, exc)
+
+    # -- uploading --------------------------------------------------------------------
+
+    async def _upload(self) -> None:
+        while True:
+            self.outbox.appended.clear()
+            batch = await self.outbox.peek(self._hub.batch_size)
+            if not batch:
+                self._idle.set()
+                await self.outbox.appended.wait()
+                continue
+            self._idle.clear()
+            try:
+                await self._send(batch)
+            except (aiohttp.ClientError, asyncio.TimeoutError, HubRejected, ValueError) as exc:
+                self.failures += 1
+                self.last_error = str(exc) or type(exc).__name__
+                result = f"http_{exc.status}" if isinstance(exc, HubRejected) else "error"
+                self._core.metrics.hub_uploads.labels(result).inc()
+                delay = self._backoff(unauthorised=getattr(exc, "status", 0) in (401, 403))
+                log.warning("hub upload of %d record(s) failed (%s); retrying in %.1fs",
+                            len(batch), self.last_error, delay)
+                await asyncio.sleep(delay)
+                continue
+            await self.outbox.ack(batch[-1].seq)
+            if self.failures:
+                log.info("hub reachable again after %d failed attempt(s)", self.failures)
+            self.failures = 0
+            self.last_error = None
+            self.last_upload = time.time()
+            self._core.metrics.hub_uploads.labels("ok").inc()
+            self._core.metrics.hub_last_upload.set(self.last_upload)
+
+    def _backoff(self, *, unauthorised: bool = False) -> float:
+        """Capped exponential backoff with jitter (half to the whole of the step)."""
+        hub = self._hub
+        step = hub.backoff_max if unauthorised else min(
+            hub.backoff_max, hub.backoff_initial * 2 ** min(self.failures - 1, 30)
+        )
+        return random.uniform(step / 2, step)
+
+    async def _send(self, batch: list[Record]) -> None:
+        assert self._session is not None
+        payload = {
+            "device": self._config.device.id,
+            "name": self._config.device.name,
+            "version": __version__,
+            "stream": self.outbox.stream,
+            "dropped": dict(self.outbox.dropped),
+            "records": [r.to_wire() for r in batch],
+        }
+        url = self._hub.url.rstrip("/") + INGEST_PATH
+        async with self._session.post(url, json=payload) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise HubRejected(resp.status, text)
+            answer = await resp.json(content_type=None)
+        acked = answer.get("acked") if isinstance(answer, dict) else None
+        if not isinstance(acked, int) or acked < batch[-1].seq:
+            raise ValueError(f"the hub acknowledged {acked!r}, not up to {batch[-1].seq}")

@@ -1,0 +1,404 @@
+"""A durable outbox: everything bound for the hub waits here until the hub has it.
+
+Guarantees
+    * **Durable before acknowledged** — :meth:`Outbox.append` returns only after the record's
+      transaction is committed with ``journal_mode=WAL`` and ``synchronous=FULL``: SQLite
+      fsyncs the WAL on every commit, so an acknowledged record survives SIGKILL *and* power
+      loss. (``NORMAL`` would survive a crash but may lose the last commits on power loss;
+      a few small fsyncs a minute are cheap even on an SD card.)
+    * **Ordered, numbered once** — each record gets the next value of an ``AUTOINCREMENT``
+      key, which SQLite never reuses even after deletes, so sequence numbers only grow.
+      Records are read and uploaded oldest first. Each database also has a random ``stream``
+      id; the hub deduplicates on (device, stream, sequence), so an outbox that had to be
+      recreated starts a new stream instead of colliding with old numbers.
+    * **At-least-once** — records are deleted only after the hub acknowledged them
+      (:meth:`Outbox.ack`); a crash in between means the hub sees them again and drops the
+      duplicates.
+    * **Bounded** — by record count, payload bytes and age. When a bound is exceeded the
+      *oldest heartbeats* are dropped first (alerts and events are rarer and matter more);
+      only when no heartbeat is left are the oldest records of any kind dropped. Records
+      older than ``max_age`` are dropped whatever their kind. Every drop is counted by
+      reason (``size``, ``age``), persisted in the database and exported in ``/metrics``.
+    * **Corruption is reported, never hidden** — a database that fails ``PRAGMA
+      quick_check`` or reports corruption is renamed to ``<name>.corrupt-<UTC time>`` (with
+      its ``-wal``/``-shm`` files), an error is logged, a fresh outbox is started and
+      :attr:`Outbox.recovered` names the moved file so the uploader can tell the hub.
+
+Why stdlib ``sqlite3`` on one dedicated thread rather than aiosqlite: an append is several
+statements (insert, bound enforcement, counters) in one transaction, and open is a check,
+perhaps a rename, and schema set-up; running each as one function on our own single thread
+costs one thread hop per operation instead of one per statement, keeps every statement of
+a transaction on the connection's thread by construction, and the thread is joined on close
+so nothing outlives the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from appliance.core.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    created REAL NOT NULL,
+    size INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_kind ON records (kind, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# SQLite primary result codes that mean the file itself is damaged.
+_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+HEARTBEAT = "heartbeat"
+
+
+class OutboxError(RuntimeError):
+    """The outbox cannot store a record (e.g. one larger than the whole outbox)."""
+
+
+class CorruptOutbox(OutboxError, sqlite3.DatabaseError):
+    """The database file is damaged (raised internally; handled by moving it aside)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One queued record, as it is sent to the hub."""
+
+    seq: int
+    kind: str
+    created: float
+    body: Mapping[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"seq": self.seq, "kind": self.kind, "time": self.created, "body": self.body}
+
+
+class Outbox:
+    """The SQLite outbox. Use ``async with Outbox(...)`` or :meth:`open` / :meth:`close`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_records: int,
+        max_bytes: int,
+        max_age: float,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self._metrics = metrics
+        self._clock = clock
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.stream = ""
+        self.records = 0
+        self.bytes = 0
+        self.last_seq = 0
+        self.dropped: dict[str, int] = {"size": 0, "age": 0}
+        self.recovered: list[Path] = []  # corrupt files moved aside since open
+        self.appended = asyncio.Event()  # set on every append; the uploader clears it
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> Outbox:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="appliance-outbox"
+        )
+        await self._call(self._open)
+        self._export()
+        return self
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(executor, self._close)
+        finally:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+    async def __aenter__(self) -> Outbox:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- the API ----------------------------------------------------------------------
+
+    async def append(self, kind: str, body: Mapping[str, Any]) -> int:
+        """Store one record durably; returns its sequence number once it is committed."""
+        text = json.dumps(body, separators=(",", ":"), allow_nan=False)
+        seq = await self._call(lambda: self._guarded(lambda: self._append(kind, text)))
+        log.debug("outbox: stored %s record %d", kind, seq)
+        if self._metrics is not None:
+            self._metrics.outbox_appended.labels(kind).inc()
+        self._export()
+        self.appended.set()
+        return seq
+
+    async def peek(self, limit: int) -> list[Record]:
+        """The oldest ``limit`` records (records past ``max_age`` are dropped first)."""
+        rows = await self._call(lambda: self._guarded(lambda: self._peek(limit)))
+        self._export()
+        return rows
+
+    async def ack(self, upto: int) -> int:
+        """The hub has every record up to ``upto``: delete them. Returns how many went."""
+        deleted = await self._call(lambda: self._guarded(lambda: self._ack(upto)))
+        self._export()
+        return deleted
+
+    async def integrity_check(self) -> str:
+        """``PRAGMA integrity_check``'s verdict: ``"ok"`` or the problems found."""
+        return await self._call(self._integrity)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            raise OutboxError("the outbox is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _export(self) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.outbox_records.set(self.records)
+        self._metrics.outbox_bytes.set(self.bytes)
+
+    def _count_drop(self, reason: str, n: int) -> None:
+        if n <= 0:
+            return
+        self.dropped[reason] += n
+        self._db().execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (f"dropped_{reason}", str(self.dropped[reason])),
+        )
+        if self._metrics is not None:
+            self._metrics.outbox_dropped.labels(reason).inc(n)
+        log.warning("outbox: dropped %d record(s) unsent (%s bound)", n, reason)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise OutboxError("the outbox is not open")
+        return self._conn
+
+    # -- on the outbox thread ---------------------------------------------------------
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._connect()
+        except sqlite3.DatabaseError as exc:
+            self._move_aside(exc)
+            self._connect()
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()
+            if verdict is None or verdict[0] != "ok":
+                raise CorruptOutbox(f"quick_check: {verdict[0] if verdict else 'no answer'}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if "stream" not in meta:
+                meta["stream"] = uuid.uuid4().hex
+                conn.execute("INSERT INTO meta VALUES ('stream', ?)", (meta["stream"],))
+            count, size = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM records"
+            ).fetchone()
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self.stream = meta["stream"]
+        self.records, self.bytes = int(count), int(size)
+        self.last_seq = int(row[0]) if row else 0
+        self.dropped = {r: int(meta.get(f"dropped_{r}", 0)) for r in ("size", "age")}
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _move_aside(self, exc: BaseException) -> None:
+        self._close()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        for suffix in ("", "-wal", "-shm"):
+            src = self.path.with_name(self.path.name + suffix)
+            if src.exists():
+                src.rename(target.with_name(target.name + suffix))
+        log.error("outbox %s is corrupt (%s); moved it to %s and started a new one",
+                  self.path, exc, target)
+        self.recovered.append(target)
+        if self._metrics is not None:
+            self._metrics.outbox_corrupt.inc()
+
+    def _guarded(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``; if the file turns out corrupt, move it aside, reopen, run it again."""
+        try:
+            return fn()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            self._move_aside(exc)
+            self._connect()
+            return fn()
+
+    def _append(self, kind: str, text: str) -> int:
+        size = len(text.encode("utf-8"))
+        if size > self.max_bytes:
+            raise OutboxError(f"a {size}-byte record cannot fit an outbox of {self.max_bytes}")
+        db = self._db()
+        now = self._clock()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute(
+                "INSERT INTO records (kind, created, size, body) VALUES (?, ?, ?, ?)",
+                (kind, now, size, text),
+            )
+            seq = int(cur.lastrowid or 0)
+            self.records += 1
+            self.bytes += size
+            self._drop_aged(now)
+            self._enforce_bounds(seq)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._recount()
+            raise
+        self.last_seq = seq
+        return seq
+
+    def _enforce_bounds(self, newest: int) -> None:
+        db = self._db()
+        while self.records > self.max_records or self.bytes > self.max_bytes:
+            over_n = self.records - self.max_records
+            # Heartbeats first, then anything; never the record being appended.
+            victims = db.execute(
+                "SELECT seq, size FROM records WHERE kind = ? AND seq < ? ORDER BY seq LIMIT ?",
+                (HEARTBEAT, newest, max(over_n, 1) + 16),
+            ).fetchall() or db.execute(
+                "SELECT seq, size FROM records WHERE seq < ? ORDER BY seq LIMIT ?",
+                (newest, max(over_n, 1) + 16),
+            ).fetchall()
+            if not victims:
+                break
+            chosen = []
+            records, size = self.records, self.bytes
+            for seq, vsize in victims:
+                if records <= self.max_records and size <= self.max_bytes:
+                    break
+                chosen.append(seq)
+                records -= 1
+                size -= vsize
+            db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s in chosen])
+            self.records, self.bytes = records, size
+            self._count_drop("size", len(chosen))
+
+    def _drop_aged(self, now: float) -> None:
+        db = self._db()
+        cutoff = now - self.max_age
+        n, size = db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM records WHERE created < ?", (cutoff,)
+        ).fetchone()
+        if n:
+            db.execute("DELETE FROM records WHERE created < ?", (cutoff,))
+            self.records -= int(n)
+            self.bytes -= int(size)
+            self._count_drop("age", int(n))
+
+    def _peek(self, limit: int) -> list[Record]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._drop_aged(self._clock())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._recount()
+            raise
+        rows = db.execute(
+            "SELECT seq, kind, created, body FROM records ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
+        return [Record(int(s), str(k), float(c), json.loads(b)) for s, k, c, b in rows]
+
+    def _ack(self, upto: int) -> int:
+        db = self._db()
+        n, size = db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM records WHERE seq <= ?", (upto,)
+        ).fetchone()
+        db.execute("DELETE FROM records WHERE seq <= ?", (upto,))
+        self.records -= int(n)
+        self.bytes -= int(size)
+        return int(n)
+
+    def _recount(self) -> None:
+        count, size = self._db().execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM records"
+        ).fetchone()
+        self.records, self.bytes = int(count), int(size)
+        self.dropped = {r: int(self._meta(f"dropped_{r}")) for r in ("size", "age")}
+
+    def _meta(self, key: str) -> str:
+        row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else "0"
+
+    def _integrity(self) -> str:
+        rows = self._db().execute("PRAGMA integrity_check").fetchall()
+        return "\n".join(str(r[0]) for r in rows)
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    if isinstance(exc, CorruptOutbox):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (int(code) & 0xFF) in _CORRUPT_CODES
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
+
+
+def default_state_dir(env: Mapping[str, str], *, is_root: bool, home: Path) -> Path:
+    """Where the appliance keeps state: systemd's ``$STATE_DIRECTORY`` (first entry) when
+    set, else ``/var/lib/appliance`` for root, else ``$XDG_STATE_HOME/appliance`` (by default
+    ``~/.local/state/appliance``)."""
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
+    if is_root:
+        return Path("/var/lib/appliance")
+    xdg = env.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else home / ".local" / "state") / "appliance"
+
+
+__all__ = ["HEARTBEAT", "Outbox", "OutboxError", "Record", "default_state_dir"]
