@@ -33,8 +33,12 @@ def _is_probe(route: str) -> bool:
     return route == "/health" or route.startswith("/v2/health") or route.endswith("/ready")
 
 
+# Server-side failures in the MQTT and WebSocket reply codes (HTTP uses 5xx statuses).
+_ERROR_CODES = frozenset({"error", "busy", "unavailable", "internal"})
+
+
 def _is_error(status: str) -> bool:
-    return status.startswith("5") or status == "error"
+    return status.startswith("5") or status in _ERROR_CODES
 
 
 def read_counters(core: Core) -> Counters:

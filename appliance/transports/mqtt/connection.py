@@ -1,0 +1,339 @@
+"""One broker connection, kept alive forever: connect, serve, and reconnect with backoff.
+
+The session is persistent (no clean start; MQTT 5 session expiry), so the broker keeps the
+subscriptions and queues QoS 1 requests while the appliance is away. The last will is the
+retained ``offline`` on the availability topic; a graceful stop publishes it itself. State
+changes are logged once each, so a missing broker does not flood the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from appliance.config import MqttConfig
+from appliance.core.metrics import Metrics
+from appliance.errors import ConfigError
+from appliance.transports.mqtt.outbox import Outbox, Outgoing
+
+log = logging.getLogger(__name__)
+
+CREDENTIAL = "mqtt-password"  # systemd credential name ($CREDENTIALS_DIRECTORY/mqtt-password)
+_CONNECTION_GONE = (paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST)
+
+
+class Backoff:
+    """Capped exponential backoff with jitter: each wait is 50-100 % of min(high, low·2ⁿ),
+    so a fleet that lost its broker does not reconnect in lockstep."""
+
+    def __init__(self, low: float, high: float, rng: Callable[[], float] = random.random):
+        self.low = low
+        self.high = high
+        self._rng = rng
+        self._failures = 0
+
+    def next(self) -> float:
+        ceiling = min(self.high, self.low * (1 << min(self._failures, 32)))
+        self._failures += 1
+        return ceiling * (0.5 + self._rng() / 2)
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
+# ----------------------------------------------------------------------- credentials
+
+
+def read_password(config: MqttConfig, env: dict[str, str] | None = None) -> str | None:
+    """The broker password: ``password_file``, else ``password``, else the systemd
+    credential. Blocking file IO: call off the loop."""
+    env = dict(os.environ) if env is None else env
+    if config.password_file is not None:
+        return _read_secret(config.password_file, "mqtt.password_file")
+    secret = config.password.get_secret_value()
+    if secret:
+        return secret
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if directory and (Path(directory) / CREDENTIAL).is_file():
+        return _read_secret(Path(directory) / CREDENTIAL, f"credential {CREDENTIAL}")
+    return None
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{what} = {str(path)!r}: cannot read: {exc.strerror or exc}") from None
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext:
+    """The TLS context for the broker. Blocking file IO: call off the loop."""
+    try:
+        ca = str(config.tls_ca_file) if config.tls_ca_file is not None else None
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"mqtt.tls_ca_file = {str(config.tls_ca_file)!r}: cannot load: {exc}"
+        ) from None
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if config.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    if config.tls_cert_file is not None:
+        key = str(config.tls_key_file) if config.tls_key_file is not None else None
+        try:
+            context.load_cert_chain(str(config.tls_cert_file), key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"mqtt.tls_cert_file = {str(config.tls_cert_file)!r}: cannot load the client "
+                f"certificate or its key: {exc}"
+            ) from None
+    if config.tls_insecure:
+        context.check_hostname = False
+    return context
+
+
+# ------------------------------------------------------------------------ connection
+
+
+def mqtt_properties(packet_type: int) -> Properties:
+    """Empty MQTT 5 properties for a packet type."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
+
+
+OnConnect = Callable[[aiomqtt.Client], Awaitable[None]]
+OnMessage = Callable[[aiomqtt.Message], None]
+
+
+class Connection:
+    """Keeps the appliance connected. ``on_connect`` runs after every (re)connect (publish
+    state, subscribe); ``on_message`` gets every message; the outbox drains while connected.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        client_id: str,
+        will_topic: str,
+        password: str | None,
+        tls: ssl.SSLContext | None,
+        outbox: Outbox,
+        metrics: Metrics,
+        on_connect: OnConnect,
+        on_message: OnMessage,
+    ) -> None:
+        self.config = config
+        self.client_id = client_id
+        self.will_topic = will_topic
+        self.v5 = config.protocol == "5"
+        self.broker = f"{'mqtts' if tls else 'mqtt'}://{config.host}:{config.port}"
+        self._password = password
+        self._tls = tls
+        self._outbox = outbox
+        self._metrics = metrics
+        self._on_connect = on_connect
+        self._on_message = on_message
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.state = "stopped"
+        self.since = time.time()
+        self.last_error: str | None = None
+        self.connects = 0
+        self._problem: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="appliance-mqtt-connection")
+
+    async def close(self) -> None:
+        """Stop: drain the outbox (up to ``timeout``), publish ``offline``, disconnect."""
+        self._closing.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 3 * self.config.timeout + 1)
+        except asyncio.TimeoutError:
+            log.warning("MQTT connection did not close in time; cutting it")
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`aiomqtt.Client`."""
+        config = self.config
+        properties = None
+        if self.v5:
+            properties = mqtt_properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = config.session_expiry
+        return {
+            "hostname": config.host,
+            "port": config.port,
+            "username": config.username or None,
+            "password": self._password,
+            "identifier": self.client_id,
+            "protocol": aiomqtt.ProtocolVersion.V5 if self.v5 else aiomqtt.ProtocolVersion.V311,
+            "will": aiomqtt.Will(self.will_topic, b"offline", qos=1, retain=True),
+            "clean_session": None if self.v5 else False,
+            # MQTT 5: never start clean; 3.1.1 says the same with clean_session above.
+            "clean_start": False if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            "keepalive": config.keepalive,
+            "timeout": config.timeout,
+            "properties": properties,
+            "tls_context": self._tls,
+            # paho must not check the host name itself when the context does not.
+            "tls_insecure": True if self._tls is not None and config.tls_insecure else None,
+            "logger": logging.getLogger("appliance.transports.mqtt.paho"),
+        }
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
+        while not self._closing.is_set():
+            self._set_state("connecting")
+            try:
+                async with aiomqtt.Client(**self.client_options()) as client:
+                    backoff.reset()
+                    await self._on_connect(client)  # subscribed and announced: now connected
+                    self._connected()
+                    await self._serve(client)
+            except aiomqtt.MqttError as exc:
+                self._failed(exc)
+            except Exception as exc:  # never let the MQTT side take the daemon down
+                if repr(exc) != self._problem:
+                    log.exception("MQTT connection failed unexpectedly")
+                self._failed(exc, problem=repr(exc))
+            if self._closing.is_set():
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), backoff.next())
+        self._set_state("stopped")
+        self._metrics.mqtt_connected.set(0)
+        if self._outbox.unsent():
+            log.warning("MQTT stopped with %d unsent messages", self._outbox.unsent())
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        reader = asyncio.create_task(self._read(client), name="appliance-mqtt-reader")
+        writer = asyncio.create_task(self._write(client), name="appliance-mqtt-publisher")
+        closing = asyncio.create_task(self._closing.wait(), name="appliance-mqtt-closing")
+        tasks = {reader, writer, closing}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if closing not in done:
+                for task in done:
+                    task.result()  # the reason the connection ended (an MqttError)
+                raise aiomqtt.MqttError("the MQTT session ended")
+            # Stopping: what is queued (replies of finished requests) goes out first.
+            drained = asyncio.create_task(self._outbox.drained(), name="appliance-mqtt-drain")
+            tasks.add(drained)
+            done, _ = await asyncio.wait(
+                {drained, reader, writer}, timeout=self.config.timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if drained not in done:
+                log.warning("MQTT stopping with %d messages not yet acknowledged by the broker",
+                            self._outbox.unsent())
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+            # A graceful disconnect does not fire the will: say goodbye ourselves.
+            await client.publish(self.will_topic, b"offline", qos=1, retain=True)
+            self._metrics.mqtt_published.labels("state").inc()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                self._on_message(message)
+            except Exception:
+                log.exception("MQTT message on %s could not be handled", message.topic.value)
+
+    async def _write(self, client: aiomqtt.Client) -> None:
+        while True:
+            message = await self._outbox.next()
+            try:
+                await client.publish(
+                    message.topic, message.payload, qos=1, retain=message.retain,
+                    properties=self._properties(message),
+                )
+            except aiomqtt.MqttCodeError as exc:
+                if exc.rc in _CONNECTION_GONE:
+                    raise
+                self._undeliverable(message, exc)  # e.g. larger than the broker allows
+                continue
+            except ValueError as exc:  # paho refuses the message itself
+                self._undeliverable(message, exc)
+                continue
+            self._outbox.done(message)
+
+    def _undeliverable(self, message: Outgoing, exc: Exception) -> None:
+        log.error("MQTT message to %s (%d bytes) cannot be published and is dropped: %s",
+                  message.topic, len(message.payload), exc)
+        self._metrics.mqtt_dropped.labels(message.kind).inc()
+        self._outbox.done(message)
+
+    def _properties(self, message: Outgoing) -> Properties | None:
+        if not self.v5 or (message.content_type is None and message.correlation is None):
+            return None
+        properties = mqtt_properties(PacketTypes.PUBLISH)
+        if message.content_type is not None:
+            properties.ContentType = message.content_type
+            if message.content_type == "application/json":
+                properties.PayloadFormatIndicator = 1  # UTF-8 text
+        if message.correlation is not None:
+            properties.CorrelationData = message.correlation
+        return properties
+
+    # -- state ---------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+
+    def _connected(self) -> None:
+        self._set_state("connected")
+        self.connects += 1
+        self.last_error = None
+        self._problem = None
+        self._metrics.mqtt_connects.inc()
+        self._metrics.mqtt_connected.set(1)
+        log.info("MQTT connected to %s as %s (MQTT %s)", self.broker, self.client_id,
+                 self.config.protocol)
+
+    def _failed(self, exc: Exception, problem: str | None = None) -> None:
+        was_connected = self.state == "connected"
+        text = str(exc) or type(exc).__name__
+        key = problem or text
+        self.last_error = text
+        self._set_state("disconnected")
+        self._metrics.mqtt_connected.set(0)
+        self._metrics.mqtt_connect_failures.inc()
+        if self._closing.is_set():
+            log.debug("MQTT connection ended while stopping: %s", text)
+        elif was_connected:
+            log.warning("MQTT connection to %s lost (%s); reconnecting", self.broker, text)
+        elif key != self._problem:
+            log.warning("MQTT broker %s unavailable (%s); retrying with backoff up to %gs",
+                        self.broker, text, self.config.reconnect_max)
+        else:
+            log.debug("MQTT broker %s still unavailable: %s", self.broker, text)
+        self._problem = key

@@ -1,0 +1,366 @@
+"""Request/response over MQTT: parse → call the core → publish the reply envelope.
+
+Where a reply goes: MQTT 5 requests name a response topic (and correlation data, echoed);
+MQTT 3.1.1 requests carry ``reply_to`` (and ``id``, echoed) in the payload. A successful
+request with neither is answered on ``<base>/result/<model>``; an error that has no reply
+topic to go to is published on ``<base>/error`` with the request topic. Every request runs
+in its own task, so a slow model never stalls the MQTT loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.config import Config
+from appliance.core.service import Core, TokenStream
+from appliance.core.types import TokenChunk
+from appliance.errors import Overloaded, PayloadTooLarge, RequestError, ShuttingDown
+from appliance.transports.mqtt import envelope, forms
+from appliance.transports.mqtt.envelope import Format
+from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
+from appliance.transports.mqtt.topics import Topics, valid_topic_name
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request as it arrived."""
+
+    topic: str
+    model: str  # "" when the topic is malformed
+    format: Format
+    payload: bytes
+    response_topic: str | None = None  # MQTT 5
+    correlation: bytes | None = None  # MQTT 5
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    topic: str
+    correlation: bytes | None
+
+
+class Requests:
+    """Runs requests and publishes their replies through the outbox."""
+
+    def __init__(
+        self,
+        core: Core,
+        config: Config,
+        topics: Topics,
+        outbox: Outbox,
+        cache: ReplyCache,
+    ) -> None:
+        self._core = core
+        self._config = config
+        self._mqtt = config.mqtt
+        self._topics = topics
+        self._outbox = outbox
+        self._cache = cache
+        self._device = config.device.id
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def submit(self, request: Request) -> None:
+        task = asyncio.create_task(
+            self._handle(request), name=f"appliance-mqtt-request-{request.model}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def begin_shutdown(self) -> None:
+        """New requests are answered ``unavailable`` from now on."""
+        self._closing = True
+
+    async def wait(self, timeout: float) -> None:
+        """Let running requests finish for up to ``timeout`` seconds, then cancel them."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- one request -------------------------------------------------------------------
+
+    async def _handle(self, request: Request) -> None:
+        started = time.perf_counter()
+        reply: ReplyTo | None = None
+        request_id: Any = None
+        key: Hashable | None = None
+        model, route, status = "", "infer", "ok"
+        try:
+            reply = self._response_topic(request)
+            size = len(request.payload)
+            if size > self._mqtt.max_payload_bytes:
+                raise PayloadTooLarge(
+                    f"the payload is {size} bytes; at most {self._mqtt.max_payload_bytes} are "
+                    "accepted", param="payload",
+                )
+            if not request.model:
+                raise RequestError(
+                    f"request topics are {self._topics.base}/infer/<model>, optionally followed "
+                    "by /msgpack", param="topic",
+                )
+            if self._config.logging.log_payloads:
+                log.debug("MQTT request on %s: %r", request.topic, request.payload[:2048])
+            body = envelope.decode(request.payload, request.format, allow_text=True)
+            if isinstance(body, dict):
+                request_id = _request_id(body)
+                if reply is None and body.get("reply_to") is not None:
+                    reply = self._reply_to(body["reply_to"])
+            if self._closing:
+                raise ShuttingDown("the appliance is shutting down")
+            if len(self._tasks) > self._mqtt.max_inflight:
+                raise Overloaded(request.model, self._config.models.retry_after)
+            key = _dedup_key(reply, request, request_id)
+            if key is not None and not self._first_time(key):
+                status = "duplicate"
+                return
+            info = self._core.model(request.model)
+            model = request.model
+            call = forms.parse(body, info, binary=request.format is Format.MSGPACK)
+            if isinstance(call, forms.TensorCall):
+                result = await self._core.infer(model, call.inputs, outputs=call.outputs)
+                data = forms.tensor_reply(call, info, result)
+                self._finish(key, [self._ok(request, reply, request_id, data, "reply")])
+            elif isinstance(call, forms.GenerateCall):
+                route = "generate"
+                stream = await self._core.generate(model, call.request)
+                final, status = await self._stream(request, reply, request_id, stream,
+                                                   call.stream)
+                self._finish(key, [final])
+            else:
+                route = "embed"
+                embedded = await self._core.embed(model, call.texts)
+                data = {"embeddings": embedded.vectors,
+                        "usage": {"prompt_tokens": embedded.prompt_tokens}}
+                self._finish(key, [self._ok(request, reply, request_id, data, "reply")])
+        except asyncio.CancelledError as exc:
+            status = "unavailable"
+            if not isinstance(exc, _Answered):
+                self._fail(request, reply, request_id, key, _stopped())
+            raise
+        except Exception as exc:
+            status = self._fail(request, reply, request_id, key, exc)
+        finally:
+            metrics = self._core.metrics
+            metrics.requests.labels("mqtt", route, model, status).inc()
+            metrics.request_latency.labels("mqtt", route, model).observe(
+                time.perf_counter() - started
+            )
+
+    async def _stream(
+        self,
+        request: Request,
+        reply: ReplyTo | None,
+        request_id: Any,
+        stream: TokenStream,
+        chunked: bool,
+    ) -> tuple[Outgoing, str]:
+        """Run a generation; with ``chunked`` publish each piece as it comes (``seq`` 0, 1 ...)
+        and end with ``done: true``. Returns the final message and the metrics status.
+
+        A piece whose predecessor is still waiting in the outbox (the broker is slow or away)
+        is merged into it instead of queued behind it, so a stream never floods the outbox:
+        slower links simply get fewer, larger chunks, still numbered without gaps.
+        """
+        parts: list[str] = []
+        last: TokenChunk | None = None
+        seq = 0
+        waiting: Outgoing | None = None  # the latest chunk, if it may still be merged into
+        waiting_text = ""
+        async with stream:
+            try:
+                async for chunk in stream:
+                    if chunk.finish_reason is not None:
+                        last = chunk
+                        continue
+                    if not chunk.text:
+                        continue
+                    parts.append(chunk.text)
+                    if not chunked:
+                        continue
+                    if waiting is not None:
+                        merged = self._message(request, reply, envelope.ok(
+                            {"text": waiting_text + chunk.text}, request_id=request_id,
+                            device=self._device, seq=seq - 1, done=False), "chunk")
+                        if self._outbox.replace(waiting, merged):
+                            waiting, waiting_text = merged, waiting_text + chunk.text
+                            continue
+                    waiting = self._ok(request, reply, request_id, {"text": chunk.text},
+                                       "chunk", seq=seq, done=False)
+                    waiting_text = chunk.text
+                    seq += 1
+            except (Exception, asyncio.CancelledError) as exc:
+                if seq == 0:
+                    raise  # nothing sent yet: an ordinary error reply
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                if not cancelled:
+                    log.error("generation failed mid-stream on model %s", request.model,
+                              exc_info=exc)
+                body = envelope.error_body(_stopped() if cancelled else exc)
+                failed = self._send(request, reply,
+                                    envelope.failure(body, request_id=request_id,
+                                                     device=self._device, seq=seq, done=True),
+                                    "chunk", error=True)
+                if cancelled:
+                    raise _Answered from exc  # the stream is closed: stop, with nothing more
+                return failed, str(body["code"])
+        assert last is not None
+        data = {
+            "text": "".join(parts),
+            "finish_reason": last.finish_reason,
+            "usage": {
+                "prompt_tokens": last.prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "total_tokens": last.prompt_tokens + last.completion_tokens,
+            },
+        }
+        extra = {"seq": seq, "done": True} if chunked else {}
+        final = self._ok(request, reply, request_id, data, "chunk" if chunked else "reply",
+                         **extra)
+        return final, "ok"
+
+    # -- replies -------------------------------------------------------------------
+
+    def _response_topic(self, request: Request) -> ReplyTo | None:
+        if request.response_topic is None:
+            return None
+        return self._reply_to(request.response_topic, correlation=request.correlation)
+
+    def _reply_to(self, topic: Any, *, correlation: bytes | None = None) -> ReplyTo:
+        if not isinstance(topic, str) or not valid_topic_name(topic):
+            raise RequestError(
+                "'reply_to' must be a topic name without wildcards", param="reply_to"
+            )
+        if self._topics.is_request_space(topic):
+            raise RequestError(
+                f"reply topic {topic!r} is a request topic; replies there would loop",
+                param="reply_to",
+            )
+        return ReplyTo(topic, correlation)
+
+    def _first_time(self, key: Hashable) -> bool:
+        seen = self._cache.begin(key)
+        if seen is True:
+            return True
+        self._core.metrics.mqtt_duplicates.inc()
+        if seen is not False:  # answered already: answer again, do not run again
+            for message in seen:
+                self._outbox.put(message)
+        log.info("MQTT duplicate request %r answered from the reply cache", key)
+        return False
+
+    def _finish(self, key: Hashable | None, replies: list[Outgoing]) -> None:
+        if key is not None:
+            self._cache.finish(key, replies)
+
+    def _ok(
+        self,
+        request: Request,
+        reply: ReplyTo | None,
+        request_id: Any,
+        data: dict[str, Any],
+        kind: str,
+        **extra: Any,
+    ) -> Outgoing:
+        body = envelope.ok(data, request_id=request_id, device=self._device, **extra)
+        return self._send(request, reply, body, kind)
+
+    def _fail(
+        self,
+        request: Request,
+        reply: ReplyTo | None,
+        request_id: Any,
+        key: Hashable | None,
+        exc: BaseException,
+    ) -> str:
+        """Publish the error reply for ``exc``; returns its code (the metrics status)."""
+        body = envelope.error_body(exc)
+        message = self._send(
+            request, reply, envelope.failure(body, request_id=request_id, device=self._device),
+            "reply", error=True,
+        )
+        if key is not None:
+            if body["code"] in envelope.RETRYABLE:
+                self._cache.forget(key)  # a retry should really run
+            else:
+                self._cache.finish(key, [message])
+        return str(body["code"])
+
+    def _send(
+        self,
+        request: Request,
+        reply: ReplyTo | None,
+        body: dict[str, Any],
+        kind: str,
+        *,
+        error: bool = False,
+    ) -> Outgoing:
+        message = self._message(request, reply, body, kind, error=error)
+        self._outbox.put(message)
+        return message
+
+    def _message(
+        self,
+        request: Request,
+        reply: ReplyTo | None,
+        body: dict[str, Any],
+        kind: str,
+        *,
+        error: bool = False,
+    ) -> Outgoing:
+        fmt = request.format
+        if reply is not None:
+            topic, correlation = reply.topic, reply.correlation
+        elif error:
+            # The shared error topic always speaks JSON and says which request failed.
+            topic, correlation, fmt = self._topics.error, None, Format.JSON
+            body = {**body, "topic": request.topic}
+        else:
+            topic, correlation = self._topics.result(request.model), None
+        return Outgoing(
+            topic=topic,
+            payload=envelope.encode(body, fmt),
+            kind=kind,
+            content_type=fmt.content_type,
+            correlation=correlation,
+        )
+
+
+class _Answered(asyncio.CancelledError):
+    """Cancelled, and the client has already been told (a stream's final message)."""
+
+
+def _stopped() -> ShuttingDown:
+    return ShuttingDown("the appliance stopped before finishing this request")
+
+
+def _request_id(body: dict[str, Any]) -> Any:
+    value = body.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RequestError("'id' must be a string or an integer", param="id")
+    if isinstance(value, str) and len(value) > MAX_ID_LENGTH:
+        raise RequestError(f"'id' is longer than {MAX_ID_LENGTH} characters", param="id")
+    return value
+
+
+def _dedup_key(reply: ReplyTo | None, request: Request, request_id: Any) -> Hashable | None:
+    """Who asked and under which id; ``None`` when the request cannot be told apart."""
+    topic = reply.topic if reply is not None else ""
+    if reply is not None and reply.correlation is not None:
+        return (request.model, topic, "correlation", reply.correlation)
+    if request_id is not None:
+        return (request.model, topic, "id", request_id)
+    return None
