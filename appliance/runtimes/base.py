@@ -33,6 +33,36 @@ from appliance.errors import UnsupportedOperation
 T = TypeVar("T")
 
 
+# Upper bounds of the batch-size histogram buckets (requests or sequences per model run).
+BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+
+class RuntimeStats:
+    """Counters a runtime keeps about its own work; the core exports them to /metrics.
+
+    Written by the runtime's threads, read when /metrics is scraped. Plain integer updates
+    under the GIL are enough: a scrape may see a batch counted in ``count`` a moment before
+    its bucket, never a torn number.
+    """
+
+    def __init__(self) -> None:
+        self.batch_buckets = [0] * (len(BATCH_BUCKETS) + 1)  # the last one is +Inf
+        self.batch_count = 0
+        self.batch_sum = 0
+        self.cached_prompt_tokens = 0
+
+    def observe_batch(self, size: int) -> None:
+        """One model run (an ONNX ``run``, a ``llama_decode`` step) over ``size`` requests."""
+        for i, bound in enumerate(BATCH_BUCKETS):
+            if size <= bound:
+                self.batch_buckets[i] += 1
+                break
+        else:
+            self.batch_buckets[-1] += 1
+        self.batch_count += 1
+        self.batch_sum += size
+
+
 class RuntimeOptions(BaseModel):
     """Options every runtime accepts in a manifest's ``[options]`` table."""
 
@@ -50,6 +80,15 @@ class RuntimeOptions(BaseModel):
     threads: int | None = Field(
         default=None, ge=1, le=256, description="Compute threads (default: the runtime's own)."
     )
+    cache: bool = Field(
+        default=False,
+        description="Answer repeated identical requests from the result cache (tensor "
+        "inference, and greedy generation); see the [cache] section of the daemon config.",
+    )
+    cache_ttl: float | None = Field(
+        default=None, gt=0, le=30 * 86_400, allow_inf_nan=False,
+        description="Seconds a cached result of this model stays valid (default: [cache].ttl).",
+    )
 
 
 class Runtime(ABC):
@@ -64,6 +103,7 @@ class Runtime(ABC):
         self.name = name
         self.path = path
         self.options = options
+        self.stats = RuntimeStats()
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix=f"appliance-{name}"
         )

@@ -1,54 +1,58 @@
-"""GGUF language models through llama-cpp-python.
+"""GGUF language models through llama.cpp's low-level API, with continuous batching.
+
+The model is loaded once; one context holds ``parallel`` slots (each with its own part of
+the KV cache, ``n_ctx`` tokens) decoded together by :class:`~.llama_batch.BatchEngine` on
+its own thread. A request is prepared on the model's worker threads — chat template,
+tokenisation, checks, its sampler chain — so every error (a template that rejects the
+messages, a prompt longer than the context, a bad schema) is raised before the first chunk;
+then it joins the running batch and its text streams back through an asyncio queue.
+Closing the stream cancels the sequence, which leaves the batch within one decode step.
 
 Chat prompts are rendered with the model's own template (``tokenizer.chat_template`` in the
 GGUF metadata, rendered by llama-cpp-python's sandboxed Jinja formatter) or, for models
 without one, a named format; the rendered prompt is tokenised here so prompt usage is exact.
-Generation runs in the model's worker thread and feeds an asyncio queue; closing the stream
-sets a flag the thread checks after every token, so an abandoned request stops within one
-token. Embeddings use a second, lazily created context in embedding mode: the weights are
-memory-mapped, so it shares them with the generating context.
+Embeddings use a second, lazily created context in embedding mode through llama-cpp-python's
+high-level API: the weights are memory-mapped, so it shares them with the generating one.
 
-Everything llama-cpp-python specific stays in this module, so the generation loop can be
-replaced (continuous batching) without touching the core or the transports.
+Everything llama.cpp specific stays in this package (this module, ``llama_batch``,
+``llama_sampling``), so the core and the transports never see it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+import os
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field
 
-from appliance.core.types import (
-    Capability,
-    EmbeddingResult,
-    GenerateRequest,
-    SamplingParams,
-    TokenChunk,
-)
+from appliance.core.types import Capability, EmbeddingResult, GenerateRequest, TokenChunk
 from appliance.errors import ModelLoadError, RequestError
 from appliance.runtimes.base import Runtime, RuntimeOptions
+from appliance.runtimes.llama_batch import RELEASED, BatchEngine, Generation
+from appliance.runtimes.llama_sampling import build_sampler, free_sampler, grammar_text
 
 log = logging.getLogger(__name__)
 
-_END = object()
-
 
 class GgufOptions(RuntimeOptions):
-    """``[options]`` of a GGUF model manifest."""
+    """``[options]`` of a GGUF model manifest. ``parallel`` is the number of slots."""
 
     n_ctx: int = Field(
         default=2048,
         ge=0,
         le=1 << 20,
-        description="Context window in tokens; 0 means the model's own, capped to its training "
-        "context either way.",
+        description="Context window per slot in tokens (the KV cache holds parallel × n_ctx); "
+        "0 means the model's own, capped to its training context either way.",
     )
-    n_batch: int = Field(default=512, ge=1, le=1 << 16, description="Prompt batch size.")
+    n_batch: int = Field(
+        default=512, ge=1, le=1 << 16,
+        description="Most tokens decoded in one step (prompt chunks of joining requests plus "
+        "one token per running stream).",
+    )
     n_gpu_layers: int = Field(
         default=0, ge=-1, le=10_000, description="Layers offloaded to a GPU (-1: all)."
     )
@@ -58,7 +62,7 @@ class GgufOptions(RuntimeOptions):
         "chat template; default: the template in the file, else llama-cpp-python's guess.",
     )
     embeddings: bool = Field(default=True, description="Offer /v1/embeddings for this model.")
-    use_mmap: bool = True
+    use_mmap: bool = Field(default=True, description="Memory-map the weights (shared, lazy).")
     seed: int | None = Field(default=None, description="Default sampling seed.")
 
 
@@ -67,12 +71,18 @@ class GgufRuntime(Runtime):
 
     kind: ClassVar[str] = "gguf"
     options_model: ClassVar[type[RuntimeOptions]] = GgufOptions
-    # One llama.cpp context decodes one sequence at a time here.
-    max_parallel: ClassVar[int | None] = 1
+    # Every admitted request gets a slot of its own in the batch; this caps the slots.
+    max_parallel: ClassVar[int | None] = 64
 
-    _llama: Any = None
+    _model: Any = None  # llama_cpp._internals.LlamaModel
+    _engine: BatchEngine | None = None
     _embedder: Any = None
     _formatter: Any = None
+    _stop_ids: frozenset[int] = frozenset()
+
+    def __init__(self, name: str, path: Path, options: RuntimeOptions, workers: int) -> None:
+        super().__init__(name, path, options, workers)
+        self.slots = max(1, workers)
 
     @property
     def _opts(self) -> GgufOptions:
@@ -81,66 +91,66 @@ class GgufRuntime(Runtime):
 
     def load_blocking(self) -> None:
         import llama_cpp
+        from llama_cpp import _internals
 
         opts = self._opts
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = opts.n_gpu_layers
+        params.use_mmap = opts.use_mmap
         try:
-            self._llama = self._open(embedding=False)
+            self._model = _internals.LlamaModel(path_model=str(self.path), params=params,
+                                                verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {self.path.name}: {exc}") from exc
-        self._formatter = self._chat_formatter(llama_cpp)
+        self._metadata = self._model.metadata()
+        trained = self._model.n_ctx_train()
+        per_slot = min(opts.n_ctx or trained, trained) if trained > 0 else (opts.n_ctx or 2048)
+        cpus = os.cpu_count() or 1
+        vocab = self._model.vocab
+        try:
+            self._engine = BatchEngine(
+                self._model.model, vocab, name=self.name, slots=self.slots,
+                ctx_per_slot=per_slot, n_batch=opts.n_batch,
+                threads=opts.threads or max(1, cpus // 2), threads_batch=opts.threads or cpus,
+                is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+                stats=self.stats,
+            )
+        except RuntimeError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        self._formatter = self._chat_formatter()
         log.info(
-            "model %s: context %d tokens, chat format %s",
-            self.name,
-            self._llama.n_ctx(),
-            "template from file" if self._llama.metadata.get("tokenizer.chat_template")
-            else (opts.chat_format or self._llama.chat_format),
+            "model %s: %d slot(s) of %d tokens, chat format %s", self.name, self.slots,
+            self._engine.ctx_per_slot,
+            "template from file" if self._template() else self._format_name(),
         )
 
-    def _open(self, *, embedding: bool, n_ctx: int | None = None) -> Any:
-        import llama_cpp
+    def _template(self) -> str | None:
+        if self._opts.chat_format:
+            return None
+        return self._metadata.get("tokenizer.chat_template") or None
 
-        opts = self._opts
-        n_ctx = n_ctx or opts.n_ctx
-        kwargs: dict[str, Any] = {
-            "model_path": str(self.path),
-            "n_ctx": n_ctx,
-            "n_batch": min(opts.n_batch, n_ctx) if n_ctx else opts.n_batch,
-            "n_gpu_layers": opts.n_gpu_layers,
-            "use_mmap": opts.use_mmap,
-            "verbose": False,
-            "embedding": embedding,
-        }
-        if opts.threads:
-            kwargs["n_threads"] = opts.threads
-            kwargs["n_threads_batch"] = opts.threads
-        if opts.seed is not None:
-            kwargs["seed"] = opts.seed
-        if embedding:
-            kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
-            kwargs["n_ubatch"] = kwargs["n_batch"] = n_ctx
-        llama = llama_cpp.Llama(**kwargs)
-        trained = _trained_context(llama)
-        if trained and llama.n_ctx() > trained:
-            # A context beyond what the model was trained on only produces garbage; reopen
-            # at the trained size rather than wasting KV-cache memory on it.
-            llama.close()
-            return self._open(embedding=embedding, n_ctx=trained)
-        return llama
-
-    def _chat_formatter(self, llama_cpp: Any) -> Any:
+    def _format_name(self) -> str:
         from llama_cpp import llama_chat_format
 
-        llama = self._llama
-        template = llama.metadata.get("tokenizer.chat_template")
-        if template and not self._opts.chat_format:
-            eos, bos = llama.token_eos(), llama.token_bos()
+        guessed = llama_chat_format.guess_chat_format_from_gguf_metadata(self._metadata)
+        return self._opts.chat_format or guessed or "llama-2"
+
+    def _chat_formatter(self) -> Any:
+        from llama_cpp import llama_chat_format
+
+        model = self._model
+        template = self._template()
+        if template:
+            eos, bos = model.token_eos(), model.token_bos()
+            self._stop_ids = frozenset([eos] if eos != -1 else [])
             return llama_chat_format.Jinja2ChatFormatter(
                 template=template,
-                eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-                bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
                 stop_token_ids=[eos] if eos != -1 else None,
             )
-        name = self._opts.chat_format or llama.chat_format or "llama-2"
+        name = self._format_name()
         formatter = getattr(llama_chat_format, "format_" + name.replace("-", "").replace("_", ""),
                             None)
         if formatter is None:
@@ -148,10 +158,15 @@ class GgufRuntime(Runtime):
         return formatter
 
     def close_blocking(self) -> None:
-        for llama in (self._llama, self._embedder):
-            if llama is not None:
-                llama.close()
-        self._llama = self._embedder = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
 
     @property
     def capabilities(self) -> frozenset[Capability]:
@@ -162,10 +177,10 @@ class GgufRuntime(Runtime):
 
     @property
     def context_length(self) -> int | None:
-        return int(self._llama.n_ctx()) if self._llama is not None else None
+        return self._engine.ctx_per_slot if self._engine is not None else None
 
     def count_tokens(self, text: str) -> int:
-        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+        return len(self._model.tokenize(text.encode("utf-8"), add_bos=True, special=False))
 
     # -- generation -------------------------------------------------------------------
 
@@ -173,47 +188,44 @@ class GgufRuntime(Runtime):
         return self._stream(request)
 
     async def _stream(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        engine = self._engine
+        assert engine is not None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                cancelled.set()
-
-        def produce() -> None:
-            try:
-                for chunk in self._generate_blocking(request, cancelled):
-                    emit(chunk)
-                    if cancelled.is_set():
-                        break
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                emit(exc)
-            finally:
-                emit(_END)
-
-        worker = loop.run_in_executor(self.executor, produce)
+        generation = await _prepared(self, request, loop, queue)
+        try:
+            engine.submit(generation)
+        except RuntimeError:
+            free_sampler(generation.sampler)
+            raise
+        ended = False
         try:
             while True:
                 item = await queue.get()
-                if item is _END:
-                    break
                 if isinstance(item, BaseException):
+                    ended = True
                     raise item
+                assert isinstance(item, TokenChunk)
+                if item.finish_reason is not None:
+                    ended = True
+                    yield item
+                    return
                 yield item
         finally:
-            cancelled.set()
-            await _until_done(worker)
+            if not ended:
+                engine.cancel(generation)
+                await _until_released(queue)
 
-    def _generate_blocking(
-        self, request: GenerateRequest, cancelled: threading.Event
-    ) -> Iterator[TokenChunk]:
-        llama = self._llama
+    def _prepare(
+        self, request: GenerateRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]
+    ) -> Generation:
+        """Render, tokenise and check a request and build its sampler (worker thread)."""
+        model = self._model
+        engine = self._engine
+        assert engine is not None
         params = request.params
-        stop = list(params.stop)
-        stopping = None
+        stops = list(params.stop)
+        stop_ids: frozenset[int] = frozenset()
         if request.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             try:
@@ -221,82 +233,43 @@ class GgufRuntime(Runtime):
             except Exception as exc:  # a template may raise anything, e.g. on role order
                 raise RequestError(f"the model's chat template rejected the messages: {exc}",
                                    param="messages") from None
-            tokens = llama.tokenize(
+            tokens = model.tokenize(
                 rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
             )
             if rendered.stop:
-                stop += [rendered.stop] if isinstance(rendered.stop, str) else rendered.stop
-            stopping = rendered.stopping_criteria
+                stops += [rendered.stop] if isinstance(rendered.stop, str) else rendered.stop
+            if rendered.stopping_criteria is not None:
+                stop_ids = self._stop_ids
         else:
-            tokens = llama.tokenize((request.prompt or "").encode("utf-8"), add_bos=True,
+            tokens = model.tokenize((request.prompt or "").encode("utf-8"), add_bos=True,
                                     special=False)
-        if len(tokens) >= llama.n_ctx():
+        where = "messages" if request.messages is not None else "prompt"
+        context = engine.ctx_per_slot
+        if not tokens:
+            raise RequestError("the prompt is empty", param=where)
+        if len(tokens) >= context:
             raise RequestError(
                 f"the prompt is {len(tokens)} tokens, longer than the model's context length "
-                f"{llama.n_ctx()}",
-                param="messages" if request.messages is not None else "prompt",
+                f"{context}",
+                param=where,
             )
+        n_vocab = model.n_vocab()
         for token in params.logit_bias or {}:
-            if token >= llama.n_vocab():
+            if token >= n_vocab:
                 raise RequestError(
-                    f"logit_bias names token {token} but the vocabulary has {llama.n_vocab()}",
+                    f"logit_bias names token {token} but the vocabulary has {n_vocab}",
                     param="logit_bias",
                 )
-        from llama_cpp import LogitsProcessorList
-
-        grammar = _grammar(params)
-        # llama.cpp samples once per generated token; counting samples (rather than
-        # re-tokenising the text) gives exact usage.
-        samples = 0
-
-        # The bias is applied here too: llama-cpp-python drops every logits processor, its
-        # own logit_bias one included, when both are given (LogitsProcessorList.extend
-        # returns None), which would silently ignore logit_bias and zero the usage.
-        bias = sorted((params.logit_bias or {}).items())
-        bias_ids = [token for token, _ in bias]
-        bias_values = [value for _, value in bias]
-
-        def count_sample(input_ids: Any, scores: Any) -> Any:
-            nonlocal samples
-            samples += 1
-            if bias_ids:
-                scores[bias_ids] += bias_values
-            return scores
-
-        pieces = llama.create_completion(
-            prompt=tokens,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            repeat_penalty=params.repeat_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            stop=stop,
+        sampler = build_sampler(
+            model.vocab, n_vocab, params,
             seed=params.seed if params.seed is not None else self._opts.seed,
-            stream=True,
-            grammar=grammar,
-            stopping_criteria=stopping,
-            logits_processor=LogitsProcessorList([count_sample]),
+            prompt=tokens, grammar=grammar_text(params),
         )
-        finish = "stop"
-        try:
-            for piece in pieces:
-                if cancelled.is_set():
-                    return
-                choice = piece["choices"][0]
-                if choice["text"]:
-                    yield TokenChunk(text=choice["text"])
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
-        finally:
-            pieces.close()
-        # A generation that stopped on its own sampled one more token (end of text, or the
-        # one that completed a stop sequence) than the text it returns.
-        completion = max(0, samples - 1) if finish == "stop" else samples
-        yield TokenChunk(
-            text="", finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=completion
+        room = context - len(tokens)
+        return Generation(
+            prompt=tokens, sampler=sampler,
+            max_tokens=min(params.max_tokens, room) if params.max_tokens else room,
+            stops=stops, stop_ids=stop_ids, loop=loop, queue=queue,
         )
 
     # -- embeddings -------------------------------------------------------------------
@@ -306,46 +279,67 @@ class GgufRuntime(Runtime):
 
     def _embed_blocking(self, texts: list[str]) -> EmbeddingResult:
         if self._embedder is None:
-            self._embedder = self._open(embedding=True, n_ctx=self._llama.n_ctx())
+            self._embedder = self._open_embedder()
         vectors, count = self._embedder.embed(texts, normalize=True, return_count=True)
         return EmbeddingResult(vectors=[list(map(float, v)) for v in vectors],
                                prompt_tokens=int(count))
 
+    def _open_embedder(self) -> Any:
+        import llama_cpp
 
-async def _until_done(worker: asyncio.Future[None]) -> None:
-    """Wait for the generation thread, even through repeated cancellation.
+        opts = self._opts
+        n_ctx = self.context_length or 512
+        kwargs: dict[str, Any] = {
+            "model_path": str(self.path),
+            "n_ctx": n_ctx,
+            "n_batch": n_ctx,
+            "n_ubatch": n_ctx,
+            "n_gpu_layers": opts.n_gpu_layers,
+            "use_mmap": opts.use_mmap,
+            "verbose": False,
+            "embedding": True,
+            "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+        }
+        if opts.threads:
+            kwargs["n_threads"] = kwargs["n_threads_batch"] = opts.threads
+        return llama_cpp.Llama(**kwargs)
 
-    The model is free for the next request only once the thread has stopped; it stops
-    within one token of the cancel flag, so this wait is short.
+
+async def _until_released(queue: asyncio.Queue[Any]) -> None:
+    """Wait for the decode loop to drop a cancelled sequence, even through cancellation.
+
+    The model's admission slot is given back only once the sequence has left the batch;
+    that happens within one decode step, so this wait is short.
     """
     interrupted = False
-    while not worker.done():
+    getter: asyncio.Future[Any] | None = None
+    while True:
+        if getter is None:
+            getter = asyncio.ensure_future(queue.get())
         try:
-            await asyncio.shield(worker)
+            item = await asyncio.shield(getter)
         except asyncio.CancelledError:
             interrupted = True
+            continue
+        getter = None
+        if item is RELEASED or isinstance(item, BaseException) or (
+            isinstance(item, TokenChunk) and item.finish_reason is not None
+        ):
+            break
     if interrupted:
         raise asyncio.CancelledError
 
 
-def _grammar(params: SamplingParams) -> Any:
-    if params.json_schema is None and not params.json_object:
-        return None
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
-
+async def _prepared(runtime: GgufRuntime, request: GenerateRequest,
+                    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> Generation:
+    """``runtime._prepare`` off the loop; a sampler built for a caller that left is freed."""
+    task = asyncio.ensure_future(runtime.run_blocking(runtime._prepare, request, loop, queue))
     try:
-        if params.json_schema is not None:
-            return LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-    except Exception as exc:  # the converter raises several unrelated types
-        raise RequestError(f"cannot use this JSON schema: {exc}", param="response_format") from None
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        def drop(done: asyncio.Future[Generation]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                free_sampler(done.result().sampler)
 
-
-def _trained_context(llama: Any) -> int | None:
-    """The training context from the GGUF metadata, if the file states it."""
-    arch = llama.metadata.get("general.architecture", "")
-    try:
-        trained = int(llama.metadata.get(f"{arch}.context_length", 0))
-    except ValueError:
-        return None
-    return trained if trained > 0 else None
+        task.add_done_callback(drop)
+        raise

@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from appliance.core.types import DATATYPES, Array, Capability, Signature, TensorSpec
 from appliance.errors import ModelLoadError
 from appliance.runtimes.base import Runtime, RuntimeOptions
+from appliance.runtimes.batcher import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,29 @@ class OnnxOptions(RuntimeOptions):
     memory_arena: bool = Field(
         default=True, description="onnxruntime's CPU memory arena (off saves RSS on a Pi)."
     )
+    batching: bool = Field(
+        default=False,
+        description="Stack concurrent requests into one run (only for models whose first "
+        "input and output dimension is dynamic). Unless parallel is set, it becomes "
+        "2 × max_batch so the next batch gathers while one runs.",
+    )
+    max_batch: int = Field(
+        default=32, ge=1, le=4096, description="Most rows (summed batch sizes) in one run."
+    )
+    batch_delay_ms: float = Field(
+        default=2.0, ge=0, le=1000, allow_inf_nan=False,
+        description="Milliseconds a run waits for more requests to fill its batch; 0 runs "
+        "what is waiting at once.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batching_parallel(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("batching") is True and data.get("parallel") is None:
+            max_batch = data.get("max_batch", 32)
+            if isinstance(max_batch, int) and max_batch >= 1:
+                data = {**data, "parallel": min(64, 2 * max_batch)}
+        return data
 
 
 def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -82,6 +106,7 @@ class OnnxRuntime(Runtime):
 
     _session: Any = None
     _signature: Signature = Signature()
+    _batcher: Batcher | None = None
 
     def load_blocking(self) -> None:
         import onnxruntime as ort
@@ -111,6 +136,29 @@ class OnnxRuntime(Runtime):
         )
         log.info("model %s: onnxruntime providers %s", self.name, self._session.get_providers())
 
+    async def load(self) -> None:
+        await super().load()
+        options = self.options
+        assert isinstance(options, OnnxOptions)
+        if not options.batching:
+            return
+        tensors = self._signature.inputs + self._signature.outputs
+        if not all(spec.shape and spec.shape[0] == -1 for spec in tensors):
+            log.warning("model %s: batching is on but its first dimension is not dynamic for "
+                        "every tensor; running requests one by one", self.name)
+            return
+        self._batcher = Batcher(
+            self.name, self._infer_one, max_batch=options.max_batch,
+            delay=options.batch_delay_ms / 1000, stats=self.stats,
+        )
+        log.info("model %s: dynamic batching up to %d rows, %.1f ms delay", self.name,
+                 options.max_batch, options.batch_delay_ms)
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
+        await super().close()
+
     def close_blocking(self) -> None:
         self._session = None
 
@@ -123,7 +171,13 @@ class OnnxRuntime(Runtime):
         return self._signature
 
     async def infer(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> dict[str, Array]:
-        return await self.run_blocking(self._run, dict(inputs), list(outputs))
+        if self._batcher is not None:
+            return await self._batcher.infer(inputs, outputs)
+        self.stats.observe_batch(1)
+        return await self._infer_one(dict(inputs), list(outputs))
+
+    async def _infer_one(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+        return await self.run_blocking(self._run, inputs, outputs)
 
     def _run(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
         feed = {
