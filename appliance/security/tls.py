@@ -1,0 +1,174 @@
+"""TLS: server contexts for HTTPS (appliance and hub) and gRPC, and a small LAN PKI.
+
+``appliance certs init`` makes a local certificate authority (an EC P-256 key and a
+self-signed CA certificate, ten years); ``appliance certs device`` signs a certificate for
+this box's names and addresses with it (two years, ``serverAuth`` and ``clientAuth``, so the
+same certificate serves HTTPS and authenticates the box to a TLS MQTT broker). Clients trust
+the CA file once; devices can be re-issued without touching them. Private keys are written
+with mode 0600 and never overwritten without ``--force``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from cryptography.x509 import Certificate
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def server_context(cert_file: Path, key_file: Path | None, min_version: str,
+                   *, key: str = "http") -> ssl.SSLContext:
+    """A server-side context with the certificate loaded and old protocol versions off.
+
+    ``key`` names the configuration section in error messages.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = _VERSIONS[min_version]
+    context.options |= ssl.OP_NO_COMPRESSION  # CRIME
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{key}.tls_cert_file = {str(cert_file)!r}: cannot load the "
+                          f"certificate and key: {exc}") from None
+    return context
+
+
+# ------------------------------------------------------------------------ the LAN PKI
+
+
+@dataclass(frozen=True)
+class Issued:
+    """Files written by :func:`init_ca` or :func:`issue`."""
+
+    cert: Path
+    key: Path
+
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca-key.pem"
+
+
+def init_ca(directory: Path, *, name: str = "Appliance local CA", days: int = 3650,
+            force: bool = False) -> Issued:
+    """Create a CA key and self-signed certificate in ``directory``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    _refuse_overwrite([cert_path, key_path], force)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True,
+            content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return Issued(cert_path, key_path)
+
+
+def issue(ca_dir: Path, out_dir: Path, *, name: str, hosts: list[str], days: int = 730,
+          force: bool = False) -> Issued:
+    """A certificate for ``hosts`` (DNS names and IP addresses) signed by the CA in
+    ``ca_dir``; written as ``<name>.pem`` and ``<name>-key.pem`` in ``out_dir``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    try:
+        ca_cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
+        ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the CA in {ca_dir} ({CA_CERT}, {CA_KEY}): {exc}; "
+                          "create it with 'appliance certs init'") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{ca_dir / CA_KEY} is not an EC key made by 'appliance certs init'")
+    if not hosts:
+        raise ConfigError("a certificate needs at least one host name or address")
+    cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}-key.pem"
+    _refuse_overwrite([cert_path, key_path], force)
+    alt: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_encipherment=False, key_cert_sign=False,
+            crl_sign=False, content_commitment=False, data_encipherment=False,
+            key_agreement=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return Issued(cert_path, key_path)
+
+
+def _refuse_overwrite(paths: list[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{', '.join(existing)} already exist(s); pass --force to replace")
+
+
+def _write_key(path: Path, key: EllipticCurvePrivateKey) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def _write_cert(path: Path, cert: Certificate) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+__all__ = ["CA_CERT", "CA_KEY", "Issued", "init_ca", "issue", "server_context"]

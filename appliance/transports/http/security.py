@@ -1,0 +1,118 @@
+"""The HTTP security middlewares, shared by the appliance and the hub.
+
+:func:`middlewares` returns two, run after the error mapper and before any handler:
+
+1. ``guard`` — allow-list → Host/Origin → API key → scope → rate limit. It runs once the
+   headers are parsed and before anything reads the body, so a refused client's body is
+   never read (403/401/429 go out at once and the connection is closed).
+2. ``body_limits`` — reads the body itself, counting HTTP chunks (``limits.max_chunks``)
+   and bytes after Content-Encoding is undone (the body limit: a gzip bomb stops as soon
+   as it passes it; aiohttp inflates in bounded steps), within ``limits.request_timeout``.
+   Handlers then get it from ``request.read()`` as usual.
+
+Errors are raised as the shared exceptions (``appliance.errors``) so the one error mapper
+of each application gives them its usual shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
+
+from appliance.config import LimitsConfig
+from appliance.errors import PayloadTooLarge, RequestTimeout
+from appliance.security.access import AccessPolicy
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A route's scope, or None for a route that authenticates its callers itself (the hub's
+# ingest, with device tokens).
+ScopeOf = Callable[[str, str], "str | None"]
+
+POLICY = web.AppKey("access_policy", AccessPolicy)
+# The name of the API key a request came with, for logs ("" without one).
+KEY_NAME: Final[web.RequestKey[str] | str] = (
+    web.RequestKey("api_key_name", str) if hasattr(web, "RequestKey") else "api_key_name"
+)
+
+
+def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
+                max_body_bytes: int) -> list[Middleware]:
+    """The guard and the body limits for one application."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        headers = request.headers
+        policy.check_network(request.remote, headers.get(hdrs.HOST), headers.get(hdrs.ORIGIN))
+        match = request.match_info
+        resource = match.route.resource
+        matched = resource is not None and match.http_exception is None
+        template = resource.canonical if resource is not None and matched else request.path
+        key = None
+        if not policy.is_public(template):
+            scope = scope_of(request.method, template) if matched else "any"
+            if scope is not None:
+                key = policy.authenticate(headers.get(hdrs.AUTHORIZATION),
+                                          headers.get("X-API-Key"))
+                if scope != "any":  # unknown paths: any valid key gets its 404
+                    policy.authorize(key, scope)
+        policy.limit(request.remote, key)
+        request[KEY_NAME] = key.name if key is not None else ""
+        return await handler(request)
+
+    @web.middleware
+    async def body_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists and request.headers.get(hdrs.UPGRADE) is None:
+            length = request.content_length
+            if length is not None and length > max_body_bytes:
+                raise PayloadTooLarge(f"request body is larger than the limit of "
+                                      f"{max_body_bytes} bytes", param="body")
+            try:
+                body = await asyncio.wait_for(_read(request, max_body_bytes, limits.max_chunks),
+                                              limits.request_timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"the request body did not arrive within "
+                                     f"{limits.request_timeout:g} s") from None
+            # aiohttp's read() returns this from now on (its own cache of the body).
+            request._read_bytes = body
+        return await handler(request)
+
+    return [guard, body_limits]
+
+
+async def _read(request: web.Request, limit: int, max_chunks: int) -> bytes:
+    parts: list[bytes] = []
+    size = chunks = 0
+    async for data, end_of_chunk in request.content.iter_chunks():
+        size += len(data)
+        if size > limit:
+            decoded = " once decoded" if request.headers.get(hdrs.CONTENT_ENCODING) else ""
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} "
+                                  f"bytes{decoded}", param="body")
+        chunks += end_of_chunk
+        if chunks > max_chunks:
+            raise PayloadTooLarge(f"request body comes in more than {max_chunks} chunks",
+                                  param="body")
+        parts.append(data)
+    return b"".join(parts)
+
+
+def runner_options(limits: LimitsConfig) -> dict[str, Any]:
+    """``web.AppRunner`` options enforcing the header and idle limits.
+
+    aiohttp's keep-alive timer starts when a connection opens and after every response and
+    closes a connection still waiting for its request then, so ``idle_timeout`` bounds
+    idle keep-alive connections and clients that trickle their headers alike.
+    """
+    return {
+        "keepalive_timeout": limits.idle_timeout,
+        "max_line_size": limits.max_header_bytes,
+        "max_field_size": limits.max_header_bytes,
+        "max_headers": limits.max_headers,
+    }
+
+
+__all__ = ["KEY_NAME", "POLICY", "middlewares", "runner_options"]
