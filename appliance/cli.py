@@ -14,7 +14,9 @@ from appliance import __version__
 from appliance import config as config_mod
 from appliance.errors import ConfigError
 from appliance.hub import cli as hub_cli
-from appliance.ops import discover_cli
+from appliance.ops import discover_cli, service_cli
+from appliance.security import cli as security_cli
+from appliance.tools import cli as tools_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the models the configuration would serve")
     _config_flags(models)
     models.add_argument("--json", action="store_true", help="print JSON")
+    tools_cli.add_quantize(models.add_subparsers(dest="models_command", metavar="SUBCOMMAND"))
     discover_cli.add_parser(sub)
     hub_cli.add_parser(sub)
+    security_cli.add_parsers(sub)
+    service_cli.add_parser(sub)
     return parser
 
 
@@ -78,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return discover_cli.run(args)
     if args.command == "hub":
         return hub_cli.run(args)
+    if args.command in ("certs", "keys"):
+        return security_cli.run(args)
+    if args.command == "service":
+        return service_cli.run(args)
+    if args.command == "models" and args.models_command == "quantize":
+        return tools_cli.run_quantize(args)
     if args.command == "config" and args.reference:
         print(config_mod.reference(), end="")
         return 0

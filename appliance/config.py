@@ -83,6 +83,24 @@ class HttpConfig(Section):
         allow_inf_nan=False,
         description="Seconds in-flight requests may run after SIGTERM before they are cut.",
     )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="Certificate chain (PEM) to serve HTTPS with (`appliance certs device` "
+        "makes one); unset: plain HTTP. gRPC uses it too.",
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of tls_cert_file; unset: inside that file."
+    )
+    tls_min_version: Literal["1.2", "1.3"] = Field(
+        default="1.2", description="Oldest TLS version a client may use."
+    )
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_cert_file") is None:
+            raise ValueError("tls_key_file needs tls_cert_file")
+        return value
 
 
 class ModelsConfig(Section):
@@ -116,6 +134,144 @@ class ModelsConfig(Section):
         le=3600,
         allow_inf_nan=False,
         description="Seconds suggested in Retry-After when a model's queue is full.",
+    )
+    # -- lifecycle (docs/models.md): versions, memory budget, keep-alive ------------------
+    version_policy: Literal["latest", "all", "specific"] = Field(
+        default="latest",
+        description="Which versions of a model serve: latest (the highest), all, or specific "
+        "(those listed in models.versions; other models serve their latest).",
+    )
+    versions: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="With version_policy = 'specific': 'name:version' entries to serve.",
+    )
+    preload: bool = Field(
+        default=True,
+        description="Load models at start-up (as far as max_loaded and memory_budget allow); "
+        "false loads each on first use.",
+    )
+    memory_budget: int = Field(
+        default=0,
+        ge=0,
+        le=1 << 50,
+        description="Bytes of model files that may be loaded at once (model file size is the "
+        "estimate); least recently used idle models are unloaded to make room. 0: no limit.",
+    )
+    max_loaded: int = Field(
+        default=0, ge=0, le=1024,
+        description="Models (versions) loaded at once; beyond it the least recently used idle "
+        "one is unloaded. 0: no limit.",
+    )
+    keep_alive: float = Field(
+        default=-1.0,
+        ge=-1,
+        le=365 * 86_400,
+        allow_inf_nan=False,
+        description="Seconds an unused model stays loaded before it is unloaded (it loads "
+        "again on the next request); -1 keeps models loaded. Ollama clients set it per "
+        "model with keep_alive.",
+    )
+    load_wait: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds a request waits for its model to load before it gets 503.",
+    )
+
+    @field_validator("versions")
+    @classmethod
+    def _versions(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, version = item.partition(":")
+            if not (sep and name and version):
+                raise ValueError(f"{item!r} must be 'name:version'")
+        return value
+
+
+class CanaryConfig(Section):
+    """Canary releases: a new model version gets a share of the traffic (or a shadow copy)
+    and is promoted or rolled back on its error rate and latency (docs/models.md)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Run a new version as a canary beside the stable one instead of "
+        "switching at once.",
+    )
+    mode: Literal["split", "shadow"] = Field(
+        default="split",
+        description="split: the canary answers 'share' of the requests (a failed answer is "
+        "retried on stable); shadow: stable answers all, a copy runs on the canary.",
+    )
+    share: float = Field(
+        default=0.1, gt=0, le=1, allow_inf_nan=False,
+        description="Share of requests (0-1] routed to the canary in split mode.",
+    )
+    window: float = Field(
+        default=300.0, gt=0, le=7 * 86_400, allow_inf_nan=False,
+        description="Seconds over which canary and stable are compared; a canary that holds "
+        "for a whole window is promoted.",
+    )
+    min_requests: int = Field(
+        default=20, ge=1, le=1_000_000,
+        description="Canary requests in the window before it is judged.",
+    )
+    max_error_rate_increase: float = Field(
+        default=0.02, ge=0, le=1, allow_inf_nan=False,
+        description="Roll back when the canary's error rate exceeds stable's by more than "
+        "this (0-1).",
+    )
+    max_latency_ratio: float = Field(
+        default=1.5, ge=1, le=1000, allow_inf_nan=False,
+        description="Roll back when the canary's mean latency exceeds stable's by this factor.",
+    )
+    auto_promote: bool = Field(
+        default=True,
+        description="Promote a canary that held for a whole window; false waits for an "
+        "operator (POST /admin/models/{name}/promote).",
+    )
+
+
+class PipelineStep(Section):
+    """One step of a pipeline: a tensor model run on the inputs, or a language model
+    prompted with the previous step's outputs."""
+
+    model: str = Field(min_length=1, max_length=128, description="Model this step runs.")
+    prompt: str = Field(
+        default="", max_length=4000,
+        description="For a language model: the prompt, with {output_name} placeholders "
+        "filled from the previous step's outputs. Empty: a tensor step fed the inputs.",
+    )
+    when: str = Field(
+        default="", max_length=128,
+        description="Run this step only when this BOOL output of the previous step is true "
+        "for some element. Empty: always.",
+    )
+    max_tokens: int = Field(default=96, ge=1, le=4096, description="Language steps: tokens.")
+    output: str = Field(
+        default="text", max_length=128,
+        description="Language steps: name of the BYTES output tensor holding the answer.",
+    )
+
+
+class Pipeline(Section):
+    """A declarative chain of models served as one tensor model of its own name."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="Name clients use (like a model name).")
+    description: str = Field(default="", max_length=500, description="One line.")
+    steps: list[PipelineStep] = Field(min_length=1, max_length=16,
+                                      description="Steps, first to last.")
+
+
+class PipelinesConfig(Section):
+    """Pipelines: ``[[pipelines.chain]]`` tables, each served as a model (docs/models.md)."""
+
+    chain: list[Pipeline] = Field(
+        default_factory=list, max_length=64,
+        description="The pipelines; each is addressed like a tensor model: "
+        "POST /v2/models/<name>/infer, or an MQTT stream rule's model.",
     )
 
 
@@ -700,6 +856,216 @@ class GrpcConfig(Section):
         return value
 
 
+# ---------------------------------------------------------------------------- security
+
+Scope = Literal["read", "infer", "admin"]
+_KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ApiKeyEntry(Section):
+    """One API key, by name: only its hash is stored (``appliance keys create`` prints both)."""
+
+    name: str = Field(pattern=_KEY_NAME_PATTERN,
+                      description="Key name (letters, digits, '_', '.', '-'); logged, never "
+                      "the key itself.")
+    scopes: list[Scope] = Field(
+        min_length=1, description="What the key may do: read, infer, admin (admin: all)."
+    )
+    hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
+                      description="'sha256:<hex>' of the key, from `appliance keys create`.")
+
+
+class AccessConfig(Section):
+    """Who may use the HTTP port: API keys, client allow-list, Host check, rate limits
+    (docs/security.md). Shared by the appliance and the hub."""
+
+    auth: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="API keys: 'auto' requires them unless the port is bound to loopback only "
+        "and no key is configured; with no key configured on a LAN address, an admin key is "
+        "generated into the state directory (api-key) and its path logged. 'off' serves "
+        "without keys (logged as a warning on a LAN address).",
+    )
+    keys: list[ApiKeyEntry] = Field(
+        default_factory=list, max_length=1024,
+        description="API keys, TOML only: [[security.keys]] tables with name, scopes, hash.",
+    )
+    keys_file: Path | None = Field(
+        default=None,
+        description="File of more keys, one 'NAME SCOPE[,SCOPE] sha256:HEX' a line. The "
+        "systemd credential 'api-keys' ($CREDENTIALS_DIRECTORY/api-keys) is read too.",
+    )
+    public: list[str] = Field(
+        default_factory=lambda: ["/", "/health", "/metrics", "/v2/health/live",
+                                 "/v2/health/ready"],
+        max_length=256,
+        description="Paths served without a key: exact, or ending in '*' for a prefix.",
+    )
+    allow: list[str] = Field(
+        default_factory=list, max_length=1024,
+        description="Client networks allowed at all (CIDRs, IPv4 or IPv6, e.g. "
+        "192.168.1.0/24, fd00::/8); others get 403 before their body is read. Empty: any.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, max_length=256,
+        description="Host header names accepted besides the box's own names, its addresses, "
+        "localhost and *.local (DNS-rebinding guard); '*.example.org' matches subdomains, "
+        "'*' turns the check off.",
+    )
+    rate_per_client: float = Field(
+        default=0.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        description="Requests per second one client address may make on average (token "
+        "bucket); beyond it 429 with Retry-After. 0: no limit.",
+    )
+    burst_per_client: int = Field(
+        default=20, ge=1, le=1_000_000,
+        description="Requests a client address may make at once before rate_per_client applies.",
+    )
+    rate_per_key: float = Field(
+        default=0.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        description="Requests per second one API key may make on average; 0: no limit.",
+    )
+    burst_per_key: int = Field(
+        default=20, ge=1, le=1_000_000,
+        description="Requests one API key may make at once before rate_per_key applies.",
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_keys(cls, value: list[ApiKeyEntry]) -> list[ApiKeyEntry]:
+        names = [key.name for key in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"key names must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+    @field_validator("public")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item.startswith("/") or "*" in item[:-1]:
+                raise ValueError(f"{item!r} must be a path starting with '/', optionally "
+                                 "ending in '*'")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IPv4 or IPv6 network (CIDR)") from None
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name = item.removeprefix("*.") if item != "*" else "x"
+            if not name or not all(c.isalnum() or c in "-._:[]" for c in name):
+                raise ValueError(f"{item!r} is not a host name, '*.domain' or '*'")
+        return value
+
+
+class SecurityConfig(AccessConfig):
+    """Who may use the HTTP port and gRPC: API keys, client allow-list, Host check, rate
+    limits; and the key that encrypts request data at rest (docs/security.md)."""
+
+    data_key_file: Path | None = Field(
+        default=None,
+        description="File holding a 256-bit key (64 hex digits, `appliance keys data-key`) "
+        "that encrypts stored records (the hub outbox) with AES-256-GCM. The systemd "
+        "credential 'data-key' is read too. Unset: stored as plain JSON.",
+    )
+
+
+class LimitsConfig(Section):
+    """Limits on what one HTTP request or connection may cost. The body's size limit is
+    http.max_body_bytes, counted after Content-Encoding (gzip, deflate, br) is undone, so
+    a compression bomb stops there."""
+
+    max_header_bytes: int = Field(
+        default=8190, ge=1024, le=1024 * 1024,
+        description="Longest request line or header field; longer ones get 400.",
+    )
+    max_headers: int = Field(
+        default=100, ge=8, le=10_000, description="Most header fields in one request."
+    )
+    max_chunks: int = Field(
+        default=10_000, ge=1, le=10_000_000,
+        description="Most chunks in one chunked request body; more get 413.",
+    )
+    request_timeout: float = Field(
+        default=60.0, gt=0, le=3600, allow_inf_nan=False,
+        description="Seconds a client may take to send a request's body; slower gets 408.",
+    )
+    idle_timeout: float = Field(
+        default=30.0, gt=0, le=3600, allow_inf_nan=False,
+        description="Seconds a connection may stay idle, or take to send a request's "
+        "headers, before it is closed (slowloris guard).",
+    )
+
+
+class CacheConfig(Section):
+    """The result cache: repeated identical requests answered without running the model.
+
+    Off for every model unless its manifest says ``cache = true`` or it is listed in
+    ``models``. Keyed by model, version and a hash of the inputs, so a new model version
+    never answers from an old one's results.
+    """
+
+    models: list[str] = Field(
+        default_factory=list, max_length=256,
+        description="Models cached besides those whose manifest sets cache = true (models "
+        "served with --model have no manifest).",
+    )
+    backend: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="memory: an LRU in this process; redis: shared by several processes or "
+        "boxes (needs the redis package and redis_url).",
+    )
+    max_entries: int = Field(
+        default=1024, ge=1, le=10_000_000, description="Most results kept (memory backend)."
+    )
+    max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024 * 1024,
+        description="Most bytes of results kept (memory backend); the least recently used "
+        "go first.",
+    )
+    max_entry_bytes: int = Field(
+        default=1024 * 1024, ge=64, le=512 * 1024 * 1024,
+        description="Results larger than this are not cached.",
+    )
+    ttl: float = Field(
+        default=300.0, gt=0, le=30 * 86_400, allow_inf_nan=False,
+        description="Seconds a result stays valid (a model's cache_ttl option overrides).",
+    )
+    redis_url: str = Field(
+        default="", max_length=2048,
+        description="redis://[user:password@]host:port/db or unix:///path (redis backend).",
+    )
+    redis_prefix: str = Field(
+        default="appliance:cache:", max_length=128, description="Prefix of every Redis key."
+    )
+    redis_timeout: float = Field(
+        default=0.25, gt=0, le=60, allow_inf_nan=False,
+        description="Seconds a Redis call may take; a slow or absent Redis counts as a miss "
+        "and never fails a request.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str, info: ValidationInfo) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not value and info.data.get("backend") == "redis":
+            raise ValueError("is required when backend = 'redis'")
+        return value
+
+
 class Config(Section):
     """The whole configuration. Sections map to ``[section]`` tables in appliance.toml."""
 
@@ -714,6 +1080,11 @@ class Config(Section):
     mdns: MdnsConfig = Field(default_factory=MdnsConfig)
     websocket: WebSocketConfig = Field(default_factory=WebSocketConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
+    pipelines: PipelinesConfig = Field(default_factory=PipelinesConfig)
 
 
 # ---------------------------------------------------------------------------- loading

@@ -73,3 +73,24 @@ class ModelLoadError(ApplianceError, RuntimeError):
 
 class ShuttingDown(ApplianceError, RuntimeError):
     """The daemon is stopping and accepts no new work (HTTP 503)."""
+
+
+class Unauthenticated(ApplianceError, PermissionError):
+    """No valid API key came with a request that needs one (HTTP 401)."""
+
+
+class Forbidden(ApplianceError, PermissionError):
+    """The client may not do this: a key without the scope, an address outside the
+    allow-list, a Host header that names another site (HTTP 403)."""
+
+
+class RateLimited(ApplianceError, RuntimeError):
+    """The client or key used up its request budget; retry after ``retry_after`` (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(ApplianceError, TimeoutError):
+    """The client took too long to send its request (HTTP 408)."""

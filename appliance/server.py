@@ -3,7 +3,8 @@
 Each long-lived resource is a lifecycle unit started in order and stopped in reverse by an
 ``AsyncExitStack``. Signals only set flags: the first SIGTERM/SIGINT starts a graceful stop
 (no new requests, in-flight ones finish up to ``http.shutdown_timeout``), a second SIGINT
-forces the exit.
+forces the exit. SIGHUP runs the reload hooks (:meth:`Server.reload`); under systemd the
+daemon reports RELOADING=1 / READY=1 around them (``appliance.ops.systemd``).
 """
 
 from __future__ import annotations
@@ -13,23 +14,30 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Sequence
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from appliance import __version__
 from appliance.config import Config
+from appliance.core.cache import ResultCache
 from appliance.core.metrics import Metrics
 from appliance.core.models import ModelManager
 from appliance.core.repository import collect
 from appliance.core.service import Core
+from appliance.core.types import ModelState
 from appliance.errors import ConfigError
+from appliance.security.access import AccessPolicy, daemon_policy
+from appliance.security.tls import server_context
 from appliance.transports.http import build_app
+from appliance.transports.http.security import runner_options
 
 if TYPE_CHECKING:
     from appliance.ops.alerts import AlertEngine
     from appliance.ops.health import HealthCollector
+    from appliance.ops.systemd import SystemdNotify
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,14 @@ class Server:
         self._stop = asyncio.Event()
         self._force = False
         self._stack = contextlib.AsyncExitStack()
+        self.access: AccessPolicy | None = None  # API keys and network checks, at startup
+        self.tls: ssl.SSLContext | None = None
+        # SIGHUP: ``reload_hooks`` run in order (e.g. re-reading models); each observer is
+        # told True before and False after (the systemd unit sends RELOADING=1 / READY=1).
+        self.reload_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.reload_observers: list[Callable[[bool], None]] = []
+        self._reload_task: asyncio.Task[None] | None = None
+        self.systemd: SystemdNotify | None = None
 
     @property
     def port(self) -> int:
@@ -70,24 +86,35 @@ class Server:
         specs = await asyncio.to_thread(collect, config.models.dir, config.models.files)
         models = ModelManager(specs, config.models, self.metrics)
         self._stack.push_async_callback(models.close)
-        self.core = core = Core(models, self.metrics)
+        # The result cache (opt-in per model); closed once HTTP has stopped serving.
+        cache = ResultCache(config.cache)
+        self._stack.push_async_callback(cache.close)
+        self.core = core = Core(models, self.metrics, cache=cache)
+        self._model_lifecycle(core)
 
-        app = build_app(core, config)
+        # Keys, allow-list, Host names (files read, perhaps a key generated): off the loop.
+        self.access = await asyncio.to_thread(daemon_policy, config)
+        app = build_app(core, config, self.access)
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away stops its own work
             shutdown_timeout=config.http.shutdown_timeout,
             access_log=logging.getLogger("aiohttp.access"),
+            **runner_options(config.limits),
         )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         self._stack.callback(core.begin_shutdown)  # runs first on the way down
-        site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True)
+        http = config.http
+        self.tls = None if http.tls_cert_file is None else await asyncio.to_thread(
+            server_context, http.tls_cert_file, http.tls_key_file, http.tls_min_version)
+        site = web.TCPSite(runner, http.host, http.port, reuse_address=True,
+                           ssl_context=self.tls)
         await site.start()
         self.addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
         for host, port in self.addresses:
-            log.info("appliance %s (device %s) listening on http://%s:%d", __version__,
-                     config.device.id, _url_host(host), port)
+            log.info("appliance %s (device %s) listening on %s://%s:%d", __version__,
+                     config.device.id, self.scheme, _url_host(host), port)
         # Models load after the socket is bound so /health can answer "loading" meanwhile.
         await models.start()
         for unit in self._units():
@@ -114,13 +141,73 @@ class Server:
             from appliance.transports.grpc.server import GrpcServer
 
             assert self.core is not None
-            units.append(GrpcServer(self.core, self.config))
+            units.append(GrpcServer(self.core, self.config, self.access))
         if self.config.mdns.enabled:  # last in, first out: the goodbye goes out first
             from appliance.ops.discovery import Announcer
 
             assert self.core is not None
-            units.append(Announcer(self.config, self.core, self.addresses, started=units))
+            units.append(Announcer(self.config, self.core, self.addresses, started=units,
+                                   api_key_required=bool(self.access and self.access.required)))
+        units.append(self._systemd_unit())  # last: READY=1 once all else runs; STOPPING=1 first
         return units
+
+    def _systemd_unit(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """sd_notify: READY=1 after the listeners are bound and every model loaded or failed."""
+        from appliance.ops.systemd import SystemdNotify
+
+        assert self.core is not None
+        models = self.core.models
+        self.systemd = unit = SystemdNotify(wait_ready=models.wait_loaded, status=self.status_line)
+        models.add_listener(unit.refresh_status)
+        self.reload_observers.append(unit.reloading)
+        return unit
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: models ready, failed, and where it listens."""
+        assert self.core is not None
+        handles = self.core.models.handles()
+        ready = sum(1 for h in handles if h.state is ModelState.READY)
+        failed = sum(1 for h in handles if h.state is ModelState.FAILED)
+        line = f"serving {ready}/{len(handles)} models on {self.http_url}"
+        if failed:
+            line += f"; {failed} failed"
+        if self.config.mqtt.enabled:
+            line += f"; mqtt {self.config.mqtt.host}:{self.config.mqtt.port}"
+        return line
+
+    def _model_lifecycle(self, core: Core) -> None:
+        """Canary releases, pipelines, lifecycle state in /health, and SIGHUP re-reading the
+        model repository (``appliance.core.models``)."""
+        from appliance.core.canary import CanaryController
+        from appliance.core.pipelines import Pipelines
+
+        core.canary = CanaryController(core.models, self.config.canary, self.metrics)
+        self._stack.push_async_callback(core.canary.close)
+        if self.config.pipelines.chain:
+            core.pipelines = Pipelines(self.config.pipelines.chain)
+        core.add_status("lifecycle", lambda: lifecycle_status(core))
+        config = self.config.models
+        core.rescan = lambda: collect(config.dir, config.files)
+        self.reload_hooks.append(self.reload_models)
+
+    async def reload_models(self) -> None:
+        """Re-read the model repository and hot-swap what changed (SIGHUP, admin route)."""
+        assert self.core is not None
+        await self.core.reload_models()
+
+    async def reload(self) -> None:
+        """Run the reload hooks (what SIGHUP does); observers hear the start and the end."""
+        for observer in self.reload_observers:
+            observer(True)
+        try:
+            for hook in self.reload_hooks:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("reload step failed")
+        finally:
+            for observer in self.reload_observers:
+                observer(False)
 
     def _health_units(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Health snapshots, alert rules on them, and (with ``hub.url``) the hub uploader."""
@@ -131,6 +218,8 @@ class Server:
         self.health = HealthCollector(self.core, self.config.health)
         self.alerts = AlertEngine(self.health, self.config.alerts, self.metrics)
         units: list[contextlib.AbstractAsyncContextManager[Any]] = [self.health, self.alerts]
+        if self.core.canary is not None:  # rollbacks raise an alert (and reach the hub)
+            self.core.canary.add_listener(self.alerts.canary_decision)
         if self.config.hub.url:
             from appliance.ops.hubsync import HubSync
 
@@ -138,15 +227,22 @@ class Server:
         return units
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
     def http_url(self) -> str:
         """The URL LAN clients use to reach this daemon's HTTP side."""
         host, port = self.addresses[0]
         if host in ("0.0.0.0", "::"):
             host = socket.gethostname()
-        return f"http://{_url_host(host)}:{port}"
+        return f"{self.scheme}://{_url_host(host)}:{port}"
 
     async def shutdown(self) -> None:
         log.info("shutting down")
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            await asyncio.gather(self._reload_task, return_exceptions=True)
         await self._stack.aclose()
         log.info("stopped")
 
@@ -155,6 +251,17 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+
+    def _on_hangup(self) -> None:
+        if self._stop.is_set():
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            log.info("received SIGHUP while reloading; ignored")
+            return
+        log.info("received SIGHUP; reloading")
+        self._reload_task = asyncio.create_task(self.reload(), name="appliance-reload")
 
     def _on_signal(self, sig: int) -> None:
         if self._stop.is_set() and sig == signal.SIGINT and not self._force:
@@ -163,6 +270,20 @@ class Server:
             raise SystemExit(130)
         log.info("received %s; stopping gracefully", signal.Signals(sig).name)
         self._stop.set()
+
+
+def lifecycle_status(core: Core) -> dict[str, Any]:
+    """Versions, what is loaded, and canaries: the "lifecycle" unit of /health."""
+    models = core.models
+    loaded = [h for h in models.all_handles() if h.runtime is not None]
+    return {
+        "loaded": [f"{h.name}:{h.version}" for h in loaded],
+        "loaded_bytes": sum(h.size for h in loaded),
+        "versions": {name: {h.version: h.state.value for h in models.versions(name)}
+                     for name in models.names()},
+        "stable": {name: models.stable_version(name) for name in models.names()},
+        "canary": core.canary.status() if core.canary is not None else None,
+    }
 
 
 def _url_host(host: str) -> str:

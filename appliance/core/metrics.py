@@ -85,8 +85,43 @@ class Metrics:
             "appliance_model_load_seconds", "How long the last load of a model took.", ["model"],
             registry=r,
         )
+        self.cache_hits = Counter(
+            "appliance_cache_hits", "Requests answered from the result cache.", ["model"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "appliance_cache_misses",
+            "Requests to cached models that had to run the model.",
+            ["model"],
+            registry=r,
+        )
+        self._lifecycle_metrics(r)
         self._health_metrics(r)
         self._mqtt_metrics(r)
+
+    def _lifecycle_metrics(self, r: CollectorRegistry) -> None:
+        """Model lifecycle: evictions, canary releases (``appliance.core.canary``)."""
+        self.model_evictions = Counter(
+            "appliance_model_unloads",
+            "Models unloaded to save memory, by reason (idle: keep-alive over; lru: evicted "
+            "to make room).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.canary_active = Gauge(
+            "appliance_canary_active", "1 while a canary version of a model runs.",
+            ["model", "version"], registry=r,
+        )
+        self.canary_requests = Counter(
+            "appliance_canary_requests",
+            "Requests measured during a canary, by version, side (stable, canary) and result.",
+            ["model", "version", "side", "result"],
+            registry=r,
+        )
+        self.canary_decisions = Counter(
+            "appliance_canary_decisions", "Canary outcomes (promoted, rolled_back).",
+            ["model", "decision"], registry=r,
+        )
 
     def _health_metrics(self, r: CollectorRegistry) -> None:
         """Box health, alerts and the hub outbox (set by the ``appliance.ops`` units)."""

@@ -69,24 +69,55 @@ def valid_name(name: str) -> bool:
     return bool(_NAME_RE.fullmatch(name))
 
 
+def model_ref(reference: str) -> tuple[str, str | None]:
+    """``name`` or ``name:version`` (as the OpenAI ``model`` field may say) → both parts.
+
+    Model names cannot hold ``:``, so the split is never ambiguous.
+    """
+    name, sep, version = reference.rpartition(":")
+    if not sep:
+        return reference, None
+    return name, version or None
+
+
 def scan(directory: Path) -> list[ModelSpec]:
-    """Every model under ``directory``, broken ones included with their problem."""
+    """Every model version under ``directory``, broken ones included with their problem.
+
+    ``<dir>/<name>/manifest.toml`` is one model with one version (the manifest's). Versions
+    live in sub-directories named after them: ``<dir>/<name>/<version>/manifest.toml``;
+    each manifest's ``version``, when given, must match its directory's name.
+    """
     if not directory.is_dir():
         log.warning("model directory %s does not exist", directory)
         return []
     specs = []
     for child in sorted(directory.iterdir()):
+        if not child.is_dir():
+            continue
         manifest = child / MANIFEST
-        if child.is_dir() and manifest.is_file():
+        if manifest.is_file():
             specs.append(read_manifest(manifest))
+            continue
+        for sub in sorted(child.iterdir()):
+            if sub.is_dir() and (sub / MANIFEST).is_file():
+                specs.append(read_manifest(sub / MANIFEST, version_dir=sub.name))
     return specs
 
 
-def read_manifest(path: Path) -> ModelSpec:
-    """Parse and check one manifest. Never raises for a bad manifest."""
-    fallback_name = path.parent.name
+def read_manifest(path: Path, *, version_dir: str | None = None) -> ModelSpec:
+    """Parse and check one manifest. Never raises for a bad manifest.
+
+    ``version_dir``: the manifest sits in a version directory of that name (the versioned
+    layout), which is its version.
+    """
+    fallback_name = path.parent.name if version_dir is None else path.parent.parent.name
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+        if version_dir is not None:
+            stated = data.setdefault("version", version_dir)
+            if stated != version_dir:
+                return _broken(fallback_name, path, f"version {stated!r} does not match its "
+                               f"directory {version_dir!r}")
         manifest = Manifest.model_validate(data)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return _broken(fallback_name, path, f"cannot read manifest: {exc}")
@@ -147,19 +178,19 @@ def collect(directory: Path | None, files: Iterable[Path]) -> list[ModelSpec]:
     specs = scan(directory) if directory is not None else []
     specs.extend(spec_for_file(f) for f in files)
     taken = {spec.name for spec in specs}
-    seen: dict[str, ModelSpec] = {}
+    seen: dict[tuple[str, str], ModelSpec] = {}
     result = []
     for spec in specs:
-        if spec.name in seen:
+        if (spec.name, spec.version) in seen:
             # The failure needs a name of its own: models are looked up by name, and
             # sharing one would replace the model that serves with the failed duplicate.
             name = _free_name(spec.name, taken)
             taken.add(name)
-            other = seen[spec.name].source
+            other = seen[(spec.name, spec.version)].source
             spec = _replace_problem(
                 spec, f"model name {spec.name!r} is already used by {other}", name=name
             )
-        seen[spec.name] = spec
+        seen[(spec.name, spec.version)] = spec
         result.append(spec)
     return result
 

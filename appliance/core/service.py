@@ -6,6 +6,7 @@ any later transport reject the same things with the same messages.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -15,8 +16,13 @@ from typing import Any
 import numpy as np
 
 from appliance.core.admission import Ticket
+from appliance.core.cache import ResultCache, request_key
+from appliance.core.canary import CanaryController, canary_infer
 from appliance.core.metrics import Metrics
 from appliance.core.models import ModelHandle, ModelManager
+from appliance.core.pipelines import Pipelines
+from appliance.core.repository import ModelSpec
+from appliance.core.runtime_metrics import RuntimeCollector
 from appliance.core.sampling import check_sampling
 from appliance.core.types import (
     DATATYPES,
@@ -41,9 +47,17 @@ MAX_EMBED_INPUTS = 2048
 class Core:
     """What transports may ask of the appliance."""
 
-    def __init__(self, models: ModelManager, metrics: Metrics) -> None:
+    def __init__(
+        self, models: ModelManager, metrics: Metrics, *, cache: ResultCache | None = None
+    ) -> None:
         self.models = models
         self.metrics = metrics
+        self.cache = cache
+        self.canary: CanaryController | None = None  # set by the daemon when configured
+        self.pipelines: Pipelines | None = None
+        # Scans the model repository again (blocking); set by the daemon.
+        self.rescan: Callable[[], list[ModelSpec]] | None = None
+        metrics.registry.register(RuntimeCollector(self._loaded_runtimes))
         self.started = time.time()
         self._closing = False
         self._status: dict[str, Callable[[], Mapping[str, Any]]] = {}
@@ -94,11 +108,48 @@ class Core:
     def loading(self) -> bool:
         return self.models.loading
 
+    def _loaded_runtimes(self) -> list[tuple[str, Runtime]]:
+        return [(h.name, h.runtime) for h in self.models.handles() if h.runtime is not None]
+
     def list_models(self) -> list[ModelInfo]:
-        return [h.info() for h in self.models.handles()]
+        models = [h.info() for h in self.models.handles()]
+        if self.pipelines is not None:
+            models += self.pipelines.infos(self)
+        return models
 
     def model(self, name: str, version: str | None = None) -> ModelInfo:
+        if self.pipelines is not None and self.pipelines.has(name):
+            return self.pipelines.info(self, name)
         return self.models.get(name, version).info()
+
+    def versions(self, name: str) -> list[ModelInfo]:
+        """Every served version of ``name``, oldest first."""
+        return [h.info() for h in self.models.versions(name)]
+
+    async def reload_models(self, *, only: str | None = None) -> None:
+        """Re-read the repository (``rescan``, set by the daemon) and hot-swap what changed;
+        with ``only``, just that model."""
+        if self.rescan is None:
+            raise UnsupportedOperation("this appliance has no model repository to re-read")
+        if only is not None and self.pipelines is not None and self.pipelines.has(only):
+            raise RequestError(f"{only!r} is a pipeline, not a model", param="name")
+        specs = await asyncio.to_thread(self.rescan)
+        if only is not None and all(s.name != only for s in specs):
+            self.models.get(only)  # 404 for a model that was never there
+        await self.models.reload(specs, only=only)
+
+    async def load(self, name: str, version: str | None = None) -> ModelInfo:
+        """Load ``name`` now if it is not loaded (waiting at most ``load_wait``)."""
+        handle = await self.models.acquire(self.models.get(name, version))
+        return handle.info()
+
+    def keep_alive(self, name: str, version: str | None, seconds: float | None) -> None:
+        """Set how long ``name`` stays loaded once idle (seconds; negative: forever; None:
+        the configured default); 0 unloads it as soon as it is idle, as Ollama's
+        ``keep_alive`` does."""
+        handle = self.models.get(name, version)
+        self.models.touch(handle)
+        handle.keep_alive = seconds  # None: back to [models].keep_alive
 
     # -- tensor inference -------------------------------------------------------------
 
@@ -110,9 +161,40 @@ class Core:
         version: str | None = None,
         outputs: Sequence[str] | None = None,
     ) -> InferResult:
-        """Validate ``inputs`` against the model's signature and run it."""
-        handle, runtime = self._runtime(name, version, Capability.INFER)
+        """Validate ``inputs`` against the model's signature and run it.
+
+        A pipeline name runs the pipeline; a model with a canary running may be answered
+        by the canary (see ``appliance.core.canary``).
+        """
+        if self.pipelines is not None and self.pipelines.has(name):
+            return await self.pipelines.run(self, name, inputs, outputs)
+        if version is None and self.canary is not None:
+            canary, to_canary = self.canary.route(name)
+            if canary is not None:
+                return await canary_infer(self, self.canary, canary, to_canary, inputs,
+                                          outputs)
+        return await self.infer_version(name, inputs, version=version, outputs=outputs)
+
+    async def infer_version(
+        self,
+        name: str,
+        inputs: Mapping[str, Array],
+        *,
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> InferResult:
+        """:meth:`infer` on exactly this version (the stable one without ``version``)."""
+        handle, runtime = await self._runtime(name, version, Capability.INFER)
         wanted = self._check_tensors(runtime, inputs, outputs)
+        cache, key = self.cache, ""
+        options = handle.spec.options
+        if cache is not None and cache.enabled(handle.name, options.cache):
+            key = request_key(handle.name, handle.spec.version, inputs, wanted)
+            hit = await cache.get(key)
+            if hit is not None:
+                self.metrics.cache_hits.labels(name).inc()
+                return hit
+            self.metrics.cache_misses.labels(name).inc()
         ticket = self._admit(handle)
         async with ticket:
             started = time.perf_counter()
@@ -120,7 +202,10 @@ class Core:
                 results = await runtime.infer(inputs, wanted)
             finally:
                 self.metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
-        return InferResult(outputs=results)
+        result = InferResult(outputs=results)
+        if cache is not None and key:
+            await cache.put(key, result, cache.ttl(options.cache_ttl))
+        return result
 
     def _check_tensors(
         self, runtime: Runtime, inputs: Mapping[str, Array], outputs: Sequence[str] | None
@@ -178,7 +263,11 @@ class Core:
         Raises before anything is streamed when the request is invalid or the model busy, so
         transports can still answer with an error status.
         """
-        handle, runtime = self._runtime(name, version, Capability.GENERATE)
+        if version is None and self.canary is not None:
+            canary, to_canary = self.canary.route(name)
+            if canary is not None and to_canary:
+                version = canary.candidate.version
+        handle, runtime = await self._runtime(name, version, Capability.GENERATE)
         self._check_generation(runtime, request)
         ticket = self._admit(handle)
         return TokenStream(self, handle, runtime, request, ticket)
@@ -212,7 +301,7 @@ class Core:
     async def embed(
         self, name: str, texts: Sequence[str], *, version: str | None = None
     ) -> EmbeddingResult:
-        handle, runtime = self._runtime(name, version, Capability.EMBED)
+        handle, runtime = await self._runtime(name, version, Capability.EMBED)
         if not texts:
             raise RequestError("input must hold at least one text", param="input")
         if len(texts) > MAX_EMBED_INPUTS:
@@ -241,12 +330,13 @@ class Core:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _runtime(
+    async def _runtime(
         self, name: str, version: str | None, capability: Capability
     ) -> tuple[ModelHandle, Runtime]:
         if self._closing:
             raise ShuttingDown("the appliance is shutting down")
-        handle = self.models.get(name, version)
+        # Loads the model on first use (or after an idle unload), waiting boundedly.
+        handle = await self.models.acquire(self.models.get(name, version))
         runtime = handle.ready_runtime()
         if capability not in runtime.capabilities:
             what = {

@@ -13,13 +13,16 @@ from importlib import resources
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from appliance import __version__
+from appliance import __version__, errors
 from appliance.hub import fleet, ingest
 from appliance.hub.config import HubConfig
 from appliance.hub.ingest import Forbidden, HubRequestError, Unauthorized
 from appliance.hub.keys import CONFIG, METRICS, STARTED, STORAGE
 from appliance.hub.metrics import HubMetrics
 from appliance.hub.storage.base import Storage
+from appliance.security.access import AccessPolicy, hub_policy
+from appliance.security.ratelimit import retry_after
+from appliance.transports.http import security
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,16 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def from_exception(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, errors.Unauthenticated):
+        return _error(401, str(exc), {"WWW-Authenticate": 'Bearer realm="appliance-hub"'})
+    if isinstance(exc, errors.Forbidden):
+        return _error(403, str(exc))
+    if isinstance(exc, errors.RateLimited):
+        return _error(429, str(exc), {"Retry-After": retry_after(exc.retry_after)})
+    if isinstance(exc, errors.RequestTimeout):
+        return _error(408, str(exc), {"Connection": "close"})
+    if isinstance(exc, errors.PayloadTooLarge):
+        return _error(413, str(exc))
     if isinstance(exc, Unauthorized):
         return _error(401, str(exc), {"WWW-Authenticate": 'Bearer realm="appliance-hub"'})
     if isinstance(exc, Forbidden):
@@ -111,10 +124,37 @@ async def dashboard(request: web.Request) -> web.Response:
 PAGE = web.AppKey("page", str)
 
 
-def build_app(storage: Storage, config: HubConfig, metrics: HubMetrics) -> web.Application:
+# The API-key scope of each hub route (see appliance/transports/http/scopes.py); None: the
+# route checks its callers itself (ingest: device tokens). Unlisted routes need admin.
+ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
+    ("GET", "/"): "read",
+    ("GET", "/health"): "read",
+    ("GET", "/metrics"): "read",
+    ("POST", "/api/v1/ingest"): None,
+    ("GET", "/api/v1/devices"): "read",
+    ("GET", "/api/v1/devices/{device}"): "read",
+    ("GET", "/api/v1/devices/{device}/heartbeats"): "read",
+    ("GET", "/api/v1/devices/{device}/records"): "read",
+    ("GET", "/api/v1/alerts"): "read",
+}
+
+
+def scope_of(method: str, template: str) -> str | None:
+    method = "GET" if method == "HEAD" else method
+    return ROUTE_SCOPES.get((method, template), "admin")
+
+
+def build_app(storage: Storage, config: HubConfig, metrics: HubMetrics,
+              access: AccessPolicy | None = None) -> web.Application:
+    """The hub's application; ``access`` defaults to the configured policy."""
+    if access is None:
+        access = hub_policy(config)
     app = web.Application(
-        client_max_size=config.http.max_body_bytes, middlewares=[_errors_and_metrics]
+        client_max_size=config.http.max_body_bytes,
+        middlewares=[_errors_and_metrics, *security.middlewares(
+            access, scope_of, config.limits, config.http.max_body_bytes)],
     )
+    app[security.POLICY] = access
     app[STORAGE] = storage
     app[CONFIG] = config
     app[METRICS] = metrics

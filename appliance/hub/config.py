@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from appliance.config import Section, load_model, reference
+from appliance.config import AccessConfig, LimitsConfig, Section, load_model, reference
 
 ENV_PREFIX = "APPLIANCE_HUB_"
 ENV_CONFIG_FILE = "APPLIANCE_HUB_CONFIG"
@@ -38,6 +38,9 @@ class HubHttpConfig(Section):
     )
     tls_key_file: Path | None = Field(
         default=None, description="Private key (PEM) of tls_cert_file; unset: inside that file."
+    )
+    tls_min_version: Literal["1.2", "1.3"] = Field(
+        default="1.2", description="Oldest TLS version a client may use."
     )
 
     @field_validator("tls_key_file")
@@ -107,6 +110,19 @@ class HubLoggingConfig(Section):
     )
 
 
+class HubSecurityConfig(AccessConfig):
+    """Who may use the hub's HTTP port: API keys for the fleet API and dashboard data,
+    client allow-list, Host check, rate limits (docs/security.md). Devices upload with
+    their own tokens (`appliance hub enroll`), whatever these say."""
+
+    public: list[str] = Field(
+        default_factory=lambda: ["/", "/health", "/metrics"],
+        max_length=256,
+        description="Paths served without a key: exact, or ending in '*' for a prefix. The "
+        "dashboard page itself holds no data; it asks for a key when the API wants one.",
+    )
+
+
 class HubConfig(Section):
     """The whole hub configuration; sections map to ``[section]`` tables in hub.toml."""
 
@@ -115,6 +131,8 @@ class HubConfig(Section):
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: HubLoggingConfig = Field(default_factory=HubLoggingConfig)
+    security: HubSecurityConfig = Field(default_factory=HubSecurityConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 def load(

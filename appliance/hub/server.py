@@ -23,6 +23,10 @@ from appliance.hub.config import HubConfig, storage_url
 from appliance.hub.metrics import HubMetrics
 from appliance.hub.monitor import OfflineMonitor, Retention
 from appliance.hub.storage import from_url
+from appliance.ops.systemd import SystemdNotify
+from appliance.security.access import hub_policy
+from appliance.security.tls import server_context
+from appliance.transports.http.security import runner_options
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +71,13 @@ class HubServer:
         except Exception as exc:  # refused, asyncpg or sqlite errors: name the storage
             raise OSError(f"cannot open storage {redact(url)}: {exc}") from exc
         self._stack.push_async_callback(storage.close)
+        access = await asyncio.to_thread(hub_policy, config)  # reads key files: off the loop
         runner = web.AppRunner(
-            build_app(storage, config, self.metrics),
+            build_app(storage, config, self.metrics, access),
             handler_cancellation=True,
             shutdown_timeout=config.http.shutdown_timeout,
             access_log=logging.getLogger("aiohttp.access"),
+            **runner_options(config.limits),
         )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
@@ -87,6 +93,10 @@ class HubServer:
                      storage.kind, scheme, shown, port)
         await self._stack.enter_async_context(OfflineMonitor(storage, config, self.metrics))
         await self._stack.enter_async_context(Retention(storage, config, self.metrics))
+        # Last in: READY=1 once storage and listeners are up; STOPPING=1 first on the way down.
+        status = f"{storage.kind} storage; listening on {scheme}://{config.http.host}:{self.port}"
+        await self._stack.enter_async_context(
+            SystemdNotify(wait_ready=_nothing_to_wait_for, status=lambda: status))
 
     async def shutdown(self) -> None:
         log.info("hub shutting down")
@@ -102,19 +112,15 @@ class HubServer:
         self._stop.set()
 
 
+async def _nothing_to_wait_for() -> None:
+    return None
+
+
 def _tls_context(config: HubConfig) -> ssl.SSLContext | None:
     http = config.http
     if http.tls_cert_file is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(http.tls_cert_file, http.tls_key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"http.tls_cert_file = {str(http.tls_cert_file)!r}: cannot load the certificate "
-            f"and key: {exc}") from None
-    return context
+    return server_context(http.tls_cert_file, http.tls_key_file, http.tls_min_version)
 
 
 def redact(url: str) -> str:

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from appliance.config import AlertsConfig
+from appliance.core.canary import CanaryDecision
 from appliance.core.metrics import Metrics
 from appliance.ops.health import HealthCollector, HealthSnapshot
 
@@ -228,6 +229,7 @@ class AlertEngine:
         self._unsubscribe: Callable[[], None] = lambda: None
         self._remove_status: Callable[[], None] = lambda: None
         self.recent: collections.deque[AlertEvent] = collections.deque(maxlen=50)
+        self._external: dict[tuple[str, str], float] = {}  # canary alerts: started at
 
     def add_listener(self, listener: AlertListener) -> Callable[[], None]:
         """Call ``listener(event)`` on the loop for every firing/resolved event."""
@@ -344,6 +346,24 @@ class AlertEngine:
             started_at=started_at,
             at=time.time() if at is None else at,
         )
+
+    def canary_decision(self, decision: CanaryDecision) -> None:
+        """A canary rollback is an alert of its own (``canary_rollback``, per model); a
+        promotion resolves it. Both travel to listeners (the hub) like rule events."""
+        key = ("canary_rollback", decision.model)
+        now = time.time()
+        if decision.decision == "rolled_back":
+            message = (f"model {decision.model}: canary version {decision.canary} rolled back "
+                       f"to {decision.stable}: {decision.reason}")
+            self._external[key] = now
+            self._publish(AlertEvent("canary_rollback", decision.model, "firing", "warning",
+                                     1.0, 0.0, message, now, now))
+        elif key in self._external:
+            started = self._external.pop(key)
+            message = (f"model {decision.model}: canary version {decision.canary} promoted: "
+                       f"{decision.reason}")
+            self._publish(AlertEvent("canary_rollback", decision.model, "resolved", "warning",
+                                     0.0, 0.0, message, started, now))
 
     def _publish(self, event: AlertEvent) -> None:
         gauge = self._metrics.alert_firing.labels(event.rule, event.subject, event.severity)

@@ -63,10 +63,13 @@ class Announcer:
         http_addresses: Sequence[tuple[str, int]],
         *,
         started: Sequence[object] = (),
+        api_key_required: bool = False,
     ) -> None:
         """``http_addresses`` are the bound HTTP sockets; ``started`` the lifecycle units
-        started before this one (the gRPC server among them tells its bound port)."""
+        started before this one (the gRPC server among them tells its bound port);
+        ``api_key_required`` what the access policy decided at start-up."""
         self._config = config
+        self._api_key_required = api_key_required
         self._grpc_port: Callable[[], int] | None = None
         if config.grpc.enabled:
             from appliance.transports.grpc.server import GrpcServer
@@ -211,10 +214,8 @@ class Announcer:
             version=__version__,
             ready=self._core.ready,
             models=ready,
-            # HTTP serves plain text without keys until [http] grows TLS and API key settings;
-            # these two lines are where they will be read.
-            tls=False,
-            api_key_required=False,
+            tls=config.http.tls_cert_file is not None,
+            api_key_required=self._api_key_required,
             websocket=config.websocket.enabled,
             grpc_port=self._grpc_port() if self._grpc_port is not None else None,
             # The MQTT transport's rule for its base topic (transports/mqtt/transport.py).

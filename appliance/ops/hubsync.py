@@ -36,6 +36,7 @@ from appliance.errors import ConfigError
 from appliance.ops.alerts import AlertEngine, AlertEvent
 from appliance.ops.health import HealthCollector, HealthSnapshot
 from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record, default_state_dir
+from appliance.security.crypto import load_cipher
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class HubSync:
             max_bytes=self._hub.outbox_max_bytes,
             max_age=self._hub.outbox_max_age,
             metrics=self._core.metrics,
+            cipher=load_cipher(config.security.data_key_file, env),
         )
         self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(_BACKLOG)
         self._tasks: list[asyncio.Task[None]] = []

@@ -19,6 +19,11 @@ Guarantees
       only when no heartbeat is left are the oldest records of any kind dropped. Records
       older than ``max_age`` are dropped whatever their kind. Every drop is counted by
       reason (``size``, ``age``), persisted in the database and exported in ``/metrics``.
+    * **Encrypted at rest when a data key is configured** — record bodies (which may carry
+      request data) are then stored AES-256-GCM encrypted (``security/crypto.py``), bound
+      to the stream and kind. A record no key can open (the key was changed or lost) is
+      dropped when it comes up, counted under reason ``key``; plain records written before
+      a key was configured are still read.
     * **Corruption is reported, never hidden** — a database that fails ``PRAGMA
       quick_check`` or reports corruption is renamed to ``<name>.corrupt-<UTC time>`` (with
       its ``-wal``/``-shm`` files), an error is logged, a fresh outbox is started and
@@ -47,6 +52,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance.core.metrics import Metrics
+from appliance.security.crypto import DecryptionError, FieldCipher, is_encrypted
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # SQLite primary result codes that mean the file itself is damaged.
 _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 HEARTBEAT = "heartbeat"
+_DROP_REASONS = ("size", "age", "key")
 
 
 class OutboxError(RuntimeError):
@@ -101,8 +108,10 @@ class Outbox:
         max_age: float,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        cipher: FieldCipher | None = None,
     ) -> None:
         self.path = path
+        self._cipher = cipher
         self.max_records = max_records
         self.max_bytes = max_bytes
         self.max_age = max_age
@@ -114,7 +123,7 @@ class Outbox:
         self.records = 0
         self.bytes = 0
         self.last_seq = 0
-        self.dropped: dict[str, int] = {"size": 0, "age": 0}
+        self.dropped: dict[str, int] = _drops({})
         self.recovered: list[Path] = []  # corrupt files moved aside since open
         self.appended = asyncio.Event()  # set on every append; the uploader clears it
 
@@ -189,7 +198,7 @@ class Outbox:
     def _count_drop(self, reason: str, n: int) -> None:
         if n <= 0:
             return
-        self.dropped[reason] += n
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
         self._db().execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -238,7 +247,7 @@ class Outbox:
         self.stream = meta["stream"]
         self.records, self.bytes = int(count), int(size)
         self.last_seq = int(row[0]) if row else 0
-        self.dropped = {r: int(meta.get(f"dropped_{r}", 0)) for r in ("size", "age")}
+        self.dropped = _drops({r: int(meta.get(f"dropped_{r}", 0)) for r in _DROP_REASONS})
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -275,6 +284,8 @@ class Outbox:
             return fn()
 
     def _append(self, kind: str, text: str) -> int:
+        if self._cipher is not None:
+            text = self._cipher.encrypt(text, f"{self.stream}:{kind}")
         size = len(text.encode("utf-8"))
         if size > self.max_bytes:
             raise OutboxError(f"a {size}-byte record cannot fit an outbox of {self.max_bytes}")
@@ -350,7 +361,36 @@ class Outbox:
         rows = db.execute(
             "SELECT seq, kind, created, body FROM records ORDER BY seq LIMIT ?", (limit,)
         ).fetchall()
-        return [Record(int(s), str(k), float(c), json.loads(b)) for s, k, c, b in rows]
+        records: list[Record] = []
+        unreadable: list[int] = []
+        for seq, kind, created, body in rows:
+            try:
+                text = self._plain(str(kind), str(body))
+            except DecryptionError as exc:
+                log.error("outbox: record %d: %s", seq, exc)
+                unreadable.append(int(seq))
+                continue
+            records.append(Record(int(seq), str(kind), float(created), json.loads(text)))
+        if unreadable:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s in unreadable])
+                self._count_drop("key", len(unreadable))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            finally:
+                self._recount()
+        return records
+
+    def _plain(self, kind: str, body: str) -> str:
+        if not is_encrypted(body):
+            return body
+        if self._cipher is None:
+            raise DecryptionError("the record is encrypted and no data key is configured "
+                                  "(security.data_key_file)")
+        return self._cipher.decrypt(body, f"{self.stream}:{kind}")
 
     def _ack(self, upto: int) -> int:
         db = self._db()
@@ -367,7 +407,7 @@ class Outbox:
             "SELECT count(*), coalesce(sum(size), 0) FROM records"
         ).fetchone()
         self.records, self.bytes = int(count), int(size)
-        self.dropped = {r: int(self._meta(f"dropped_{r}")) for r in ("size", "age")}
+        self.dropped = _drops({r: int(self._meta(f"dropped_{r}")) for r in _DROP_REASONS})
 
     def _meta(self, key: str) -> str:
         row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -376,6 +416,12 @@ class Outbox:
     def _integrity(self) -> str:
         rows = self._db().execute("PRAGMA integrity_check").fetchall()
         return "\n".join(str(r[0]) for r in rows)
+
+
+def _drops(counts: Mapping[str, int]) -> dict[str, int]:
+    """Drop counters: size and age always, key (undecryptable) only once it happened."""
+    return {"size": counts.get("size", 0), "age": counts.get("age", 0),
+            **({"key": counts["key"]} if counts.get("key") else {})}
 
 
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:

@@ -125,7 +125,7 @@ def test_discover_json_lists_each_daemon_with_its_port_and_txt(fleet: Fleet) -> 
     assert found["alpha-1"]["protocols"] == ["openai", "oip-v2", "ollama", "ws"]
     assert "mqtt" not in found["alpha-1"]["txt"]
     if STORIES.is_file():
-        assert found["gamma-3"]["models"] == ["sensor-anomaly", "stories260K"]
+        assert found["gamma-3"]["models"] == ["home-intent", "sensor-anomaly", "stories260K"]
     if FLEET["gamma-3"][1]:  # gRPC on a port of its own, announced once bound
         log = "\n".join(fleet.daemons["gamma-3"].log)
         grpc_port = int(re.findall(r"gRPC .* listening on 127\.0\.0\.1:(\d+)", log)[0])

@@ -40,8 +40,10 @@ def _no_leaked_threads() -> Iterator[None]:
 
 
 def _env(device_id: str, name: str, **extra: str) -> dict[str, str]:
+    # These daemons serve 0.0.0.0 inside a namespace; API keys (tests/security) would make
+    # them generate one into the machine's own state directory.
     return {"APPLIANCE_DEVICE__ID": device_id, "APPLIANCE_DEVICE__NAME": name,
-            "APPLIANCE_MDNS__INTERFACES": "eth0", **extra}
+            "APPLIANCE_MDNS__INTERFACES": "eth0", "APPLIANCE_SECURITY__AUTH": "off", **extra}
 
 
 def discover_until(ns: Netns, predicate: Callable[[list[dict[str, Any]]], bool],

@@ -13,6 +13,7 @@ import grpc
 
 from appliance.config import Config
 from appliance.core.service import Core
+from appliance.security.access import AccessPolicy
 from appliance.transports.grpc import grpc_service_pb2_grpc
 from appliance.transports.grpc.service import InferenceService
 
@@ -22,9 +23,10 @@ log = logging.getLogger(__name__)
 class GrpcServer:
     """``inference.GRPCInferenceService`` on ``grpc.host``:``grpc.port``."""
 
-    def __init__(self, core: Core, config: Config) -> None:
+    def __init__(self, core: Core, config: Config, access: AccessPolicy | None = None) -> None:
         self._core = core
         self._config = config
+        self._access = access
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -43,12 +45,18 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
         ])
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self._core), server
+            InferenceService(self._core, self._access), server
         )
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        http = self._config.http
         try:
-            # TLS goes here with the security settings: add_secure_port with credentials.
-            self.port = server.add_insecure_port(f"{host}:{settings.port}")
+            if http.tls_cert_file is not None:  # the HTTP side's certificate serves gRPC too
+                cert = http.tls_cert_file.read_bytes()
+                key = (http.tls_key_file or http.tls_cert_file).read_bytes()
+                credentials = grpc.ssl_server_credentials([(key, cert)])
+                self.port = server.add_secure_port(f"{host}:{settings.port}", credentials)
+            else:
+                self.port = server.add_insecure_port(f"{host}:{settings.port}")
         except RuntimeError as exc:
             raise OSError(f"cannot serve gRPC on {host}:{settings.port}: {exc}") from None
         await server.start()

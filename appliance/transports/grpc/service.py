@@ -6,8 +6,9 @@ Tensors are decoded by the same Open Inference Protocol decoder as HTTP (``core/
 always go back in ``raw_output_contents``, as Triton answers.
 
 Every call passes through :meth:`InferenceService._call`, the one place that maps errors to
-gRPC status codes (:func:`status_of`), counts metrics and, once API keys exist, checks the
-call's metadata.
+gRPC status codes (:func:`status_of`), counts metrics and applies the HTTP side's access
+policy: the client's address, the ``authorization`` / ``x-api-key`` metadata and the scope
+of the HTTP route each RPC corresponds to (:data:`HTTP_EQUIVALENT`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,19 @@ from appliance.core.oip import DecodedRequest
 from appliance.core.service import Core
 from appliance.core.types import ModelInfo, ModelState
 from appliance.errors import (
+    Forbidden,
     ModelNotFound,
     ModelUnavailable,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     RequestError,
     ShuttingDown,
+    Unauthenticated,
 )
+from appliance.security.access import AccessPolicy
 from appliance.transports.grpc import grpc_service_pb2 as pb
+from appliance.transports.http.scopes import scope_of
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +72,34 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (Overloaded, ModelUnavailable, ShuttingDown)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, Forbidden):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+    if isinstance(exc, RateLimited):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     log.error("unhandled error in a gRPC call", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error; see the appliance log"
+
+
+# The HTTP route each RPC does the same as: its scope and whether it is public come from the
+# HTTP side's table and ``security.public``, so both transports apply one policy.
+HTTP_EQUIVALENT: dict[str, tuple[str, str]] = {
+    "ServerLive": ("GET", "/v2/health/live"),
+    "ServerReady": ("GET", "/v2/health/ready"),
+    "ModelReady": ("GET", "/v2/models/{name}/ready"),
+    "ServerMetadata": ("GET", "/v2"),
+    "ModelMetadata": ("GET", "/v2/models/{name}"),
+    "ModelInfer": ("POST", "/v2/models/{name}/infer"),
+}
 
 
 class InferenceService:
     """Implements the RPCs of ``grpc_service.proto`` on top of the core."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, access: AccessPolicy | None = None) -> None:
         self.core = core
+        self.access = access
 
     # -- health and metadata ----------------------------------------------------------
 
@@ -148,26 +173,40 @@ class InferenceService:
 
     async def _call(self, method: str, context: Context, model: str,
                     work: Callable[[], Awaitable[T]]) -> T:
-        """Run one RPC: errors become status codes here and nowhere else.
-
-        Authentication belongs here too when API keys arrive: every RPC passes through, and
-        ``context.invocation_metadata()`` carries the ``authorization`` header.
-        """
+        """Run one RPC: access checks, then the work; errors become status codes here and
+        nowhere else."""
         started = time.perf_counter()
         code = grpc.StatusCode.CANCELLED  # unless the call finishes one way or the other
         try:
+            if self.access is not None:
+                self._check_access(method, context)
             result = await work()
             code = grpc.StatusCode.OK
             return result
         except Exception as exc:
             code, message = status_of(exc)
-            if isinstance(exc, Overloaded):
+            if isinstance(exc, (Overloaded, RateLimited)):
                 context.set_trailing_metadata(
-                    (("retry-after", str(math.ceil(exc.retry_after))),)
+                    (("retry-after", str(max(1, math.ceil(exc.retry_after)))),)
                 )
             await context.abort(code, message)
         finally:
             self._count(method, model, code, time.perf_counter() - started)
+
+    def _check_access(self, method: str, context: Context) -> None:
+        """The HTTP side's checks, in its order: allow-list, key, scope, rate limit."""
+        access = self.access
+        assert access is not None
+        peer = _peer_address(context.peer())
+        access.check_network(peer, None, None)  # no Host header: gRPC is not a browser's
+        http_method, template = HTTP_EQUIVALENT[method]
+        key = None
+        if not access.is_public(template):
+            metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())
+                        if isinstance(v, str)}
+            key = access.authenticate(metadata.get("authorization"), metadata.get("x-api-key"))
+            access.authorize(key, scope_of(http_method, template))
+        access.limit(peer, key)
 
     def _info(self, name: str, version: str | None) -> ModelInfo:
         if not name:
@@ -223,3 +262,13 @@ def decode_infer_request(request: pb.ModelInferRequest) -> DecodedRequest:
 
 async def _done(value: T) -> T:
     return value
+
+
+def _peer_address(peer: str) -> str | None:
+    """The address in a gRPC peer string: ``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return None

@@ -10,10 +10,12 @@ from aiohttp import web
 
 from appliance.config import Config
 from appliance.core.service import Core
+from appliance.security.access import AccessPolicy, daemon_policy
 from appliance.transports import ws
-from appliance.transports.http import oip, ollama, openai, openapi, ops
+from appliance.transports.http import oip, ollama, openai, openapi, ops, repository, security
 from appliance.transports.http.errors import from_exception
 from appliance.transports.http.keys import CONFIG, CORE, MODEL
+from appliance.transports.http.scopes import scope_of
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +45,23 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     return response
 
 
-def build_app(core: Core, config: Config) -> web.Application:
-    """The HTTP application for one daemon."""
+def build_app(core: Core, config: Config, access: AccessPolicy | None = None
+              ) -> web.Application:
+    """The HTTP application for one daemon; ``access`` defaults to the configured policy."""
+    if access is None:
+        access = daemon_policy(config)
     app = web.Application(
         client_max_size=config.http.max_body_bytes,
-        middlewares=[_errors_and_metrics],
+        middlewares=[_errors_and_metrics, *security.middlewares(
+            access, scope_of, config.limits, config.http.max_body_bytes)],
     )
     app[CORE] = core
     app[CONFIG] = config
+    app[security.POLICY] = access
     app.add_routes(ops.routes)
     app.add_routes(openai.routes)
     app.add_routes(oip.routes)
+    app.add_routes(repository.routes)  # admin scope: load, unload, reload, canaries
     app.add_routes(ollama.routes)  # also GET /, which Ollama clients probe
     ws.setup(app)
     app.on_startup.append(openapi.publish)  # once the router is complete

@@ -18,12 +18,16 @@ from aiohttp import web
 
 from appliance.core import oip_msgpack
 from appliance.errors import (
+    Forbidden,
     ModelNotFound,
     ModelUnavailable,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     RequestError,
+    RequestTimeout,
     ShuttingDown,
+    Unauthenticated,
 )
 from appliance.transports.http.keys import CONFIG
 from appliance.transports.http.negotiation import answers_msgpack
@@ -36,6 +40,7 @@ _OPENAI_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_error",
@@ -74,6 +79,19 @@ def error_response(
 
 def from_exception(request: web.Request, exc: BaseException) -> web.StreamResponse:
     """Map an exception raised while handling ``request`` to a response."""
+    if isinstance(exc, Unauthenticated):
+        challenge = 'Bearer realm="appliance"'
+        if "Authorization" in request.headers or "X-API-Key" in request.headers:
+            challenge += ', error="invalid_token"'
+        return error_response(request, 401, str(exc), param="Authorization",
+                              headers={"WWW-Authenticate": challenge})
+    if isinstance(exc, Forbidden):
+        return error_response(request, 403, str(exc))
+    if isinstance(exc, RateLimited):
+        return error_response(request, 429, str(exc),
+                              headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+    if isinstance(exc, RequestTimeout):
+        return error_response(request, 408, str(exc), headers={"Connection": "close"})
     if isinstance(exc, PayloadTooLarge):
         return error_response(request, 413, str(exc), param=exc.param)
     if isinstance(exc, RequestError):

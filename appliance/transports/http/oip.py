@@ -25,8 +25,8 @@ routes = web.RouteTableDef()
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Only what is implemented: Triton clients call an extension's routes when it is listed
-# (the model_repository extension would need /v2/repository/index, load and unload).
-EXTENSIONS = ["binary_tensor_data"]
+# (model_repository: /v2/repository/index, load and unload, in repository.py).
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _PLATFORMS = PLATFORMS
 
 
@@ -54,7 +54,10 @@ async def ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/versions/{version}")
 async def model_metadata(request: web.Request) -> web.Response:
     info = _info(request)
-    return web.json_response(_metadata(info))
+    meta = _metadata(info)
+    if info.runtime != "pipeline":
+        meta["versions"] = [v.version for v in request.app[CORE].versions(info.name)]
+    return web.json_response(meta)
 
 
 @routes.get("/v2/models/{name}/ready")

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from appliance.core.service import Core, TokenStream
 from appliance.core.types import Capability, ModelInfo, ModelState, TokenChunk
-from appliance.errors import ApplianceError, ModelUnavailable, RequestError
+from appliance.errors import ApplianceError, RequestError
 from appliance.transports.http.errors import read_json
 from appliance.transports.http.keys import CORE, MODEL
 from appliance.transports.http.ollama_schema import (
@@ -50,6 +50,7 @@ from appliance.transports.http.ollama_schema import (
     TagModel,
     Tags,
     Version,
+    keep_alive_seconds,
     model_ref,
     parse,
 )
@@ -121,6 +122,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
     body: ChatRequest = parse(ChatRequest, await read_json(request))
     name, version = _target(request, body.model)
+    _keep_alive(request, name, version, body.keep_alive)
     if body.tools:
         raise RequestError(f"{json.dumps(body.model)} does not support tools", param="tools")
     if body.thinking():
@@ -129,7 +131,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise RequestError(f"{json.dumps(body.model)} does not support images", param="messages")
     core = request.app[CORE]
     if not body.messages:  # Ollama's way to load (or, with keep_alive 0, unload) a model
-        _require_ready(core, name, version)
+        await _require_ready(core, name, version, unload=body.unload)
         return _json(ChatAnswer(model=body.model, created_at=_now(), done=True,
                                 done_reason="unload" if body.unload else "load",
                                 message=AssistantMessage(content="")))
@@ -148,6 +150,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
     body: GenerateRequestBody = parse(GenerateRequestBody, await read_json(request))
     name, version = _target(request, body.model)
+    _keep_alive(request, name, version, body.keep_alive)
     unsupported = [("suffix", "insert"), ("template", "custom templates"),
                    ("context", "context"), ("images", "images")]
     for field, what in unsupported:
@@ -157,7 +160,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise RequestError(f"{json.dumps(body.model)} does not support thinking", param="think")
     core = request.app[CORE]
     if not body.prompt:  # load (or unload) only, as Ollama does for an empty prompt
-        _require_ready(core, name, version)
+        await _require_ready(core, name, version, unload=body.unload)
         return _json(GenerateAnswer(model=body.model, created_at=_now(), done=True,
                                     done_reason="unload" if body.unload else "load",
                                     response=""))
@@ -178,7 +181,7 @@ async def embed(request: web.Request) -> web.Response:
     core = request.app[CORE]
     texts = body.texts()
     if not texts:  # Ollama loads the model and answers no vectors
-        _require_ready(core, name, version)
+        await _require_ready(core, name, version)
         return _json(Embed(model=body.model, embeddings=[]))
     result = await core.embed(name, texts, version=version)
     vectors = result.vectors
@@ -195,7 +198,7 @@ async def embeddings(request: web.Request) -> web.Response:
     name, version = _target(request, body.model)
     core = request.app[CORE]
     if not body.prompt:
-        _require_ready(core, name, version)
+        await _require_ready(core, name, version)
         return _json(Embeddings(embedding=[]))
     result = await core.embed(name, [body.prompt], version=version)
     return _json(Embeddings(embedding=result.vectors[0]))
@@ -286,11 +289,25 @@ def _target(request: web.Request, reference: str) -> tuple[str, str | None]:
     return name, version
 
 
-def _require_ready(core: Core, name: str, version: str | None) -> None:
-    """404 for an unknown model, 503 for one that is not serving: what loading it would say."""
+def _keep_alive(request: web.Request, name: str, version: str | None,
+                value: float | str | None) -> None:
+    """Ollama's per-request ``keep_alive``: how long the model stays loaded once idle (0:
+    unload as soon as it is idle; negative: forever)."""
+    # As in Ollama, every request sets it: one without keep_alive restores the default.
+    seconds = None if value is None else keep_alive_seconds(value)
+    request.app[CORE].keep_alive(
+        name, version, None if value is None else -1.0 if seconds is None else seconds)
+
+
+async def _require_ready(core: Core, name: str, version: str | None, *,
+                         unload: bool = False) -> None:
+    """404 for an unknown model, 503 for one that cannot serve; loads it unless ``unload``
+    (what loading it in Ollama does)."""
     info = core.model(name, version)
+    if unload:
+        return
     if info.state is not ModelState.READY:
-        raise ModelUnavailable(info.name, info.state.value, info.error)
+        await core.load(name, version)
 
 
 def _language_model(info: ModelInfo) -> bool:

@@ -100,7 +100,7 @@ class _Generation(_Request):
     keep_alive: float | str | None = Field(
         default=None,
         description="How long the model stays loaded: seconds, or a Go duration such as "
-        '"5m" or "-1s" (negative: forever). Accepted; models stay loaded while served.',
+        '"5m" or "-1s" (negative: forever); 0 unloads the model once idle.',
     )
     think: bool | str | None = Field(default=None, description="Not supported: false or absent.")
 

@@ -19,6 +19,7 @@ import numpy as np
 from aiohttp import web
 from pydantic import BaseModel
 
+from appliance.core.repository import model_ref
 from appliance.core.service import TokenStream
 from appliance.core.types import ModelState, TokenChunk
 from appliance.errors import ApplianceError
@@ -63,7 +64,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 @routes.get("/v1/models/{model}")
 async def get_model(request: web.Request) -> web.Response:
-    info = request.app[CORE].model(request.match_info["model"])
+    info = request.app[CORE].model(*model_ref(request.match_info["model"]))
     owner = request.app[CONFIG].device.id
     return _json(ModelCard(id=info.name, created=info.created, owned_by=owner,
                            state=info.state.value))
@@ -72,8 +73,9 @@ async def get_model(request: web.Request) -> web.Response:
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
-    request[MODEL] = body.model
-    stream = await request.app[CORE].generate(body.model, body.to_core())
+    name, version = model_ref(body.model)
+    request[MODEL] = name
+    stream = await request.app[CORE].generate(name, body.to_core(), version=version)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if not body.stream:
@@ -108,8 +110,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     body: CompletionRequest = parse(CompletionRequest, await read_json(request))
-    request[MODEL] = body.model
-    stream = await request.app[CORE].generate(body.model, body.to_core())
+    name, version = model_ref(body.model)
+    request[MODEL] = name
+    stream = await request.app[CORE].generate(name, body.to_core(), version=version)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prefix = body.prompt_text() if body.echo else ""
 
@@ -140,9 +143,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     body: EmbeddingRequest = parse(EmbeddingRequest, await read_json(request))
-    request[MODEL] = body.model
+    name, version = model_ref(body.model)
+    request[MODEL] = name
     core = request.app[CORE]
-    result = await core.embed(body.model, body.texts())
+    result = await core.embed(name, body.texts(), version=version)
     data = []
     for i, vector in enumerate(result.vectors):
         if body.dimensions is not None:

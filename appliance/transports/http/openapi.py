@@ -35,6 +35,7 @@ from appliance.transports.http.openapi_routes import (
     TAGS,
 )
 from appliance.transports.http.openapi_schemas import REF, SCHEMAS
+from appliance.transports.http.scopes import scope_of
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def build(router: web.UrlDispatcher, *, strict: bool = True) -> dict[str, Any]:
             operation["parameters"] = [
                 _path_parameter(n, strict=strict) for n in names
             ] + operation.get("parameters", [])
+        operation["x-required-scope"] = scope_of(method, path)
         paths.setdefault(path, {})[method.lower()] = operation
     used = {op["tags"][0] for ops in paths.values() for op in ops.values()}
     tags = [tag for tag in TAGS if tag["name"] in used]
@@ -131,8 +133,25 @@ def build(router: web.UrlDispatcher, *, strict: bool = True) -> dict[str, Any]:
         },
         "tags": copy.deepcopy(tags),
         "paths": paths,
-        "components": {"schemas": components()},
+        # Either header works; `{}`: no key, for routes in security.public and boxes that
+        # serve loopback only (docs/security.md). x-required-scope names each route's scope.
+        "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+        "components": {"schemas": components(), "securitySchemes": SECURITY_SCHEMES},
     }
+
+
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearerAuth": {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key (`appliance keys create`) as `Authorization: Bearer <key>`. "
+        "Keys have scopes: `read`, `infer`, `admin` (each operation's `x-required-scope`).",
+    },
+    "apiKeyHeader": {
+        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "description": "The same API key in an `X-API-Key` header. Keys in the query string "
+        "are never accepted (they end up in logs and browser history).",
+    },
+}
 
 
 def _path_parameter(name: str, *, strict: bool) -> dict[str, Any]:

@@ -24,6 +24,7 @@ OIP = "Open Inference Protocol v2"
 OLLAMA = "Ollama-compatible"
 WEBSOCKET = "WebSocket"
 OPS = "Operations"
+REPOSITORY = "Model repository"
 
 TAGS: list[dict[str, Any]] = [
     {
@@ -53,6 +54,12 @@ TAGS: list[dict[str, Any]] = [
         "name": WEBSOCKET,
         "description": "Many requests over one connection, replies interleaved by request "
         "`id`: JSON text frames, or MessagePack binary frames.",
+    },
+    {
+        "name": REPOSITORY,
+        "description": "Load, unload and reload models and decide canaries at run time "
+        "(Triton's model repository extension and `/admin`). Needs an API key with the "
+        "`admin` scope.",
     },
     {
         "name": OPS,
@@ -138,7 +145,16 @@ _ERRORS = {
     404: "No model of that name (or version).",
     413: "The request body is larger than `http.max_body_bytes`.",
     503: "The model's queue is full, the model is not ready yet, or the appliance is stopping.",
+    # Every route (docs/security.md):
+    401: "An API key is needed and none valid came (`Authorization: Bearer <key>` or "
+    "`X-API-Key: <key>`).",
+    403: "The key lacks this route's scope, the client's address is not allowed, or the "
+    "`Host` (or `Origin`) names another site.",
+    408: "The request body did not arrive within `limits.request_timeout`.",
+    429: "Too many requests from this address or with this key: retry after `Retry-After`.",
 }
+# Statuses any route may answer before its handler runs (the security middlewares).
+SECURITY_ERRORS = (401, 403, 429)
 
 
 # ------------------------------------------------------------------ operation helpers
@@ -209,8 +225,10 @@ def _op(
         operation["requestBody"] = {"required": True, "content": {"application/json": media}}
     out = dict(responses)
     error_schema = ref("OpenAIError" if tag == OPENAI else "Error")
-    for code in errors:
-        out[code] = _json(_ERRORS[code], error_schema, headers=RETRY_AFTER if code == 503 else None)
+    codes = set(errors) | set(SECURITY_ERRORS) | ({408} if body is not None else set())
+    for code in sorted(codes - set(out)):
+        out[code] = _json(_ERRORS[code], error_schema,
+                          headers=RETRY_AFTER if code in (429, 503) else None)
     operation["responses"] = {str(code): out[code] for code in sorted(out)}
     return operation
 
@@ -500,6 +518,54 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             101: {"description": "Switching to the WebSocket protocol."},
             400: _json("Not a WebSocket upgrade request.", ref("Error")),
         },
+    ),
+    # Model repository administration (admin scope)
+    ("POST", "/v2/repository/index"): _op(
+        REPOSITORY, "repositoryIndex", "List every model version",
+        "Triton's model repository extension: every served version of every model with its "
+        "state (`READY`, `LOADING`, `UNLOADED`, `FAILED`) and, for a failed one, the reason. "
+        "The body is optional; `{\"ready\": true}` lists only ready versions.",
+        {200: _json("The versions.", {"type": "array", "items": {
+            "type": "object", "required": ["name", "version", "state"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                           "state": {"type": "string"}, "reason": {"type": "string"}}}})},
+        errors=(400, 413),
+    ),
+    ("POST", "/v2/repository/models/{name}/load"): _op(
+        REPOSITORY, "repositoryModelLoad", "Load or reload a model",
+        "Re-reads the model from the repository and loads it. A changed file or a new "
+        "version loads beside the serving one and takes over once ready (with `[canary]` "
+        "enabled, a new version starts as a canary); one that fails to load leaves the old "
+        "one serving. No request is dropped.",
+        {200: _json("The model's versions and their states.", ref("ModelVersions"))},
+        errors=(400, 404, 413, 503),
+    ),
+    ("POST", "/v2/repository/models/{name}/unload"): _op(
+        REPOSITORY, "repositoryModelUnload", "Unload a model",
+        "Unloads every version once its admitted requests finished; the model answers 503 "
+        "until it is loaded again.",
+        {200: _json("The model's versions and their states.", ref("ModelVersions"))},
+        errors=(400, 404, 413),
+    ),
+    ("POST", "/admin/reload"): _op(
+        REPOSITORY, "adminReload", "Re-read the model repository",
+        "What SIGHUP does: every model is re-read and what changed is hot-swapped.",
+        {200: _json("Every model's versions and their states.", {
+            "type": "object", "additionalProperties": {
+                "type": "object", "additionalProperties": {"type": "string"}}})},
+        errors=(400, 413),
+    ),
+    ("POST", "/admin/models/{name}/promote"): _op(
+        REPOSITORY, "adminCanaryPromote", "Promote a running canary",
+        "The canary version becomes the stable one; the old stable version is retired.",
+        {200: _json("The decision.", ref("CanaryDecision"))},
+        errors=(400, 404, 413),
+    ),
+    ("POST", "/admin/models/{name}/rollback"): _op(
+        REPOSITORY, "adminCanaryRollback", "Roll back a running canary",
+        "The canary version is unloaded; the stable one serves everything.",
+        {200: _json("The decision.", ref("CanaryDecision"))},
+        errors=(400, 404, 413),
     ),
     # Operations
     ("GET", "/health"): _op(

@@ -201,6 +201,26 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "ModelVersions": {
+        "type": "object",
+        "required": ["name", "versions"],
+        "properties": {
+            "name": {"type": "string", "description": "Model name."},
+            "versions": {"type": "object", "additionalProperties": {"type": "string"},
+                         "description": "Each served version and its state."},
+        },
+    },
+    "CanaryDecision": {
+        "type": "object",
+        "required": ["model", "stable", "canary", "decision", "reason"],
+        "properties": {
+            "model": {"type": "string"},
+            "stable": {"type": "string", "description": "The stable version."},
+            "canary": {"type": "string", "description": "The canary version."},
+            "decision": {"enum": ["promoted", "rolled_back"]},
+            "reason": {"type": "string"},
+        },
+    },
     "ModelReadyResponse": {
         "type": "object",
         "required": ["name", "ready"],

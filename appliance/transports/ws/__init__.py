@@ -3,7 +3,8 @@
 The protocol (``protocol.py``) is independent of the connection that carries it
 (``connection.py``); errors become ``error`` messages in one place (``errors.py``). The
 upgrade is an ordinary HTTP ``GET``, so everything the HTTP application checks before a
-handler runs (its middlewares; API keys once they exist) applies to ``/ws`` unchanged.
+handler runs (its middlewares: allow-list, Host/Origin, API key with the ``infer`` scope,
+rate limits) applies to ``/ws`` unchanged.
 """
 
 from __future__ import annotations

@@ -237,8 +237,8 @@ CASES: dict[str, Case] = {
                                    "model 'no-such-model' not found"),
     # -- unknown routes and wrong methods -------------------------------------------------
     "unknown-route-v1": Case("GET", "/v1/engines", None, 404, "no route for GET /v1/engines"),
-    "unknown-route-v2": Case("POST", "/v2/repository/index", b"{}", 404,
-                             "no route for POST /v2/repository/index"),
+    "unknown-route-v2": Case("POST", "/v2/systemsharedmemory/register", b"{}", 404,
+                             "no route for POST /v2/systemsharedmemory/register"),
     "unknown-route-root": Case("GET", "/admin", None, 404, "no route for GET /admin"),
     "wrong-method-chat": Case("GET", CHAT, None, 405,
                               f"method GET is not allowed for {CHAT}; allowed: POST"),

@@ -28,8 +28,13 @@ GREEDY = ", there was a little girl named Lily."
 
 
 @pytest.fixture(scope="module")
-def llm_daemon(stories_gguf: Path, default_models: Path) -> Iterator[DaemonProcess]:
-    with daemon("--models-dir", str(default_models), "--model", str(stories_gguf)) as proc:
+def llm_daemon(stories_gguf: Path, default_models: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    # One tensor model (never listed) and one language model: the default models without
+    # home-intent, so the listings below name exactly stories260K.
+    models = tmp_path_factory.mktemp("models")
+    (models / "sensor-anomaly").symlink_to(default_models / "sensor-anomaly")
+    with daemon("--models-dir", str(models), "--model", str(stories_gguf)) as proc:
         yield proc
 
 
@@ -158,7 +163,7 @@ def test_empty_requests_load_and_unload_like_ollama(client: ollama.Client) -> No
     assert loaded.done is True and loaded.done_reason == "load"
     unloaded = client.chat(model=LLM, messages=[], keep_alive=0)
     assert unloaded.done_reason == "unload"
-    # Models stay loaded while the appliance serves them: the next request just works.
+    # The model unloads once idle; the next request loads it again and just works.
     assert client.generate(model=LLM, prompt="Once", raw=True,
                            options={"num_predict": 2}).response
 

@@ -23,18 +23,18 @@ async def test_discovery_announces_the_device_and_repeats_when_home_assistant_re
                          health={"interval": 0.2}):
         ha.subscribe("homeassistant/#")
         ha.subscribe("appliance/ha-box/#")
-        first = await ha.wait(CONFIGS, 9)
+        first = await ha.wait(CONFIGS, 10)
         await until(lambda: any(m.json()["system"]["memory_percent"] is not None
                                 for m in ha.on("appliance/ha-box/stats")))
         # Home Assistant restarted: its birth message asks for the announcement again.
         ha.publish("homeassistant/status", "online")
-        await ha.wait(CONFIGS, 18)
+        await ha.wait(CONFIGS, 20)
     configs = {m.topic: m.json() for m in first}
     assert all(m.retain for m in first)
     assert set(configs) == {
         f"homeassistant/sensor/ha-box/{name}/config" for name in (
             "status", "inference_latency", "requests", "uptime", "cpu_temperature", "memory",
-            "cpu", "model_sensor-anomaly")
+            "cpu", "model_sensor-anomaly", "model_home-intent")
     } | {"homeassistant/binary_sensor/ha-box/alert/config"}
     unique = {c["unique_id"] for c in configs.values()}
     assert len(unique) == len(configs)

@@ -1,0 +1,1 @@
+"""Offline tools run from the command line: model quantization."""
