@@ -94,6 +94,12 @@ class GgufRuntime(Runtime):
         from llama_cpp import _internals
 
         opts = self._opts
+        # llama.cpp's log callback prints whatever its Python logger lets through, and that
+        # logger starts unfiltered: without this, every context creation writes pages of
+        # debug lines to stderr (and so to the journal).
+        logging.getLogger("llama-cpp-python").setLevel(
+            logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+        )
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = opts.n_gpu_layers
