@@ -127,7 +127,7 @@ def build(config: AccessConfig, *, binds: Iterable[str], names: Iterable[str] = 
         store.add(key)
         log.warning(
             "no API key is configured and %s serves %s: requests need the generated admin "
-            "key in %s (send it as 'Authorization: Bearer <key>'). Create your own with "
+            "key in %s (send it as a bearer token or in X-API-Key). Create your own with "
             "'appliance keys create NAME' and delete that file (docs/security.md)",
             what, ", ".join(lan) or "with security.auth = on", path)
     elif not required and lan:
