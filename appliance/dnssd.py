@@ -273,10 +273,6 @@ class Interfaces:
     addresses: tuple[str, ...]
     missing: tuple[str, ...] = ()
 
-    @property
-    def loopback_only(self) -> bool:
-        return all(ipaddress.ip_address(a).is_loopback for a in self.addresses)
-
 
 def resolve_interfaces(wanted: Sequence[str]) -> Interfaces:
     """Turn interface names (``eth0``, ``lo``) or IPv4 addresses into the IPv4 addresses

@@ -13,6 +13,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 from appliance.errors import ConfigError
@@ -33,6 +35,21 @@ class Section(BaseModel):
     """Base of every config section: immutable, and unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TlsFilesSection(Section):
+    """A section with ``tls_cert_file``/``tls_key_file`` fields: a key needs its certificate.
+
+    The fields themselves (and their descriptions) stay in each section; this base holds
+    the one cross-field check they share.
+    """
+
+    @field_validator("tls_key_file", check_fields=False)
+    @classmethod
+    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_cert_file") is None:
+            raise ValueError("tls_key_file needs tls_cert_file")
+        return value
 
 
 

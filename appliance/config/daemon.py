@@ -11,7 +11,7 @@ from pydantic import (
     field_validator,
 )
 
-from appliance.config.base import DEVICE_ID_PATTERN, Section
+from appliance.config.base import DEVICE_ID_PATTERN, Section, TlsFilesSection
 
 
 class DeviceConfig(Section):
@@ -30,7 +30,7 @@ class DeviceConfig(Section):
     )
 
 
-class HttpConfig(Section):
+class HttpConfig(TlsFilesSection):
     """The single HTTP port serving OpenAI, Open Inference Protocol v2 and ops routes."""
 
     host: str = Field(default="0.0.0.0", min_length=1, description="Address to bind.")
@@ -60,12 +60,6 @@ class HttpConfig(Section):
         default="1.2", description="Oldest TLS version a client may use."
     )
 
-    @field_validator("tls_key_file")
-    @classmethod
-    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is not None and info.data.get("tls_cert_file") is None:
-            raise ValueError("tls_key_file needs tls_cert_file")
-        return value
 
 
 class ModelsConfig(Section):

@@ -12,7 +12,7 @@ from pydantic import (
     field_validator,
 )
 
-from appliance.config.base import Section
+from appliance.config.base import Section, TlsFilesSection
 
 _RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 _TEMPLATE_FIELDS = frozenset({"base", "rule", "source", "device_id", "model"})
@@ -144,7 +144,7 @@ class StreamRule(Section):
         return value
 
 
-class MqttConfig(Section):
+class MqttConfig(TlsFilesSection):
     """The MQTT transport: requests, stream rules and Home Assistant discovery (docs/mqtt.md)."""
 
     # TLS keys are flat (tls_*) rather than a nested table so each has an environment variable.
@@ -283,12 +283,6 @@ class MqttConfig(Section):
         # TOML users write `protocol = 5`; the version names are strings.
         return "5" if value == 5 and not isinstance(value, bool) else value
 
-    @field_validator("tls_key_file")
-    @classmethod
-    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is not None and info.data.get("tls_cert_file") is None:
-            raise ValueError("tls_key_file needs tls_cert_file")
-        return value
 
     @field_validator("reconnect_max")
     @classmethod

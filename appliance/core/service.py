@@ -440,15 +440,8 @@ class TokenStream:
                 metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
 
 
-def collect_text(chunks: Sequence[TokenChunk]) -> tuple[str, TokenChunk]:
-    """Join streamed chunks; returns the text and the final chunk (with usage)."""
-    if not chunks:
-        raise RuntimeError("the runtime produced no final chunk")
-    return "".join(c.text for c in chunks), chunks[-1]
-
-
 def _shape_text(shape: Sequence[int]) -> str:
     return "[" + ", ".join("-1 (any)" if d == -1 else str(d) for d in shape) + "]"
 
 
-__all__ = ["DATATYPES", "Core", "TokenStream", "collect_text"]
+__all__ = ["DATATYPES", "Core", "TokenStream"]

@@ -11,15 +11,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from appliance.config import AccessConfig, LimitsConfig, Section, load_model, reference
+from appliance.config.base import TlsFilesSection
 
 ENV_PREFIX = "APPLIANCE_HUB_"
 ENV_CONFIG_FILE = "APPLIANCE_HUB_CONFIG"
 
 
-class HubHttpConfig(Section):
+class HubHttpConfig(TlsFilesSection):
     """The hub's HTTP port: ingest API, fleet REST API, dashboard, /health and /metrics."""
 
     host: str = Field(default="0.0.0.0", min_length=1, description="Address to bind.")
@@ -43,12 +44,6 @@ class HubHttpConfig(Section):
         default="1.2", description="Oldest TLS version a client may use."
     )
 
-    @field_validator("tls_key_file")
-    @classmethod
-    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is not None and info.data.get("tls_cert_file") is None:
-            raise ValueError("tls_key_file needs tls_cert_file")
-        return value
 
 
 class StorageConfig(Section):
