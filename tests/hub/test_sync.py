@@ -177,8 +177,10 @@ def test_a_full_outbox_drops_oldest_heartbeats_and_counts_them(tmp_path: Path) -
         status = poll("the outbox past its bound",
                       lambda: (s := hub_sync_status(appliance))["dropped"]["size"] >= 10 and s)
         assert status["queued"] == 10  # the bound holds
-        metrics = urllib.request.urlopen(appliance.url + "/metrics").read().decode()
+        # Read the status before the metrics: heartbeats keep coming, so the counter
+        # scraped second can only have grown.
         dropped = hub_sync_status(appliance)["dropped"]["size"]
+        metrics = urllib.request.urlopen(appliance.url + "/metrics").read().decode()
         line = next(x for x in metrics.splitlines()
                     if x.startswith('appliance_outbox_dropped_total{reason="size"}'))
         assert float(line.split()[-1]) >= dropped >= 10
