@@ -8,15 +8,17 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
-from appliance import config as config_mod
 from appliance.errors import ConfigError
 from appliance.hub import cli as hub_cli
 from appliance.ops import discover_cli, service_cli
 from appliance.security import cli as security_cli
 from appliance.tools import cli as tools_cli
+
+if TYPE_CHECKING:
+    from appliance.config import Config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return service_cli.run(args)
     if args.command == "models" and args.models_command == "quantize":
         return tools_cli.run_quantize(args)
+    # The configuration models (pydantic) load only now: ``--help`` stays quick.
+    from appliance import config as config_mod
+
     if args.command == "config" and args.reference:
         print(config_mod.reference(), end="")
         return 0
@@ -110,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return server.run(cfg)
 
 
-def _list_models(cfg: config_mod.Config, *, as_json: bool) -> int:
+def _list_models(cfg: Config, *, as_json: bool) -> int:
     from appliance.core.repository import collect
 
     specs = collect(cfg.models.dir, cfg.models.files)

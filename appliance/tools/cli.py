@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from appliance.tools import quantize
+from appliance.tools import GGUF_TYPES
 
 
 def add_quantize(models_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,7 +26,7 @@ def add_quantize(models_sub: argparse._SubParsersAction[argparse.ArgumentParser]
     q.add_argument("--eval", type=Path, metavar="NPZ",
                    help="ONNX: evaluation inputs (default: the calibration data)")
     q.add_argument("--per-channel", action="store_true", help="ONNX: per-channel weights")
-    q.add_argument("--type", default="q8_0", choices=quantize.GGUF_TYPES,
+    q.add_argument("--type", default="q8_0", choices=GGUF_TYPES,
                    help="GGUF: target type (default q8_0)")
     q.add_argument("--text", type=Path, metavar="FILE",
                    help="GGUF: text to measure perplexity on (default: a short story)")
@@ -35,6 +35,8 @@ def add_quantize(models_sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from appliance.tools import quantize  # numpy and onnx: only when a model is quantized
+
     source: Path = args.source
     if not source.is_file():
         print(f"appliance: {source} does not exist", file=sys.stderr)

@@ -21,13 +21,11 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from appliance.core.types import Array
+from appliance.tools import GGUF_TYPES
 
 OnnxMode = Literal["dynamic", "static"]
 T = TypeVar("T")
 
-# llama.cpp file types offered by ``models quantize --type``, by their usual names.
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s",
-              "q4_0", "q3_k_m", "q2_k")
 
 
 @dataclass(frozen=True)
