@@ -1,6 +1,13 @@
 """Canary releases: a new model version takes a share of the traffic (or a shadow copy of
 it) beside the stable one, and is promoted or rolled back on how it compares.
 
+Generation (GGUF models) is split and shadowed the same way. Its latency is the time per
+generated token after the first (the decode pace: a version that answers at more length,
+or whose prompt missed a cache, is not penalised for it); shadow copies run after stable's
+answer rather than beside it, so that both sides are timed alone; a split
+request whose canary fails before its first token is answered by stable, and a request the
+canary's chat template refuses counts against the canary only when stable accepts it.
+
 A canary starts when a model has a newer ready version than its stable one: after a
 reload finds a new version in the repository, or at start-up when the version policy
 serves several versions. Requests that name no version go to the canary with probability
@@ -35,12 +42,15 @@ from appliance.core.types import Array, InferResult, ModelState
 from appliance.errors import ModelUnavailable, Overloaded, RequestError, ShuttingDown
 
 if TYPE_CHECKING:
-    from appliance.core.service import Core
+    from appliance.core.service import Core, TokenStream
+    from appliance.core.types import GenerateRequest
 
 log = logging.getLogger(__name__)
 
 Decision = Literal["promoted", "rolled_back"]
 DecisionListener = Callable[["CanaryDecision"], None]
+# How a generation ended: (ok, seconds per generated token after the first).
+GenerationObserver = Callable[[bool, float], None]
 
 
 @dataclass(frozen=True)
@@ -334,6 +344,91 @@ async def _measured(
     return result if ok else None
 
 
+async def canary_generate(
+    core: Core,
+    controller: CanaryController,
+    canary: Canary,
+    to_canary: bool,
+    request: GenerateRequest,
+) -> TokenStream:
+    """A generation while ``canary`` runs, measured on the side that answers.
+
+    The canary's stream is started (run to its first piece) here, so a failure before any
+    text was sent is answered by stable instead; in shadow mode a copy runs on the canary
+    in the background, after stable's answer, and its text is dropped.
+    """
+    name, stable = canary.name, canary.stable.version
+    if to_canary:
+        stream: TokenStream | None = None
+        refused = False
+        try:
+            stream = await core.generate_version(name, request,
+                                                 version=canary.candidate.version,
+                                                 observer=_observer(controller, canary, "canary"))
+            await stream.start()
+            return stream
+        except RequestError:
+            refused = True  # judged below, once stable has seen the same request
+        except (Overloaded, ModelUnavailable, ShuttingDown):
+            pass  # busy or gone: not the canary's fault, not measured
+        except Exception:
+            log.debug("canary %s version %s failed", name, canary.candidate.version,
+                      exc_info=True)
+            if stream is None:  # a started stream's failure was recorded by its observer
+                controller.record(canary, "canary", False, 0.0)
+        except BaseException:
+            if stream is not None:
+                await stream.aclose()
+            raise
+        if stream is not None:
+            await stream.aclose()
+        fallback = await core.generate_version(name, request, version=stable,
+                                               observer=_observer(controller, canary, "stable"))
+        if refused:
+            try:
+                await fallback.start()  # stable refusing too makes it the client's mistake
+            except BaseException:
+                await fallback.aclose()
+                raise
+            controller.record(canary, "canary", False, 0.0)
+        return fallback
+    answer = await core.generate_version(name, request, version=stable,
+                                         observer=_observer(controller, canary, "stable"))
+    if controller.mode == "shadow":
+        controller.spawn(_shadow_generation(core, controller, canary, request, answer))
+    return answer
+
+
+async def _shadow_generation(core: Core, controller: CanaryController, canary: Canary,
+                             request: GenerateRequest, answer: TokenStream) -> None:
+    # The copy runs once the client's answer is done: on a box of two cores, running both
+    # at once would slow the client and make both sides' latencies meaningless.
+    await answer.finished.wait()
+    try:
+        stream = await core.generate_version(canary.name, request,
+                                             version=canary.candidate.version,
+                                             observer=_observer(controller, canary, "canary"))
+    except (RequestError, Overloaded, ModelUnavailable, ShuttingDown):
+        return
+    except Exception:
+        controller.record(canary, "canary", False, 0.0)
+        return
+    async with stream:
+        try:
+            async for _ in stream:
+                pass
+        except Exception:  # recorded by the observer; nobody waits for this answer
+            log.debug("shadow generation on %s version %s failed", canary.name,
+                      canary.candidate.version, exc_info=True)
+
+
+def _observer(controller: CanaryController, canary: Canary, side: str) -> GenerationObserver:
+    def observe(ok: bool, seconds_per_token: float) -> None:
+        controller.record(canary, side, ok, seconds_per_token)
+
+    return observe
+
+
 def _sound(result: InferResult) -> bool:
     """No NaN in any float output (infinities may be meaningful, e.g. an anomaly score)."""
     return not any(
@@ -342,4 +437,5 @@ def _sound(result: InferResult) -> bool:
     )
 
 
-__all__ = ["Canary", "CanaryController", "CanaryDecision", "canary_infer"]
+__all__ = ["Canary", "CanaryController", "CanaryDecision", "GenerationObserver",
+           "canary_generate", "canary_infer"]

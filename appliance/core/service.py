@@ -17,7 +17,12 @@ import numpy as np
 
 from appliance.core.admission import Ticket
 from appliance.core.cache import ResultCache, request_key
-from appliance.core.canary import CanaryController, canary_infer
+from appliance.core.canary import (
+    CanaryController,
+    GenerationObserver,
+    canary_generate,
+    canary_infer,
+)
 from appliance.core.metrics import Metrics
 from appliance.core.models import ModelHandle, ModelManager
 from appliance.core.pipelines import Pipelines
@@ -265,12 +270,23 @@ class Core:
         """
         if version is None and self.canary is not None:
             canary, to_canary = self.canary.route(name)
-            if canary is not None and to_canary:
-                version = canary.candidate.version
+            if canary is not None:
+                return await canary_generate(self, self.canary, canary, to_canary, request)
+        return await self.generate_version(name, request, version=version)
+
+    async def generate_version(
+        self,
+        name: str,
+        request: GenerateRequest,
+        *,
+        version: str | None = None,
+        observer: GenerationObserver | None = None,
+    ) -> TokenStream:
+        """:meth:`generate` on exactly this version; ``observer`` hears how it ended."""
         handle, runtime = await self._runtime(name, version, Capability.GENERATE)
         self._check_generation(runtime, request)
         ticket = self._admit(handle)
-        return TokenStream(self, handle, runtime, request, ticket)
+        return TokenStream(self, handle, runtime, request, ticket, observer)
 
     def _check_generation(self, runtime: Runtime, request: GenerateRequest) -> None:
         context = runtime.context_length
@@ -376,13 +392,17 @@ class TokenStream:
         runtime: Runtime,
         request: GenerateRequest,
         ticket: Ticket,
+        observer: GenerationObserver | None = None,
     ) -> None:
         self._core = core
         self._handle = handle
         self._runtime = runtime
         self.request = request
         self._ticket = ticket
+        self._observer = observer
         self._iterator: AsyncIterator[TokenChunk] | None = None
+        self._held: TokenChunk | None = None  # the first piece, once started
+        self.finished = asyncio.Event()  # set once the model's slot is given back
 
     async def __aenter__(self) -> TokenStream:
         return self
@@ -396,10 +416,23 @@ class TokenStream:
         await self.aclose()
 
     def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        if self._held is not None:
+            held, self._held = self._held, None
+            assert self._iterator is not None
+            return _prepend(held, self._iterator)
         if self._iterator is not None:
             raise RuntimeError("a token stream can be iterated only once")
         self._iterator = self._run()
         return self._iterator
+
+    async def start(self) -> None:
+        """Generate until the first piece, held for the iteration that follows.
+
+        A failure before anything streamed then surfaces here, while another model can
+        still answer instead (a canary's stable version).
+        """
+        iterator = aiter(self)
+        self._held = await anext(iterator)
 
     async def aclose(self) -> None:
         iterator = self._iterator
@@ -410,27 +443,37 @@ class TokenStream:
                     await aclose()
         finally:
             self._ticket.release()
+            self.finished.set()
 
     async def _run(self) -> AsyncIterator[TokenChunk]:
         metrics = self._core.metrics
         name = self._handle.name
         async with self._ticket:
-            started = time.perf_counter()
+            started = first_at = time.perf_counter()
             first = True
             chunks = self._runtime.generate(self.request)
             try:
                 async for chunk in chunks:
                     if first:
-                        metrics.time_to_first_token.labels(name).observe(
-                            time.perf_counter() - started
-                        )
+                        first_at = time.perf_counter()
+                        metrics.time_to_first_token.labels(name).observe(first_at - started)
                         first = False
                     if chunk.finish_reason is not None:
                         metrics.prompt_tokens.labels(name).inc(chunk.prompt_tokens)
+                        if self._observer is not None:
+                            self._observer(True, _per_token(started, first_at,
+                                                            chunk.completion_tokens))
                     elif chunk.text:
                         # Counted as they stream so an abandoned generation shows too.
                         metrics.tokens_generated.labels(name).inc()
                     yield chunk
+            except RequestError:
+                raise  # the request's fault (e.g. the chat template refused it), not the model's
+            except Exception:
+                # The model failed (a client going away is not an Exception).
+                if self._observer is not None:
+                    self._observer(False, 0.0)
+                raise
             finally:
                 # Stop the runtime's generation before the model's slot is given back, so
                 # the next request never overlaps with a dying one.
@@ -438,6 +481,20 @@ class TokenStream:
                 if close is not None:
                     await close()
                 metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
+                self.finished.set()
+
+
+def _per_token(started: float, first_at: float, tokens: int) -> float:
+    """Seconds per generated token after the first (the decode pace), else the whole time."""
+    now = time.perf_counter()
+    return (now - first_at) / (tokens - 1) if tokens >= 2 else now - started
+
+
+async def _prepend(first: TokenChunk, rest: AsyncIterator[TokenChunk]
+                   ) -> AsyncIterator[TokenChunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _shape_text(shape: Sequence[int]) -> str:

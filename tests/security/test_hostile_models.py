@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 
 from tests.conftest import base_url, make_config, serving
+from tests.gguf_templates import with_chat_template
 from tests.security.conftest import bearer, secured_config
 
-gguf = pytest.importorskip("gguf", reason="the gguf package builds the hostile model")
+pytest.importorskip("gguf", reason="the gguf package builds the hostile model")
 
 # Classic sandbox escapes: reach os/subprocess through object internals or globals and
 # write a marker file. A template that got out would create it.
@@ -31,32 +32,6 @@ ESCAPES = [
 ]
 
 
-def hostile_gguf(source: Path, target: Path, template: str) -> Path:
-    """A copy of ``source`` with ``template`` as its tokenizer.chat_template."""
-    reader = gguf.GGUFReader(source)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(target, arch=arch, endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        if field.name == gguf.Keys.Tokenizer.CHAT_TEMPLATE:
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-    writer.add_chat_template(template)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype,
-                               tensor.data.nbytes, tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-    writer.close()
-    return target
-
-
 async def test_hostile_chat_templates_run_no_code(stories_gguf: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   http: aiohttp.ClientSession) -> None:
@@ -64,7 +39,7 @@ async def test_hostile_chat_templates_run_no_code(stories_gguf: Path, tmp_path: 
     files = []
     for i, template in enumerate(ESCAPES):
         text = template.replace("MARKER", str(tmp_path / "MARKER"))
-        files.append(hostile_gguf(stories_gguf, tmp_path / f"hostile{i}.gguf", text))
+        files.append(with_chat_template(stories_gguf, tmp_path / f"hostile{i}.gguf", text))
     config = make_config(models={"files": [str(f) for f in files]})
     async with serving(config) as server:
         url = base_url(server)
