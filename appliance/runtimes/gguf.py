@@ -63,6 +63,12 @@ class GgufOptions(RuntimeOptions):
     )
     embeddings: bool = Field(default=True, description="Offer /v1/embeddings for this model.")
     use_mmap: bool = Field(default=True, description="Memory-map the weights (shared, lazy).")
+    cpu_repack: bool = Field(
+        default=True,
+        description="Let llama.cpp repack weights into this CPU's fast layouts (AMX, AVX-512, "
+        "ARM dot-product). Off for a model that crashes in decode with them, as tiny Q8_0 "
+        "models do on AMX processors with llama-cpp-python 0.3.36.",
+    )
     seed: int | None = Field(default=None, description="Default sampling seed.")
 
 
@@ -104,6 +110,7 @@ class GgufRuntime(Runtime):
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = opts.n_gpu_layers
         params.use_mmap = opts.use_mmap
+        params.use_extra_bufts = opts.cpu_repack
         try:
             self._model = _internals.LlamaModel(path_model=str(self.path), params=params,
                                                 verbose=False)
@@ -293,6 +300,8 @@ class GgufRuntime(Runtime):
     def _open_embedder(self) -> Any:
         import llama_cpp
 
+        from appliance.runtimes.llama_open import open_llama
+
         opts = self._opts
         n_ctx = self.context_length or 512
         kwargs: dict[str, Any] = {
@@ -308,7 +317,7 @@ class GgufRuntime(Runtime):
         }
         if opts.threads:
             kwargs["n_threads"] = kwargs["n_threads_batch"] = opts.threads
-        return llama_cpp.Llama(**kwargs)
+        return open_llama(cpu_repack=opts.cpu_repack, **kwargs)
 
 
 async def _until_released(queue: asyncio.Queue[Any]) -> None:

@@ -31,6 +31,9 @@ def add_quantize(models_sub: argparse._SubParsersAction[argparse.ArgumentParser]
     q.add_argument("--text", type=Path, metavar="FILE",
                    help="GGUF: text to measure perplexity on (default: a short story)")
     q.add_argument("--threads", type=int, default=2, help="GGUF: threads")
+    q.add_argument("--no-cpu-repack", dest="cpu_repack", action="store_false",
+                   help="GGUF: measure without CPU weight repacking (the model option "
+                   "cpu_repack = false)")
     q.add_argument("--as-json", action="store_true", help="print the report as JSON")
 
 
@@ -51,7 +54,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         elif source.suffix.lower() == ".gguf":
             text = args.text.read_text(encoding="utf-8") if args.text else None
             report = quantize.quantize_gguf(source, args.output, args.type, eval_text=text,
-                                            threads=args.threads)
+                                            threads=args.threads, cpu_repack=args.cpu_repack)
         else:
             print(f"appliance: {source}: only .onnx and .gguf files can be quantized",
                   file=sys.stderr)

@@ -185,12 +185,13 @@ def _run_onnx(path: Path, inputs: Mapping[str, Array]) -> tuple[Measure, dict[st
 
 def quantize_gguf(
     src: Path, dst: Path, qtype: str, *, eval_text: str | None = None, threads: int = 2,
-    allow_requantize: bool = True,
+    allow_requantize: bool = True, cpu_repack: bool = True,
 ) -> Report:
     """Re-quantize a GGUF file (e.g. F32/F16 → Q8_0, Q4_K_M) with llama.cpp's quantize API.
 
     Tensors whose rows do not fit the type's block size are kept in a type that does, as
-    llama.cpp decides. ``eval_text`` is scored before and after (perplexity).
+    llama.cpp decides. ``eval_text`` is scored before and after (perplexity), with CPU
+    weight repacking as ``cpu_repack`` says (the model option of the same name).
     """
     key = qtype.lower()
     if key not in GGUF_TYPES:
@@ -207,8 +208,8 @@ def quantize_gguf(
     code = child(_quantize_child, str(src), str(dst), key, threads, allow_requantize)
     if code != 0 or not dst.is_file():
         raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype} (code {code})")
-    before = child(_measure_gguf, src, text, threads)
-    after = child(_measure_gguf, dst, text, threads)
+    before = child(_measure_gguf, src, text, threads, cpu_repack)
+    after = child(_measure_gguf, dst, text, threads, cpu_repack)
     return Report(f"gguf-{key}", before, after)
 
 
@@ -234,14 +235,16 @@ def _quantize_child(src: str, dst: str, key: str, threads: int, requantize: bool
 _CTX = 256
 
 
-def _measure_gguf(path: Path, text: str, threads: int) -> Measure:
+def _measure_gguf(path: Path, text: str, threads: int, cpu_repack: bool = True) -> Measure:
     """Perplexity of ``text`` (one context window at most) and prompt tokens per second."""
     import llama_cpp
-    from llama_cpp import Llama
+
+    from appliance.runtimes.llama_open import open_llama
 
     # Logits of every position come from one token at a time: logits_all=True crashes
     # now and then in decode (llama-cpp-python 0.3.x). Speed is a separate batched pass.
-    llm: Any = Llama(model_path=str(path), n_ctx=_CTX, n_threads=threads, verbose=False)
+    llm: Any = open_llama(cpu_repack=cpu_repack, model_path=str(path), n_ctx=_CTX,
+                          n_threads=threads, verbose=False)
     try:
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)[:_CTX]
         rows = []

@@ -108,3 +108,20 @@ def test_gguf_requantization_of_an_f32_model(stories_gguf: Path, tmp_path: Path)
         assert text["choices"][0]["text"]
     finally:
         llm.close()
+
+
+def test_gguf_requantization_measures_without_cpu_repacking(tmp_path: Path) -> None:
+    """The project's own Q8_0 model to Q4_0, measured as a ``cpu_repack = false`` model runs
+    (its 64-wide rows crash llama.cpp's repacked layouts on AMX processors)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    source = ROOT / "models" / "home-intent" / "home-intent-q8_0.gguf"
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "models", "quantize", str(source),
+         str(tmp_path / "q4.gguf"), "--type", "q4_0", "--threads", "1", "--no-cpu-repack",
+         "--as-json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["kind"] == "gguf-q4_0"
+    assert report["after"]["size_bytes"] < report["before"]["size_bytes"]
+    assert report["before"]["perplexity"] and report["after"]["perplexity"]
