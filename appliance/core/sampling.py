@@ -30,7 +30,7 @@ def check_sampling(params: SamplingParams) -> None:
     _number("presence_penalty", params.presence_penalty)
     _number("frequency_penalty", params.frequency_penalty)
     if len(params.stop) > MAX_STOP:
-        _bad("stop", f"{len(params.stop)} sequences", f"at most {MAX_STOP}")
+        _bad("stop", f"{len(params.stop)} sequences", f"at most {MAX_STOP} sequences")
     for stop in params.stop:
         if not stop or len(stop) > MAX_STOP_CHARS:
             _bad("stop", stop, f"non-empty strings of at most {MAX_STOP_CHARS} characters")

@@ -77,29 +77,12 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _biases(cls, value: dict[int, float] | None) -> dict[int, float] | None:
-        for token, bias in (value or {}).items():
-            if token < 0:
-                raise ValueError(f"token id {token} is negative")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"bias {bias} for token {token} is outside -100..100")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list):
-            if len(value) > MAX_STOP:
-                raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
-            if any(not s for s in value):
-                raise ValueError("stop sequences must not be empty")
-        return value
-
     def sampling(self, max_tokens: int | None, fmt: ResponseFormat | None = None) -> SamplingParams:
         defaults = SamplingParams()
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        # A lone "" means no stop sequence; in a list every entry is one (the core's
+        # limits, appliance.core.sampling, judge them: this model only parses).
+        stop = ([self.stop] if self.stop else []) if isinstance(self.stop, str) else (
+            self.stop or [])
         schema = None
         json_object = False
         if fmt is not None and fmt.type == "json_schema":
@@ -121,7 +104,7 @@ class _Sampling(_Request):
             repeat_penalty=_pick(self.repeat_penalty, defaults.repeat_penalty),
             presence_penalty=_pick(self.presence_penalty, defaults.presence_penalty),
             frequency_penalty=_pick(self.frequency_penalty, defaults.frequency_penalty),
-            stop=tuple(s for s in stop if s),
+            stop=tuple(stop),
             seed=self.seed,
             json_schema=schema,
             json_object=json_object,

@@ -336,9 +336,11 @@ CASES: dict[str, Case] = {
     "negative-top-k": post(COMPLETIONS, completion(top_k=-1), 400,
                            "top_k: Input should be greater than or equal to 0", "top_k"),
     "negative-token-in-logit-bias": post(COMPLETIONS, completion(logit_bias={"-3": 1}), 400,
-                                         "token id -3 is negative", "logit_bias"),
+                                         "logit_bias must be token ids of 0 or more, got -3",
+                                         "logit_bias"),
     "logit-bias-beyond-100": post(COMPLETIONS, completion(logit_bias={"3": 101}), 400,
-                                  "outside -100..100", "logit_bias"),
+                                  "logit_bias must be between -100 and 100, got 101.0",
+                                  "logit_bias"),
     "negative-dimensions": post(EMBEDDINGS, j({"model": LLM, "input": "a", "dimensions": -2}),
                                 400, "dimensions: Input should be greater than or equal to 1",
                                 "dimensions"),
@@ -367,9 +369,11 @@ CASES: dict[str, Case] = {
                                           "input[1] is 2102 tokens", "input"),
     # -- sampling options the model cannot honour -----------------------------------------
     "too-many-stop-sequences": post(COMPLETIONS, completion(stop=[f"s{i}" for i in range(17)]),
-                                    400, "at most 16 stop sequences are allowed", "stop"),
+                                    400, "stop must be at most 16 sequences, got '17 sequences'",
+                                    "stop"),
     "empty-stop-sequence": post(CHAT, chat(stop=["end", ""]), 400,
-                                "stop sequences must not be empty", "stop"),
+                                "stop must be non-empty strings of at most 256 characters, "
+                                "got ''", "stop"),
     "logit-bias-token-beyond-vocabulary": post(
         COMPLETIONS, completion(logit_bias={"512": -100}), 400,
         "logit_bias names token 512 but the vocabulary has 512", "logit_bias"),
