@@ -27,13 +27,8 @@ from pydantic.json_schema import models_json_schema
 
 from appliance import __version__
 from appliance.transports.http import docs_page
-from appliance.transports.http.openapi_routes import (
-    DESCRIPTION,
-    OPERATIONS,
-    PATH_PARAMETERS,
-    PYDANTIC_MODELS,
-    TAGS,
-)
+from appliance.transports.http.openapi_parts import DESCRIPTION, PATH_PARAMETERS, TAGS
+from appliance.transports.http.openapi_routes import OPERATIONS, PYDANTIC_MODELS
 from appliance.transports.http.openapi_schemas import REF, SCHEMAS
 from appliance.transports.http.scopes import scope_of
 

@@ -32,7 +32,7 @@ from appliance.core.metrics import Metrics
 from appliance.core.models import ModelManager
 from appliance.core.service import Core
 from appliance.server import Server
-from appliance.transports.http import build_app, openapi, openapi_routes
+from appliance.transports.http import build_app, openapi, openapi_parts, openapi_routes
 from appliance.transports.http.docs_page import DEFAULT_BASE
 from tests.conftest import base_url, make_config, serving
 
@@ -491,16 +491,16 @@ async def test_binary_inference_matches_the_documented_header(
     }).encode()
     schema = _request_schema(document, "POST", template)
     assert not _errors(document, schema, json.loads(header))
-    request_headers = {openapi_routes.INFERENCE_HEADER: str(len(header)),
+    request_headers = {openapi_parts.INFERENCE_HEADER: str(len(header)),
                        "Content-Type": "application/octet-stream"}
     documented = {p["name"] for p in _operation(document, "POST", template)["parameters"]}
-    assert openapi_routes.INFERENCE_HEADER in documented
+    assert openapi_parts.INFERENCE_HEADER in documented
     payload = header + struct.pack(f"<{len(values)}f", *values)
     url = base_url(llm_server) + _url_path(template)
     async with http.post(url, data=payload, headers=request_headers) as response:
         assert response.status == 200, await response.text()
         _response_media(document, "POST", template, 200, response.content_type)
-        split = int(response.headers[openapi_routes.INFERENCE_HEADER])
+        split = int(response.headers[openapi_parts.INFERENCE_HEADER])
         raw = await response.read()
     media = _response_media(document, "POST", template, 200, "application/json")
     answer = json.loads(raw[:split])
@@ -514,7 +514,7 @@ async def test_msgpack_inference_is_documented(
 ) -> None:
     template = "/v2/models/{name}/infer"
     url = base_url(llm_server) + _url_path(template)
-    headers = {"Content-Type": openapi_routes.MSGPACK}
+    headers = {"Content-Type": openapi_parts.MSGPACK}
     async with http.post(url, data=msgpack.packb(INFER_BODY), headers=headers) as response:
         assert response.status == 200
         _response_media(document, "POST", template, 200, response.content_type)
