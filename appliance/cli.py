@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return service_cli.run(args)
     if args.command == "models" and args.models_command == "quantize":
         return tools_cli.run_quantize(args)
+    if args.command == "run":
+        _load_llama_first()
     # The configuration models (pydantic) load only now: ``--help`` stays quick.
     from appliance import config as config_mod
 
@@ -113,6 +115,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.setup(cfg.logging.level)
     return server.run(cfg)
+
+
+def _load_llama_first() -> None:
+    """Load llama.cpp's libraries before anything imports numpy.
+
+    A CUDA build of llama-cpp-python 0.3.36 crashed loading every model when numpy (2.5)
+    had been imported first, and loaded them when imported in this order (seen on an
+    NVIDIA H100 box). The default models include a GGUF one, so the daemon imports
+    llama_cpp anyway; without llama-cpp-python installed this does nothing.
+    """
+    import importlib.util
+
+    if "numpy" not in sys.modules and importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp  # noqa: F401
 
 
 def _list_models(cfg: Config, *, as_json: bool) -> int:

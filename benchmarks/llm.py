@@ -97,7 +97,7 @@ def llama_python(model: Path, threads: int, tokens: int) -> tuple[float, float]:
 N_CTX = 512
 
 
-def model_repo(model: Path, root: Path, threads: int, slots: int) -> Path:
+def model_repo(model: Path, root: Path, threads: int, slots: int, gpu_layers: int = 0) -> Path:
     """A model repository serving ``model`` as "bench" with the benchmark's threads."""
     directory = root / "bench"
     directory.mkdir(parents=True, exist_ok=True)
@@ -107,6 +107,7 @@ def model_repo(model: Path, root: Path, threads: int, slots: int) -> Path:
     (directory / "manifest.toml").write_text(
         'name = "bench"\nruntime = "gguf"\nfile = "model.gguf"\n\n[options]\n'
         f"threads = {threads}\nparallel = {slots}\nn_ctx = {N_CTX}\nembeddings = false\n"
+        f"n_gpu_layers = {gpu_layers}\n"
     )
     return root
 
