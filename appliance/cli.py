@@ -114,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from appliance import logs, server
 
     logs.setup(cfg.logging.level)
-    return server.run(cfg)
+    # SIGHUP reads the configuration again, from the same sources, for the API keys.
+    return server.run(cfg, load_config=lambda: config_mod.load(
+        path=args.config, env=os.environ, overrides=_overrides(args)))
 
 
 def _load_llama_first() -> None:

@@ -3,8 +3,10 @@
 Each long-lived resource is a lifecycle unit started in order and stopped in reverse by an
 ``AsyncExitStack``. Signals only set flags: the first SIGTERM/SIGINT starts a graceful stop
 (no new requests, in-flight ones finish up to ``http.shutdown_timeout``), a second SIGINT
-forces the exit. SIGHUP runs the reload hooks (:meth:`Server.reload`); under systemd the
-daemon reports RELOADING=1 / READY=1 around them (``appliance.ops.systemd``).
+forces the exit. SIGHUP runs the reload hooks (:meth:`Server.reload`): the API keys are
+read again (the configuration file, ``keys_file``, the ``api-keys`` credential), then the
+model repository; under systemd the daemon reports RELOADING=1 / READY=1 around them
+(``appliance.ops.systemd``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -29,7 +32,8 @@ from appliance.core.repository import collect
 from appliance.core.service import Core
 from appliance.core.types import ModelState
 from appliance.errors import ConfigError
-from appliance.security.access import AccessPolicy, daemon_policy
+from appliance.security.access import AccessPolicy, daemon_policy, reload_daemon_keys
+from appliance.security.crypto import load_cipher
 from appliance.security.tls import server_context
 from appliance.transports.http import build_app
 from appliance.transports.http.security import runner_options
@@ -43,10 +47,17 @@ log = logging.getLogger(__name__)
 
 
 class Server:
-    """One running appliance."""
+    """One running appliance.
 
-    def __init__(self, config: Config) -> None:
+    ``load_config`` reads the configuration again the way it was read at start (file,
+    environment, flags); SIGHUP takes the API keys from it. Without it, a reload re-reads
+    the key files of ``config`` only.
+    """
+
+    def __init__(self, config: Config, *, load_config: Callable[[], Config] | None = None
+                 ) -> None:
         self.config = config
+        self._load_config = load_config
         self.metrics = Metrics()
         self.core: Core | None = None
         self.health: HealthCollector | None = None  # set once units start
@@ -62,6 +73,7 @@ class Server:
         self.reload_hooks: list[Callable[[], Awaitable[None]]] = []
         self.reload_observers: list[Callable[[bool], None]] = []
         self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False  # a SIGHUP came during a reload: run one more after it
         self.systemd: SystemdNotify | None = None
 
     @property
@@ -86,14 +98,20 @@ class Server:
         specs = await asyncio.to_thread(collect, config.models.dir, config.models.files)
         models = ModelManager(specs, config.models, self.metrics)
         self._stack.push_async_callback(models.close)
-        # The result cache (opt-in per model); closed once HTTP has stopped serving.
-        cache = ResultCache(config.cache)
+        # The result cache (opt-in per model); closed once HTTP has stopped serving. Results
+        # in Redis are sealed with the data key, when one is configured.
+        cipher = None
+        if config.cache.backend == "redis":
+            cipher = await asyncio.to_thread(load_cipher, config.security.data_key_file,
+                                             os.environ)
+        cache = ResultCache(config.cache, cipher=cipher)
         self._stack.push_async_callback(cache.close)
         self.core = core = Core(models, self.metrics, cache=cache)
         self._model_lifecycle(core)
 
         # Keys, allow-list, Host names (files read, perhaps a key generated): off the loop.
         self.access = await asyncio.to_thread(daemon_policy, config)
+        self.reload_hooks.insert(0, self.reload_keys)  # first: revoking a key must not wait
         app = build_app(core, config, self.access)
         runner = web.AppRunner(
             app,
@@ -107,7 +125,8 @@ class Server:
         self._stack.callback(core.begin_shutdown)  # runs first on the way down
         http = config.http
         self.tls = None if http.tls_cert_file is None else await asyncio.to_thread(
-            server_context, http.tls_cert_file, http.tls_key_file, http.tls_min_version)
+            server_context, http.tls_cert_file, http.tls_key_file, http.tls_min_version,
+            client_ca=http.tls_client_ca, client_auth=http.tls_client_auth)
         site = web.TCPSite(runner, http.host, http.port, reuse_address=True,
                            ssl_context=self.tls)
         await site.start()
@@ -195,6 +214,23 @@ class Server:
         assert self.core is not None
         await self.core.reload_models()
 
+    async def reload_keys(self) -> None:
+        """Read the API keys and client certificate names again and swap them in (SIGHUP).
+
+        A configuration or key file that does not parse leaves the keys in use untouched
+        and logs what is wrong; other settings take effect at the next start.
+        """
+        access = self.access
+        if access is None:
+            return
+        try:
+            config = self.config
+            if self._load_config is not None:
+                config = await asyncio.to_thread(self._load_config)
+            await asyncio.to_thread(reload_daemon_keys, access, config, self.config)
+        except ConfigError as exc:
+            log.error("API keys NOT reloaded, the previous keys stay in use: %s", exc)
+
     async def reload(self) -> None:
         """Run the reload hooks (what SIGHUP does); observers hear the start and the end."""
         for observer in self.reload_observers:
@@ -258,10 +294,21 @@ class Server:
         if self._stop.is_set():
             return
         if self._reload_task is not None and not self._reload_task.done():
-            log.info("received SIGHUP while reloading; ignored")
+            # Not dropped: it may revoke a key the running reload has not seen yet. Any
+            # number of these while one runs make one more reload.
+            log.info("received SIGHUP while reloading; reloading again once this one ends")
+            self._reload_again = True
             return
         log.info("received SIGHUP; reloading")
-        self._reload_task = asyncio.create_task(self.reload(), name="appliance-reload")
+        self._reload_task = asyncio.create_task(self._reload_until_current(),
+                                                name="appliance-reload")
+
+    async def _reload_until_current(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again or self._stop.is_set():
+                return
 
     def _on_signal(self, sig: int) -> None:
         if self._stop.is_set() and sig == signal.SIGINT and not self._force:
@@ -290,9 +337,9 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def run(config: Config) -> int:
-    """Serve until stopped; the exit status for the CLI."""
-    server = Server(config)
+def run(config: Config, *, load_config: Callable[[], Config] | None = None) -> int:
+    """Serve until stopped; the exit status for the CLI. ``load_config``: see :class:`Server`."""
+    server = Server(config, load_config=load_config)
     try:
         asyncio.run(server.serve())
     except OSError as exc:

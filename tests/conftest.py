@@ -30,7 +30,7 @@ SHARED_MODELS = ROOT.parent / "shared" / "models"
 DEFAULT_MODELS = ROOT / "models"
 STORIES = SHARED_MODELS / "stories260K.gguf"
 
-_LISTENING = re.compile(r"listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
+_LISTENING = re.compile(r"listening on (https?)://([^\s:]+|\[[^\]]+\]):(\d+)")
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +106,7 @@ class DaemonProcess:
             self.log.append(line.rstrip("\n"))
             match = _LISTENING.search(line)
             if match and not self.url:
-                self.url = f"http://{match.group(1)}:{match.group(2)}"
+                self.url = f"{match.group(1)}://{match.group(2)}:{match.group(3)}"
                 self._listening.set()
         self._listening.set()  # the process ended: stop waiting
 

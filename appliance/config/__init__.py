@@ -42,6 +42,7 @@ from appliance.config.ops import AlertsConfig, HealthConfig, HubSyncConfig, Mdns
 from appliance.config.security import (
     AccessConfig,
     ApiKeyEntry,
+    ClientCertEntry,
     LimitsConfig,
     Scope,
     SecurityConfig,
@@ -173,6 +174,7 @@ __all__ = [
     "ApiKeyEntry",
     "CacheConfig",
     "CanaryConfig",
+    "ClientCertEntry",
     "Config",
     "DeviceConfig",
     "GrpcConfig",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     Field,
     field_validator,
+    model_validator,
 )
 
 from appliance.config.base import Section
@@ -27,6 +28,29 @@ class ApiKeyEntry(Section):
     )
     hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
                       description="'sha256:<hex>' of the key, from `appliance keys create`.")
+
+
+class ClientCertEntry(Section):
+    """A client certificate that stands in for an API key, by its common name (CN).
+
+    Also written ``NAME:SCOPE[+SCOPE]`` (how the environment variable lists them)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
+                      description="The certificate's common name (CN), e.g. what `appliance "
+                      "certs client NAME` put there; logged as 'cert:NAME'.")
+    scopes: list[Scope] = Field(
+        min_length=1, description="What its holder may do: read, infer, admin (admin: all)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        name, sep, scopes = value.partition(":")
+        if not sep:
+            raise ValueError(f"{value!r}: expected a table, or 'NAME:SCOPE[+SCOPE]'")
+        return {"name": name.strip(), "scopes": [s.strip() for s in scopes.split("+")]}
 
 
 class AccessConfig(Section):
@@ -59,6 +83,19 @@ class AccessConfig(Section):
         default_factory=list, max_length=1024,
         description="Client networks allowed at all (CIDRs, IPv4 or IPv6, e.g. "
         "192.168.1.0/24, fd00::/8); others get 403 before their body is read. Empty: any.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, max_length=256,
+        description="Reverse proxies (CIDRs) whose forwarded_header is believed: a request "
+        "from one of them counts as coming from the rightmost address in that header that "
+        "is not itself a trusted proxy, for the allow-list, rate limits and logs. Empty: "
+        "the header is ignored and the connection's address counts.",
+    )
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = Field(
+        default="x-forwarded-for",
+        description="The header the trusted proxies write: X-Forwarded-For, or RFC 7239 "
+        "Forwarded (its for= parameters). Only this one is read; configure the proxy to "
+        "append to it.",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list, max_length=256,
@@ -102,7 +139,7 @@ class AccessConfig(Section):
                                  "ending in '*'")
         return value
 
-    @field_validator("allow")
+    @field_validator("allow", "trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         import ipaddress
@@ -131,9 +168,26 @@ class SecurityConfig(AccessConfig):
     data_key_file: Path | None = Field(
         default=None,
         description="File holding a 256-bit key (64 hex digits, `appliance keys data-key`) "
-        "that encrypts stored records (the hub outbox) with AES-256-GCM. The systemd "
-        "credential 'data-key' is read too. Unset: stored as plain JSON.",
+        "that encrypts stored data with AES-256-GCM: the records of the hub outbox and the "
+        "results of the Redis cache. The systemd credential 'data-key' is read too. Unset: "
+        "stored in plain (JSON, msgpack).",
     )
+    client_certs: list[ClientCertEntry] = Field(
+        default_factory=list, max_length=1024,
+        description="Client certificates accepted instead of an API key: "
+        "[[security.client_certs]] tables with name (the certificate's CN) and scopes, or "
+        "'NAME:SCOPE[+SCOPE]' strings (sensor-1:infer+read). Needs http.tls_client_ca; an "
+        "API key sent along wins. Re-read on SIGHUP, like the keys.",
+    )
+
+    @field_validator("client_certs")
+    @classmethod
+    def _unique_certs(cls, value: list[ClientCertEntry]) -> list[ClientCertEntry]:
+        names = [entry.name for entry in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"certificate names must be unique; repeated: {', '.join(repeated)}")
+        return value
 
 
 class LimitsConfig(Section):

@@ -7,6 +7,11 @@ never answers from an old one's results. Two backends:
 - ``redis``: shared by several processes (or boxes), entries expire through Redis' own TTL.
   Results travel as msgpack (never pickle: whoever can write to Redis must not be able to
   run code here). A Redis that is slow or away is a miss, logged once, never an error.
+  With a data key (``security.data_key_file``), every value is sealed with AES-256-GCM,
+  bound to the entry it belongs to, and stored under a keyed hash of its key: Redis then
+  holds neither results nor anything that identifies a request, and a value that does not
+  open under the key (another key, altered, moved, or written in plain text by whoever else
+  can write to Redis) is a miss, never an answer and never an error.
 
 Hits and misses are counted per model in ``appliance_cache_hits_total`` and
 ``appliance_cache_misses_total``.
@@ -26,6 +31,7 @@ import numpy as np
 
 from appliance.config import CacheConfig
 from appliance.core.types import Array, InferResult
+from appliance.security.crypto import DecryptionError, FieldCipher
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +112,15 @@ class MemoryBackend:
         self._bytes = 0
 
 
-class RedisBackend:
-    """Entries in Redis under ``prefix + key``, expiring through Redis' own TTL."""
+_SEALED = b"enc1:"  # a sealed value: the mark, then nonce ‖ ciphertext ‖ tag
 
-    def __init__(self, url: str, *, prefix: str, timeout: float) -> None:
+
+class RedisBackend:
+    """Entries in Redis under ``prefix + key``, expiring through Redis' own TTL; with a
+    ``cipher``, sealed and under ``prefix + "e:" + keyed hash of key`` (module docstring)."""
+
+    def __init__(self, url: str, *, prefix: str, timeout: float,
+                 cipher: FieldCipher | None = None) -> None:
         import redis.asyncio as aioredis  # optional: only with backend = "redis"
 
         self._client: Any = aioredis.Redis.from_url(
@@ -117,15 +128,46 @@ class RedisBackend:
         )
         self._prefix = prefix
         self._timeout = timeout
+        self._cipher = cipher
         self._failing = False
+        self.rejected = 0  # values that did not open under the data key
+
+    def _name(self, key: str) -> str:
+        if self._cipher is None:
+            return self._prefix + key
+        return f"{self._prefix}e:{self._cipher.pseudonym(key)}"
 
     async def get(self, key: str) -> InferResult | None:
-        raw = await self._call(self._client.get(self._prefix + key))
-        return _decode(raw) if isinstance(raw, bytes) else None
+        raw = await self._call(self._client.get(self._name(key)))
+        if not isinstance(raw, bytes):
+            return None
+        if self._cipher is not None:
+            opened = self._open(raw, key)
+            return _decode(opened) if opened is not None else None
+        if raw.startswith(_SEALED):
+            return None  # sealed by a box with a data key: unreadable here, quietly a miss
+        return _decode(raw)
 
     async def put(self, key: str, result: InferResult, ttl: float) -> None:
-        await self._call(self._client.set(self._prefix + key, _encode(result),
-                                          px=max(1, int(ttl * 1000))))
+        value = _encode(result)
+        if self._cipher is not None:
+            # Bound to its key: a value copied under another request's name does not open.
+            value = _SEALED + self._cipher.seal(value, self._prefix + key)
+        await self._call(self._client.set(self._name(key), value, px=max(1, int(ttl * 1000))))
+
+    def _open(self, raw: bytes, key: str) -> bytes | None:
+        assert self._cipher is not None
+        try:
+            if not raw.startswith(_SEALED):
+                raise DecryptionError("the value is not sealed")
+            return self._cipher.open(raw[len(_SEALED):], self._prefix + key)
+        except DecryptionError as exc:
+            self.rejected += 1
+            # Once at warning (another key, or someone writing to Redis), then quietly.
+            level = logging.WARNING if self.rejected == 1 else logging.DEBUG
+            log.log(level, "result cache: ignoring a Redis entry that does not open under "
+                    "the data key (%s); it counts as a miss", exc)
+            return None
 
     async def _call(self, call: Any) -> Any:
         try:
@@ -187,14 +229,15 @@ def _decode(raw: bytes) -> InferResult | None:
 class ResultCache:
     """Which models are cached, and their entries (a lifecycle unit: close it)."""
 
-    def __init__(self, config: CacheConfig, backend: Backend | None = None) -> None:
+    def __init__(self, config: CacheConfig, backend: Backend | None = None, *,
+                 cipher: FieldCipher | None = None) -> None:
         self.config = config
         self._models = frozenset(config.models)
         if backend is not None:
             self.backend = backend
         elif config.backend == "redis":
             self.backend = RedisBackend(config.redis_url, prefix=config.redis_prefix,
-                                        timeout=config.redis_timeout)
+                                        timeout=config.redis_timeout, cipher=cipher)
         else:
             self.backend = MemoryBackend(max_entries=config.max_entries,
                                          max_bytes=config.max_bytes)

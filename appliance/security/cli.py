@@ -4,6 +4,8 @@ calls only.
     appliance certs init [--dir DIR]                 a local CA (ca.pem, ca-key.pem)
     appliance certs device [--dir DIR] [--name N] [HOST ...]
                                                      a certificate for this box (or a broker)
+    appliance certs client NAME [--dir DIR]          a client certificate (CN NAME) for
+                                                     mutual TLS
     appliance keys create NAME [--scope S ...]       a new API key: the key once, and the
                                                      config entry holding only its hash
     appliance keys hash                              the hash of a key read from stdin
@@ -45,6 +47,16 @@ def add_parsers(subparsers: Any) -> None:
     device.add_argument("--name", default="device", help="file name stem (default: device)")
     device.add_argument("--days", type=int, default=730)
     device.add_argument("--force", action="store_true", help="replace existing files")
+    client = sub.add_parser("client", help="issue a client certificate for mutual TLS")
+    client.add_argument("name", metavar="NAME",
+                        help="the client's name: the certificate's CN (security.client_certs "
+                        "maps it to scopes) and the file name stem")
+    client.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                        help="the CA's directory (default: ./certs)")
+    client.add_argument("--out", type=Path, default=None,
+                        help="where NAME.pem and NAME-key.pem go (default: --dir)")
+    client.add_argument("--days", type=int, default=730)
+    client.add_argument("--force", action="store_true", help="replace existing files")
 
     keys = subparsers.add_parser("keys", help="create API keys and data keys")
     ksub = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
@@ -74,6 +86,16 @@ def _certs(args: argparse.Namespace) -> int:
         made = tls.init_ca(args.dir, name=args.name, days=args.days, force=args.force)
         print(f"CA certificate {made.cert} (give it to clients and the MQTT broker as "
               f"their CA file)\nCA key {made.key} (keep it offline; mode 0600)")
+        return 0
+    if args.certs_command == "client":
+        made = tls.issue_client(args.dir, args.out or args.dir, name=args.name,
+                                days=args.days, force=args.force)
+        print(f"client certificate {made.cert} (CN {args.name})\nkey {made.key}\n"
+              f"the appliance accepts it with: [http] tls_client_ca = "
+              f"\"{args.dir / tls.CA_CERT}\"; to let it stand in for an API key:\n\n"
+              f"[[security.client_certs]]\nname = \"{args.name}\"\nscopes = [\"infer\", "
+              f"\"read\"]\n\nclients: curl --cert {made.cert} --key {made.key} "
+              f"--cacert {args.dir / tls.CA_CERT} https://...")
         return 0
     hosts = args.hosts or _default_hosts()
     made = tls.issue(args.dir, args.out or args.dir, name=args.name, hosts=hosts,

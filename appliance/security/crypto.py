@@ -6,11 +6,18 @@ a box writes), and associated data binding the ciphertext to where it belongs (t
 stream and record kind), so a record cannot be moved between streams or kinds unnoticed.
 The key is 32 bytes, given as 64 hex digits in a file (``security.data_key_file`` or the
 systemd credential ``data-key``); ``appliance keys data-key`` prints a fresh one.
+
+Where the *name* a value is stored under would say something about it (the result cache's
+keys hash the request's inputs: anyone who can read the store could confirm a guessed
+input), :meth:`FieldCipher.pseudonym` gives a keyed hash instead (HMAC-SHA256 under a key
+derived from the data key, so the two uses never share a key).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import secrets
 from collections.abc import Mapping
@@ -36,6 +43,11 @@ class FieldCipher:
         if len(key) != 32:
             raise ConfigError(f"a data key is 32 bytes (64 hex digits), not {len(key)}")
         self._aead = AESGCM(key)
+        self._names = hmac.new(key, b"appliance pseudonyms v1", hashlib.sha256).digest()
+
+    def pseudonym(self, name: str) -> str:
+        """A keyed hash of ``name`` (hex): stable under one key, meaningless without it."""
+        return hmac.new(self._names, name.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def seal(self, data: bytes, context: str) -> bytes:
         """``data`` encrypted: nonce ‖ ciphertext ‖ tag (for binary stores, e.g. a cache)."""

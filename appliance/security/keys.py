@@ -10,7 +10,10 @@ loop tells an attacker how close a guess came or which key matched.
 
 Keys come from the configuration (``[[security.keys]]``), a key file (``keys_file`` and the
 systemd credential ``api-keys``), and, when the port serves the LAN with no key configured,
-a generated admin key in the state directory (:func:`bootstrap_key`).
+a generated admin key in the state directory (:func:`bootstrap_key`). Client certificates
+named in ``[[security.client_certs]]`` are identities of the same kind, looked up by the
+common name of a certificate the TLS handshake has already verified. All of it is read
+again on SIGHUP (:meth:`appliance.security.access.AccessPolicy.reload_keys`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
-from appliance.config import AccessConfig, Scope
+from appliance.config import AccessConfig, ClientCertEntry, Scope
 from appliance.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ SCOPES: tuple[str, ...] = get_args(Scope)
 CREDENTIAL = "api-keys"  # $CREDENTIALS_DIRECTORY/api-keys
 BOOTSTRAP_FILE = "api-key"  # in the state directory
 BOOTSTRAP_NAME = "generated"
+CERT_PREFIX = "cert:"  # names of certificate identities, in logs and rate limits
 MIN_KEY_LENGTH = 24  # for keys people bring themselves (`appliance keys hash`)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -64,18 +68,31 @@ def hash_key(key: str) -> str:
 
 
 class KeyStore:
-    """The keys a daemon accepts; :meth:`verify` is constant-time over all of them."""
+    """The keys (and client certificate identities) a daemon accepts; :meth:`verify` is
+    constant-time over all keys."""
 
     def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
         self.keys: list[ApiKey] = list(keys)
+        self.certs: dict[str, ApiKey] = {}  # by the certificate's common name
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.keys) + len(self.certs)
 
     def add(self, key: ApiKey) -> None:
         if any(k.name == key.name for k in self.keys):
             raise ConfigError(f"API key name {key.name!r} is configured twice")
         self.keys.append(key)
+
+    def add_certificate(self, common_name: str, scopes: Iterable[str]) -> None:
+        self.certs[common_name] = ApiKey(CERT_PREFIX + common_name, frozenset(scopes), b"")
+
+    def for_certificate(self, common_name: str) -> ApiKey | None:
+        """The identity of a verified client certificate with this CN, or None."""
+        return self.certs.get(common_name)
+
+    def summary(self) -> dict[str, tuple[frozenset[str], bytes]]:
+        """Name → (scopes, digest) of every identity: what a reload compares."""
+        return {k.name: (k.scopes, k.digest) for k in [*self.keys, *self.certs.values()]}
 
     def verify(self, presented: str) -> ApiKey | None:
         """The key whose value is ``presented``, or None."""
@@ -117,14 +134,20 @@ def parse_key_file(text: str, where: str) -> list[ApiKey]:
     return keys
 
 
-def load_store(config: AccessConfig, env: Mapping[str, str]) -> KeyStore:
-    """Every configured key: the config's, the key file's and the systemd credential's."""
+def load_store(config: AccessConfig, env: Mapping[str, str],
+               certs: Iterable[ClientCertEntry] = ()) -> KeyStore:
+    """Every configured key: the config's, the key file's and the systemd credential's;
+    and the client certificate identities ``certs``. Blocking (reads files); raises
+    :class:`ConfigError` naming the file and line of a malformed entry."""
     store = KeyStore()
     for entry in config.keys:
         store.add(_entry(entry.name, entry.scopes, entry.hash, "security.keys"))
+    for cert in certs:
+        store.add_certificate(cert.name, cert.scopes)
     files: list[tuple[Path, str]] = []
     if config.keys_file is not None:
-        files.append((config.keys_file, f"security.keys_file = {str(config.keys_file)!r}"))
+        # Not "keys_file = PATH": log redaction hides values of names like that.
+        files.append((config.keys_file, f"security.keys_file {str(config.keys_file)!r}"))
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL).is_file():
         files.append((Path(creds) / CREDENTIAL, f"credential {CREDENTIAL!r}"))
@@ -165,5 +188,5 @@ def bootstrap_key(path: Path) -> tuple[ApiKey, Path]:
     return ApiKey(BOOTSTRAP_NAME, frozenset({"admin"}), digest), path
 
 
-__all__ = ["PREFIX", "SCOPES", "ApiKey", "KeyStore", "bootstrap_key", "hash_key",
+__all__ = ["CERT_PREFIX", "PREFIX", "SCOPES", "ApiKey", "KeyStore", "bootstrap_key", "hash_key",
            "load_store", "new_key", "parse_key_file"]

@@ -3,7 +3,8 @@
 Through a real daemon serving the default sensor model: a repeated request is answered from
 the cache (the model's run counter does not move) and counted in ``/metrics``; a different
 input, or a model not opted in, is not. The Redis tests start their own ``redis-server`` on a
-free port and show two daemons sharing one cache.
+free port and show two daemons sharing one cache, and, with a data key, that Redis holds
+only sealed values under keyed names, and that a value which does not open is a miss.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance.config import CacheConfig
 from appliance.core.cache import MemoryBackend, ResultCache, request_key
 from appliance.core.types import InferResult
+from appliance.security.crypto import FieldCipher, new_data_key
 from tests.conftest import base_url, make_config, serving
 
 MODEL = "sensor-anomaly"
@@ -241,3 +243,81 @@ async def test_an_unreachable_redis_is_a_miss_not_an_error(http: aiohttp.ClientS
         counts = await metrics(http, url)
         assert counts["appliance_cache_misses_total"] == 2
         assert counts["appliance_inference_duration_seconds_count"] == 2
+
+
+# -- Redis with a data key: encryption at rest -------------------------------------------
+
+
+async def test_redis_values_are_sealed_and_fail_closed(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    cipher = FieldCipher(bytes.fromhex(new_data_key()))
+    config = CacheConfig(backend="redis", redis_url=redis_url)
+    cache, plain = ResultCache(config, cipher=cipher), ResultCache(config)
+    stranger = ResultCache(config, cipher=FieldCipher(bytes(32)))
+    client = aioredis.Redis.from_url(redis_url)
+
+    def name(key: str) -> str:
+        return f"{config.redis_prefix}e:{cipher.pseudonym(key)}"
+
+    try:
+        await cache.put("m/1/aa", result(3.5), ttl=30)
+        hit = await cache.get("m/1/aa")
+        assert hit is not None and list(hit.outputs["score"]) == [3.5] * 4
+        [stored_name] = await client.keys("*")
+        assert stored_name.decode() == name("m/1/aa")  # no model name, no input hash
+        stored = await client.get(stored_name)
+        assert stored.startswith(b"enc1:")
+        assert np.float32(3.5).tobytes() not in stored and b"score" not in stored
+        # Another data key: a miss.
+        assert await stranger.get("m/1/aa") is None
+        # A sealed value moved under another request's name: a miss.
+        await client.set(name("m/1/bb"), stored)
+        assert await cache.get("m/1/bb") is None
+        # Altered by one bit: a miss.
+        await client.set(name("m/1/aa"), stored[:-1] + bytes([stored[-1] ^ 1]))
+        assert await cache.get("m/1/aa") is None
+        # A plain value written by whoever else can write to Redis: a miss, not an answer.
+        await plain.put("m/1/aa", result(9.0), ttl=30)
+        forged = await client.get(config.redis_prefix + "m/1/aa")
+        assert forged is not None and not forged.startswith(b"enc1:")
+        await client.set(name("m/1/aa"), forged)
+        assert await cache.get("m/1/aa") is None
+        assert getattr(cache.backend, "rejected", None) == 3
+        # A box without the data key cannot read sealed values either; quietly a miss.
+        await client.set(config.redis_prefix + "m/1/cc", stored)
+        assert await plain.get("m/1/cc") is None
+    finally:
+        await client.aclose()
+        for each in (cache, plain, stranger):
+            await each.close()
+
+
+async def test_daemons_share_sealed_results_and_answer_past_bad_ones(
+    redis_url: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    import redis.asyncio as aioredis
+
+    (tmp_path / "data-key").write_text(new_data_key() + "\n")
+    sections: dict[str, Any] = {
+        "cache": {"models": [MODEL], "backend": "redis", "redis_url": redis_url},
+        "security": {"data_key_file": str(tmp_path / "data-key")},
+    }
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with serving(make_config(**sections)) as a, serving(make_config(**sections)) as b:
+            first = await infer(http, base_url(a), window(1))
+            assert await infer(http, base_url(b), window(1)) == first  # opened by b
+            assert (await metrics(http, base_url(b)))["appliance_cache_hits_total"] == 1
+            [stored_name] = await client.keys("*")
+            assert MODEL.encode() not in stored_name
+            stored = await client.get(stored_name)
+            await client.set(stored_name, stored[:-1] + bytes([stored[-1] ^ 1]))
+            # The altered value is a miss: the model runs, the client gets its answer.
+            assert await infer(http, base_url(b), window(1)) == first
+            counts = await metrics(http, base_url(b))
+            assert counts["appliance_cache_hits_total"] == 1
+            assert counts["appliance_cache_misses_total"] == 1
+            assert counts["appliance_inference_duration_seconds_count"] == 1
+    finally:
+        await client.aclose()

@@ -13,6 +13,7 @@ import grpc
 
 from appliance.config import Config
 from appliance.core.service import Core
+from appliance.errors import ConfigError
 from appliance.security.access import AccessPolicy
 from appliance.transports.grpc import grpc_service_pb2_grpc
 from appliance.transports.grpc.service import InferenceService
@@ -53,12 +54,21 @@ class GrpcServer:
             if http.tls_cert_file is not None:  # the HTTP side's certificate serves gRPC too
                 cert = http.tls_cert_file.read_bytes()
                 key = (http.tls_key_file or http.tls_cert_file).read_bytes()
-                credentials = grpc.ssl_server_credentials([(key, cert)])
+                # Mutual TLS as on HTTP, where required. grpcio has no "optional" client
+                # certificates: then gRPC asks for none, and its callers use API keys.
+                client_ca = http.tls_client_ca if http.tls_client_auth == "required" else None
+                credentials = grpc.ssl_server_credentials(
+                    [(key, cert)],
+                    root_certificates=client_ca.read_bytes() if client_ca else None,
+                    require_client_auth=client_ca is not None,
+                )
                 self.port = server.add_secure_port(f"{host}:{settings.port}", credentials)
             else:
                 self.port = server.add_insecure_port(f"{host}:{settings.port}")
         except RuntimeError as exc:
             raise OSError(f"cannot serve gRPC on {host}:{settings.port}: {exc}") from None
+        except OSError as exc:  # a certificate file that vanished since HTTP loaded it
+            raise ConfigError(f"gRPC cannot read its TLS files: {exc}") from None
         await server.start()
         self._server = server
         log.info("gRPC (Open Inference Protocol v2) listening on %s", self.address)

@@ -204,7 +204,8 @@ class InferenceService:
         if not access.is_public(template):
             metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())
                         if isinstance(v, str)}
-            key = access.authenticate(metadata.get("authorization"), metadata.get("x-api-key"))
+            key = access.authenticate(metadata.get("authorization"), metadata.get("x-api-key"),
+                                      _certificate(context) if access.store.certs else None)
             access.authorize(key, scope_of(http_method, template))
         access.limit(peer, key)
 
@@ -262,6 +263,14 @@ def decode_infer_request(request: pb.ModelInferRequest) -> DecodedRequest:
 
 async def _done(value: T) -> T:
     return value
+
+
+def _certificate(context: Context) -> str | None:
+    """The CN of the client certificate the TLS handshake verified (mutual TLS), if any."""
+    names = context.auth_context().get("x509_common_name") or ()
+    for name in names:
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return None
 
 
 def _peer_address(peer: str) -> str | None:

@@ -4,7 +4,11 @@
 
 1. ``guard`` — allow-list → Host/Origin → API key → scope → rate limit. It runs once the
    headers are parsed and before anything reads the body, so a refused client's body is
-   never read (403/401/429 go out at once and the connection is closed).
+   never read (403/401/429 go out at once and the connection is closed). The client is
+   the connection's address, or the one a trusted proxy forwarded
+   (``security.trusted_proxies``); it is kept in ``request[CLIENT]`` for the access log
+   (:class:`AccessLog`). A verified client certificate's CN may stand in for the key
+   (``security.client_certs``).
 2. ``body_limits`` — reads the body itself, counting HTTP chunks (``limits.max_chunks``)
    and bytes after Content-Encoding is undone (the body limit: a gzip bomb stops as soon
    as it passes it; aiohttp inflates in bounded steps), within ``limits.request_timeout``.
@@ -17,15 +21,20 @@ of each application gives them its usual shape.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 from appliance.config import LimitsConfig
 from appliance.errors import PayloadTooLarge, RequestTimeout
 from appliance.security.access import AccessPolicy
+from appliance.security.tls import common_name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A route's scope, or None for a route that authenticates its callers itself (the hub's
@@ -37,6 +46,10 @@ POLICY = web.AppKey("access_policy", AccessPolicy)
 KEY_NAME: Final[web.RequestKey[str] | str] = (
     web.RequestKey("api_key_name", str) if hasattr(web, "RequestKey") else "api_key_name"
 )
+# The client's address as the checks saw it (behind a trusted proxy: the forwarded one).
+CLIENT: Final[web.RequestKey[str] | str] = (
+    web.RequestKey("client_address", str) if hasattr(web, "RequestKey") else "client_address"
+)
 
 
 def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
@@ -46,7 +59,11 @@ def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = request.headers
-        policy.check_network(request.remote, headers.get(hdrs.HOST), headers.get(hdrs.ORIGIN))
+        proxies = policy.proxies
+        client = (proxies.client(request.remote, headers.getall(proxies.header, ()))
+                  if proxies.enabled else request.remote)
+        request[CLIENT] = client or ""
+        policy.check_network(client, headers.get(hdrs.HOST), headers.get(hdrs.ORIGIN))
         match = request.match_info
         resource = match.route.resource
         matched = resource is not None and match.http_exception is None
@@ -55,11 +72,12 @@ def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
         if not policy.is_public(template):
             scope = scope_of(request.method, template) if matched else "any"
             if scope is not None:
+                certificate = _certificate(request) if policy.store.certs else None
                 key = policy.authenticate(headers.get(hdrs.AUTHORIZATION),
-                                          headers.get("X-API-Key"))
+                                          headers.get("X-API-Key"), certificate)
                 if scope != "any":  # unknown paths: any valid key gets its 404
                     policy.authorize(key, scope)
-        policy.limit(request.remote, key)
+        policy.limit(client, key)
         request[KEY_NAME] = key.name if key is not None else ""
         return await handler(request)
 
@@ -81,6 +99,12 @@ def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
         return await handler(request)
 
     return [guard, body_limits]
+
+
+def _certificate(request: web.Request) -> str | None:
+    """The CN of the client certificate the TLS handshake verified, if any."""
+    transport = request.transport
+    return common_name(transport.get_extra_info("peercert")) if transport else None
 
 
 async def _read(request: web.Request, limit: int, max_chunks: int) -> bytes:
@@ -112,7 +136,26 @@ def runner_options(limits: LimitsConfig) -> dict[str, Any]:
         "max_line_size": limits.max_header_bytes,
         "max_field_size": limits.max_header_bytes,
         "max_headers": limits.max_headers,
+        "access_log_class": AccessLog,
     }
 
 
-__all__ = ["KEY_NAME", "POLICY", "middlewares", "runner_options"]
+class AccessLog(AbstractAccessLogger):
+    """One line per request, naming the client as the checks saw it: behind a trusted
+    proxy, the address it forwarded, not the proxy's. (aiohttp's own logger prints the
+    connection's address and adds a time stamp the log handler already writes.)"""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        client = request.get(CLIENT) or request.remote or "-"
+        version = request.version
+        self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s"', client, request.method,
+                         request.path_qs, version.major, version.minor, response.status,
+                         response.body_length, time,
+                         request.headers.get(hdrs.USER_AGENT, "-"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+__all__ = ["CLIENT", "KEY_NAME", "POLICY", "AccessLog", "middlewares", "runner_options"]

@@ -16,6 +16,7 @@ from aiohttp import WSCloseCode, web
 
 from appliance.errors import RequestError
 from appliance.transports.http.keys import CONFIG, CORE
+from appliance.transports.http.security import CLIENT
 from appliance.transports.ws.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                            "Upgrade: websocket)", param="Upgrade")
     await ws.prepare(request)
     request.app[_OPEN].add(ws)
-    peer = request.remote or "unknown"
+    peer = request.get(CLIENT) or request.remote or "unknown"  # behind a proxy: the client
     log.debug("WebSocket %s connected", peer)
     try:
         await Connection(ws, request.app[CORE], config, peer).serve()
