@@ -111,9 +111,12 @@ class GgufRuntime(Runtime):
         params.n_gpu_layers = opts.n_gpu_layers
         params.use_mmap = opts.use_mmap
         params.use_extra_bufts = opts.cpu_repack
+        # verbose=False would point the whole process's stdout and stderr at /dev/null while
+        # the file loads, losing every log line of the daemon meanwhile; llama.cpp's own
+        # output goes through its log callback, which the level above filters.
         try:
             self._model = _internals.LlamaModel(path_model=str(self.path), params=params,
-                                                verbose=False)
+                                                verbose=True)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {self.path.name}: {exc}") from exc
         self._metadata = self._model.metadata()
