@@ -220,6 +220,7 @@ class StreamRules:
         started = time.perf_counter()
         status = "ok"
         try:
+            await self._loaded(config.model)
             inputs = self._inputs(config, rows)
             result = await self._core.infer(config.model, inputs)
         except Exception as exc:
@@ -255,6 +256,15 @@ class StreamRules:
         except (IndexError, KeyError, ValueError) as exc:
             self._problem(rule, f"cannot build the output topic for {source}: {exc!r}")
         self._alert(config.name, source, document if anomaly else None)
+
+    async def _loaded(self, name: str) -> None:
+        """Load the rule's model again when it was unloaded for being idle, as any request
+        does (waiting at most ``load_wait``); its signature shapes the window."""
+        pipelines = self._core.pipelines
+        if pipelines is not None and pipelines.has(name):
+            return
+        if self._core.model(name).state is ModelState.UNLOADED:
+            await self._core.load(name)
 
     def _inputs(self, config: StreamRule, rows: list[Row]) -> dict[str, Any]:
         info = self._core.model(config.model)

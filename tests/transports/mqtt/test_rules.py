@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from appliance.core.types import ModelState
 from tests.conftest import DEFAULT_MODELS
 from tests.transports.mqtt.conftest import (
     Broker,
@@ -127,3 +128,26 @@ async def test_plain_number_readings_with_a_sliding_window(
     assert [m.json()["outputs"]["mean"] for m in means] == [45.0, 85.0, 125.0]
     assert [m.json()["outputs"]["is_anomaly"] for m in means] == [False, True, True]
     assert len(alarms) == 2
+
+
+async def test_a_rule_loads_its_idle_unloaded_model_again(
+    broker: Broker, paho_clients: Clients, mean_model: Path
+) -> None:
+    """keep_alive unloads an idle model; the next full window loads it again, as an HTTP
+    request would, instead of being dropped."""
+    watcher = paho_clients(broker)
+    watcher.subscribe("power/#")
+    rules = [{"name": "power", "topic": "meters/+/watts", "model": "mean8", "window": 8,
+              "output": "power/{1}/mean"}]
+    models = {"dir": str(DEFAULT_MODELS), "files": [str(mean_model)], "keep_alive": 0.2}
+    async with appliance(broker, device="idle-box", models=models,
+                         mqtt={"rules": rules}) as server:
+        assert server.core is not None
+        core = server.core
+        await until(lambda: core.model("mean8").state is ModelState.UNLOADED)
+        await publish_lines(broker, "meters/m2/watts", [str(v) for v in range(10, 90, 10)])
+        (mean,) = await watcher.wait("power/m2/mean")
+        dropped = server.metrics.registry.get_sample_value(
+            "appliance_mqtt_rule_windows_total", {"rule": "power", "result": "dropped"})
+    assert mean.json()["outputs"]["mean"] == 45.0
+    assert not dropped
