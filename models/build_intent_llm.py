@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         f'description = "Tiny Llama-architecture model turning smart-home commands into JSON '
         f'intents ({params // 1000}K parameters, {args.quant.upper()})"\n\n'
         "[options]\nthreads = 1\nn_ctx = 256\nembeddings = false\n"
+        "# Four requests decode together in one batch; each slot's cache is only 256 tokens.\n"
+        "parallel = 4\n"
         "# llama.cpp's repacked CPU layouts crash decoding this model's 64-wide Q8_0 rows\n"
         "# on AMX processors (llama-cpp-python 0.3.36).\n"
         "cpu_repack = false\n"

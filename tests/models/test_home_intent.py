@@ -5,6 +5,7 @@ content right)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sys
@@ -91,3 +92,42 @@ async def test_default_daemon_answers_schema_valid_intents(
             right += all(intent.get(k) == v for k, v in expected.items())
         # The form is guaranteed; the content is what training achieved (see models/README).
         assert right >= len(COMMANDS) - 2, right
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="llama.cpp build")
+async def test_default_daemon_decodes_concurrent_intents_together(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The shipped manifest gives home-intent four slots: concurrent requests share decode
+    steps (continuous batching) and each still gets its own schema-valid answer."""
+    pytest.importorskip("llama_cpp")
+    assert manifest()["options"]["parallel"] == 4
+
+    async def ask(command: str) -> dict[str, Any]:
+        body = {"model": "home-intent", "messages": [{"role": "user", "content": command}],
+                "temperature": 0, "max_tokens": 120,
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "intent", "schema": SCHEMA}}}
+        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            return dict(json.loads((await resp.json())["choices"][0]["message"]["content"]))
+
+    async with serving(make_config()) as server:
+        url = base_url(server)
+        commands = [command for command, _ in COMMANDS[:4]]
+        together = await asyncio.gather(*(ask(c) for c in commands))
+        alone = [await ask(c) for c in commands]
+        async with http.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert together == alone  # greedy decoding: sharing steps changes no answer
+    for intent in together:
+        jsonschema.validate(intent, SCHEMA)
+
+    def sample(prefix: str) -> float:
+        (line,) = [x for x in metrics.splitlines()
+                   if x.startswith(prefix) and 'model="home-intent"' in x]
+        return float(line.split()[-1])
+
+    steps = sample("appliance_batch_size_count")
+    single = sample('appliance_batch_size_bucket{le="1",')
+    assert steps > single, "no decode step ran more than one sequence"
