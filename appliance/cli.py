@@ -125,12 +125,18 @@ def _load_llama_first() -> None:
     A CUDA build of llama-cpp-python 0.3.36 crashed loading every model when numpy (2.5)
     had been imported first, and loaded them when imported in this order (seen on an
     NVIDIA H100 box). The default models include a GGUF one, so the daemon imports
-    llama_cpp anyway; without llama-cpp-python installed this does nothing.
+    llama_cpp anyway. Without llama-cpp-python, or with one whose libraries cannot load
+    (libgomp missing, say), this does nothing: the GGUF models then fail to load and say
+    why, and the rest is served.
     """
     import importlib.util
 
-    if "numpy" not in sys.modules and importlib.util.find_spec("llama_cpp") is not None:
+    if "numpy" in sys.modules or importlib.util.find_spec("llama_cpp") is None:
+        return
+    try:
         import llama_cpp  # noqa: F401
+    except Exception:  # reported, with its reason, by the first GGUF model that loads
+        return
 
 
 def _list_models(cfg: Config, *, as_json: bool) -> int:

@@ -91,6 +91,25 @@ def test_run_without_a_config_file_serves_the_default_models() -> None:
         assert proc.stop() == 0
 
 
+def test_a_llama_cpp_that_cannot_load_fails_its_models_not_the_daemon(tmp_path: Path) -> None:
+    """llama-cpp-python whose libraries cannot load (here a stand-in package raising what
+    a missing libgomp raises; the real one loads on this machine): the GGUF model is
+    reported failed with the reason, and everything else serves."""
+    fake = tmp_path / "site" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise RuntimeError(\"Failed to load shared library 'libllama.so': libgomp.so.1: "
+        "cannot open shared object file\")\n")
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+    with daemon(env=env) as proc:
+        status, health = get(proc.url + "/health")
+        assert status == 200 and health["status"] == "degraded"
+        assert health["models"]["sensor-anomaly"]["state"] == "ready"
+        intent = health["models"]["home-intent"]
+        assert intent["state"] == "failed" and "libgomp" in intent["error"]
+        assert proc.stop() == 0
+
+
 def test_model_files_are_served_under_their_stem(tmp_path: Path, stories_gguf: Path,
                                                  default_models: Path) -> None:
     story = tmp_path / "bedtime-tales.gguf"
