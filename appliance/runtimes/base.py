@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,12 +108,15 @@ class Runtime(ABC):
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix=f"appliance-{name}"
         )
+        # Loading and closing never overlap: with several workers, a close (an unload,
+        # or start-up giving up) would otherwise free what a load still builds on.
+        self._lifecycle = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def load(self) -> None:
         """Load the model off the event loop."""
-        await self.run_blocking(self.load_blocking)
+        await self.run_blocking(self._locked, self.load_blocking)
 
     @abstractmethod
     def load_blocking(self) -> None:
@@ -120,8 +124,12 @@ class Runtime(ABC):
 
     async def close(self) -> None:
         """Release the model and the worker threads."""
-        await self.run_blocking(self.close_blocking)
+        await self.run_blocking(self._locked, self.close_blocking)
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _locked(self, step: Callable[[], None]) -> None:
+        with self._lifecycle:
+            step()
 
     def close_blocking(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release native resources; runs in a worker thread."""
