@@ -27,7 +27,7 @@ class Admission:
         on_change: Callable[[Admission], None] | None = None,
     ) -> None:
         self.name = name
-        # Called after every change of the running/waiting counts (metrics gauges).
+        # Called after every change of the running/waiting counts (a model's idle event).
         self._on_change = on_change
         self.parallel = parallel
         self.queue_size = queue_size

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Generic, Protocol, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 # Latency buckets from 5 ms to 2 min: ONNX sensor models answer in milliseconds, language
 # models on a Pi take tens of seconds.
@@ -22,6 +26,40 @@ _LATENCY_BUCKETS = (
     60.0,
     120.0,
 )
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Queue(Protocol):
+    """What the queue gauges read (``appliance.core.admission.Admission``)."""
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+
+class Children(Generic[M]):
+    """The labelled children of one metric, each looked up once.
+
+    prometheus-client's ``labels()`` checks and converts the values and takes a lock on
+    every call, which showed in profiles of the request path; hot paths keep the children
+    here instead. The label sets stay as bounded as the callers keep them (routes,
+    configured models, statuses): prometheus-client keeps every child anyway.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -95,6 +133,10 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # What every request updates, by label values (see Children).
+        self._request_counts = Children(self.requests)
+        self._request_seconds = Children(self.request_latency)
+        self.inference_seconds = Children(self.inference_latency)
         self._lifecycle_metrics(r)
         self._health_metrics(r)
         self._mqtt_metrics(r)
@@ -245,6 +287,19 @@ class Metrics:
             ["rule", "result"],
             registry=r,
         )
+
+    def count_request(
+        self, transport: str, route: str, model: str, status: str, seconds: float
+    ) -> None:
+        """One finished request: ``appliance_requests`` and its latency histogram."""
+        self._request_counts(transport, route, model, status).inc()
+        self._request_seconds(transport, route, model).observe(seconds)
+
+    def watch_queues(self, model: str, queues: Callable[[], Iterable[Queue]]) -> None:
+        """Export the requests waiting for and running on ``model``, summed over ``queues()``
+        when scraped: set on every change instead, they cost each request six updates."""
+        self.queue_depth.labels(model).set_function(lambda: sum(q.waiting for q in queues()))
+        self.running.labels(model).set_function(lambda: sum(q.running for q in queues()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -176,14 +176,23 @@ class ModelManager:
                 parallel = limit
         queue = spec.options.queue_size
         holder: list[ModelHandle] = []
+
+        def queue_changed(admission: Admission) -> None:
+            if holder and not holder[0].busy:
+                holder[0].idle.set()
+
         admission = Admission(
             spec.name,
             parallel=parallel,
             queue_size=config.queue_size if queue is None else queue,
             retry_after=config.retry_after,
-            on_change=lambda a: self._queue_changed(a, holder),
+            on_change=queue_changed,
         )
         self._metrics.model_ready.labels(spec.name).set(0)
+        name = spec.name  # its queues: every version's, retiring ones included
+        self._metrics.watch_queues(name, lambda: [
+            h.admission for h in [*self._versions.get(name, {}).values(), *self._retiring]
+            if h.name == name])
         if spec.problem:
             self._metrics.model_load_failures.labels(spec.name).inc()
         holder.append(ModelHandle(spec, admission))
@@ -218,12 +227,6 @@ class ModelManager:
 
     def _canary_of(self, name: str) -> str | None:
         return self.canary_of(name) if self.canary_of is not None else None
-
-    def _queue_changed(self, admission: Admission, holder: list[ModelHandle]) -> None:
-        self._metrics.queue_depth.labels(admission.name).set(admission.waiting)
-        self._metrics.running.labels(admission.name).set(admission.running)
-        if holder and not holder[0].busy:
-            holder[0].idle.set()
 
     def add_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener()`` on the loop whenever a model's state changes.
@@ -447,6 +450,10 @@ class ModelManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is a served model (one of :meth:`handles`)."""
+        return name in self._stable
 
     def handles(self) -> list[ModelHandle]:
         """One handle per model: the stable version (what listings and health show)."""

@@ -130,12 +130,20 @@ def _decode_tensor(index: int, raw: Any, binary: bytes, offset: int) -> tuple[st
         return name, _from_bytes(label, datatype, dtype, shape, count, chunk), size
     if "data" not in raw:
         raise RequestError(f"{label}: needs 'data' (or binary data)", param="inputs")
-    flat = _flatten(raw["data"])
+    data = raw["data"]
+    # The element types, gathered at C speed: a flat list of plain numbers (what clients
+    # send) is checked by looking at this set instead of at every element.
+    kinds = set(map(type, data)) if isinstance(data, list) else {type(data)}
+    if any(issubclass(kind, list) for kind in kinds):
+        flat = _flatten(data)
+        kinds = set(map(type, flat))
+    else:
+        flat = data if isinstance(data, list) else [data]
     if len(flat) != count:
         raise RequestError(
             f"{label}: shape {shape} needs {count} elements, got {len(flat)}", param="inputs"
         )
-    return name, _from_list(label, datatype, dtype, flat).reshape(shape), 0
+    return name, _from_list(label, datatype, dtype, flat, kinds).reshape(shape), 0
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -154,22 +162,26 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _from_list(label: str, datatype: str, dtype: np.dtype[Any], flat: list[Any]) -> Array:
+# Element types that pass each check without looking further (``type()``, not subclasses:
+# anything else takes the element-by-element path, which decides).
+_STRINGS = frozenset({str})
+_BOOLS = frozenset({bool})
+_NUMBERS = frozenset({int, float})
+_INTEGERS = frozenset({int})
+
+
+def _from_list(
+    label: str, datatype: str, dtype: np.dtype[Any], flat: list[Any], kinds: set[type]
+) -> Array:
     if datatype == "BYTES":
-        if not all(isinstance(v, str) for v in flat):
+        if not (kinds <= _STRINGS or all(isinstance(v, str) for v in flat)):
             raise RequestError(f"{label}: BYTES data must be strings", param="inputs")
         return np.array([v.encode() for v in flat], dtype=np.object_)
     if datatype == "BOOL":
-        if not all(isinstance(v, bool) for v in flat):
+        if not (kinds <= _BOOLS or all(isinstance(v, bool) for v in flat)):
             raise RequestError(f"{label}: BOOL data must be true/false", param="inputs")
-    elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
-        bad = next(v for v in flat if not isinstance(v, (int, float)) or isinstance(v, bool))
-        raise RequestError(
-            f"{label}: {datatype} data must be numbers, got {type(bad).__name__} {bad!r}",
-            param="inputs",
-        )
-    elif dtype.kind in "iu" and not all(isinstance(v, int) for v in flat):
-        raise RequestError(f"{label}: {datatype} data must be integers", param="inputs")
+    elif not kinds <= (_INTEGERS if dtype.kind in "iu" else _NUMBERS):
+        _check_numbers(label, datatype, dtype, flat)
     try:
         # A float beyond the type's range (1e39 for FP32) would only warn and become inf.
         with np.errstate(over="raise"):
@@ -178,6 +190,18 @@ def _from_list(label: str, datatype: str, dtype: np.dtype[Any], flat: list[Any])
         raise RequestError(
             f"{label}: a value does not fit {datatype}: {exc}", param="inputs"
         ) from None
+
+
+def _check_numbers(label: str, datatype: str, dtype: np.dtype[Any], flat: list[Any]) -> None:
+    """Element by element: a number type's data must be numbers (integers for integer types)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+        bad = next(v for v in flat if not isinstance(v, (int, float)) or isinstance(v, bool))
+        raise RequestError(
+            f"{label}: {datatype} data must be numbers, got {type(bad).__name__} {bad!r}",
+            param="inputs",
+        )
+    if dtype.kind in "iu" and not all(isinstance(v, int) for v in flat):
+        raise RequestError(f"{label}: {datatype} data must be integers", param="inputs")
 
 
 def _from_bytes(

@@ -122,6 +122,10 @@ class Core:
             models += self.pipelines.infos(self)
         return models
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a served model or pipeline (one of :meth:`list_models`)."""
+        return self.models.has(name) or (self.pipelines is not None and self.pipelines.has(name))
+
     def model(self, name: str, version: str | None = None) -> ModelInfo:
         if self.pipelines is not None and self.pipelines.has(name):
             return self.pipelines.info(self, name)
@@ -206,7 +210,7 @@ class Core:
             try:
                 results = await runtime.infer(inputs, wanted)
             finally:
-                self.metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
+                self.metrics.inference_seconds(name).observe(time.perf_counter() - started)
         result = InferResult(outputs=results)
         if cache is not None and key:
             await cache.put(key, result, cache.ttl(options.cache_ttl))
@@ -340,7 +344,7 @@ class Core:
             try:
                 result = await runtime.embed(texts)
             finally:
-                self.metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
+                self.metrics.inference_seconds(name).observe(time.perf_counter() - started)
         self.metrics.prompt_tokens.labels(name).inc(result.prompt_tokens)
         return result
 
@@ -480,7 +484,7 @@ class TokenStream:
                 close: Callable[[], Any] | None = getattr(chunks, "aclose", None)
                 if close is not None:
                     await close()
-                metrics.inference_latency.labels(name).observe(time.perf_counter() - started)
+                metrics.inference_seconds(name).observe(time.perf_counter() - started)
                 self.finished.set()
 
 

@@ -149,8 +149,15 @@ DATATYPES: dict[str, np.dtype[Any]] = {
 }
 
 
+# The same table the other way round: every request looks its tensors' names up here.
+_NAMES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DATATYPES.items()}
+
+
 def datatype_of(dtype: np.dtype[Any]) -> str:
     """The Open Inference Protocol name of a numpy dtype."""
+    name = _NAMES.get(dtype)
+    if name is not None:
+        return name
     if dtype.kind in ("O", "S", "U"):
         return "BYTES"
     for name, candidate in DATATYPES.items():

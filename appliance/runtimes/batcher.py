@@ -53,6 +53,8 @@ class Batcher:
         self._stats = stats
         self._waiting: list[_Request] = []
         self._arrived = asyncio.Event()
+        # While a batch gathers: resolved once it is full (or by the delay's timer).
+        self._full: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_size = 1
 
@@ -66,12 +68,19 @@ class Batcher:
         request = _Request(dict(inputs), list(outputs), rows, _key(inputs, outputs))
         self._waiting.append(request)
         self._arrived.set()
+        full = self._full
+        if (full is not None and not full.done()
+                and _fill(self._waiting, self._waiting[0]) >= self._max_batch):
+            full.set_result(None)
         try:
-            return await asyncio.shield(request.future)
+            # Not shielded: a batch skips the futures of callers that left (done()).
+            return await request.future
         except asyncio.CancelledError:
             # The caller left: it is dropped if its batch has not started yet.
             if request in self._waiting:
                 self._waiting.remove(request)
+                if not self._waiting and self._full is not None:
+                    _resolve(self._full)  # nobody left to gather for
             raise
 
     async def close(self) -> None:
@@ -94,6 +103,8 @@ class Batcher:
             if (self._delay > 0 and self._last_size > 1
                     and _fill(self._waiting, self._waiting[0]) < self._max_batch):
                 await self._gather_more()
+                if not self._waiting:  # every caller left meanwhile
+                    continue
             batch = self._take()
             try:
                 await self._run_batch(batch)
@@ -104,20 +115,19 @@ class Batcher:
                 raise
 
     async def _gather_more(self) -> None:
-        """Wait up to ``delay`` for the batch of the oldest request to fill up."""
+        """Wait up to ``delay`` for the batch of the oldest request to fill up.
+
+        :meth:`infer` resolves ``_full`` when an arrival fills the batch, a timer when the
+        delay is over: one future and one timer per batch, nothing per arrival.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._delay
-        while _fill(self._waiting, self._waiting[0]) < self._max_batch:
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), left)
-            except asyncio.TimeoutError:
-                return
-            if not self._waiting:
-                return
+        self._full = full = loop.create_future()
+        timer = loop.call_later(self._delay, _resolve, full)
+        try:
+            await full
+        finally:
+            timer.cancel()
+            self._full = None
 
     def _take(self) -> list[_Request]:
         """The oldest request and the compatible ones behind it, up to ``max_batch`` rows."""
@@ -186,3 +196,8 @@ def _key(inputs: Mapping[str, Array], outputs: Sequence[str]) -> tuple[Any, ...]
 
 def _fill(waiting: list[_Request], first: _Request) -> int:
     return sum(r.rows for r in waiting if r.key == first.key)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

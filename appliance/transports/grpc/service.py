@@ -215,12 +215,10 @@ class InferenceService:
         return self.core.model(name, version or None)
 
     def _count(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        metrics = self.core.metrics
         # Only configured models become label values, so made-up names cannot add series.
-        if model not in {m.name for m in self.core.list_models()}:
+        if model and not self.core.serves(model):
             model = ""
-        metrics.requests.labels("grpc", method, model, code.name).inc()
-        metrics.request_latency.labels("grpc", method, model).observe(seconds)
+        self.core.metrics.count_request("grpc", method, model, code.name, seconds)
 
 
 def decode_infer_request(request: pb.ModelInferRequest) -> DecodedRequest:

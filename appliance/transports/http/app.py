@@ -34,14 +34,12 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
     model = request.get(MODEL, "")
-    if model and all(h.name != model for h in core.models.handles()):
+    if model and not core.models.has(model):
         # Only configured models become label values: names clients make up would add
         # series to /metrics without bound.
         model = ""
-    core.metrics.requests.labels("http", route_name, model, str(response.status)).inc()
-    core.metrics.request_latency.labels("http", route_name, model).observe(
-        time.perf_counter() - started
-    )
+    core.metrics.count_request("http", route_name, model, str(response.status),
+                               time.perf_counter() - started)
     return response
 
 

@@ -19,9 +19,12 @@ def msgpack_request(request: web.Request) -> bool:
 
 def answers_msgpack(request: web.Request) -> bool:
     """Whether the answer to ``request`` should be MessagePack."""
+    accept = request.headers.get("Accept", "")
+    if "msgpack" not in accept.lower() and not msgpack_request(request):
+        return False  # what the parse below concludes without a MessagePack type in Accept
     msgpack_q: float | None = None
     json_q: float | None = None
-    for part in request.headers.get("Accept", "").split(","):
+    for part in accept.split(","):
         media, _, params = part.partition(";")
         media = media.strip().lower()
         if media in CONTENT_TYPES:

@@ -50,28 +50,11 @@ async def ready(request: web.Request) -> web.Response:
     return error_response(request, 503, f"not ready: {reason}", headers={"Retry-After": "5"})
 
 
-@routes.get("/v2/models/{name}")
-@routes.get("/v2/models/{name}/versions/{version}")
-async def model_metadata(request: web.Request) -> web.Response:
-    info = _info(request)
-    meta = _metadata(info)
-    if info.runtime != "pipeline":
-        meta["versions"] = [v.version for v in request.app[CORE].versions(info.name)]
-    return web.json_response(meta)
-
-
-@routes.get("/v2/models/{name}/ready")
-@routes.get("/v2/models/{name}/versions/{version}/ready")
-async def model_ready(request: web.Request) -> web.Response:
-    info = _info(request)
-    if info.state is ModelState.READY:
-        return web.json_response({"name": info.name, "ready": True})
-    exc = ModelUnavailable(info.name, info.state.value, info.error)
-    return error_response(request, 503, str(exc), headers={"Retry-After": "5"})
-
-
-@routes.post("/v2/models/{name}/infer")
+# Registered before the other /v2/models/{name}... routes (decorators apply bottom up):
+# aiohttp tries the routes under one path prefix in registration order, and inference is
+# the busy one.
 @routes.post("/v2/models/{name}/versions/{version}/infer")
+@routes.post("/v2/models/{name}/infer")
 async def infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     version = request.match_info.get("version")
@@ -123,6 +106,26 @@ async def infer(request: web.Request) -> web.Response:
         body=header + b"".join(blobs),
         headers={HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"},
     )
+
+
+@routes.get("/v2/models/{name}")
+@routes.get("/v2/models/{name}/versions/{version}")
+async def model_metadata(request: web.Request) -> web.Response:
+    info = _info(request)
+    meta = _metadata(info)
+    if info.runtime != "pipeline":
+        meta["versions"] = [v.version for v in request.app[CORE].versions(info.name)]
+    return web.json_response(meta)
+
+
+@routes.get("/v2/models/{name}/ready")
+@routes.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(request: web.Request) -> web.Response:
+    info = _info(request)
+    if info.state is ModelState.READY:
+        return web.json_response({"name": info.name, "ready": True})
+    exc = ModelUnavailable(info.name, info.state.value, info.error)
+    return error_response(request, 503, str(exc), headers={"Retry-After": "5"})
 
 
 def _msgpack_answer(

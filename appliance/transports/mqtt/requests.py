@@ -152,11 +152,8 @@ class Requests:
         except Exception as exc:
             status = self._fail(request, reply, request_id, key, exc)
         finally:
-            metrics = self._core.metrics
-            metrics.requests.labels("mqtt", route, model, status).inc()
-            metrics.request_latency.labels("mqtt", route, model).observe(
-                time.perf_counter() - started
-            )
+            self._core.metrics.count_request("mqtt", route, model, status,
+                                             time.perf_counter() - started)
 
     async def _stream(
         self,

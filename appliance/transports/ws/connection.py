@@ -169,13 +169,10 @@ class Connection:
             log.debug("WebSocket %s went away while a reply was sent", self.peer)
 
     def _count(self, message: protocol.Work, status: int, seconds: float) -> None:
-        metrics = self.core.metrics
         # Only configured models become label values: names clients make up would add series
         # to /metrics without bound.
-        served = {m.name for m in self.core.list_models()}
-        model = message.model if message.model in served else ""
-        metrics.requests.labels("ws", message.type, model, str(status)).inc()
-        metrics.request_latency.labels("ws", message.type, model).observe(seconds)
+        model = message.model if self.core.serves(message.model) else ""
+        self.core.metrics.count_request("ws", message.type, model, str(status), seconds)
 
 
 def _model(info: Any) -> dict[str, Any]:
