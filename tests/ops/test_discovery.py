@@ -241,8 +241,12 @@ def test_a_taken_name_gets_a_new_unique_one(fleet: Fleet) -> None:
     with daemons_in(fleet.ns, [_env("twin-6", "Twin")], *args) as (first,):
         discover_until(fleet.ns, lambda f: "twin-6" in by_id(f))
         with daemons_in(fleet.ns, [_env("twin-7", "Twin")], *args) as (second,):
+            # Both devices, one name each: for a moment a browser may still hold a record
+            # the renamed one announced before it saw the conflict.
             found = by_id(discover_until(fleet.ns, lambda f: sorted(
-                e["name"] for e in f if e["id"].startswith("twin-")) == ["Twin", "Twin-2"]))
+                (e["id"], e["name"]) for e in f if e["id"].startswith("twin-")) in (
+                    [("twin-6", "Twin"), ("twin-7", "Twin-2")],
+                    [("twin-6", "Twin-2"), ("twin-7", "Twin")])))
             assert found["twin-6"]["port"] == port_of(first)
             assert found["twin-7"]["port"] == port_of(second)
     renamed = {"twin-6": first, "twin-7": second}[
