@@ -12,6 +12,7 @@ the API (simple cross-origin POSTs, WebSocket connections) even where no key is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -24,8 +25,15 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def client_address(peer: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The client's address; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) as plain IPv4."""
-    if not peer:
+    # No address with a zone is longer than 61 characters; longer text is not one, and
+    # keeping it out bounds the cache below, which clients' headers also reach.
+    if not peer or len(peer) > 64:
         return None
+    return _parse_address(peer)
+
+
+@functools.lru_cache(maxsize=1024)  # every request parses its peer's address: keep a few
+def _parse_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:
@@ -93,12 +101,13 @@ class HostGuard:
         host = host.lower().rstrip(".")
         if not host:
             return False
+        if host in self.names or host.endswith(self.suffixes):
+            return True
         try:
             ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
             return True
         except ValueError:
-            pass
-        return host in self.names or host.endswith(self.suffixes)
+            return False
 
     def check(self, host_header: str | None, origin: str | None = None) -> None:
         """Raise :class:`Forbidden` for a Host or Origin that names another site."""

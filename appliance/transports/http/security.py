@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 from aiohttp import hdrs, web
@@ -89,8 +90,8 @@ def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
                 raise PayloadTooLarge(f"request body is larger than the limit of "
                                       f"{max_body_bytes} bytes", param="body")
             try:
-                body = await asyncio.wait_for(_read(request, max_body_bytes, limits.max_chunks),
-                                              limits.request_timeout)
+                body = await _within(limits.request_timeout,
+                                     _read(request, max_body_bytes, limits.max_chunks))
             except asyncio.TimeoutError:
                 raise RequestTimeout(f"the request body did not arrive within "
                                      f"{limits.request_timeout:g} s") from None
@@ -105,6 +106,15 @@ def _certificate(request: web.Request) -> str | None:
     """The CN of the client certificate the TLS handshake verified, if any."""
     transport = request.transport
     return common_name(transport.get_extra_info("peercert")) if transport else None
+
+
+async def _within(seconds: float, work: Coroutine[Any, Any, bytes]) -> bytes:
+    """``work`` within ``seconds``; a timeout context where there is one (Python 3.11+),
+    so a request's body read costs no task of its own."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await work
+    return await asyncio.wait_for(work, seconds)
 
 
 async def _read(request: web.Request, limit: int, max_chunks: int) -> bytes:
