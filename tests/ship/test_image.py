@@ -145,6 +145,10 @@ def test_boots_serving_with_the_boot_partition_config(vm: dict[str, Any]) -> Non
     health = vm["health"]
     assert health["device"] == {"id": DEVICE_ID, "name": "CI image test"}
     assert health["models"]["sensor-anomaly"]["state"] == "ready"
+    # The image's llama.cpp (built for any x86-64, with its OpenMP runtime installed) runs
+    # the default language model on QEMU's CPU, not only on the build host's.
+    assert health["models"]["home-intent"] == {"state": "ready", "runtime": "gguf",
+                                               "version": "1"}, health["models"]
     console = read_console(vm["console"], until="systemd[1]: Started appliance.service")
     # Type=notify: systemd logs "Started" only after the daemon sent READY=1, here with the
     # hardened unit running (LoadCredential, sandboxing, the service user).
