@@ -8,6 +8,7 @@ a transport that only parses (Ollama ``options``, WebSocket messages) needs no c
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from appliance.core.types import SamplingParams
 from appliance.errors import RequestError
@@ -15,6 +16,12 @@ from appliance.errors import RequestError
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 100.0
+
+
+def sampling_params(**given: Any) -> SamplingParams:
+    """:class:`SamplingParams` from a transport's fields: one left out or None (not sent)
+    takes the default, so every transport shares one set of defaults."""
+    return SamplingParams(**{name: value for name, value in given.items() if value is not None})
 
 
 def check_sampling(params: SamplingParams) -> None:

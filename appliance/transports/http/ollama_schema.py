@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from appliance.core.sampling import sampling_params
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -65,18 +66,17 @@ class Options(_Request):
         return value
 
     def sampling(self, fmt: str | dict[str, Any] | None) -> SamplingParams:
-        defaults = SamplingParams()
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
+        return sampling_params(
             max_tokens=None if self.num_predict is None or self.num_predict < 0
             else self.num_predict,
-            temperature=_pick(self.temperature, defaults.temperature),
-            top_p=_pick(self.top_p, defaults.top_p),
-            top_k=_pick(self.top_k, defaults.top_k),
-            min_p=_pick(self.min_p, defaults.min_p),
-            repeat_penalty=_pick(self.repeat_penalty, defaults.repeat_penalty),
-            presence_penalty=_pick(self.presence_penalty, defaults.presence_penalty),
-            frequency_penalty=_pick(self.frequency_penalty, defaults.frequency_penalty),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             stop=tuple(stop),
             seed=self.seed,
             json_schema=fmt if isinstance(fmt, dict) else None,
@@ -331,7 +331,3 @@ def _type_part(part: str) -> bool:
     return part.startswith(("function-", "literal[", "list[", "dict[")) or part in {
         "str", "int", "float", "bool", "Options", "Message",
     }
-
-
-def _pick(value: Any, default: Any) -> Any:
-    return default if value is None else value

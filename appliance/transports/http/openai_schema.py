@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from appliance.core.sampling import sampling_params
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -78,7 +79,6 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
 
     def sampling(self, max_tokens: int | None, fmt: ResponseFormat | None = None) -> SamplingParams:
-        defaults = SamplingParams()
         # A lone "" means no stop sequence; in a list every entry is one (the core's
         # limits, appliance.core.sampling, judge them: this model only parses).
         stop = ([self.stop] if self.stop else []) if isinstance(self.stop, str) else (
@@ -95,15 +95,15 @@ class _Sampling(_Request):
         elif fmt is not None and fmt.type == "json_object":
             schema = fmt.schema_
             json_object = schema is None
-        return SamplingParams(
+        return sampling_params(
             max_tokens=max_tokens,
-            temperature=_pick(self.temperature, defaults.temperature),
-            top_p=_pick(self.top_p, defaults.top_p),
-            top_k=_pick(self.top_k, defaults.top_k),
-            min_p=_pick(self.min_p, defaults.min_p),
-            repeat_penalty=_pick(self.repeat_penalty, defaults.repeat_penalty),
-            presence_penalty=_pick(self.presence_penalty, defaults.presence_penalty),
-            frequency_penalty=_pick(self.frequency_penalty, defaults.frequency_penalty),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             stop=tuple(stop),
             seed=self.seed,
             json_schema=schema,
@@ -273,7 +273,3 @@ def parse(model: type[_Request], body: Any) -> Any:
         value = err.get("input")
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise RequestError(f"{field}: {err['msg']} (got {shown})", param=field) from None
-
-
-def _pick(value: Any, default: Any) -> Any:
-    return default if value is None else value

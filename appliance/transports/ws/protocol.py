@@ -30,7 +30,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
 
 from appliance.core import oip_msgpack
-from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
+from appliance.core.sampling import sampling_params
+from appliance.core.types import ChatMessage, GenerateRequest
 from appliance.errors import RequestError
 
 # Strict: true is not the id 1, and 1 is not the id "1"; replies echo the id as sent.
@@ -72,16 +73,15 @@ class Generate(_Message):
     def to_core(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise RequestError("give either 'prompt' or 'messages'", param="prompt")
-        defaults = SamplingParams()
-        params = SamplingParams(
+        params = sampling_params(
             max_tokens=self.max_tokens,
-            temperature=_pick(self.temperature, defaults.temperature),
-            top_p=_pick(self.top_p, defaults.top_p),
-            top_k=_pick(self.top_k, defaults.top_k),
-            min_p=_pick(self.min_p, defaults.min_p),
-            repeat_penalty=_pick(self.repeat_penalty, defaults.repeat_penalty),
-            presence_penalty=_pick(self.presence_penalty, defaults.presence_penalty),
-            frequency_penalty=_pick(self.frequency_penalty, defaults.frequency_penalty),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             stop=tuple(self.stop or ()),
             seed=self.seed,
             json_schema=self.json_schema,
@@ -211,10 +211,6 @@ def _type_part(part: str) -> bool:
     return part.startswith(("function-", "literal[", "list[", "constrained-")) or part in {
         "str", "int", "float", "bool",
     }
-
-
-def _pick(value: Any, default: Any) -> Any:
-    return default if value is None else value
 
 
 # -------------------------------------------------------------------- server → client
