@@ -126,6 +126,17 @@ class Core:
         """Whether ``name`` is a served model or pipeline (one of :meth:`list_models`)."""
         return self.models.has(name) or (self.pipelines is not None and self.pipelines.has(name))
 
+    def count_request(self, transport: str, route: str, model: str, status: str,
+                      seconds: float) -> None:
+        """One finished request of any transport, in ``appliance_requests``.
+
+        Only served models become label values: names clients make up would otherwise
+        add series to /metrics without bound.
+        """
+        if model and not self.serves(model):
+            model = ""
+        self.metrics.count_request(transport, route, model, status, seconds)
+
     def model(self, name: str, version: str | None = None) -> ModelInfo:
         if self.pipelines is not None and self.pipelines.has(name):
             return self.pipelines.info(self, name)

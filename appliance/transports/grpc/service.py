@@ -215,10 +215,7 @@ class InferenceService:
         return self.core.model(name, version or None)
 
     def _count(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        # Only configured models become label values, so made-up names cannot add series.
-        if model and not self.core.serves(model):
-            model = ""
-        self.core.metrics.count_request("grpc", method, model, code.name, seconds)
+        self.core.count_request("grpc", method, model, code.name, seconds)
 
 
 def decode_infer_request(request: pb.ModelInferRequest) -> DecodedRequest:

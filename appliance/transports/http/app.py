@@ -33,13 +33,8 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     core = request.app[CORE]
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
-    model = request.get(MODEL, "")
-    if model and not core.models.has(model):
-        # Only configured models become label values: names clients make up would add
-        # series to /metrics without bound.
-        model = ""
-    core.metrics.count_request("http", route_name, model, str(response.status),
-                               time.perf_counter() - started)
+    core.count_request("http", route_name, request.get(MODEL, ""), str(response.status),
+                       time.perf_counter() - started)
     return response
 
 

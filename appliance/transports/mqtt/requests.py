@@ -152,7 +152,7 @@ class Requests:
         except Exception as exc:
             status = self._fail(request, reply, request_id, key, exc)
         finally:
-            self._core.metrics.count_request("mqtt", route, model, status,
+            self._core.count_request("mqtt", route, model, status,
                                              time.perf_counter() - started)
 
     async def _stream(

@@ -230,8 +230,8 @@ class StreamRules:
             self._problem(rule, f"model {config.model!r}: {exc}")
             return
         finally:
-            metrics.count_request("mqtt", "rule", config.model, status,
-                                  time.perf_counter() - started)
+            self._core.count_request("mqtt", "rule", config.model, status,
+                                     time.perf_counter() - started)
         outputs = {name: forms.plain(value, True) for name, value in result.outputs.items()}
         flag = result.outputs.get(config.anomaly_tensor) if config.anomaly_tensor else None
         anomaly = bool(flag is not None and np.asarray(flag).any())

@@ -169,10 +169,7 @@ class Connection:
             log.debug("WebSocket %s went away while a reply was sent", self.peer)
 
     def _count(self, message: protocol.Work, status: int, seconds: float) -> None:
-        # Only configured models become label values: names clients make up would add series
-        # to /metrics without bound.
-        model = message.model if self.core.serves(message.model) else ""
-        self.core.metrics.count_request("ws", message.type, model, str(status), seconds)
+        self.core.count_request("ws", message.type, message.model, str(status), seconds)
 
 
 def _model(info: Any) -> dict[str, Any]:
