@@ -106,8 +106,15 @@ class Server:
                                              os.environ)
         cache = ResultCache(config.cache, cipher=cipher)
         self._stack.push_async_callback(cache.close)
-        self.core = core = Core(models, self.metrics, cache=cache)
-        self._model_lifecycle(core)
+        # The core, built whole: execution, canary routing, pipelines, repository re-reads.
+        self.core = core = Core(
+            models, self.metrics, cache=cache, canary=config.canary,
+            pipelines=config.pipelines.chain,
+            rescan=lambda: collect(config.models.dir, config.models.files),
+        )
+        self._stack.push_async_callback(core.close)
+        core.add_status("lifecycle", core.lifecycle_status)
+        self.reload_hooks.append(core.reload_models)
 
         # Keys, allow-list, Host names (files read, perhaps a key generated): off the loop.
         self.access = await asyncio.to_thread(daemon_policy, config)
@@ -136,55 +143,50 @@ class Server:
                      config.device.id, self.scheme, _url_host(host), port)
         # Models load after the socket is bound so /health can answer "loading" meanwhile.
         await models.start()
-        for unit in self._units():
+        for unit in self._units(core):
             await self._stack.enter_async_context(unit)
 
-    def _units(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
+    def _units(self, core: Core) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Lifecycle units started after HTTP is bound, in this order; stopped in reverse.
 
         Each is an async context manager that starts its background work on enter and stops
         it (with a timeout) on exit. Optional units import their modules lazily.
         """
         units: list[contextlib.AbstractAsyncContextManager[Any]] = []
-        units += self._health_units()
+        units += self._health_units(core)
         if self.config.mqtt.enabled:  # HTTP serves whether or not the broker is there
             from appliance.transports.mqtt import MqttTransport
 
-            assert self.core is not None
             health = self.health
             units.append(MqttTransport(
-                self.core, self.config, http_url=self.http_url,
+                core, self.config, http_url=self.http_url,
                 health=lambda: health.latest.to_dict() if health and health.latest else None,
             ))
         if self.config.grpc.enabled:  # grpcio is an optional extra: import only when asked
             from appliance.transports.grpc.server import GrpcServer
 
-            assert self.core is not None
-            units.append(GrpcServer(self.core, self.config, self.access))
+            units.append(GrpcServer(core, self.config, self.access))
         if self.config.mdns.enabled:  # last in, first out: the goodbye goes out first
             from appliance.ops.discovery import Announcer
 
-            assert self.core is not None
-            units.append(Announcer(self.config, self.core, self.addresses, started=units,
+            units.append(Announcer(self.config, core, self.addresses, started=units,
                                    api_key_required=bool(self.access and self.access.required)))
-        units.append(self._systemd_unit())  # last: READY=1 once all else runs; STOPPING=1 first
+        units.append(self._systemd_unit(core))  # last: READY=1 once all else runs; STOPPING=1 first
         return units
 
-    def _systemd_unit(self) -> contextlib.AbstractAsyncContextManager[Any]:
+    def _systemd_unit(self, core: Core) -> contextlib.AbstractAsyncContextManager[Any]:
         """sd_notify: READY=1 after the listeners are bound and every model loaded or failed."""
         from appliance.ops.systemd import SystemdNotify
 
-        assert self.core is not None
-        models = self.core.models
-        self.systemd = unit = SystemdNotify(wait_ready=models.wait_loaded, status=self.status_line)
-        models.add_listener(unit.refresh_status)
+        self.systemd = unit = SystemdNotify(wait_ready=core.wait_loaded,
+                                            status=lambda: self.status_line(core))
+        core.add_model_listener(unit.refresh_status)
         self.reload_observers.append(unit.reloading)
         return unit
 
-    def status_line(self) -> str:
+    def status_line(self, core: Core) -> str:
         """One line for ``systemctl status``: models ready, failed, and where it listens."""
-        assert self.core is not None
-        handles = self.core.models.handles()
+        handles = core.list_models(pipelines=False)
         ready = sum(1 for h in handles if h.state is ModelState.READY)
         failed = sum(1 for h in handles if h.state is ModelState.FAILED)
         line = f"serving {ready}/{len(handles)} models on {self.http_url}"
@@ -193,26 +195,6 @@ class Server:
         if self.config.mqtt.enabled:
             line += f"; mqtt {self.config.mqtt.host}:{self.config.mqtt.port}"
         return line
-
-    def _model_lifecycle(self, core: Core) -> None:
-        """Canary releases, pipelines, lifecycle state in /health, and SIGHUP re-reading the
-        model repository (``appliance.core.models``)."""
-        from appliance.core.canary import CanaryController
-        from appliance.core.pipelines import Pipelines
-
-        core.canary = CanaryController(core.models, self.config.canary, self.metrics)
-        self._stack.push_async_callback(core.canary.close)
-        if self.config.pipelines.chain:
-            core.pipelines = Pipelines(self.config.pipelines.chain)
-        core.add_status("lifecycle", lambda: lifecycle_status(core))
-        config = self.config.models
-        core.rescan = lambda: collect(config.dir, config.files)
-        self.reload_hooks.append(self.reload_models)
-
-    async def reload_models(self) -> None:
-        """Re-read the model repository and hot-swap what changed (SIGHUP, admin route)."""
-        assert self.core is not None
-        await self.core.reload_models()
 
     async def reload_keys(self) -> None:
         """Read the API keys and client certificate names again and swap them in (SIGHUP).
@@ -245,17 +227,15 @@ class Server:
             for observer in self.reload_observers:
                 observer(False)
 
-    def _health_units(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
+    def _health_units(self, core: Core) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Health snapshots, alert rules on them, and (with ``hub.url``) the hub uploader."""
         from appliance.ops.alerts import AlertEngine
         from appliance.ops.health import HealthCollector
 
-        assert self.core is not None
-        self.health = HealthCollector(self.core, self.config.health)
+        self.health = HealthCollector(core, self.config.health)
         self.alerts = AlertEngine(self.health, self.config.alerts, self.metrics)
         units: list[contextlib.AbstractAsyncContextManager[Any]] = [self.health, self.alerts]
-        if self.core.canary is not None:  # rollbacks raise an alert (and reach the hub)
-            self.core.canary.add_listener(self.alerts.canary_decision)
+        core.add_canary_listener(self.alerts.canary_decision)  # rollbacks raise an alert
         if self.config.hub.url:
             from appliance.ops.hubsync import HubSync
 
@@ -317,20 +297,6 @@ class Server:
             raise SystemExit(130)
         log.info("received %s; stopping gracefully", signal.Signals(sig).name)
         self._stop.set()
-
-
-def lifecycle_status(core: Core) -> dict[str, Any]:
-    """Versions, what is loaded, and canaries: the "lifecycle" unit of /health."""
-    models = core.models
-    loaded = [h for h in models.all_handles() if h.runtime is not None]
-    return {
-        "loaded": [f"{h.name}:{h.version}" for h in loaded],
-        "loaded_bytes": sum(h.size for h in loaded),
-        "versions": {name: {h.version: h.state.value for h in models.versions(name)}
-                     for name in models.names()},
-        "stable": {name: models.stable_version(name) for name in models.names()},
-        "canary": core.canary.status() if core.canary is not None else None,
-    }
 
 
 def _url_host(host: str) -> str:

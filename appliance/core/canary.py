@@ -29,28 +29,20 @@ import collections
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-import numpy as np
+from typing import Any, Literal
 
 from appliance.config import CanaryConfig
 from appliance.core.metrics import Metrics
 from appliance.core.models import ModelHandle, ModelManager, version_key
-from appliance.core.types import Array, InferResult, ModelState
-from appliance.errors import ModelUnavailable, Overloaded, RequestError, ShuttingDown
-
-if TYPE_CHECKING:
-    from appliance.core.service import Core, TokenStream
-    from appliance.core.types import GenerateRequest
+from appliance.core.types import ModelState
+from appliance.errors import RequestError
 
 log = logging.getLogger(__name__)
 
 Decision = Literal["promoted", "rolled_back"]
 DecisionListener = Callable[["CanaryDecision"], None]
-# How a generation ended: (ok, seconds per generated token after the first).
-GenerationObserver = Callable[[bool, float], None]
 
 
 @dataclass(frozen=True)
@@ -281,161 +273,4 @@ class CanaryController:
         }
 
 
-async def canary_infer(
-    core: Core,
-    controller: CanaryController,
-    canary: Canary,
-    to_canary: bool,
-    inputs: Mapping[str, Array],
-    outputs: Sequence[str] | None,
-) -> InferResult:
-    """One tensor inference while ``canary`` runs: measured on the side that answers.
-
-    A canary failure (an error, or NaN in a float output) is answered by stable instead, so
-    clients never see it; in shadow mode a copy runs on the canary and its answer is
-    dropped.
-    """
-    name = canary.name
-    if to_canary:
-        result = await _measured(core, controller, canary, "canary", inputs, outputs)
-        if result is not None:
-            return result
-    elif controller.mode == "shadow":
-        controller.spawn(_measured(core, controller, canary, "canary", inputs, outputs))
-    started = time.perf_counter()
-    try:
-        result = await core.infer_version(name, inputs, version=canary.stable.version,
-                                          outputs=outputs)
-    except (RequestError, Overloaded, ModelUnavailable, ShuttingDown):
-        raise
-    except Exception:
-        controller.record(canary, "stable", False, time.perf_counter() - started)
-        raise
-    controller.record(canary, "stable", _sound(result), time.perf_counter() - started)
-    return result
-
-
-async def _measured(
-    core: Core,
-    controller: CanaryController,
-    canary: Canary,
-    side: str,
-    inputs: Mapping[str, Array],
-    outputs: Sequence[str] | None,
-) -> InferResult | None:
-    """Run on the canary; its answer, or None when it failed (recorded)."""
-    started = time.perf_counter()
-    try:
-        result = await core.infer_version(canary.name, inputs, version=canary.candidate.version,
-                                          outputs=outputs)
-    except RequestError:
-        if side == "canary":
-            return None  # e.g. a changed signature: stable decides what the client hears
-        raise
-    except (Overloaded, ModelUnavailable, ShuttingDown):
-        return None  # busy or gone: not the canary's fault, not measured
-    except Exception:
-        log.debug("canary %s version %s failed", canary.name, canary.candidate.version,
-                  exc_info=True)
-        controller.record(canary, side, False, time.perf_counter() - started)
-        return None
-    ok = _sound(result)
-    controller.record(canary, side, ok, time.perf_counter() - started)
-    return result if ok else None
-
-
-async def canary_generate(
-    core: Core,
-    controller: CanaryController,
-    canary: Canary,
-    to_canary: bool,
-    request: GenerateRequest,
-) -> TokenStream:
-    """A generation while ``canary`` runs, measured on the side that answers.
-
-    The canary's stream is started (run to its first piece) here, so a failure before any
-    text was sent is answered by stable instead; in shadow mode a copy runs on the canary
-    in the background, after stable's answer, and its text is dropped.
-    """
-    name, stable = canary.name, canary.stable.version
-    if to_canary:
-        stream: TokenStream | None = None
-        refused = False
-        try:
-            stream = await core.generate_version(name, request,
-                                                 version=canary.candidate.version,
-                                                 observer=_observer(controller, canary, "canary"))
-            await stream.start()
-            return stream
-        except RequestError:
-            refused = True  # judged below, once stable has seen the same request
-        except (Overloaded, ModelUnavailable, ShuttingDown):
-            pass  # busy or gone: not the canary's fault, not measured
-        except Exception:
-            log.debug("canary %s version %s failed", name, canary.candidate.version,
-                      exc_info=True)
-            if stream is None:  # a started stream's failure was recorded by its observer
-                controller.record(canary, "canary", False, 0.0)
-        except BaseException:
-            if stream is not None:
-                await stream.aclose()
-            raise
-        if stream is not None:
-            await stream.aclose()
-        fallback = await core.generate_version(name, request, version=stable,
-                                               observer=_observer(controller, canary, "stable"))
-        if refused:
-            try:
-                await fallback.start()  # stable refusing too makes it the client's mistake
-            except BaseException:
-                await fallback.aclose()
-                raise
-            controller.record(canary, "canary", False, 0.0)
-        return fallback
-    answer = await core.generate_version(name, request, version=stable,
-                                         observer=_observer(controller, canary, "stable"))
-    if controller.mode == "shadow":
-        controller.spawn(_shadow_generation(core, controller, canary, request, answer))
-    return answer
-
-
-async def _shadow_generation(core: Core, controller: CanaryController, canary: Canary,
-                             request: GenerateRequest, answer: TokenStream) -> None:
-    # The copy runs once the client's answer is done: on a box of two cores, running both
-    # at once would slow the client and make both sides' latencies meaningless.
-    await answer.finished.wait()
-    try:
-        stream = await core.generate_version(canary.name, request,
-                                             version=canary.candidate.version,
-                                             observer=_observer(controller, canary, "canary"))
-    except (RequestError, Overloaded, ModelUnavailable, ShuttingDown):
-        return
-    except Exception:
-        controller.record(canary, "canary", False, 0.0)
-        return
-    async with stream:
-        try:
-            async for _ in stream:
-                pass
-        except Exception:  # recorded by the observer; nobody waits for this answer
-            log.debug("shadow generation on %s version %s failed", canary.name,
-                      canary.candidate.version, exc_info=True)
-
-
-def _observer(controller: CanaryController, canary: Canary, side: str) -> GenerationObserver:
-    def observe(ok: bool, seconds_per_token: float) -> None:
-        controller.record(canary, side, ok, seconds_per_token)
-
-    return observe
-
-
-def _sound(result: InferResult) -> bool:
-    """No NaN in any float output (infinities may be meaningful, e.g. an anomaly score)."""
-    return not any(
-        value.dtype.kind == "f" and bool(np.isnan(value).any())
-        for value in result.outputs.values()
-    )
-
-
-__all__ = ["Canary", "CanaryController", "CanaryDecision", "GenerationObserver",
-           "canary_generate", "canary_infer"]
+__all__ = ["Canary", "CanaryController", "CanaryDecision", "Side"]

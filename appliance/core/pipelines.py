@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from appliance.config import Pipeline, PipelineStep
+from appliance.core.models import ModelManager
+from appliance.core.routing import Router
 from appliance.core.types import (
     Array,
     Capability,
@@ -34,17 +36,17 @@ from appliance.core.types import (
 )
 from appliance.errors import ModelNotFound, RequestError
 
-if TYPE_CHECKING:
-    from appliance.core.service import Core
-
 log = logging.getLogger(__name__)
 
 
 class Pipelines:
-    """The configured pipelines, by name."""
+    """The configured pipelines, by name; each step a routed call (a canary may answer)."""
 
-    def __init__(self, pipelines: Sequence[Pipeline]) -> None:
+    def __init__(self, pipelines: Sequence[Pipeline], models: ModelManager, router: Router
+                 ) -> None:
         self._pipelines = {p.name: p for p in pipelines}
+        self._models = models
+        self._router = router
 
     def has(self, name: str) -> bool:
         return name in self._pipelines
@@ -52,10 +54,10 @@ class Pipelines:
     def names(self) -> list[str]:
         return list(self._pipelines)
 
-    def infos(self, core: Core) -> list[ModelInfo]:
-        return [self.info(core, name) for name in self._pipelines]
+    def infos(self) -> list[ModelInfo]:
+        return [self.info(name) for name in self._pipelines]
 
-    def info(self, core: Core, name: str) -> ModelInfo:
+    def info(self, name: str) -> ModelInfo:
         """Ready when every step's model serves (or can load); the first step's inputs."""
         pipeline = self._pipelines[name]
         problems: list[str] = []
@@ -63,7 +65,7 @@ class Pipelines:
         outputs: list[TensorSpec] = []
         for step in pipeline.steps:
             try:
-                info = core.models.get(step.model).info()
+                info = self._models.get(step.model).info()
             except ModelNotFound:
                 problems.append(f"model {step.model!r} not found")
                 continue
@@ -92,7 +94,6 @@ class Pipelines:
 
     async def run(
         self,
-        core: Core,
         name: str,
         inputs: Mapping[str, Array],
         outputs: Sequence[str] | None,
@@ -103,13 +104,13 @@ class Pipelines:
         current: Mapping[str, Array] = inputs
         for index, step in enumerate(pipeline.steps):
             if step.prompt:
-                collected[step.output] = await _language_step(core, step, collected)
+                collected[step.output] = await _language_step(self._router, step, collected)
                 continue
             if index > 0:
                 current = {k: v for k, v in collected.items()}
-                wanted = {t.name for t in core.model(step.model).signature.inputs}
+                wanted = {t.name for t in self._models.get(step.model).info().signature.inputs}
                 current = {k: v for k, v in current.items() if k in wanted}
-            result = await core.infer(step.model, current)
+            result = await self._router.infer(step.model, current)
             collected.update(result.outputs)
         if outputs:
             missing = [o for o in outputs if o not in collected]
@@ -120,7 +121,8 @@ class Pipelines:
         return InferResult(outputs=collected)
 
 
-async def _language_step(core: Core, step: PipelineStep, values: Mapping[str, Array]) -> Array:
+async def _language_step(router: Router, step: PipelineStep, values: Mapping[str, Array]
+                         ) -> Array:
     if step.when:
         flag = values.get(step.when)
         if flag is None:
@@ -138,7 +140,7 @@ async def _language_step(core: Core, step: PipelineStep, values: Mapping[str, Ar
         params=SamplingParams(max_tokens=step.max_tokens, temperature=0.0, seed=0),
     )
     parts: list[str] = []
-    async with await core.generate(step.model, request) as stream:
+    async with await router.generate(step.model, request) as stream:
         async for chunk in stream:
             parts.append(chunk.text)
     return np.array(["".join(parts).encode("utf-8")], dtype=object)

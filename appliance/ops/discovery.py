@@ -100,7 +100,7 @@ class Announcer:
         return {type_: info.name for type_, info in self._infos.items()}
 
     async def __aenter__(self) -> Announcer:
-        self._unlisten = self._core.models.add_listener(self._dirty.set)
+        self._unlisten = self._core.add_model_listener(self._dirty.set)
         self._task = asyncio.create_task(self._run(), name="appliance-mdns")
         return self
 

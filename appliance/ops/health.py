@@ -287,8 +287,9 @@ class HealthCollector:
         self._previous = current
 
         models: dict[str, ModelStats] = {}
-        for handle in self._core.models.handles():
+        for handle in self._core.list_models(pipelines=False):
             name = handle.name
+            queue = self._core.queue(name)
             requests = current.requests.get(name, 0)
             errors = current.errors.get(name, 0)
             d_requests = requests - before.requests.get(name, 0)
@@ -315,8 +316,8 @@ class HealthCollector:
                 latency_count=lat_count,
                 tokens_total=tokens,
                 load_failures=current.load_failures.get(name, 0),
-                queue_depth=handle.admission.waiting,
-                running=handle.admission.running,
+                queue_depth=queue.waiting,
+                running=queue.running,
                 requests_per_s=d_requests / interval,
                 error_rate=d_errors / d_requests if d_requests > 0 else 0.0,
                 tokens_per_s=(tokens - before.tokens.get(name, 0)) / interval,

@@ -142,7 +142,7 @@ class HubSync:
                                 "name": self._config.device.name})
             self._unsubscribe = [
                 self._collector.add_listener(self._on_snapshot),
-                self._core.models.add_listener(self._on_models),
+                self._core.add_model_listener(self._on_models),
                 self._core.add_status("hub", self._status),
             ]
             if self._alerts is not None:
@@ -241,7 +241,7 @@ class HubSync:
         self._put("alert", event.to_dict())
 
     def _on_models(self) -> None:
-        states = {h.name: h.state.value for h in self._core.models.handles()}
+        states = {m.name: m.state.value for m in self._core.list_models(pipelines=False)}
         if states != self._last_models:
             self._last_models = states
             self._put("event", {"type": "models", "models": states})

@@ -49,7 +49,7 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    data = request.app[CORE].metrics.render()
+    data = request.app[CORE].render_metrics()
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -32,7 +32,7 @@ async def index(request: web.Request) -> web.Response:
         raise RequestError('the body must be {"ready": true|false} or empty', param="ready")
     only_ready = bool(body.get("ready", False))
     rows: list[dict[str, Any]] = []
-    for name in core.models.names():
+    for name in core.model_names():
         for info in core.versions(name):
             if only_ready and info.state is not ModelState.READY:
                 continue
@@ -59,7 +59,7 @@ async def unload(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     request[MODEL] = name
     core = request.app[CORE]
-    await core.models.unload(name)
+    await core.unload(name)
     states = {info.version: info.state.value for info in core.versions(name)}
     return web.json_response({"name": name, "versions": states})
 
@@ -70,7 +70,7 @@ async def reload(request: web.Request) -> web.Response:
     await core.reload_models()
     return web.json_response({
         name: {info.version: info.state.value for info in core.versions(name)}
-        for name in core.models.names()
+        for name in core.model_names()
     })
 
 

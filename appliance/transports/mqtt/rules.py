@@ -258,8 +258,7 @@ class StreamRules:
     async def _loaded(self, name: str) -> None:
         """Load the rule's model again when it was unloaded for being idle, as any request
         does (waiting at most ``load_wait``); its signature shapes the window."""
-        pipelines = self._core.pipelines
-        if pipelines is not None and pipelines.has(name):
+        if self._core.is_pipeline(name):
             return
         if self._core.model(name).state is ModelState.UNLOADED:
             await self._core.load(name)

@@ -104,7 +104,7 @@ class MqttTransport:
             on_message=self._on_message,
         )
         self._cleanup.append(self._core.add_status("mqtt", self.status))
-        self._cleanup.append(self._core.models.add_listener(self._models_changed))
+        self._cleanup.append(self._core.add_model_listener(self._models_changed))
         self._rules.start()
         self._connection.start()
         if mqtt.stats_interval > 0:
