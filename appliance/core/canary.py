@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from appliance.config import CanaryConfig
+from appliance.core.handle import ModelHandle, version_key
 from appliance.core.metrics import Metrics
-from appliance.core.models import ModelHandle, ModelManager, version_key
+from appliance.core.models import ModelManager
 from appliance.core.types import ModelState
 from appliance.errors import RequestError
 
@@ -108,9 +109,8 @@ class CanaryController:
         self._random = random.Random()
         self._shadow: set[asyncio.Task[Any]] = set()
         self.recent: collections.deque[CanaryDecision] = collections.deque(maxlen=20)
-        models.canary_of = self.canary_version
+        models.attach_canary(self)  # start() refuses while canary releases are off
         if config.enabled:
-            models.on_new_version = self.start
             models.hold_back_newest()
             models.add_listener(self._models_changed)
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from appliance.core.admission import Ticket
 from appliance.core.cache import ResultCache, request_key
+from appliance.core.handle import ModelHandle
 from appliance.core.metrics import Metrics
-from appliance.core.models import ModelHandle, ModelManager
+from appliance.core.models import ModelManager
 from appliance.core.sampling import check_sampling
 from appliance.core.types import (
     Array,
