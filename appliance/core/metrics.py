@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.samples import Sample
 
 # Latency buckets from 5 ms to 2 min: ONNX sensor models answer in milliseconds, language
 # models on a Pi take tens of seconds.
@@ -28,6 +30,7 @@ _LATENCY_BUCKETS = (
 )
 
 M = TypeVar("M", bound=MetricWrapperBase)
+U = TypeVar("U")
 
 
 class Queue(Protocol):
@@ -38,6 +41,40 @@ class Queue(Protocol):
 
     @property
     def running(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class RequestCount:
+    """``appliance_requests`` of one label set."""
+
+    transport: str
+    route: str
+    model: str
+    status: str
+    count: int
+
+
+@dataclass(frozen=True)
+class RequestLatency:
+    """``appliance_request_duration_seconds`` of one label set; ``buckets`` cumulative, by
+    upper bound."""
+
+    transport: str
+    route: str
+    model: str
+    seconds: float
+    count: int
+    buckets: dict[float, float]
+
+
+@dataclass(frozen=True)
+class RequestTotals:
+    """What health reads back of the request metrics: typed values, not metric names."""
+
+    counts: list[RequestCount]
+    latencies: list[RequestLatency]
+    tokens: dict[str, int]  # generated, by model
+    load_failures: dict[str, int]  # by model
 
 
 class Children(Generic[M]):
@@ -138,8 +175,16 @@ class Metrics:
         self._request_seconds = Children(self.request_latency)
         self.inference_seconds = Children(self.inference_latency)
         self._lifecycle_metrics(r)
-        self._health_metrics(r)
-        self._mqtt_metrics(r)
+        self._units: dict[Callable[[CollectorRegistry], object], object] = {}
+
+    def unit(self, factory: Callable[[CollectorRegistry], U]) -> U:
+        """The metrics of one unit outside the core (``factory(registry)`` registers them),
+        made once per registry: every unit exports through the same ``/metrics``, and the
+        core knows none of them."""
+        made = self._units.get(factory)
+        if made is None:
+            made = self._units[factory] = factory(self.registry)
+        return cast(U, made)
 
     def _lifecycle_metrics(self, r: CollectorRegistry) -> None:
         """Model lifecycle: evictions, canary releases (``appliance.core.canary``)."""
@@ -165,129 +210,6 @@ class Metrics:
             ["model", "decision"], registry=r,
         )
 
-    def _health_metrics(self, r: CollectorRegistry) -> None:
-        """Box health, alerts and the hub outbox (set by the ``appliance.ops`` units)."""
-        self.system_cpu_percent = Gauge(
-            "appliance_system_cpu_percent", "Whole-machine CPU use.", registry=r
-        )
-        self.system_memory_percent = Gauge(
-            "appliance_system_memory_percent", "Whole-machine memory use.", registry=r
-        )
-        self.temperature = Gauge(
-            "appliance_temperature_celsius", "Temperature by sensor (thermal zone).", ["sensor"],
-            registry=r,
-        )
-        self.gpu_utilization = Gauge(
-            "appliance_gpu_utilization_percent", "GPU utilisation.", ["gpu"], registry=r
-        )
-        self.process_rss = Gauge(
-            "appliance_process_resident_memory_bytes", "The daemon's resident memory.", registry=r
-        )
-        self.alert_firing = Gauge(
-            "appliance_alert_firing",
-            "1 while an alert fires, 0 once resolved; by rule and subject (model, or '' for "
-            "the device).",
-            ["rule", "subject", "severity"],
-            registry=r,
-        )
-        self.alerts_fired = Counter(
-            "appliance_alerts_fired", "Times an alert started firing.", ["rule"], registry=r
-        )
-        self.outbox_records = Gauge(
-            "appliance_outbox_records", "Records waiting in the hub outbox.", registry=r
-        )
-        self.outbox_bytes = Gauge(
-            "appliance_outbox_bytes", "Payload bytes waiting in the hub outbox.", registry=r
-        )
-        self.outbox_appended = Counter(
-            "appliance_outbox_appended", "Records durably appended to the outbox.", ["kind"],
-            registry=r,
-        )
-        self.outbox_dropped = Counter(
-            "appliance_outbox_dropped",
-            "Records dropped unsent, by reason (size: over a bound; age: too old).",
-            ["reason"],
-            registry=r,
-        )
-        self.outbox_corrupt = Counter(
-            "appliance_outbox_corrupt", "Corrupt outbox databases moved aside.", registry=r
-        )
-        self.hub_uploads = Counter(
-            "appliance_hub_uploads", "Upload attempts to the hub, by result.", ["result"],
-            registry=r,
-        )
-        self.hub_last_upload = Gauge(
-            "appliance_hub_last_upload_timestamp_seconds",
-            "Unix time of the last upload the hub acknowledged.",
-            registry=r,
-        )
-
-    def _mqtt_metrics(self, r: CollectorRegistry) -> None:
-        """The MQTT transport (``appliance.transports.mqtt``); its requests are also counted
-        in ``appliance_requests`` with ``transport="mqtt"``."""
-        self.mqtt_connected = Gauge(
-            "appliance_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
-        )
-        self.mqtt_connects = Counter(
-            "appliance_mqtt_connects", "Successful connections to the broker.", registry=r
-        )
-        self.mqtt_connect_failures = Counter(
-            "appliance_mqtt_connect_failures",
-            "Connection attempts that failed or connections that broke.",
-            registry=r,
-        )
-        self.mqtt_received = Counter(
-            "appliance_mqtt_messages_received",
-            "Messages received, by kind (request, reading, control).",
-            ["kind"],
-            registry=r,
-        )
-        self.mqtt_published = Counter(
-            "appliance_mqtt_messages_published",
-            "Messages the broker acknowledged, by kind (reply, chunk, result, state).",
-            ["kind"],
-            registry=r,
-        )
-        self.mqtt_outbox = Gauge(
-            "appliance_mqtt_outbox_messages",
-            "Messages waiting to be published (they queue while the broker is away).",
-            registry=r,
-        )
-        self.mqtt_dropped = Counter(
-            "appliance_mqtt_messages_dropped",
-            "Messages dropped unsent because the outbox was full.",
-            ["kind"],
-            registry=r,
-        )
-        self.mqtt_duplicates = Counter(
-            "appliance_mqtt_duplicate_requests",
-            "Redelivered requests answered from the reply cache instead of run again.",
-            registry=r,
-        )
-        self.mqtt_rejected = Counter(
-            "appliance_mqtt_rejected_messages",
-            "Messages refused before reaching the core, by reason (too_large, retained, "
-            "topic, format).",
-            ["reason"],
-            registry=r,
-        )
-        self.mqtt_rule_readings = Counter(
-            "appliance_mqtt_rule_readings", "Readings a stream rule accepted.", ["rule"],
-            registry=r,
-        )
-        self.mqtt_rule_bad_readings = Counter(
-            "appliance_mqtt_rule_bad_readings",
-            "Readings a stream rule could not parse (logged once per source).",
-            ["rule"],
-            registry=r,
-        )
-        self.mqtt_rule_windows = Counter(
-            "appliance_mqtt_rule_windows",
-            "Windows a stream rule handled, by result (ok, anomaly, error, dropped).",
-            ["rule", "result"],
-            registry=r,
-        )
-
     def count_request(
         self, transport: str, route: str, model: str, status: str, seconds: float
     ) -> None:
@@ -301,5 +223,40 @@ class Metrics:
         self.queue_depth.labels(model).set_function(lambda: sum(q.waiting for q in queues()))
         self.running.labels(model).set_function(lambda: sum(q.running for q in queues()))
 
+    def totals(self) -> RequestTotals:
+        """The cumulative request counts and latencies, tokens and load failures."""
+        counts = [
+            RequestCount(s.labels["transport"], s.labels["route"], s.labels["model"],
+                         s.labels["status"], int(s.value))
+            for s in _samples(self.requests, "_total")
+        ]
+        latencies: dict[tuple[str, str, str], RequestLatency] = {}
+        for suffix in ("_sum", "_count", "_bucket"):
+            for sample in _samples(self.request_latency, suffix):
+                labels = sample.labels
+                key = (labels["transport"], labels["route"], labels["model"])
+                row = latencies.setdefault(key, RequestLatency(*key, 0.0, 0, {}))
+                if suffix == "_sum":
+                    latencies[key] = RequestLatency(*key, sample.value, row.count, row.buckets)
+                elif suffix == "_count":
+                    latencies[key] = RequestLatency(*key, row.seconds, int(sample.value),
+                                                    row.buckets)
+                else:
+                    row.buckets[float(labels["le"])] = sample.value
+        return RequestTotals(
+            counts=counts,
+            latencies=list(latencies.values()),
+            tokens={s.labels["model"]: int(s.value)
+                    for s in _samples(self.tokens_generated, "_total")},
+            load_failures={s.labels["model"]: int(s.value)
+                           for s in _samples(self.model_load_failures, "_total")},
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _samples(metric: MetricWrapperBase, suffix: str) -> list[Sample]:
+    """The samples of ``metric`` of one kind (``_total``, ``_sum``, ``_bucket``...)."""
+    return [sample for family in metric.collect() for sample in family.samples
+            if sample.name == family.name + suffix]

@@ -17,13 +17,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+from prometheus_client import CollectorRegistry
 
 from appliance.config import CanaryConfig, Pipeline
 from appliance.core.cache import ResultCache
 from appliance.core.canary import CanaryController, CanaryDecision
 from appliance.core.execution import MAX_EMBED_INPUTS, Executor, TokenStream
-from appliance.core.metrics import Metrics
+from appliance.core.metrics import Metrics, RequestTotals
 from appliance.core.models import ModelManager
 from appliance.core.pipelines import Pipelines
 from appliance.core.repository import ModelSpec
@@ -42,6 +44,8 @@ from appliance.errors import RequestError, UnsupportedOperation
 from appliance.runtimes.base import Runtime
 
 log = logging.getLogger(__name__)
+
+U = TypeVar("U")
 
 
 class QueueState(NamedTuple):
@@ -217,6 +221,15 @@ class Core:
         handle = self.models.get(name, version)
         self.models.touch(handle)
         handle.keep_alive = seconds  # None: back to [models].keep_alive
+
+    def unit_metrics(self, factory: Callable[[CollectorRegistry], U]) -> U:
+        """A unit's own metrics on the daemon's registry (made on first use), e.g.
+        ``core.unit_metrics(MqttMetrics)``."""
+        return self.metrics.unit(factory)
+
+    def request_totals(self) -> RequestTotals:
+        """Every transport's request counts and latencies so far, as typed values."""
+        return self.metrics.totals()
 
     def render_metrics(self) -> bytes:
         """Every metric of the daemon's registry, in the Prometheus text format."""

@@ -29,6 +29,7 @@ from appliance.config import AlertsConfig
 from appliance.core.canary import CanaryDecision
 from appliance.core.metrics import Metrics
 from appliance.ops.health import HealthCollector, HealthSnapshot
+from appliance.ops.metrics import AlertMetrics
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ class AlertEngine:
     def __init__(self, collector: HealthCollector, config: AlertsConfig, metrics: Metrics) -> None:
         self._collector = collector
         self._config = config
-        self._metrics = metrics
+        self._metrics = metrics.unit(AlertMetrics)
         self.rules = build_rules(config) if config.enabled else []
         keep = max([r.window for r in self.rules] + [0.0]) + collector.interval
         self._history = History(collector.started_monotonic, keep)

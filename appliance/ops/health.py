@@ -31,6 +31,7 @@ from typing import Any
 from appliance.config import HealthConfig
 from appliance.core.service import Core
 from appliance.ops import sensors
+from appliance.ops.metrics import SystemMetrics
 from appliance.ops.reqstats import Counters, bucket_quantile, read_counters
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ class HealthCollector:
         return snap
 
     def _export(self, snap: HealthSnapshot) -> None:
-        metrics = self._core.metrics
+        metrics = self._core.unit_metrics(SystemMetrics)
         system = snap.system
         metrics.system_cpu_percent.set(system.cpu_percent)
         metrics.system_memory_percent.set(system.memory_percent)

@@ -35,6 +35,7 @@ from appliance.config import Config
 from appliance.errors import ConfigError
 from appliance.ops.alerts import AlertEngine, AlertEvent
 from appliance.ops.health import HealthCollector, HealthSnapshot
+from appliance.ops.metrics import HubMetrics, OutboxMetrics
 from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record, default_state_dir
 from appliance.security.crypto import load_cipher
 
@@ -111,7 +112,7 @@ class HubSync:
             max_records=self._hub.outbox_max_records,
             max_bytes=self._hub.outbox_max_bytes,
             max_age=self._hub.outbox_max_age,
-            metrics=self._core.metrics,
+            metrics=self._core.unit_metrics(OutboxMetrics),
             cipher=load_cipher(config.security.data_key_file, env),
         )
         self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(_BACKLOG)
@@ -223,7 +224,7 @@ class HubSync:
         try:
             self._queue.put_nowait((kind, body))
         except asyncio.QueueFull:
-            self._core.metrics.outbox_dropped.labels("backlog").inc()
+            self._core.unit_metrics(OutboxMetrics).outbox_dropped.labels("backlog").inc()
             log.error("outbox backlog full; dropped a %s record", kind)
 
     def _on_snapshot(self, snap: HealthSnapshot) -> None:
@@ -273,7 +274,7 @@ class HubSync:
                 self.failures += 1
                 self.last_error = str(exc) or type(exc).__name__
                 result = f"http_{exc.status}" if isinstance(exc, HubRejected) else "error"
-                self._core.metrics.hub_uploads.labels(result).inc()
+                self._core.unit_metrics(HubMetrics).hub_uploads.labels(result).inc()
                 delay = self._backoff(unauthorised=getattr(exc, "status", 0) in (401, 403))
                 log.warning("hub upload of %d record(s) failed (%s); retrying in %.1fs",
                             len(batch), self.last_error, delay)
@@ -285,8 +286,9 @@ class HubSync:
             self.failures = 0
             self.last_error = None
             self.last_upload = time.time()
-            self._core.metrics.hub_uploads.labels("ok").inc()
-            self._core.metrics.hub_last_upload.set(self.last_upload)
+            hub = self._core.unit_metrics(HubMetrics)
+            hub.hub_uploads.labels("ok").inc()
+            hub.hub_last_upload.set(self.last_upload)
 
     def _backoff(self, *, unauthorised: bool = False) -> float:
         """Capped exponential backoff with jitter (half to the whole of the step)."""

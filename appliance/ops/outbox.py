@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from appliance.core.metrics import Metrics
+from appliance.ops.metrics import OutboxMetrics
 from appliance.security.crypto import DecryptionError, FieldCipher, is_encrypted
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Outbox:
         max_records: int,
         max_bytes: int,
         max_age: float,
-        metrics: Metrics | None = None,
+        metrics: OutboxMetrics | None = None,
         clock: Callable[[], float] = time.time,
         cipher: FieldCipher | None = None,
     ) -> None:

@@ -1,7 +1,8 @@
-"""Per-model request statistics, read from the daemon's own Prometheus registry.
+"""Per-model request statistics, read from the daemon's own request metrics.
 
-Reading the registry rather than hooking each transport means every transport that counts
-its requests there (HTTP, MQTT, WebSocket, gRPC) is included without knowing about health.
+Reading the metrics (as typed values, :meth:`Core.request_totals`) rather than hooking each
+transport means every transport that counts its requests there (HTTP, MQTT, WebSocket,
+gRPC) is included without knowing about health.
 """
 
 from __future__ import annotations
@@ -44,37 +45,29 @@ def _is_error(status: str) -> bool:
 def read_counters(core: Core) -> Counters:
     """Sum the daemon's request metrics per model (over transports and routes)."""
     out = Counters()
-    for family in core.metrics.registry.collect():
-        for sample in family.samples:
-            labels = sample.labels
-            if _is_probe(labels.get("route", "")):
-                continue
-            model = labels.get("model", "")
-            value = sample.value
-            if sample.name == "appliance_requests_total":
-                status = labels.get("status", "")
-                if labels.get("transport") == "http":
-                    out.http_total += int(value)
-                    if status.startswith("5"):
-                        out.http_5xx += int(value)
-                if model:
-                    out.requests[model] = out.requests.get(model, 0) + int(value)
-                    if _is_error(status):
-                        out.errors[model] = out.errors.get(model, 0) + int(value)
-            elif not model:
-                continue
-            elif sample.name == "appliance_request_duration_seconds_sum":
-                out.latency_sum[model] = out.latency_sum.get(model, 0.0) + value
-            elif sample.name == "appliance_request_duration_seconds_count":
-                out.latency_count[model] = out.latency_count.get(model, 0) + int(value)
-            elif sample.name == "appliance_request_duration_seconds_bucket":
-                le = float(labels["le"])
-                per = out.buckets.setdefault(model, {})
-                per[le] = per.get(le, 0.0) + value
-            elif sample.name == "appliance_tokens_generated_total":
-                out.tokens[model] = int(value)
-            elif sample.name == "appliance_model_load_failures_total":
-                out.load_failures[model] = int(value)
+    totals = core.request_totals()
+    for row in totals.counts:
+        if _is_probe(row.route):
+            continue
+        if row.transport == "http":
+            out.http_total += row.count
+            if row.status.startswith("5"):
+                out.http_5xx += row.count
+        if row.model:
+            out.requests[row.model] = out.requests.get(row.model, 0) + row.count
+            if _is_error(row.status):
+                out.errors[row.model] = out.errors.get(row.model, 0) + row.count
+    for latency in totals.latencies:
+        model = latency.model
+        if not model or _is_probe(latency.route):
+            continue
+        out.latency_sum[model] = out.latency_sum.get(model, 0.0) + latency.seconds
+        out.latency_count[model] = out.latency_count.get(model, 0) + latency.count
+        per = out.buckets.setdefault(model, {})
+        for le, value in latency.buckets.items():
+            per[le] = per.get(le, 0.0) + value
+    out.tokens = {m: n for m, n in totals.tokens.items() if m}
+    out.load_failures = {m: n for m, n in totals.load_failures.items() if m}
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.core.metrics import Metrics
+from appliance.ops.metrics import OutboxMetrics
 from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, default_state_dir
 from tests.hub.conftest import no_leaked_db_threads  # noqa: F401  (a fixture)
 
@@ -64,7 +65,7 @@ async def test_synchronous_full_is_in_force(tmp_path: Path) -> None:
 async def test_size_bound_drops_oldest_heartbeats_first(tmp_path: Path) -> None:
     metrics = Metrics()
     path = tmp_path / "o.db"
-    async with outbox(path, max_records=10, metrics=metrics) as box:
+    async with outbox(path, max_records=10, metrics=metrics.unit(OutboxMetrics)) as box:
         await box.append("alert", {"n": "a1"})
         for i in range(8):
             await box.append(HEARTBEAT, {"n": f"h{i}"})
@@ -117,7 +118,7 @@ async def test_garbage_file_is_moved_aside_and_reported(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     garbage = b"this is not a database" * 500
     path.write_bytes(garbage)
-    async with outbox(path, metrics=metrics) as box:
+    async with outbox(path, metrics=metrics.unit(OutboxMetrics)) as box:
         assert len(box.recovered) == 1
         moved = box.recovered[0]
         assert moved.name.startswith("o.db.corrupt-")

@@ -25,8 +25,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.config import MqttConfig
-from appliance.core.metrics import Metrics
 from appliance.errors import ConfigError
+from appliance.transports.mqtt.metrics import MqttMetrics
 from appliance.transports.mqtt.outbox import Outbox, Outgoing
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Connection:
         password: str | None,
         tls: ssl.SSLContext | None,
         outbox: Outbox,
-        metrics: Metrics,
+        metrics: MqttMetrics,
         on_connect: OnConnect,
         on_message: OnMessage,
     ) -> None:

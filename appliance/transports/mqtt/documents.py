@@ -14,6 +14,7 @@ from typing import Any
 from appliance import __version__
 from appliance.core.service import Core
 from appliance.core.types import ModelState
+from appliance.ops.metrics import AlertMetrics
 from appliance.transports.mqtt.topics import Topics
 
 # The latest health snapshot as a JSON-ready dict (HealthSnapshot.to_dict()), or None.
@@ -126,7 +127,7 @@ def firing_alerts(core: Core) -> list[str]:
     """Health alerts firing now, read from ``appliance_alert_firing`` (set by the alerts
     unit when it runs)."""
     firing = []
-    for family in core.metrics.alert_firing.collect():
+    for family in core.unit_metrics(AlertMetrics).alert_firing.collect():
         for sample in family.samples:
             if sample.value >= 1:
                 subject = sample.labels.get("subject") or ""

@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from appliance.core.metrics import Metrics
+from appliance.transports.mqtt.metrics import MqttMetrics
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Outgoing:
 class Outbox:
     """Bounded FIFO of messages waiting for the broker."""
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    def __init__(self, limit: int, metrics: MqttMetrics) -> None:
         self.limit = limit
         self._metrics = metrics
         self._items: deque[Outgoing] = deque()

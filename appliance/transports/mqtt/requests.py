@@ -22,6 +22,7 @@ from appliance.core.types import TokenChunk
 from appliance.errors import Overloaded, PayloadTooLarge, RequestError, ShuttingDown
 from appliance.transports.mqtt import envelope, forms
 from appliance.transports.mqtt.envelope import Format
+from appliance.transports.mqtt.metrics import MqttMetrics
 from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
 from appliance.transports.mqtt.topics import Topics, valid_topic_name
 
@@ -250,7 +251,7 @@ class Requests:
         seen = self._cache.begin(key)
         if seen is True:
             return True
-        self._core.metrics.mqtt_duplicates.inc()
+        self._core.unit_metrics(MqttMetrics).mqtt_duplicates.inc()
         if seen is not False:  # answered already: answer again, do not run again
             for message in seen:
                 self._outbox.put(message)

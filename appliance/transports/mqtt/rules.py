@@ -27,6 +27,7 @@ from appliance.core.service import Core
 from appliance.core.types import DATATYPES, ModelState
 from appliance.errors import ModelUnavailable, Overloaded, RequestError
 from appliance.transports.mqtt import envelope, forms
+from appliance.transports.mqtt.metrics import MqttMetrics
 from appliance.transports.mqtt.outbox import Outbox, Outgoing
 from appliance.transports.mqtt.topics import Topics
 
@@ -154,7 +155,7 @@ class StreamRules:
         """Give a message to every rule whose filter matches (and is one of ``filters``, the
         subscriptions this copy was delivered for, when known); ``False`` if none does."""
         matched = False
-        metrics = self._core.metrics
+        metrics = self._core.unit_metrics(MqttMetrics)
         for rule in self._rules:
             config = rule.config
             if filters is not None and config.topic not in filters:
@@ -216,7 +217,7 @@ class StreamRules:
 
     async def _run(self, rule: _Rule, source: str, rows: list[Row]) -> None:
         config = rule.config
-        metrics = self._core.metrics
+        metrics = self._core.unit_metrics(MqttMetrics)
         started = time.perf_counter()
         status = "ok"
         try:

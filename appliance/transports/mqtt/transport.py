@@ -32,6 +32,7 @@ from appliance.transports.mqtt.connection import (
 )
 from appliance.transports.mqtt.documents import HealthSource
 from appliance.transports.mqtt.envelope import Format
+from appliance.transports.mqtt.metrics import MqttMetrics
 from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
 from appliance.transports.mqtt.requests import Request, Requests
 from appliance.transports.mqtt.rules import StreamRules
@@ -66,7 +67,8 @@ class MqttTransport:
             discovery_prefix=mqtt.discovery_prefix if mqtt.homeassistant else None,
         )
         self.client_id = mqtt.client_id or f"appliance-{config.device.id}"
-        self._outbox = Outbox(mqtt.reply_queue_size, core.metrics)
+        self._metrics = core.unit_metrics(MqttMetrics)
+        self._outbox = Outbox(mqtt.reply_queue_size, self._metrics)
         self._requests = Requests(
             core, config, self.topics, self._outbox, ReplyCache(mqtt.dedup_ttl, mqtt.dedup_size)
         )
@@ -99,7 +101,7 @@ class MqttTransport:
             password=password,
             tls=tls,
             outbox=self._outbox,
-            metrics=self._core.metrics,
+            metrics=self._metrics,
             on_connect=self._on_connect,
             on_message=self._on_message,
         )
@@ -191,7 +193,7 @@ class MqttTransport:
 
     async def _publish_now(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         await client.publish(topic, payload, qos=1, retain=True)
-        self._core.metrics.mqtt_published.labels("state").inc()
+        self._metrics.mqtt_published.labels("state").inc()
 
     # -- incoming ------------------------------------------------------------------
 
@@ -203,7 +205,7 @@ class MqttTransport:
         props = message.properties
         # MQTT 5: the subscriptions this copy is for; 3.1.1: unknown, go by topic.
         ids: set[int] | None = set(getattr(props, "SubscriptionIdentifier", None) or []) or None
-        metrics = self._core.metrics
+        metrics = self._metrics
         target = self.topics.parse_request(topic)
         if target is not None and (ids is None or ids & {SUB_REQUESTS, SUB_FLEET}):
             if message.retain:

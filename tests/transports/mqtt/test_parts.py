@@ -23,6 +23,7 @@ from appliance.errors import (
 from appliance.transports.mqtt import envelope
 from appliance.transports.mqtt.connection import Backoff, read_password, tls_context
 from appliance.transports.mqtt.envelope import Format
+from appliance.transports.mqtt.metrics import MqttMetrics
 from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
 from appliance.transports.mqtt.rules import Window, parse_reading, render
 from appliance.transports.mqtt.topics import RequestTopic, Topics
@@ -44,7 +45,7 @@ def message(n: int, key: str | None = None, kind: str = "reply") -> Outgoing:
 
 async def test_outbox_is_bounded_drops_the_oldest_and_counts() -> None:
     metrics = Metrics()
-    outbox = Outbox(3, metrics)
+    outbox = Outbox(3, metrics.unit(MqttMetrics))
     for n in range(5):
         outbox.put(message(n))
     assert len(outbox) == 3
@@ -57,7 +58,7 @@ async def test_outbox_is_bounded_drops_the_oldest_and_counts() -> None:
 
 
 async def test_outbox_state_documents_replace_each_other_and_streams_merge() -> None:
-    outbox = Outbox(10, Metrics())
+    outbox = Outbox(10, Metrics().unit(MqttMetrics))
     outbox.put(message(1, key="stats"))
     reply = message(2)
     outbox.put(reply)
