@@ -266,15 +266,10 @@ class HealthCollector:
         return snap
 
     def _export(self, snap: HealthSnapshot) -> None:
-        metrics = self._core.unit_metrics(SystemMetrics)
         system = snap.system
-        metrics.system_cpu_percent.set(system.cpu_percent)
-        metrics.system_memory_percent.set(system.memory_percent)
-        metrics.process_rss.set(system.process_rss_bytes)
-        for sensor, celsius in system.temperatures_c.items():
-            metrics.temperature.labels(sensor).set(celsius)
-        for gpu in system.gpus:
-            metrics.gpu_utilization.labels(gpu.name).set(gpu.utilization_percent)
+        self._core.unit_metrics(SystemMetrics).export(
+            system.cpu_percent, system.memory_percent, system.process_rss_bytes,
+            system.temperatures_c, {gpu.name: gpu.utilization_percent for gpu in system.gpus})
 
     def _build(self, system: sensors.Reading) -> HealthSnapshot:
         now_mono = time.monotonic()

@@ -6,6 +6,8 @@ Each class belongs to one unit and is made once per registry through
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
@@ -31,6 +33,17 @@ class SystemMetrics:
         self.process_rss = Gauge(
             "appliance_process_resident_memory_bytes", "The daemon's resident memory.", registry=r
         )
+
+    def export(self, cpu_percent: float, memory_percent: float, rss_bytes: int,
+               temperatures: Mapping[str, float], gpus: Mapping[str, float]) -> None:
+        """Set the gauges from one health reading (GPU utilisation by GPU name)."""
+        self.system_cpu_percent.set(cpu_percent)
+        self.system_memory_percent.set(memory_percent)
+        self.process_rss.set(rss_bytes)
+        for sensor, celsius in temperatures.items():
+            self.temperature.labels(sensor).set(celsius)
+        for gpu, percent in gpus.items():
+            self.gpu_utilization.labels(gpu).set(percent)
 
 
 class AlertMetrics:

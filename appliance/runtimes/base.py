@@ -164,7 +164,9 @@ class Runtime(ABC):
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         """Stream generated text; the last chunk carries ``finish_reason`` and usage.
 
-        Closing the iterator early stops generation promptly.
+        The runtime checks that the prompt fits its context (counted exactly as it will
+        run, off the loop) and raises :class:`RequestError` before the first chunk; the
+        core does not count it again. Closing the iterator early stops generation promptly.
         """
         raise UnsupportedOperation(f"model {self.name!r} does not generate text")
 
