@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,6 +98,15 @@ def decode(raw: bytes, fmt: Format, *, allow_text: bool = False) -> Any:
         ) from None
     except RecursionError:
         raise RequestError("the JSON payload is nested too deeply", param="payload") from None
+    except ValueError:
+        # Not a JSONDecodeError (caught above): Python's int-string limit, an integer of more
+        # than 4,300 digits (sys.get_int_max_str_digits). The sender's mistake, not a bug.
+        if allow_text and raw.lstrip()[:1] not in (b"{", b"["):
+            return _text(raw)  # a prompt of digits
+        raise RequestError(
+            "the JSON payload holds an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits", param="payload",
+        ) from None
     return value
 
 

@@ -135,3 +135,23 @@ async def test_a_full_queue_answers_busy_with_a_retry_hint(
         assert "busy" in reply["error"]["message"]
     assert rc == 0
     assert json.loads(out)["error"]["code"] == "not_found"
+
+
+async def test_an_integer_longer_than_pythons_limit_is_a_bad_request(
+    broker: Broker, paho_clients: Clients
+) -> None:
+    """Python refuses to parse integers of more than 4,300 digits (a ValueError from
+    json.loads that is not a JSONDecodeError): the client made the mistake, not the box."""
+    client = paho_clients(broker)
+    client.subscribe("replies/bigint")
+    huge = b"1" + b"0" * 5000
+    async with appliance(broker, device="bigint-box"):
+        for payload in (b'{"data": [' + huge + b"]}", b'{"prompt": "hi", "max_tokens": ' + huge
+                        + b"}"):
+            client.publish(f"appliance/bigint-box/infer/{MODEL}", payload,
+                           response_topic="replies/bigint", correlation=b"1")
+        for reply in await client.wait("replies/bigint", 2):
+            body = reply.json()
+            assert body["status"] == "error", body
+            assert body["error"]["code"] == "bad_request", body
+            assert "4300 digits" in body["error"]["message"], body
