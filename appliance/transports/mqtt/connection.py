@@ -4,12 +4,21 @@ The session is persistent (no clean start; MQTT 5 session expiry), so the broker
 subscriptions and queues QoS 1 requests while the appliance is away. The last will is the
 retained ``offline`` on the availability topic; a graceful stop publishes it itself. State
 changes are logged once each, so a missing broker does not flood the journal.
+
+Received messages are acknowledged by the application, not on receipt: every message comes
+with a :class:`Delivery` whose ``ack()`` sends the PUBACK. aiomqtt 2 has no option for that,
+so the connection switches on paho-mqtt's ``manual_ack`` on the paho client aiomqtt wraps
+(``Client._client``, the one private attribute used; aiomqtt is pinned below 3, and 3 drops
+paho). A message left unacknowledged when the connection ends is redelivered by the broker
+on the next connect; acknowledgements are therefore only ever sent on the connection the
+message came by.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -23,6 +32,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.config import MqttConfig
 from appliance.errors import ConfigError
@@ -33,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CREDENTIAL = "mqtt-password"  # systemd credential name ($CREDENTIALS_DIRECTORY/mqtt-password)
 _CONNECTION_GONE = (paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST)
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
 
 
 class Backoff:
@@ -113,8 +124,34 @@ def mqtt_properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
 
 
+class Delivery:
+    """The acknowledgement of one received message: ``ack()`` sends it, at most once."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Callable[[], None] | None) -> None:
+        self._send = send  # None: QoS 0, or acknowledged already
+
+    def ack(self) -> None:
+        send, self._send = self._send, None
+        if send is not None:
+            send()
+
+
 OnConnect = Callable[[aiomqtt.Client], Awaitable[None]]
-OnMessage = Callable[[aiomqtt.Message], None]
+OnMessage = Callable[[aiomqtt.Message, Delivery], None]
+
+
+def _reason(exc: BaseException) -> int | None:
+    """The MQTT reason code behind an aiomqtt error (it is often the cause of the error
+    raised from message iteration), or ``None``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiomqtt.MqttCodeError) and seen.rc is not None:
+            rc = seen.rc
+            return int(rc.value) if isinstance(rc, ReasonCode) else int(rc)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Connection:
@@ -153,6 +190,8 @@ class Connection:
         self.last_error: str | None = None
         self.connects = 0
         self._problem: str | None = None
+        self._paho: paho.Client | None = None  # the connection messages may be acked on
+        self._taken_over = False  # logged once until a connection ends another way
 
     @property
     def connected(self) -> bool:
@@ -207,7 +246,11 @@ class Connection:
         while not self._closing.is_set():
             self._set_state("connecting")
             try:
-                async with aiomqtt.Client(**self.client_options()) as client:
+                client = aiomqtt.Client(**self.client_options())
+                # Requests are acknowledged once answered (see the module docstring).
+                client._client.manual_ack_set(True)
+                async with client:
+                    self._paho = client._client
                     backoff.reset()
                     await self._on_connect(client)  # subscribed and announced: now connected
                     self._connected()
@@ -218,10 +261,15 @@ class Connection:
                 if repr(exc) != self._problem:
                     log.exception("MQTT connection failed unexpectedly")
                 self._failed(exc, problem=repr(exc))
+            finally:
+                self._paho = None
             if self._closing.is_set():
                 break
+            # Taken over: reconnecting at once would take the session back and start a tug
+            # of war with the other client; wait the longest backoff instead.
+            wait = self.config.reconnect_max if self._taken_over else backoff.next()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), backoff.next())
+                await asyncio.wait_for(self._closing.wait(), wait)
         self._set_state("stopped")
         self._metrics.mqtt_connected.set(0)
         if self._outbox.unsent():
@@ -260,11 +308,23 @@ class Connection:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read(self, client: aiomqtt.Client) -> None:
+        session = client._client
         async for message in client.messages:
+            delivery = Delivery(
+                functools.partial(self._ack, session, message.mid, message.qos)
+                if message.qos > 0 else None
+            )
             try:
-                self._on_message(message)
+                self._on_message(message, delivery)
             except Exception:
                 log.exception("MQTT message on %s could not be handled", message.topic.value)
+                delivery.ack()  # it would fail the same way when redelivered
+
+    def _ack(self, session: paho.Client, mid: int, qos: int) -> None:
+        # A message of an earlier connection is redelivered by the broker: acknowledging its
+        # old packet id on this connection would acknowledge some other message.
+        if session is self._paho and self.connected:
+            session.ack(mid, qos)
 
     async def _write(self, client: aiomqtt.Client) -> None:
         while True:
@@ -287,8 +347,7 @@ class Connection:
     def _undeliverable(self, message: Outgoing, exc: Exception) -> None:
         log.error("MQTT message to %s (%d bytes) cannot be published and is dropped: %s",
                   message.topic, len(message.payload), exc)
-        self._metrics.mqtt_dropped.labels(message.kind).inc()
-        self._outbox.done(message)
+        self._outbox.done(message, delivered=False)  # counted as dropped
 
     def _properties(self, message: Outgoing) -> Properties | None:
         if not self.v5 or (message.content_type is None and message.correlation is None):
@@ -327,8 +386,21 @@ class Connection:
         self._set_state("disconnected")
         self._metrics.mqtt_connected.set(0)
         self._metrics.mqtt_connect_failures.inc()
+        taken_over = _reason(exc) == SESSION_TAKEN_OVER
+        if taken_over:
+            self.last_error = "session taken over by another client with the same client id"
         if self._closing.is_set():
             log.debug("MQTT connection ended while stopping: %s", text)
+        elif taken_over:
+            if not self._taken_over:
+                log.warning(
+                    "MQTT broker %s disconnected this appliance: session taken over (reason "
+                    "0x8E), another client connected with the same client id %r. Give each "
+                    "appliance its own device.id or mqtt.client_id; retrying every %gs",
+                    self.broker, self.client_id, self.config.reconnect_max)
+            else:
+                log.debug("MQTT session taken over again by another client as %r",
+                          self.client_id)
         elif was_connected:
             log.warning("MQTT connection to %s lost (%s); reconnecting", self.broker, text)
         elif key != self._problem:
@@ -337,3 +409,4 @@ class Connection:
         else:
             log.debug("MQTT broker %s still unavailable: %s", self.broker, text)
         self._problem = key
+        self._taken_over = taken_over

@@ -5,6 +5,9 @@ there, removing a message only once the broker acknowledged it (QoS 1), so repli
 while the broker is away wait here and go out after the reconnect, in order. It is bounded:
 beyond ``limit`` the oldest message is dropped and counted. State documents (info, stats,
 discovery ...) carry a ``key`` and replace their queued predecessor instead of piling up.
+Whoever queued a message can learn its fate: :meth:`Outbox.when_sent` runs a callback once
+the broker has it (a request is acknowledged to the broker only then), and ``on_drop`` of
+:meth:`Outbox.put` runs if it never will (a stream marks the gap in its final message).
 
 :class:`ReplyCache` remembers recent replies by request id, so a redelivered request (QoS 1
 after a lost acknowledgement, or a client that retries) is answered again, not run twice.
@@ -17,7 +20,8 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.transports.mqtt.metrics import MqttMetrics
 
@@ -49,6 +53,9 @@ class Outbox:
         self._empty.set()
         self._dropping = False  # logged once per overflow episode
         self._sending: Outgoing | None = None  # handed to the publisher, not yet done
+        # Keyed by id(): the message objects are alive while queued, so ids are unique.
+        self._sent_callbacks: dict[int, list[Callable[[], None]]] = {}
+        self._drop_callbacks: dict[int, Callable[[], None]] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -57,19 +64,26 @@ class Outbox:
         """Messages waiting that are not state documents (those are republished anyway)."""
         return sum(1 for m in self._items if m.key is None)
 
-    def put(self, message: Outgoing) -> None:
+    def put(self, message: Outgoing, *, on_drop: Callable[[], None] | None = None) -> None:
+        """Queue ``message``; ``on_drop`` runs if it is dropped instead of published."""
         if message.key is not None:
             for i, queued in enumerate(self._items):
-                if queued.key == message.key:
+                if queued.key == message.key and queued is not self._sending:
                     self._items[i] = message
+                    self._forget(queued)
                     return
         if len(self._items) >= self.limit:
-            dropped = self._items.popleft()
-            self._metrics.mqtt_dropped.labels(dropped.kind).inc()
+            # The oldest goes, but never the one being published: it may reach the broker.
+            index = 1 if self._items[0] is self._sending and len(self._items) > 1 else 0
+            dropped = self._items[index]
+            del self._items[index]
+            self._dropped(dropped)
             if not self._dropping:
                 self._dropping = True
                 log.warning("MQTT outbox full (%d messages): dropping the oldest until the "
                             "broker takes them again", self.limit)
+        if on_drop is not None:
+            self._drop_callbacks[id(message)] = on_drop
         self._items.append(message)
         self._changed()
 
@@ -81,11 +95,27 @@ class Outbox:
         for i in range(len(self._items) - 1, -1, -1):  # a stream's latest is near the end
             if self._items[i] is old:
                 self._items[i] = new
+                if id(old) in self._sent_callbacks:
+                    self._sent_callbacks[id(new)] = self._sent_callbacks.pop(id(old))
+                if id(old) in self._drop_callbacks:
+                    self._drop_callbacks[id(new)] = self._drop_callbacks.pop(id(old))
                 return True
         return False
 
+    def when_sent(self, message: Outgoing, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the broker has acknowledged ``message``; at once if it is no
+        longer queued (published already, or dropped and counted)."""
+        if any(item is message for item in self._items):
+            self._sent_callbacks.setdefault(id(message), []).append(callback)
+        else:
+            callback()
+
     def drop_state(self) -> None:
-        """Forget queued state documents; they are published afresh on (re)connect."""
+        """Forget queued state documents; they are published afresh on (re)connect (one
+        that was being published too: sent again after the fresh one, it would replace it)."""
+        for message in self._items:
+            if message.key is not None:
+                self._forget(message)
         self._items = deque(m for m in self._items if m.key is None)
         self._changed()
 
@@ -99,14 +129,32 @@ class Outbox:
         self._sending = self._items[0]
         return self._sending
 
-    def done(self, message: Outgoing) -> None:
-        """``message`` reached the broker (or can never reach it)."""
+    def done(self, message: Outgoing, *, delivered: bool = True) -> None:
+        """``message`` reached the broker, or (``delivered=False``) never can: the broker
+        refused it. Either way it leaves the outbox."""
         if self._sending is message:
             self._sending = None
         if self._items and self._items[0] is message:
             self._items.popleft()
-        self._metrics.mqtt_published.labels(message.kind).inc()
+        if delivered:
+            self._metrics.mqtt_published.labels(message.kind).inc()
+            self._drop_callbacks.pop(id(message), None)
+            for callback in self._sent_callbacks.pop(id(message), []):
+                callback()
+        else:
+            self._dropped(message)
         self._changed()
+
+    def _dropped(self, message: Outgoing) -> None:
+        self._metrics.mqtt_dropped.labels(message.kind).inc()
+        self._sent_callbacks.pop(id(message), None)  # e.g. a request stays unacknowledged
+        on_drop = self._drop_callbacks.pop(id(message), None)
+        if on_drop is not None:
+            on_drop()
+
+    def _forget(self, message: Outgoing) -> None:
+        self._sent_callbacks.pop(id(message), None)
+        self._drop_callbacks.pop(id(message), None)
 
     async def drained(self) -> None:
         """Wait until nothing is waiting."""
@@ -122,10 +170,58 @@ class Outbox:
             self._dropping = False
 
 
+class StreamGaps:
+    """Chunks of one stream that the outbox dropped, and the final message that names them.
+
+    A chunk can be dropped after the final message is queued (both wait while the broker is
+    away); the final message is then rebuilt in place, as it waits behind the chunk.
+    """
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self.dropped: list[int] = []
+        self._build: Callable[[dict[str, Any]], Outgoing] | None = None
+        self._final: Outgoing | None = None
+
+    def dropper(self, seq: int) -> Callable[[], None]:
+        def dropped() -> None:
+            self.dropped.append(seq)
+            if self._build is not None and self._final is not None:
+                rebuilt = self._build(self._extra())
+                if self._outbox.replace(self._final, rebuilt):
+                    self._final = rebuilt
+        return dropped
+
+    def final(self, build: Callable[[dict[str, Any]], Outgoing]) -> Outgoing:
+        """Build (with ``complete`` and ``gaps``), queue and return the final message."""
+        self._build = build
+        self._final = build(self._extra())
+        self._outbox.put(self._final)
+        return self._final
+
+    def _extra(self) -> dict[str, Any]:
+        if not self.dropped:
+            return {"complete": True}
+        return {"complete": False, "gaps": ranges(sorted(self.dropped))}
+
+
+def ranges(numbers: list[int]) -> list[list[int]]:
+    """``[1, 2, 3, 7]`` → ``[[1, 3], [7, 7]]``."""
+    ranges: list[list[int]] = []
+    for n in numbers:
+        if ranges and ranges[-1][1] == n - 1:
+            ranges[-1][1] = n
+        else:
+            ranges.append([n, n])
+    return ranges
+
+
 @dataclass
 class _Entry:
     expires: float
     replies: list[Outgoing] | None = None  # None: the request is still running
+    # Copies that arrived while it ran: each is acknowledged once the reply is out.
+    waiters: list[Callable[[], None]] = field(default_factory=list)
 
 
 class ReplyCache:
@@ -137,33 +233,44 @@ class ReplyCache:
         self._clock = clock
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
 
-    def begin(self, key: Hashable) -> list[Outgoing] | bool:
-        """Record a new request: ``True``. A duplicate still running: ``False``. A duplicate
-        already answered: the messages it was answered with."""
+    def begin(self, key: Hashable, waiter: Callable[[], None] | None = None
+              ) -> list[Outgoing] | bool:
+        """Record a new request: ``True``. A duplicate still running: ``False`` (``waiter``
+        runs when it finishes). A duplicate already answered: the messages it was answered
+        with."""
         if self.ttl <= 0:
             return True
         now = self._clock()
         self._expire(now)
         entry = self._entries.get(key)
         if entry is not None:
-            return False if entry.replies is None else list(entry.replies)
+            if entry.replies is None:
+                if waiter is not None:
+                    entry.waiters.append(waiter)
+                return False
+            return list(entry.replies)
         self._entries[key] = _Entry(expires=now + self.ttl)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return True
 
-    def finish(self, key: Hashable, replies: list[Outgoing]) -> None:
+    def finish(self, key: Hashable, replies: list[Outgoing]) -> list[Callable[[], None]]:
+        """Remember the answer; returns the waiters of copies that arrived meanwhile."""
         entry = self._entries.get(key)
-        if entry is not None:
-            entry.replies = replies
+        if entry is None:
+            return []
+        entry.replies = replies
+        waiters, entry.waiters = entry.waiters, []
+        return waiters
 
-    def forget(self, key: Hashable) -> None:
-        """The request may run again (it was refused as busy, say)."""
-        self._entries.pop(key, None)
+    def forget(self, key: Hashable) -> list[Callable[[], None]]:
+        """The request may run again (it was refused as busy, say); returns the waiters."""
+        entry = self._entries.pop(key, None)
+        return entry.waiters if entry is not None else []
 
     def _expire(self, now: float) -> None:
         while self._entries:
             key, entry = next(iter(self._entries.items()))
-            if entry.expires > now:
-                break
+            if entry.expires > now or entry.replies is None:
+                break  # a running request stays: its copies must still be answered once
             del self._entries[key]

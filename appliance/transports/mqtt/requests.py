@@ -5,6 +5,12 @@ MQTT 3.1.1 requests carry ``reply_to`` (and ``id``, echoed) in the payload. A su
 request with neither is answered on ``<base>/result/<model>``; an error that has no reply
 topic to go to is published on ``<base>/error`` with the request topic. Every request runs
 in its own task, so a slow model never stalls the MQTT loop.
+
+A request is acknowledged to the broker only once its final reply has been acknowledged by
+the broker, so one that was running when the daemon was killed is delivered again. Copies
+(the broker redelivering, a client retrying) are told apart by correlation data or ``id``:
+one still running is not run again (the copy is acknowledged with the original's reply),
+one answered already gets the same reply again.
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import Config
@@ -21,9 +27,10 @@ from appliance.core.service import Core, TokenStream
 from appliance.core.types import TokenChunk
 from appliance.errors import Overloaded, PayloadTooLarge, RequestError, ShuttingDown
 from appliance.transports.mqtt import envelope, forms
+from appliance.transports.mqtt.connection import Delivery
 from appliance.transports.mqtt.envelope import Format
 from appliance.transports.mqtt.metrics import MqttMetrics
-from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
+from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache, StreamGaps
 from appliance.transports.mqtt.topics import Topics, valid_topic_name
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ class Request:
     payload: bytes
     response_topic: str | None = None  # MQTT 5
     correlation: bytes | None = None  # MQTT 5
+    # Acknowledges the request to the broker; called once its reply is out.
+    delivery: Delivery = field(default_factory=lambda: Delivery(None))
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class Requests:
         reply: ReplyTo | None = None
         request_id: Any = None
         key: Hashable | None = None
+        ack = request.delivery.ack
         model, route, status = "", "infer", "ok"
         try:
             reply = self._response_topic(request)
@@ -123,7 +133,7 @@ class Requests:
             if len(self._tasks) > self._mqtt.max_inflight:
                 raise Overloaded(request.model, self._config.models.retry_after)
             key = _dedup_key(reply, request, request_id)
-            if key is not None and not self._first_time(key):
+            if key is not None and not self._first_time(key, ack):
                 status = "duplicate"
                 return
             info = self._core.model(request.model)
@@ -132,26 +142,28 @@ class Requests:
             if isinstance(call, forms.TensorCall):
                 result = await self._core.infer(model, call.inputs, outputs=call.outputs)
                 data = forms.tensor_reply(call, info, result)
-                self._finish(key, [self._ok(request, reply, request_id, data, "reply")])
+                final = self._ok(request, reply, request_id, data, "reply")
             elif isinstance(call, forms.GenerateCall):
                 route = "generate"
                 stream = await self._core.generate(model, call.request)
                 final, status = await self._stream(request, reply, request_id, stream,
                                                    call.stream)
-                self._finish(key, [final])
             else:
                 route = "embed"
                 embedded = await self._core.embed(model, call.texts)
                 data = {"embeddings": embedded.vectors,
                         "usage": {"prompt_tokens": embedded.prompt_tokens}}
-                self._finish(key, [self._ok(request, reply, request_id, data, "reply")])
+                final = self._ok(request, reply, request_id, data, "reply")
+            self._settle(key, final, ack, cache=status not in envelope.RETRYABLE)
         except asyncio.CancelledError as exc:
             status = "unavailable"
-            if not isinstance(exc, _Answered):
-                self._fail(request, reply, request_id, key, _stopped())
+            if isinstance(exc, _Answered):
+                self._settle(key, exc.message, ack, cache=False)
+            else:
+                self._fail(request, reply, request_id, key, _stopped(), ack)
             raise
         except Exception as exc:
-            status = self._fail(request, reply, request_id, key, exc)
+            status = self._fail(request, reply, request_id, key, exc, ack)
         finally:
             self._core.count_request("mqtt", route, model, status,
                                              time.perf_counter() - started)
@@ -169,13 +181,16 @@ class Requests:
 
         A piece whose predecessor is still waiting in the outbox (the broker is slow or away)
         is merged into it instead of queued behind it, so a stream never floods the outbox:
-        slower links simply get fewer, larger chunks, still numbered without gaps.
+        slower links simply get fewer, larger chunks, still numbered without gaps. A chunk
+        the appliance had to drop (outbox full) is named in the final message, which says
+        ``complete: false`` and lists the ``gaps``; its ``text`` is whole either way.
         """
         parts: list[str] = []
         last: TokenChunk | None = None
         seq = 0
         waiting: Outgoing | None = None  # the latest chunk, if it may still be merged into
         waiting_text = ""
+        gaps = StreamGaps(self._outbox)
         async with stream:
             try:
                 async for chunk in stream:
@@ -195,7 +210,7 @@ class Requests:
                             waiting, waiting_text = merged, waiting_text + chunk.text
                             continue
                     waiting = self._ok(request, reply, request_id, {"text": chunk.text},
-                                       "chunk", seq=seq, done=False)
+                                       "chunk", seq=seq, done=False, on_drop=gaps.dropper(seq))
                     waiting_text = chunk.text
                     seq += 1
             except (Exception, asyncio.CancelledError) as exc:
@@ -206,12 +221,13 @@ class Requests:
                     log.error("generation failed mid-stream on model %s", request.model,
                               exc_info=exc)
                 body = envelope.error_body(_stopped() if cancelled else exc)
-                failed = self._send(request, reply,
-                                    envelope.failure(body, request_id=request_id,
-                                                     device=self._device, seq=seq, done=True),
-                                    "chunk", error=True)
+                failed = gaps.final(lambda extra: self._send(
+                    request, reply, envelope.failure(body, request_id=request_id,
+                                                     device=self._device, seq=seq, done=True,
+                                                     **extra),
+                    "chunk", error=True, queue=False))
                 if cancelled:
-                    raise _Answered from exc  # the stream is closed: stop, with nothing more
+                    raise _Answered(failed) from exc  # the stream is closed: stop
                 return failed, str(body["code"])
         assert last is not None
         data = {
@@ -223,9 +239,11 @@ class Requests:
                 "total_tokens": last.prompt_tokens + last.completion_tokens,
             },
         }
-        extra = {"seq": seq, "done": True} if chunked else {}
-        final = self._ok(request, reply, request_id, data, "chunk" if chunked else "reply",
-                         **extra)
+        if not chunked:
+            return self._ok(request, reply, request_id, data, "reply"), "ok"
+        final = gaps.final(lambda extra: self._ok(
+            request, reply, request_id, data, "chunk", seq=seq, done=True, queue=False,
+            **extra))
         return final, "ok"
 
     # -- replies -------------------------------------------------------------------
@@ -247,20 +265,28 @@ class Requests:
             )
         return ReplyTo(topic, correlation)
 
-    def _first_time(self, key: Hashable) -> bool:
-        seen = self._cache.begin(key)
+    def _first_time(self, key: Hashable, ack: Callable[[], None]) -> bool:
+        seen = self._cache.begin(key, waiter=ack)
         if seen is True:
             return True
         self._core.unit_metrics(MqttMetrics).mqtt_duplicates.inc()
         if seen is not False:  # answered already: answer again, do not run again
             for message in seen:
                 self._outbox.put(message)
+            self._outbox.when_sent(seen[-1], ack)
+        # (Still running: ``ack`` runs with the original's reply.)
         log.info("MQTT duplicate request %r answered from the reply cache", key)
         return False
 
-    def _finish(self, key: Hashable | None, replies: list[Outgoing]) -> None:
+    def _settle(self, key: Hashable | None, message: Outgoing, ack: Callable[[], None], *,
+                cache: bool) -> None:
+        """``message`` is the request's last word: remember it (``cache``) or let a retry run,
+        and acknowledge the request, and copies that came meanwhile, once it is published."""
+        waiters: list[Callable[[], None]] = []
         if key is not None:
-            self._cache.finish(key, replies)
+            waiters = self._cache.finish(key, [message]) if cache else self._cache.forget(key)
+        for callback in (ack, *waiters):
+            self._outbox.when_sent(message, callback)
 
     def _ok(
         self,
@@ -269,10 +295,13 @@ class Requests:
         request_id: Any,
         data: dict[str, Any],
         kind: str,
+        *,
+        queue: bool = True,
+        on_drop: Callable[[], None] | None = None,
         **extra: Any,
     ) -> Outgoing:
         body = envelope.ok(data, request_id=request_id, device=self._device, **extra)
-        return self._send(request, reply, body, kind)
+        return self._send(request, reply, body, kind, queue=queue, on_drop=on_drop)
 
     def _fail(
         self,
@@ -281,6 +310,7 @@ class Requests:
         request_id: Any,
         key: Hashable | None,
         exc: BaseException,
+        ack: Callable[[], None],
     ) -> str:
         """Publish the error reply for ``exc``; returns its code (the metrics status)."""
         body = envelope.error_body(exc)
@@ -288,11 +318,8 @@ class Requests:
             request, reply, envelope.failure(body, request_id=request_id, device=self._device),
             "reply", error=True,
         )
-        if key is not None:
-            if body["code"] in envelope.RETRYABLE:
-                self._cache.forget(key)  # a retry should really run
-            else:
-                self._cache.finish(key, [message])
+        # A retryable failure is not remembered: a retry should really run.
+        self._settle(key, message, ack, cache=body["code"] not in envelope.RETRYABLE)
         return str(body["code"])
 
     def _send(
@@ -303,9 +330,13 @@ class Requests:
         kind: str,
         *,
         error: bool = False,
+        queue: bool = True,
+        on_drop: Callable[[], None] | None = None,
     ) -> Outgoing:
+        """The message for ``body``, queued unless ``queue`` is false."""
         message = self._message(request, reply, body, kind, error=error)
-        self._outbox.put(message)
+        if queue:
+            self._outbox.put(message, on_drop=on_drop)
         return message
 
     def _message(
@@ -337,6 +368,10 @@ class Requests:
 
 class _Answered(asyncio.CancelledError):
     """Cancelled, and the client has already been told (a stream's final message)."""
+
+    def __init__(self, message: Outgoing) -> None:
+        super().__init__()
+        self.message = message
 
 
 def _stopped() -> ShuttingDown:

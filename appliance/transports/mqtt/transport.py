@@ -26,6 +26,7 @@ from appliance.core.service import Core
 from appliance.transports.mqtt import documents, homeassistant
 from appliance.transports.mqtt.connection import (
     Connection,
+    Delivery,
     mqtt_properties,
     read_password,
     tls_context,
@@ -197,7 +198,9 @@ class MqttTransport:
 
     # -- incoming ------------------------------------------------------------------
 
-    def _on_message(self, message: aiomqtt.Message) -> None:
+    def _on_message(self, message: aiomqtt.Message, delivery: Delivery) -> None:
+        """Dispatch one message. A request is acknowledged to the broker once its reply is
+        published (so one cut short by a crash is redelivered); anything else at once."""
         topic = message.topic.value
         payload = message.payload if isinstance(message.payload, bytes) else bytes(
             str(message.payload or ""), "utf-8"
@@ -212,6 +215,7 @@ class MqttTransport:
                 # A retained request would run again on every reconnect.
                 metrics.mqtt_rejected.labels("retained").inc()
                 log.warning("MQTT: ignoring a retained request on %s", topic)
+                delivery.ack()
                 return
             metrics.mqtt_received.labels("request").inc()
             fmt = target.format or Format.from_content_type(
@@ -224,8 +228,10 @@ class MqttTransport:
                 payload=payload,
                 response_topic=getattr(props, "ResponseTopic", None),
                 correlation=getattr(props, "CorrelationData", None),
+                delivery=delivery,
             ))
             return
+        delivery.ack()  # readings and control messages: handled on receipt
         if topic == self.topics.homeassistant_status and (ids is None or SUB_HOMEASSISTANT in ids):
             metrics.mqtt_received.labels("control").inc()
             if payload.strip() == b"online":

@@ -78,6 +78,45 @@ async def test_outbox_state_documents_replace_each_other_and_streams_merge() -> 
     await asyncio.wait_for(drained, 5)
 
 
+async def test_outbox_tells_who_queued_a_message_whether_it_went_out() -> None:
+    metrics = Metrics()
+    outbox = Outbox(2, metrics)
+    sent: list[str] = []
+    dropped: list[str] = []
+    first, second, third = message(1), message(2), message(3)
+    outbox.put(first, on_drop=lambda: dropped.append("1"))
+    outbox.put(second, on_drop=lambda: dropped.append("2"))
+    outbox.when_sent(second, lambda: sent.append("2"))
+    head = await outbox.next()  # first is being published: it may reach the broker ...
+    outbox.put(third)  # ... so the overflow drops the next oldest
+    assert dropped == ["2"] and [m.topic for m in outbox._items] == ["t/1", "t/3"]
+    outbox.when_sent(head, lambda: sent.append("1"))
+    outbox.done(head)
+    assert sent == ["1"]  # the dropped one is never reported sent
+    outbox.when_sent(head, lambda: sent.append("late"))  # gone already: at once
+    assert sent == ["1", "late"]
+    # Refused by the broker: dropped and counted, not published.
+    refused = await outbox.next()
+    outbox.put(message(4), on_drop=lambda: dropped.append("4"))
+    outbox.done(refused, delivered=False)
+    assert metrics.registry.get_sample_value(
+        "appliance_mqtt_messages_dropped_total", {"kind": "reply"}) == 2
+    assert metrics.registry.get_sample_value(
+        "appliance_mqtt_messages_published_total", {"kind": "reply"}) == 1
+
+
+def test_reply_cache_acknowledges_copies_with_the_original() -> None:
+    cache = ReplyCache(ttl=10, size=10)
+    acks: list[str] = []
+    assert cache.begin("a", waiter=lambda: acks.append("copy")) is True
+    assert cache.begin("a", waiter=lambda: acks.append("copy")) is False
+    waiters = cache.finish("a", [message(1)])
+    assert len(waiters) == 1 and acks == []
+    assert cache.begin("b") is True
+    cache.begin("b", waiter=lambda: None)
+    assert len(cache.forget("b")) == 1
+
+
 def test_reply_cache_remembers_for_a_while_and_a_bounded_number() -> None:
     now = [0.0]
     cache = ReplyCache(ttl=10, size=2, clock=lambda: now[0])
