@@ -46,6 +46,20 @@ _CONNECTION_GONE = (paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST)
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
 
 
+class _PahoAtDebug(logging.Filter):
+    """paho-mqtt logs a broken socket as an ERROR ("failed to receive on socket"); the
+    connection loop already reports it, once, as a WARNING naming the broker."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("appliance.transports.mqtt").isEnabledFor(logging.DEBUG)
+
+
+PAHO_LOG = logging.getLogger("appliance.transports.mqtt.paho")
+PAHO_LOG.addFilter(_PahoAtDebug())
+
+
 class Backoff:
     """Capped exponential backoff with jitter: each wait is 50-100 % of min(high, low·2ⁿ),
     so a fleet that lost its broker does not reconnect in lockstep."""
@@ -142,6 +156,11 @@ OnConnect = Callable[[aiomqtt.Client], Awaitable[None]]
 OnMessage = Callable[[aiomqtt.Message, Delivery], None]
 
 
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _reason(exc: BaseException) -> int | None:
     """The MQTT reason code behind an aiomqtt error (it is often the cause of the error
     raised from message iteration), or ``None``."""
@@ -236,7 +255,7 @@ class Connection:
             "tls_context": self._tls,
             # paho must not check the host name itself when the context does not.
             "tls_insecure": True if self._tls is not None and config.tls_insecure else None,
-            "logger": logging.getLogger("appliance.transports.mqtt.paho"),
+            "logger": PAHO_LOG,
         }
 
     # -- the loop ----------------------------------------------------------------------
@@ -251,6 +270,10 @@ class Connection:
                 client._client.manual_ack_set(True)
                 async with client:
                     self._paho = client._client
+                    # aiomqtt keeps why the connection ended in a future that nothing awaits
+                    # when the end is noticed elsewhere (a failed publish, a stop): mark it
+                    # retrieved, or asyncio logs "Future exception was never retrieved".
+                    client._disconnected.add_done_callback(_retrieved)
                     backoff.reset()
                     await self._on_connect(client)  # subscribed and announced: now connected
                     self._connected()

@@ -79,7 +79,8 @@ class Broker:
     host = "127.0.0.1"
 
     def __init__(self, directory: Path, *, users: dict[str, str] | None = None,
-                 tls: TlsFiles | None = None, client_certificates: bool = False) -> None:
+                 tls: TlsFiles | None = None, client_certificates: bool = False,
+                 persistence: bool = True) -> None:
         if shutil.which("mosquitto") is None or shutil.which("mosquitto_rr") is None:
             pytest.skip("mosquitto and mosquitto-clients are not installed (scripts/setup test)")
         self.directory = directory
@@ -87,6 +88,7 @@ class Broker:
         self.users = users
         self.tls = tls
         self.client_certificates = client_certificates
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = directory / "mosquitto.conf"
         self.log = directory / "mosquitto.log"
@@ -98,7 +100,7 @@ class Broker:
             f"allow_anonymous {'false' if self.users else 'true'}",
             # Sessions, subscriptions and queued messages survive a restart, even a kill -9
             # (the database is saved after every change).
-            "persistence true",
+            f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.directory}/",
             "autosave_interval 1",
             "autosave_on_changes true",
