@@ -112,11 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _list_models(cfg, as_json=args.json)
 
     from appliance import logs, server
+    from appliance.ops import instance
 
     logs.setup(cfg.logging.level)
-    # SIGHUP reads the configuration again, from the same sources, for the API keys.
-    return server.run(cfg, load_config=lambda: config_mod.load(
-        path=args.config, env=os.environ, overrides=_overrides(args)))
+    try:
+        # One daemon per state directory: it holds the outbox, the key and the MQTT session.
+        with instance.StateLock(instance.state_directory(os.environ)):
+            # SIGHUP reads the configuration again, from the same sources, for the API keys.
+            return server.run(cfg, load_config=lambda: config_mod.load(
+                path=args.config, env=os.environ, overrides=_overrides(args)))
+    except instance.AlreadyRunning as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 1
 
 
 def _load_llama_first() -> None:

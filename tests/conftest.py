@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -96,6 +98,7 @@ class DaemonProcess:
         self.proc = proc
         self.url = ""
         self.log: list[str] = []
+        self.state_dir: str | None = None  # made for it, removed when it stops
         self._listening = threading.Event()
         self._reader = threading.Thread(target=self._drain, name="daemon-log", daemon=True)
         self._reader.start()
@@ -128,6 +131,8 @@ class DaemonProcess:
         self._reader.join(timeout=5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         return self.proc.returncode
 
 
@@ -137,6 +142,10 @@ def start_daemon(*args: str, env: dict[str, str] | None = None) -> DaemonProcess
     # Never announce on the machine's real interfaces; mDNS tests name theirs.
     full_env["APPLIANCE_MDNS__ENABLED"] = "false"
     full_env["APPLIANCE_MQTT__ENABLED"] = "false"  # MQTT tests name their own broker
+    # A state directory of its own (the daemon locks it): never the machine's.
+    state = None
+    if "STATE_DIRECTORY" not in (env or {}):
+        state = full_env["STATE_DIRECTORY"] = tempfile.mkdtemp(prefix="appliance-state-")
     full_env.update(env or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "run", "--host", "127.0.0.1", "--port", "0", *args],
@@ -146,7 +155,9 @@ def start_daemon(*args: str, env: dict[str, str] | None = None) -> DaemonProcess
         env=full_env,
         cwd=ROOT,
     )
-    return DaemonProcess(proc)
+    handle = DaemonProcess(proc)
+    handle.state_dir = state
+    return handle
 
 
 @contextmanager

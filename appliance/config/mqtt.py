@@ -161,7 +161,8 @@ class MqttConfig(TlsFilesSection):
         default="",
         pattern=r"^[A-Za-z0-9._:-]{0,128}$",
         description="MQTT client id; keep it stable so the broker keeps the session. "
-        "Empty: 'appliance-<device id>'.",
+        "Empty: 'appliance-<device id>', plus a hash of the state directory when it is not "
+        "the default one.",
     )
     protocol: Literal["5", "3.1.1"] = Field(
         default="5", description="MQTT protocol version the appliance speaks to the broker."

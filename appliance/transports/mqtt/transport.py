@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -23,6 +26,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
 from appliance.core.service import Core
+from appliance.ops.instance import instance_suffix
 from appliance.transports.mqtt import documents, homeassistant
 from appliance.transports.mqtt.connection import (
     Connection,
@@ -42,7 +46,7 @@ from appliance.transports.mqtt.topics import Topics
 log = logging.getLogger(__name__)
 
 # MQTT 5 subscription identifiers (rules take SUB_RULES + their filter's index).
-SUB_REQUESTS, SUB_FLEET, SUB_HOMEASSISTANT, SUB_RULES = 1, 2, 3, 16
+SUB_REQUESTS, SUB_FLEET, SUB_HOMEASSISTANT, SUB_SELF, SUB_RULES = 1, 2, 3, 4, 16
 
 
 class MqttTransport:
@@ -67,7 +71,12 @@ class MqttTransport:
             shared_group=mqtt.shared_group,
             discovery_prefix=mqtt.discovery_prefix if mqtt.homeassistant else None,
         )
-        self.client_id = mqtt.client_id or f"appliance-{config.device.id}"
+        # Daemons on one host share the device id (from /etc/machine-id); one on a state
+        # directory of its own gets a client id of its own, or the two would take each
+        # other's session over and back (one per state directory: ops/instance.py).
+        suffix = instance_suffix(os.environ)
+        self.client_id = mqtt.client_id or "-".join(
+            filter(None, ("appliance", config.device.id, suffix)))
         self._metrics = core.unit_metrics(MqttMetrics)
         self._outbox = Outbox(mqtt.reply_queue_size, self._metrics)
         self._requests = Requests(
@@ -81,6 +90,12 @@ class MqttTransport:
         self._stats_task: asyncio.Task[None] | None = None
         self._cleanup: list[Callable[[], None]] = []
         self._alert_state: tuple[str, tuple[str, ...]] | None = None
+        # Who this process is, in the retained info document: a daemon that finds another
+        # one's there, with the device online, shares its device id and client id.
+        self.instance = {"host": socket.gethostname(), "pid": os.getpid(),
+                         "id": uuid.uuid4().hex[:12], "client_id": self.client_id}
+        self._retained_online = False
+        self._twin_reported = False
 
     @property
     def connection(self) -> Connection:
@@ -166,7 +181,10 @@ class MqttTransport:
         copy of a message per matching subscription, and the identifier tells which one a
         copy is for, so overlapping filters never feed a reading (or a request) twice.
         """
-        wanted = [(SUB_REQUESTS, self.topics.requests, False)]
+        wanted = [(SUB_REQUESTS, self.topics.requests, False),
+                  # Our own retained state, read once per connect (see _check_twin).
+                  (SUB_SELF, self.topics.availability, False),
+                  (SUB_SELF, self.topics.info, False)]
         if self.topics.shared_requests:
             wanted.append((SUB_FLEET, self.topics.shared_requests, False))
         if self.topics.homeassistant_status:
@@ -232,6 +250,10 @@ class MqttTransport:
             ))
             return
         delivery.ack()  # readings and control messages: handled on receipt
+        if topic in (self.topics.availability, self.topics.info) and (
+                ids is None or SUB_SELF in ids):
+            self._check_twin(topic, payload, retained=message.retain)
+            return
         if topic == self.topics.homeassistant_status and (ids is None or SUB_HOMEASSISTANT in ids):
             metrics.mqtt_received.labels("control").inc()
             if payload.strip() == b"online":
@@ -249,6 +271,39 @@ class MqttTransport:
         else:
             log.debug("MQTT: no handler for a message on %s", topic)
 
+    def _check_twin(self, topic: str, payload: bytes, *, retained: bool) -> None:
+        """Another daemon publishing as this device (same device id, so same topics): its
+        info documents arrive live, or, on connect, retained while the device is ``online``
+        (the broker hands over the retained availability, then info). With a client id of
+        its own (another state directory) both stay connected, but both answer requests and
+        their retained state flips; with the same one the broker hands the session back and
+        forth (brokers that say so send reason 0x8E; Mosquitto 2.0 just closes)."""
+        if topic == self.topics.availability:
+            if retained:
+                self._retained_online = payload.strip() == b"online"
+            return
+        online, self._retained_online = self._retained_online, False
+        if retained and not online:
+            return  # a previous run's document, or one of a daemon that has stopped
+        try:
+            other = json.loads(payload).get("instance")
+        except (ValueError, AttributeError):
+            return
+        if not isinstance(other, dict) or other.get("id") == self.instance["id"]:
+            return
+        if other.get("client_id") == self.client_id:
+            self.connection.taken_over()  # reconnect slowly: no tug of war
+        if not self._twin_reported:
+            self._twin_reported = True
+            log.warning(
+                "MQTT: another appliance daemon (pid %s on %s, client id %r) is online as "
+                "this device (device id %r, base topic %s): both answer its requests and "
+                "its retained state flips between them%s. Give each its own device.id",
+                other.get("pid"), other.get("host"), other.get("client_id"),
+                self._config.device.id, self.topics.base,
+                "; with one client id the broker hands the session back and forth "
+                "(session taken over)" if other.get("client_id") == self.client_id else "")
+
     # -- state documents -----------------------------------------------------------
 
     def _state(self, key: str, topic: str, document: dict[str, Any]) -> Outgoing:
@@ -257,12 +312,14 @@ class MqttTransport:
                         content_type="application/json")
 
     def _state_messages(self) -> list[Outgoing]:
+        info = documents.info_document(
+            self._core, device_id=self._config.device.id,
+            device_name=self._config.device.name, http_url=self._http_url,
+            topics=self.topics, protocol=self._config.mqtt.protocol,
+        )
+        info["instance"] = self.instance
         return [
-            self._state("info", self.topics.info, documents.info_document(
-                self._core, device_id=self._config.device.id,
-                device_name=self._config.device.name, http_url=self._http_url,
-                topics=self.topics, protocol=self._config.mqtt.protocol,
-            )),
+            self._state("info", self.topics.info, info),
             self._state("stats", self.topics.stats, self._stats()),
             self._state("alert", self.topics.alert, self._alert_document()),
         ]
