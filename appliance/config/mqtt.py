@@ -144,6 +144,18 @@ class StreamRule(Section):
         return value
 
 
+# Zero configuration for the sensor use case: a sensor publishing
+#   {"temperature": 24.7, "humidity": 68.2, "vibration": 0.02}
+# to sensors/<name>/telemetry gets a score per 32 readings from the default model.
+SENSOR_RULE = StreamRule(
+    name="sensors",
+    topic="sensors/+/telemetry",
+    model="sensor-anomaly",
+    fields=["temperature", "humidity", "vibration"],
+    window=32,
+)
+
+
 class MqttConfig(TlsFilesSection):
     """The MQTT transport: requests, stream rules and Home Assistant discovery (docs/mqtt.md)."""
 
@@ -272,6 +284,19 @@ class MqttConfig(TlsFilesSection):
         max_length=256,
         description="Stream rules, TOML only: [[mqtt.rules]] tables (see docs/mqtt.md).",
     )
+    sensor_rule: bool = Field(
+        default=True,
+        description="With no [[mqtt.rules]] configured and sensor-anomaly served, run the "
+        "built-in rule 'sensors': JSON readings with temperature, humidity and vibration on "
+        "sensors/+/telemetry, scored in windows of 32. false: no built-in rule.",
+    )
+
+    def effective_rules(self, models: set[str]) -> list[StreamRule]:
+        """The configured rules; with none, the built-in sensor rule (if on and its model
+        is among ``models``)."""
+        if self.rules or not self.sensor_rule or SENSOR_RULE.model not in models:
+            return list(self.rules)
+        return [SENSOR_RULE]
 
     @field_validator("base_topic", "fleet_topic", "discovery_prefix")
     @classmethod

@@ -82,8 +82,9 @@ class MqttTransport:
         self._requests = Requests(
             core, config, self.topics, self._outbox, ReplyCache(mqtt.dedup_ttl, mqtt.dedup_size)
         )
+        rules = mqtt.effective_rules({m.name for m in core.list_models()})
         self._rules = StreamRules(
-            mqtt.rules, core, self._outbox, self.topics, config.device.id,
+            rules, core, self._outbox, self.topics, config.device.id,
             on_alert=self._publish_alert, max_payload=mqtt.max_payload_bytes,
         )
         self._connection: Connection | None = None

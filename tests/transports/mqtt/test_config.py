@@ -46,6 +46,7 @@ ENV_VALUES: dict[str, tuple[str, Any]] = {
     "dedup_size": ("10", 10),
     "stats_interval": ("5", 5.0),
     "homeassistant": ("false", False),
+    "sensor_rule": ("false", False),
     "discovery_prefix": ("ha", "ha"),
 }
 

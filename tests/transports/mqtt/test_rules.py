@@ -151,3 +151,37 @@ async def test_a_rule_loads_its_idle_unloaded_model_again(
             "appliance_mqtt_rule_windows_total", {"rule": "power", "result": "dropped"})
     assert mean.json()["outputs"]["mean"] == 45.0
     assert not dropped
+
+
+async def test_a_sensor_gets_anomaly_scores_with_zero_configuration(
+    broker: Broker, paho_clients: Clients
+) -> None:
+    """The default models and no rules: the built-in rule 'sensors' scores JSON readings
+    published on sensors/+/telemetry; ``mqtt.sensor_rule = false`` turns it off."""
+    client = paho_clients(broker)
+    client.subscribe("appliance/zero-box/#")
+    async with appliance(broker, device="zero-box", models={"dir": str(DEFAULT_MODELS)}):
+        await publish_lines(broker, "sensors/kitchen/telemetry", readings(window()))
+        await publish_lines(broker, "sensors/boiler/telemetry", readings(window(True)))
+        kitchen = (await client.wait(
+            "appliance/zero-box/rules/sensors/sensors/kitchen/telemetry"))[0].json()
+        boiler = (await client.wait(
+            "appliance/zero-box/rules/sensors/sensors/boiler/telemetry"))[0].json()
+        anomaly = (await client.wait("appliance/zero-box/anomalies/sensors/#"))[0]
+    assert kitchen["model"] == "sensor-anomaly" and kitchen["readings"] == 32
+    assert kitchen["anomaly"] is False and boiler["anomaly"] is True
+    assert anomaly.topic.endswith("sensors/boiler/telemetry")
+    quiet = paho_clients(broker)
+    quiet.subscribe("appliance/off-box/#")
+    async with appliance(broker, device="off-box", models={"dir": str(DEFAULT_MODELS)},
+                         mqtt={"sensor_rule": False}):
+        await publish_lines(broker, "sensors/kitchen/telemetry", readings(window()))
+        await quiet.wait("appliance/off-box/info")
+        # A request answered after the readings shows they were heard and not scored.
+        quiet.publish("appliance/off-box/infer/sensor-anomaly", json.dumps({"data": window()}),
+                      response_topic="replies/off", correlation=b"1")
+        quiet.subscribe("replies/off")
+        quiet.publish("appliance/off-box/infer/sensor-anomaly", json.dumps({"data": window()}),
+                      response_topic="replies/off", correlation=b"2")
+        await quiet.wait("replies/off")
+    assert not quiet.on("appliance/off-box/rules/#")
