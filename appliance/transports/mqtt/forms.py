@@ -6,8 +6,9 @@
 - Simple tensor form: ``{"data": [...]}`` (or a bare array) for a single-input model, or
   ``{"inputs": {"<name>": [...]}}``; nested lists take the input's datatype, and a missing
   batch dimension is added (and taken off the outputs again).
-- Text generation: ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}]}`` with
-  optional sampling fields and ``"stream": true``; a payload that is not JSON is a prompt.
+- Text generation: ``{"prompt": "..."}`` (raw completion) or ``{"messages": [{"role",
+  "content"}]}`` (the chat template) with optional sampling fields and ``"stream": true``;
+  a payload that is not JSON is one user message, through the chat template.
 - Embeddings: ``{"input": "text" | ["text", ...]}``.
 
 ``id`` and ``reply_to`` belong to the envelope and are allowed beside any of them.
@@ -68,7 +69,11 @@ def parse(body: Any, info: ModelInfo, *, binary: bool = False) -> Call:
     """Decide what ``body`` asks of the model ``info`` describes, validating its shape.
     ``binary``: the body came as MessagePack."""
     if isinstance(body, str):
-        return GenerateCall(GenerateRequest(prompt=body), stream=False)
+        # Plain text is what a person types: one user turn through the model's chat template,
+        # as Ollama's /api/generate does (a chat model fed raw text rambles). {"prompt": ...}
+        # is the raw completion, without the template.
+        return GenerateCall(GenerateRequest(messages=(ChatMessage("user", body),)),
+                            stream=False)
     if isinstance(body, list):
         return _simple(info, {"data": body})
     if not isinstance(body, dict):

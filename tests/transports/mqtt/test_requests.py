@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from tests.conftest import DEFAULT_MODELS
 from tests.transports.mqtt.conftest import (
     Broker,
     PahoClient,
@@ -214,3 +215,22 @@ async def test_redelivered_request_is_answered_from_the_cache_not_run_twice(
     assert second.payload == first.payload
     assert second.properties.CorrelationData == b"same"
     assert replies[0].payload == replies[1].payload
+
+
+async def test_plain_text_to_a_chat_model_goes_through_its_chat_template(
+    broker: Broker, paho_clients: Clients
+) -> None:
+    """What a person types into ``mosquitto_rr -m`` reaches home-intent as a user turn of
+    its chat template (as Ollama's /api/generate does), so it answers with its intent JSON
+    instead of continuing the raw text."""
+    async with appliance(broker, device="intent-box",
+                         models={"dir": str(DEFAULT_MODELS)}):
+        rc, out, err = await run_tool(*broker.cli(
+            "mosquitto_rr", "-t", "appliance/intent-box/infer/home-intent", "-e",
+            "replies/intent", "-q", "1", "-W", "60", "-m", "turn on the kitchen lights",
+        ), timeout=90)
+    assert rc == 0, err
+    reply = json.loads(out)
+    assert reply["status"] == "ok", reply
+    intent = {k: v for k, v in json.loads(reply["data"]["text"]).items() if v is not None}
+    assert intent == {"intent": "turn_on", "device": "light", "room": "kitchen"}, intent
