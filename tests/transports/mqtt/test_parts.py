@@ -80,7 +80,7 @@ async def test_outbox_state_documents_replace_each_other_and_streams_merge() -> 
 
 async def test_outbox_tells_who_queued_a_message_whether_it_went_out() -> None:
     metrics = Metrics()
-    outbox = Outbox(2, metrics)
+    outbox = Outbox(2, metrics.unit(MqttMetrics))
     sent: list[str] = []
     dropped: list[str] = []
     first, second, third = message(1), message(2), message(3)
