@@ -15,6 +15,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -198,12 +199,17 @@ def start_daemon_in(ns: Netns, *args: str, env: dict[str, str], host: str = "127
                     ) -> DaemonProcess:
     """``python -m appliance run`` inside ``ns`` (MQTT off unless ``env`` turns it on)."""
     full_env = clean_env(**{"APPLIANCE_MQTT__ENABLED": "false", **env})
+    state = None
+    if "STATE_DIRECTORY" not in env:  # one daemon per state directory: each its own
+        state = full_env["STATE_DIRECTORY"] = tempfile.mkdtemp(prefix="appliance-state-")
     proc = subprocess.Popen(
         ns.command(sys.executable, "-m", "appliance", "run", "--host", host, "--port", "0",
                    *args),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=ROOT,
     )
-    return DaemonProcess(proc)
+    handle = DaemonProcess(proc)
+    handle.state_dir = state  # removed when it stops
+    return handle
 
 
 @contextmanager

@@ -231,11 +231,6 @@ class Connection:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def taken_over(self) -> None:
-        """Another client uses this client id: the next reconnect waits the longest backoff,
-        and a takeover is not reported as a lost connection."""
-        self._taken_over = True
-
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for :class:`aiomqtt.Client`."""
         config = self.config
@@ -397,7 +392,6 @@ class Connection:
             self.since = time.time()
 
     def _connected(self) -> None:
-        self._taken_over = False  # until this connect's retained state says otherwise
         self._set_state("connected")
         self.connects += 1
         self.last_error = None
@@ -416,7 +410,6 @@ class Connection:
         self._metrics.mqtt_connected.set(0)
         self._metrics.mqtt_connect_failures.inc()
         taken_over = _reason(exc) == SESSION_TAKEN_OVER
-        known_twin = self._taken_over and was_connected  # seen from the retained state
         if taken_over:
             self.last_error = "session taken over by another client with the same client id"
         if self._closing.is_set():
@@ -431,10 +424,6 @@ class Connection:
             else:
                 log.debug("MQTT session taken over again by another client as %r",
                           self.client_id)
-        elif known_twin:
-            log.debug("MQTT session taken over again by the other client as %r",
-                      self.client_id)
-            taken_over = True
         elif was_connected:
             log.warning("MQTT connection to %s lost (%s); reconnecting", self.broker, text)
         elif key != self._problem:

@@ -284,26 +284,24 @@ class MqttTransport:
                 self._retained_online = payload.strip() == b"online"
             return
         online, self._retained_online = self._retained_online, False
-        if retained and not online:
-            return  # a previous run's document, or one of a daemon that has stopped
         try:
             other = json.loads(payload).get("instance")
         except (ValueError, AttributeError):
             return
         if not isinstance(other, dict) or other.get("id") == self.instance["id"]:
             return
-        if other.get("client_id") == self.client_id:
-            self.connection.taken_over()  # reconnect slowly: no tug of war
+        # Retained, it may be this daemon's previous run (killed and restarted before the
+        # broker noticed): the same client id. Another client id online is another daemon.
+        if retained and (not online or other.get("client_id") == self.client_id):
+            return
         if not self._twin_reported:
             self._twin_reported = True
             log.warning(
                 "MQTT: another appliance daemon (pid %s on %s, client id %r) is online as "
                 "this device (device id %r, base topic %s): both answer its requests and "
-                "its retained state flips between them%s. Give each its own device.id",
+                "its retained state flips between them. Give each its own device.id",
                 other.get("pid"), other.get("host"), other.get("client_id"),
-                self._config.device.id, self.topics.base,
-                "; with one client id the broker hands the session back and forth "
-                "(session taken over)" if other.get("client_id") == self.client_id else "")
+                self._config.device.id, self.topics.base)
 
     # -- state documents -----------------------------------------------------------
 
