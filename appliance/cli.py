@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve models over HTTP (the daemon)")
     _config_flags(run)
+    run.add_argument("--config-error", type=Path, metavar="FILE",
+                     help="a configuration problem found before this start, if the file "
+                          "exists (the device image's first boot writes one for a rejected "
+                          "boot-partition appliance.toml): logged and shown in /health")
 
     check = sub.add_parser("config", help="validate the configuration and print it resolved")
     _config_flags(check)
@@ -115,15 +120,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     from appliance.ops import instance
 
     logs.setup(cfg.logging.level)
+    config_error = _config_error(args.config_error)
     try:
         # One daemon per state directory: it holds the outbox, the key and the MQTT session.
         with instance.StateLock(instance.state_directory(os.environ)):
             # SIGHUP reads the configuration again, from the same sources, for the API keys.
             return server.run(cfg, load_config=lambda: config_mod.load(
-                path=args.config, env=os.environ, overrides=_overrides(args)))
+                path=args.config, env=os.environ, overrides=_overrides(args)),
+                config_error=config_error)
     except instance.AlreadyRunning as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 1
+
+
+def _config_error(path: Path | None) -> str | None:
+    """The text of ``--config-error FILE``, logged once; None when there is none."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        text = f"cannot read {path}: {exc}"
+    if text:
+        logging.getLogger("appliance").error("configuration problem: %s", text)
+    return text or None
 
 
 def _load_llama_first() -> None:

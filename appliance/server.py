@@ -51,13 +51,17 @@ class Server:
 
     ``load_config`` reads the configuration again the way it was read at start (file,
     environment, flags); SIGHUP takes the API keys from it. Without it, a reload re-reads
-    the key files of ``config`` only.
+    the key files of ``config`` only. ``config_error``: why a configuration was rejected
+    before this start (``config`` is what runs instead), shown in /health as
+    ``units.config.error``.
     """
 
-    def __init__(self, config: Config, *, load_config: Callable[[], Config] | None = None
-                 ) -> None:
+    def __init__(self, config: Config, *, load_config: Callable[[], Config] | None = None,
+                 config_error: str | None = None) -> None:
         self.config = config
         self._load_config = load_config
+        # A configuration rejected before the start (this one is the fallback): in /health.
+        self.config_error = config_error
         self.metrics = Metrics()
         self.core: Core | None = None
         self.health: HealthCollector | None = None  # set once units start
@@ -115,6 +119,8 @@ class Server:
         self._stack.push_async_callback(core.close)
         core.add_status("lifecycle", core.lifecycle_status)
         self.reload_hooks.append(core.reload_models)
+        if self.config_error:
+            core.add_status("config", lambda: {"error": self.config_error})
 
         # Keys, allow-list, Host names (files read, perhaps a key generated): off the loop.
         self.access = await asyncio.to_thread(daemon_policy, config)
@@ -303,9 +309,11 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def run(config: Config, *, load_config: Callable[[], Config] | None = None) -> int:
-    """Serve until stopped; the exit status for the CLI. ``load_config``: see :class:`Server`."""
-    server = Server(config, load_config=load_config)
+def run(config: Config, *, load_config: Callable[[], Config] | None = None,
+        config_error: str | None = None) -> int:
+    """Serve until stopped; the exit status for the CLI. ``load_config``, ``config_error``:
+    see :class:`Server`."""
+    server = Server(config, load_config=load_config, config_error=config_error)
     try:
         asyncio.run(server.serve())
     except OSError as exc:

@@ -5,8 +5,10 @@ Runs as root on every boot, before the network, Mosquitto and the appliance star
 - once: grow the root partition and its ext4 file system to the whole card;
 - once: create SSH host keys (the image ships none, so no two devices share them);
 - ``appliance.toml`` on the boot partition: validated with ``appliance config`` and
-  installed as /etc/appliance/appliance.toml (an invalid file is reported and ignored, the
-  previous configuration stays);
+  installed as /etc/appliance/appliance.toml. An invalid file is not installed: the
+  previous configuration (on a new card: the defaults) stays, the console (serial and
+  HDMI) says which keys were wrong, and the error goes to CONFIG_ERROR, which the daemon
+  logs and shows in /health (``appliance run --config-error``);
 - ``hub-token``, ``mqtt-password``, ``api-keys``, ``data-key``: moved to /etc/credstore
   (0600), where the unit's
   ``LoadCredential=`` finds them, and removed from the FAT partition;
@@ -28,11 +30,28 @@ import tomllib
 
 BOOT = Path(os.environ.get("APPLIANCE_BOOT_DIR", "/boot/firmware"))
 STAMPS = Path("/var/lib/appliance-firstboot")
-APPLIANCE = "/opt/appliance/bin/appliance"
+APPLIANCE = os.environ.get("APPLIANCE_BIN", "/opt/appliance/bin/appliance")
+# Read by the daemon (--config-error in appliance.service.d/boot-config.conf); on /run, so
+# every boot checks the boot partition's file afresh.
+CONFIG_ERROR = Path(os.environ.get("APPLIANCE_CONFIG_ERROR",
+                                   "/run/appliance-firstboot/config-error"))
+HDMI = Path(os.environ.get("APPLIANCE_FIRSTBOOT_HDMI", "/dev/tty1"))
 
 
 def log(message: str) -> None:
     print(f"appliance-firstboot: {message}", flush=True)
+
+
+def shout(message: str) -> None:
+    """An error the person at the box must see: the log/serial console, and the HDMI
+    screen (the kernel's /dev/console is the serial port when both are configured)."""
+    for line in message.splitlines():
+        log(line)
+    try:
+        with HDMI.open("w") as tty:
+            tty.write("".join(f"appliance-firstboot: {line}\n" for line in message.splitlines()))
+    except OSError:
+        pass  # no display (a VM, a headless board)
 
 
 def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -71,15 +90,28 @@ def install_file(src: Path, dest: Path, mode: int, group: str = "root") -> None:
 
 
 def apply_config() -> None:
+    CONFIG_ERROR.unlink(missing_ok=True)
     src = BOOT / "appliance.toml"
     if not src.is_file():
         return
     dest = Path("/etc/appliance/appliance.toml")
     if dest.is_file() and dest.read_bytes() == src.read_bytes():
         return
+    # Validated in a clean environment: the daemon's APPLIANCE_* variables are not here.
     check = run(APPLIANCE, "config", "--config", str(src), check=False)
     if check.returncode != 0:
-        log(f"{src} is invalid, keeping the previous configuration: {check.stderr.strip()}")
+        problem = check.stderr.strip().removeprefix("appliance: ") or f"exit {check.returncode}"
+        fallback = "the previous configuration" if dest.is_file() else "the defaults"
+        shout(f"{src} rejected, the appliance starts on {fallback}: {problem}")
+        CONFIG_ERROR.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CONFIG_ERROR.with_name(CONFIG_ERROR.name + ".new")
+        tmp.write_text(f"{src} rejected, running on {fallback}: {problem}\n")
+        tmp.chmod(0o640)  # it may quote values from the file: root and the daemon only
+        try:
+            shutil.chown(tmp, "root", "appliance")
+        except LookupError:
+            tmp.chmod(0o644)  # no service user (not the image): nobody else to keep out
+        tmp.replace(CONFIG_ERROR)
         return
     install_file(src, dest, 0o640, group="appliance")
     log(f"installed {src} as {dest}")
