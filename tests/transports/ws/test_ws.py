@@ -305,8 +305,9 @@ async def test_a_huge_integer_is_an_error_and_other_requests_go_on(
                         "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0})
     first = json.loads((await ws.receive(timeout=30)).data)
     assert first["id"] == "long" and first["type"] == "token"
-    await ws.send_str('{"type": "generate", "id": "huge", "model": "%s", "prompt": "Once", '
-                      '"max_tokens": 1%s}' % (LLM, "0" * 5000))
+    huge = "1" + "0" * 5000
+    await ws.send_str(f'{{"type": "generate", "id": "huge", "model": "{LLM}", '
+                      f'"prompt": "Once", "max_tokens": {huge}}}')
     replies = await collect(ws, {None, "long"})
     (error,) = replies[None]
     assert error["type"] == "error" and error["status"] == 400, error
