@@ -118,7 +118,8 @@ class AlertsConfig(Section):
     )
     http_5xx_threshold: float = Field(
         default=1.0, gt=0, le=100, allow_inf_nan=False,
-        description="Percent of HTTP responses with a 5xx status above which http_5xx fires.",
+        description="Percent of HTTP responses with a 5xx status above which http_5xx fires; "
+        "503s of a full queue (shed load, appliance_requests_shed_total) do not count.",
     )
     http_5xx_window: float = Field(
         default=300.0, ge=0, le=86_400, allow_inf_nan=False,
