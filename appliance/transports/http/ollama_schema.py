@@ -8,10 +8,18 @@ meaning of negative ``num_predict``.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from appliance.core.sampling import sampling_params
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
@@ -21,8 +29,30 @@ from appliance.errors import RequestError
 OLLAMA_VERSION = "0.9.0"
 LATEST = "latest"
 
-# Go's time.ParseDuration syntax, which Ollama uses for string keep_alive values.
-_DURATION = re.compile(r"^[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+$")
+# Go's time.ParseDuration syntax, which Ollama uses for string keep_alive values ("0" too).
+# One pattern both validates and is published in /openapi.json, so the two cannot differ.
+DURATION = r"^(?:0|[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+)$"
+_DURATION = re.compile(DURATION.replace("$", r"\Z"))  # "5m\n" is no duration either
+
+
+def _duration(value: Any) -> Any:
+    """Ollama's own message for a bad duration (the pattern below also refuses it)."""
+    if isinstance(value, str) and not _DURATION.match(value):
+        raise ValueError(f"time: invalid duration {json.dumps(value, ensure_ascii=False)}")
+    return value
+
+
+# ``keep_alive``: seconds, or a Go duration.
+KeepAlive = Annotated[
+    float | Annotated[str, Field(pattern=DURATION)] | None,
+    BeforeValidator(_duration),
+    Field(description="How long the model stays loaded: seconds, or a Go duration such as "
+          '"5m" or "-1s" (negative: forever); 0 unloads the model once idle.'),
+]
+# A model reference, ``name[:tag]``: the name part cannot be empty.
+ModelRef = Annotated[str, Field(pattern=r"^[^:]",
+                                description="Model name, optionally with a tag: `name` or "
+                                "`name:latest`.")]
 
 
 class _Request(BaseModel):
@@ -91,25 +121,14 @@ class Message(_Request):
 
 
 class _Generation(_Request):
-    model: str = Field(description="Model name, optionally with a tag: `name` or `name:latest`.")
+    model: ModelRef
     format: Literal["", "json"] | dict[str, Any] | None = Field(
         default=None, description='"json" for any JSON value, or a JSON Schema to follow.'
     )
     options: Options | None = None
     stream: bool | None = Field(default=None, description="false: one answer; default: NDJSON.")
-    keep_alive: float | str | None = Field(
-        default=None,
-        description="How long the model stays loaded: seconds, or a Go duration such as "
-        '"5m" or "-1s" (negative: forever); 0 unloads the model once idle.',
-    )
+    keep_alive: KeepAlive = None
     think: bool | str | None = Field(default=None, description="Not supported: false or absent.")
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive(cls, value: float | str | None) -> float | str | None:
-        if isinstance(value, str) and value != "0" and not _DURATION.match(value):
-            raise ValueError(f'time: invalid duration "{value}"')
-        return value
 
     @property
     def unload(self) -> bool:
@@ -164,13 +183,13 @@ class GenerateRequestBody(_Generation):
 class EmbedRequest(_Request):
     """POST /api/embed"""
 
-    model: str
+    model: ModelRef
     input: str | list[str] = ""
     truncate: bool = Field(
         default=True, description="Accepted; inputs longer than the context are refused."
     )
     dimensions: int | None = Field(default=None, ge=1)
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
 
     def texts(self) -> list[str]:
         if isinstance(self.input, str):
@@ -181,9 +200,9 @@ class EmbedRequest(_Request):
 class EmbeddingsRequest(_Request):
     """POST /api/embeddings (the older, single-text form)"""
 
-    model: str
+    model: ModelRef
     prompt: str = ""
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
 
 
 class ShowRequest(_Request):
