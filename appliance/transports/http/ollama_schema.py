@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from appliance.core.sampling import sampling_params
+from appliance.core.sampling import SEED_SCHEMA, STOP_SCHEMA, sampling_params
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -59,6 +59,12 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+# Fields Ollama has and the appliance refuses unless empty. The handlers refuse them with
+# a message naming the feature ("does not support images"); the schema says it too.
+_EMPTY_LIST: dict[str, Any] = {"maxItems": 0}
+_EMPTY_TEXT: dict[str, Any] = {"maxLength": 0}
+
+
 def model_ref(reference: str) -> tuple[str, str | None]:
     """``name[:tag]`` → (model name, version or None). ``latest`` means whatever is served."""
     name, _, tag = reference.partition(":")
@@ -74,18 +80,22 @@ class Options(_Request):
     manifest on the appliance and are accepted but ignored, as unknown options are.
     """
 
+    # The bounds the core checks (appliance.core.sampling), published in the schema; the
+    # core's messages name them when a client sends something else.
     num_predict: int | None = Field(
-        default=None, description="Tokens to generate at most; -1 or -2: until a stop."
+        default=None, description="Tokens to generate at most; -1 or -2: until a stop.",
+        json_schema_extra={"not": {"type": "integer", "maximum": 0, "not": {"enum": [-1, -2]}}},
     )
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
+    temperature: float | None = Field(default=None, json_schema_extra={"minimum": 0})
+    top_p: float | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 1})
+    top_k: int | None = Field(default=None, json_schema_extra={"minimum": 0})
+    min_p: float | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 1})
+    repeat_penalty: float | None = Field(default=None,
+                                         json_schema_extra={"exclusiveMinimum": 0})
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    stop: list[str] | str | None = None
-    seed: int | None = None
+    stop: list[str] | str | None = Field(default=None, json_schema_extra=STOP_SCHEMA)
+    seed: int | None = Field(default=None, json_schema_extra=SEED_SCHEMA)
     num_ctx: int | None = Field(default=None, description="Ignored: set n_ctx in the manifest.")
 
     @field_validator("num_predict")
@@ -117,7 +127,8 @@ class Options(_Request):
 class Message(_Request):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
-    images: list[str] | None = Field(default=None, description="Not supported: must be empty.")
+    images: list[str] | None = Field(default=None, description="Not supported: must be empty.",
+                                     json_schema_extra=_EMPTY_LIST)
 
 
 class _Generation(_Request):
@@ -128,7 +139,8 @@ class _Generation(_Request):
     options: Options | None = None
     stream: bool | None = Field(default=None, description="false: one answer; default: NDJSON.")
     keep_alive: KeepAlive = None
-    think: bool | str | None = Field(default=None, description="Not supported: false or absent.")
+    think: bool | str | None = Field(default=None, description="Not supported: false or absent.",
+                                     json_schema_extra={"enum": [False, "", "false", None]})
 
     @property
     def unload(self) -> bool:
@@ -152,7 +164,7 @@ class ChatRequest(_Generation):
 
     messages: list[Message] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = Field(
-        default=None, description="Not supported: must be empty."
+        default=None, description="Not supported: must be empty.", json_schema_extra=_EMPTY_LIST
     )
 
     def to_core(self) -> GenerateRequest:
@@ -166,10 +178,14 @@ class GenerateRequestBody(_Generation):
     prompt: str = ""
     system: str = ""
     raw: bool = Field(default=False, description="Send the prompt as-is, without the template.")
-    suffix: str = Field(default="", description="Not supported: must be empty.")
-    template: str = Field(default="", description="Not supported: must be empty.")
-    context: list[int] | None = Field(default=None, description="Not supported: must be empty.")
-    images: list[str] | None = Field(default=None, description="Not supported: must be empty.")
+    suffix: str = Field(default="", description="Not supported: must be empty.",
+                        json_schema_extra=_EMPTY_TEXT)
+    template: str = Field(default="", description="Not supported: must be empty.",
+                          json_schema_extra=_EMPTY_TEXT)
+    context: list[int] | None = Field(default=None, description="Not supported: must be empty.",
+                                      json_schema_extra=_EMPTY_LIST)
+    images: list[str] | None = Field(default=None, description="Not supported: must be empty.",
+                                     json_schema_extra=_EMPTY_LIST)
 
     def to_core(self) -> GenerateRequest:
         if self.raw:
@@ -207,6 +223,13 @@ class EmbeddingsRequest(_Request):
 
 class ShowRequest(_Request):
     """POST /api/show"""
+
+    # ``model``, or else ``name``, must name a model (model_ref); the schema says so.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["model"], "properties": {"model": {"pattern": "^[^:]"}}},
+        {"required": ["name"], "properties": {"model": {"maxLength": 0},
+                                              "name": {"pattern": "^[^:]"}}},
+    ]})
 
     model: str = ""
     name: str = Field(default="", description="Older clients' spelling of `model`.")

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from appliance.core.sampling import sampling_params
+from appliance.core.sampling import STOP_SCHEMA, sampling_params
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -85,11 +85,19 @@ class _Sampling(_Request):
     repeat_penalty: float | None = Field(default=None, gt=0, le=10, description="llama.cpp ext.")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings.")
+    # A lone "" means no stop sequence (see sampling); a list's entries must not be empty.
+    stop: str | list[str] | None = Field(
+        default=None, description=f"Up to {MAX_STOP} strings.",
+        json_schema_extra={**STOP_SCHEMA, "minLength": 0},
+    )
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
     logit_bias: dict[int, float] | None = Field(
-        default=None, description="Token id -> bias from -100 to 100 added to its logit."
+        default=None, description="Token id -> bias from -100 to 100 added to its logit.",
+        # What the core checks (appliance.core.sampling), published: ids of 0 or more.
+        json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"},
+                           "additionalProperties": {"type": "number", "minimum": -100,
+                                                    "maximum": 100}},
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
