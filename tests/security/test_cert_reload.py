@@ -197,3 +197,37 @@ def test_hub_asks_for_client_certificates(pki: Path, tmp_path: Path) -> None:
                                     "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
             assert response.status == 200
+
+
+def test_a_device_uploads_to_a_hub_that_requires_client_certificates(
+        pki: Path, tmp_path: Path) -> None:
+    """hub.tls_cert_file: the appliance shows its certificate to a hub whose
+    tls_client_auth is required; without it, nothing arrives."""
+    from tests.hub.test_sync import appliance_env, poll
+
+    storage = f"sqlite:///{tmp_path / 'hub.db'}"
+    token = enroll_direct(storage, "box-2")
+    ca = pki / tls.CA_CERT
+    client = (pki / "reader.pem", pki / "reader-key.pem")
+    env = {"APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(pki / "old.pem"),
+           "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(pki / "old-key.pem"),
+           "APPLIANCE_HUB_HTTP__TLS_CLIENT_CA": str(ca),
+           "APPLIANCE_HUB_SECURITY__AUTH": "on",
+           "APPLIANCE_HUB_SECURITY__CLIENT_CERTS": "reader:read"}
+    (tmp_path / "models").mkdir()
+    with hub(storage, env=env) as process:
+        url = process.url.replace("127.0.0.1", "localhost")
+        device_url = url + "/api/v1/devices/box-2"
+
+        def seen() -> bool:
+            context = ssl.create_default_context(cafile=str(ca))
+            context.load_cert_chain(str(client[0]), str(client[1]))
+            with urllib.request.urlopen(device_url, timeout=5, context=context) as response:
+                return bool(json.loads(response.read()).get("last_seen"))
+
+        device_env = appliance_env(url, token, "box-2", tmp_path / "outbox.db",
+                                   APPLIANCE_HUB__TLS_CA_FILE=str(ca),
+                                   APPLIANCE_HUB__TLS_CERT_FILE=str(pki / "new.pem"),
+                                   APPLIANCE_HUB__TLS_KEY_FILE=str(pki / "new-key.pem"))
+        with daemon("--models-dir", str(tmp_path / "models"), env=device_env):
+            poll("a heartbeat over mutual TLS", seen)
