@@ -5,8 +5,8 @@ Each long-lived resource is a lifecycle unit started in order and stopped in rev
 (no new requests, in-flight ones finish up to ``http.shutdown_timeout``), a second SIGINT
 forces the exit. SIGHUP runs the reload hooks (:meth:`Server.reload`): the API keys are
 read again (the configuration file, ``keys_file``, the ``api-keys`` credential), then the
-model repository; under systemd the daemon reports RELOADING=1 / READY=1 around them
-(``appliance.ops.systemd``).
+TLS certificate, then the model repository; under systemd the daemon reports RELOADING=1 /
+READY=1 around them (``appliance.ops.systemd``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from appliance.core.types import ModelState
 from appliance.errors import ConfigError
 from appliance.security.access import AccessPolicy, daemon_policy, reload_daemon_keys
 from appliance.security.crypto import load_cipher
-from appliance.security.tls import server_context
+from appliance.security.tls import reload_certificate, server_context
 from appliance.transports.http import build_app
 from appliance.transports.http.security import runner_options
 
@@ -140,6 +140,8 @@ class Server:
         self.tls = None if http.tls_cert_file is None else await asyncio.to_thread(
             server_context, http.tls_cert_file, http.tls_key_file, http.tls_min_version,
             client_ca=http.tls_client_ca, client_auth=http.tls_client_auth)
+        if self.tls is not None:  # SIGHUP re-reads the certificate (a renewal, no restart)
+            self.reload_hooks.insert(1, self.reload_tls)
         site = web.TCPSite(runner, http.host, http.port, reuse_address=True,
                            ssl_context=self.tls)
         await site.start()
@@ -218,6 +220,20 @@ class Server:
             await asyncio.to_thread(reload_daemon_keys, access, config, self.config)
         except ConfigError as exc:
             log.error("API keys NOT reloaded, the previous keys stay in use: %s", exc)
+
+    async def reload_tls(self) -> None:
+        """Read http.tls_cert_file and its key again; new connections get the new
+        certificate (SIGHUP). Files that do not load leave the certificate in use."""
+        http = self.config.http
+        if self.tls is None or http.tls_cert_file is None:
+            return
+        try:
+            await asyncio.to_thread(reload_certificate, self.tls, http.tls_cert_file,
+                                    http.tls_key_file, http.tls_min_version)
+        except ConfigError as exc:
+            log.error("TLS certificate NOT reloaded, the previous one stays in use: %s", exc)
+            return
+        log.info("TLS certificate reloaded from %s", http.tls_cert_file)
 
     async def reload(self) -> None:
         """Run the reload hooks (what SIGHUP does); observers hear the start and the end."""

@@ -11,7 +11,7 @@ from pydantic import (
     field_validator,
 )
 
-from appliance.config.base import Section
+from appliance.config.base import Section, TlsFilesSection
 
 
 class HealthConfig(Section):
@@ -118,7 +118,8 @@ class AlertsConfig(Section):
     )
     http_5xx_threshold: float = Field(
         default=1.0, gt=0, le=100, allow_inf_nan=False,
-        description="Percent of HTTP responses with a 5xx status above which http_5xx fires.",
+        description="Percent of HTTP responses with a 5xx status above which http_5xx fires; "
+        "503s of a full queue (shed load, appliance_requests_shed_total) do not count.",
     )
     http_5xx_window: float = Field(
         default=300.0, ge=0, le=86_400, allow_inf_nan=False,
@@ -142,7 +143,7 @@ class AlertsConfig(Section):
     )
 
 
-class HubSyncConfig(Section):
+class HubSyncConfig(TlsFilesSection):
     """Keeping the fleet hub informed: heartbeats, alerts and events through a durable outbox."""
 
     url: str = Field(
@@ -162,6 +163,15 @@ class HubSyncConfig(Section):
         default=None,
         description="CA bundle (PEM) that signed an https hub's certificate, e.g. the hub's "
         "own self-signed certificate. Unset: the system's trusted CAs.",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="Client certificate (PEM) shown to a hub that asks for one "
+        "(its http.tls_client_ca), e.g. the device certificate of `appliance certs device`. "
+        "Unset: none.",
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of tls_cert_file; unset: inside that file."
     )
     heartbeat_interval: float = Field(
         default=30.0, ge=0.05, le=86_400, allow_inf_nan=False,

@@ -120,6 +120,13 @@ class AccessConfig(Section):
         default=20, ge=1, le=1_000_000,
         description="Requests one API key may make at once before rate_per_key applies.",
     )
+    client_certs: list[ClientCertEntry] = Field(
+        default_factory=list, max_length=1024,
+        description="Client certificates accepted instead of an API key: "
+        "[[security.client_certs]] tables with name (the certificate's CN) and scopes, or "
+        "'NAME:SCOPE[+SCOPE]' strings (sensor-1:infer+read). Needs http.tls_client_ca; an "
+        "API key sent along wins. Re-read on SIGHUP, like the keys.",
+    )
 
     @field_validator("keys")
     @classmethod
@@ -137,6 +144,15 @@ class AccessConfig(Section):
             if not item.startswith("/") or "*" in item[:-1]:
                 raise ValueError(f"{item!r} must be a path starting with '/', optionally "
                                  "ending in '*'")
+        return value
+
+    @field_validator("client_certs")
+    @classmethod
+    def _unique_certs(cls, value: list[ClientCertEntry]) -> list[ClientCertEntry]:
+        names = [entry.name for entry in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"certificate names must be unique; repeated: {', '.join(repeated)}")
         return value
 
     @field_validator("allow", "trusted_proxies")
@@ -172,22 +188,6 @@ class SecurityConfig(AccessConfig):
         "results of the Redis cache. The systemd credential 'data-key' is read too. Unset: "
         "stored in plain (JSON, msgpack).",
     )
-    client_certs: list[ClientCertEntry] = Field(
-        default_factory=list, max_length=1024,
-        description="Client certificates accepted instead of an API key: "
-        "[[security.client_certs]] tables with name (the certificate's CN) and scopes, or "
-        "'NAME:SCOPE[+SCOPE]' strings (sensor-1:infer+read). Needs http.tls_client_ca; an "
-        "API key sent along wins. Re-read on SIGHUP, like the keys.",
-    )
-
-    @field_validator("client_certs")
-    @classmethod
-    def _unique_certs(cls, value: list[ClientCertEntry]) -> list[ClientCertEntry]:
-        names = [entry.name for entry in value]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"certificate names must be unique; repeated: {', '.join(repeated)}")
-        return value
 
 
 class LimitsConfig(Section):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -75,6 +75,8 @@ class RequestTotals:
     latencies: list[RequestLatency]
     tokens: dict[str, int]  # generated, by model
     load_failures: dict[str, int]  # by model
+    # appliance_requests_shed: 503s of full queues (backpressure), by (transport, route)
+    shed: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class Children(Generic[M]):
@@ -109,6 +111,14 @@ class Metrics:
             "appliance_requests",
             "Requests handled, by transport route, model and status.",
             ["transport", "route", "model", "status"],
+            registry=r,
+        )
+        # Of those, the 503s that were backpressure (a full queue), not failures: the
+        # http_5xx alert leaves them out.
+        self.requests_shed = Counter(
+            "appliance_requests_shed",
+            "Requests answered 503 because a queue was full (shed load), by transport, route.",
+            ["transport", "route"],
             registry=r,
         )
         self.request_latency = Histogram(
@@ -250,6 +260,8 @@ class Metrics:
                     for s in _samples(self.tokens_generated, "_total")},
             load_failures={s.labels["model"]: int(s.value)
                            for s in _samples(self.model_load_failures, "_total")},
+            shed={(s.labels["transport"], s.labels["route"]): int(s.value)
+                  for s in _samples(self.requests_shed, "_total")},
         )
 
     def render(self) -> bytes:

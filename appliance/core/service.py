@@ -173,8 +173,9 @@ class Core:
         return self.canary.add_listener(listener)
 
     def count_request(self, transport: str, route: str, model: str, status: str,
-                      seconds: float) -> None:
-        """One finished request of any transport, in ``appliance_requests``.
+                      seconds: float, *, shed: bool = False) -> None:
+        """One finished request of any transport, in ``appliance_requests``; ``shed``: it
+        was refused by a full queue (backpressure, also in ``appliance_requests_shed``).
 
         Only served models become label values: names clients make up would otherwise
         add series to /metrics without bound.
@@ -182,6 +183,8 @@ class Core:
         if model and not self.serves(model):
             model = ""
         self.metrics.count_request(transport, route, model, status, seconds)
+        if shed:
+            self.metrics.requests_shed.labels(transport, route).inc()
 
     def model(self, name: str, version: str | None = None) -> ModelInfo:
         if self.pipelines.has(name):

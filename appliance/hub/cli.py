@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         from appliance.hub import server
 
         logs.setup(cfg.logging.level)
-        return server.run(cfg)
+        return server.run(cfg, load_config=lambda: hub_config.load(
+            path=getattr(args, "config", None), env=os.environ, overrides=_overrides(args)))
     try:
         return asyncio.run(_manage(command, args, cfg))
     except (ConfigError, OSError) as exc:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from appliance.config import AccessConfig, LimitsConfig, Section, load_model, reference
 from appliance.config.base import TlsFilesSection
@@ -43,7 +43,27 @@ class HubHttpConfig(TlsFilesSection):
     tls_min_version: Literal["1.2", "1.3"] = Field(
         default="1.2", description="Oldest TLS version a client may use."
     )
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="CA certificate(s) (PEM) that sign client certificates (`appliance certs "
+        "client` makes them): mutual TLS on this port, see tls_client_auth and "
+        "security.client_certs. Unset: clients are not asked for a certificate.",
+    )
+    tls_client_auth: Literal["required", "optional"] = Field(
+        default="required",
+        description="With tls_client_ca: 'required' fails the TLS handshake of a client "
+        "without a certificate signed by that CA (devices then need hub.tls_cert_file); "
+        "'optional' lets such clients in (they need an API key or device token as usual) "
+        "and still refuses a certificate the CA did not sign.",
+    )
 
+    @field_validator("tls_client_ca")
+    @classmethod
+    def _client_ca_needs_tls(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_cert_file") is None:
+            raise ValueError("tls_client_ca needs tls_cert_file: client certificates are "
+                             "part of a TLS handshake")
+        return value
 
 
 class StorageConfig(Section):

@@ -21,9 +21,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from appliance.errors import RequestError
 from appliance.hub.keys import METRICS, STORAGE
 from appliance.hub.storage.base import AlertChange, Batch, Incoming, Point
 from appliance.hub.tokens import hash_token
+from appliance.transports import strictjson
 
 routes = web.RouteTableDef()
 
@@ -161,9 +163,9 @@ async def ingest(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     device = await authenticate(request)
     try:
-        data = json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HubRequestError(f"the body is not JSON: {exc}") from None
+        data = strictjson.loads(await request.read())
+    except RequestError as exc:
+        raise HubRequestError(f"the body is not JSON: {exc.message}") from None
     batch = parse_batch(data)
     if batch.device != device:
         raise Forbidden(f"this token belongs to device {device!r}, not {batch.device!r}")

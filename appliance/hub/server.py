@@ -2,7 +2,7 @@
 
 Units start in order and stop in reverse through an ``AsyncExitStack``: storage, the HTTP
 runner, the offline monitor and retention. SIGTERM/SIGINT only set a flag; a second SIGINT
-exits at once.
+exits at once. SIGHUP re-reads the API keys and the TLS certificate (:meth:`HubServer.reload`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import signal
 import ssl
 import urllib.parse
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -24,23 +25,34 @@ from appliance.hub.metrics import HubMetrics
 from appliance.hub.monitor import OfflineMonitor, Retention
 from appliance.hub.storage import from_url
 from appliance.ops.systemd import SystemdNotify
-from appliance.security.access import hub_policy
-from appliance.security.tls import server_context
+from appliance.security.access import AccessPolicy, hub_policy, reload_hub_keys
+from appliance.security.tls import reload_certificate, server_context
 from appliance.transports.http.security import runner_options
 
 log = logging.getLogger(__name__)
 
 
 class HubServer:
-    """One running hub."""
+    """One running hub.
 
-    def __init__(self, config: HubConfig) -> None:
+    ``load_config`` reads the configuration again the way it was read at start; SIGHUP
+    takes the API keys and client certificate names from it and re-reads the TLS
+    certificate files, as the daemon does.
+    """
+
+    def __init__(self, config: HubConfig, *,
+                 load_config: Callable[[], HubConfig] | None = None) -> None:
         self.config = config
+        self._load_config = load_config
         self.metrics = HubMetrics()
         self.addresses: list[tuple[str, int]] = []
+        self.access: AccessPolicy | None = None
+        self.tls: ssl.SSLContext | None = None
         self._stop = asyncio.Event()
         self._force = False
         self._stack = contextlib.AsyncExitStack()
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
 
     @property
     def port(self) -> int:
@@ -51,6 +63,8 @@ class HubServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             await self.startup()
             await self._stop.wait()
@@ -71,7 +85,8 @@ class HubServer:
         except Exception as exc:  # refused, asyncpg or sqlite errors: name the storage
             raise OSError(f"cannot open storage {redact(url)}: {exc}") from exc
         self._stack.push_async_callback(storage.close)
-        access = await asyncio.to_thread(hub_policy, config)  # reads key files: off the loop
+        # Reads key files: off the loop.
+        self.access = access = await asyncio.to_thread(hub_policy, config)
         runner = web.AppRunner(
             build_app(storage, config, self.metrics, access),
             handler_cancellation=True,
@@ -81,7 +96,7 @@ class HubServer:
         )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        tls = _tls_context(config)
+        self.tls = tls = await asyncio.to_thread(_tls_context, config)
         site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True,
                            ssl_context=tls)
         await site.start()
@@ -100,8 +115,52 @@ class HubServer:
 
     async def shutdown(self) -> None:
         log.info("hub shutting down")
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            await asyncio.gather(self._reload_task, return_exceptions=True)
         await self._stack.aclose()
         log.info("hub stopped")
+
+    async def reload(self) -> None:
+        """What SIGHUP does: API keys and client certificate names from the re-read
+        configuration, then the TLS certificate files. What does not load is logged and
+        leaves what is in use untouched."""
+        if self.access is not None:
+            try:
+                config = self.config
+                if self._load_config is not None:
+                    config = await asyncio.to_thread(self._load_config)
+                await asyncio.to_thread(reload_hub_keys, self.access, config, self.config)
+            except ConfigError as exc:
+                log.error("API keys NOT reloaded, the previous keys stay in use: %s", exc)
+        http = self.config.http
+        if self.tls is not None and http.tls_cert_file is not None:
+            try:
+                await asyncio.to_thread(reload_certificate, self.tls, http.tls_cert_file,
+                                        http.tls_key_file, http.tls_min_version)
+            except ConfigError as exc:
+                log.error("TLS certificate NOT reloaded, the previous one stays in use: %s",
+                          exc)
+            else:
+                log.info("TLS certificate reloaded from %s", http.tls_cert_file)
+
+    def _on_hangup(self) -> None:
+        if self._stop.is_set():
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            # Not dropped: it may revoke a key the running reload has not seen yet.
+            self._reload_again = True
+            return
+        log.info("received SIGHUP; reloading")
+        self._reload_task = asyncio.create_task(self._reload_until_current(),
+                                                name="hub-reload")
+
+    async def _reload_until_current(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again or self._stop.is_set():
+                return
 
     def _on_signal(self, sig: int) -> None:
         if self._stop.is_set() and sig == signal.SIGINT and not self._force:
@@ -120,7 +179,8 @@ def _tls_context(config: HubConfig) -> ssl.SSLContext | None:
     http = config.http
     if http.tls_cert_file is None:
         return None
-    return server_context(http.tls_cert_file, http.tls_key_file, http.tls_min_version)
+    return server_context(http.tls_cert_file, http.tls_key_file, http.tls_min_version,
+                          client_ca=http.tls_client_ca, client_auth=http.tls_client_auth)
 
 
 def redact(url: str) -> str:
@@ -132,10 +192,11 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def run(config: HubConfig) -> int:
-    """Serve until stopped; the exit status for the CLI."""
+def run(config: HubConfig, *, load_config: Callable[[], HubConfig] | None = None) -> int:
+    """Serve until stopped; the exit status for the CLI. ``load_config``: see
+    :class:`HubServer`."""
     try:
-        asyncio.run(HubServer(config).serve())
+        asyncio.run(HubServer(config, load_config=load_config).serve())
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

@@ -144,7 +144,8 @@ class HealthSnapshot:
     system: SystemStats
     models: Mapping[str, ModelStats]
     http_requests_total: int  # HTTP responses, health/readiness probes excepted
-    http_5xx_total: int
+    http_5xx_total: int  # server errors among them; shed load (full queues) excepted
+    http_shed_total: int = 0  # 503s of full queues: backpressure, not failures
 
     @property
     def requests_total(self) -> int:
@@ -367,6 +368,7 @@ class HealthCollector:
             models=models,
             http_requests_total=current.http_total,
             http_5xx_total=current.http_5xx,
+            http_shed_total=current.http_shed,
         )
 
 

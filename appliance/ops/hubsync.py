@@ -164,13 +164,24 @@ class HubSync:
         return self
 
     def _tls(self) -> ssl.SSLContext | bool:
-        """Verify an https hub against ``hub.tls_ca_file`` (or the system CAs)."""
-        if self._hub.tls_ca_file is None:
+        """Verify an https hub against ``hub.tls_ca_file`` (or the system CAs); present
+        ``hub.tls_cert_file`` to a hub that asks for client certificates."""
+        hub = self._hub
+        if hub.tls_ca_file is None and hub.tls_cert_file is None:
             return True
         try:
-            return ssl.create_default_context(cafile=str(self._hub.tls_ca_file))
+            context = ssl.create_default_context(
+                cafile=str(hub.tls_ca_file) if hub.tls_ca_file else None)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"hub.tls_ca_file = {str(self._hub.tls_ca_file)!r}: {exc}") from None
+            raise ConfigError(f"hub.tls_ca_file = {str(hub.tls_ca_file)!r}: {exc}") from None
+        if hub.tls_cert_file is not None:
+            try:
+                context.load_cert_chain(str(hub.tls_cert_file),
+                                        str(hub.tls_key_file) if hub.tls_key_file else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"hub.tls_cert_file = {str(hub.tls_cert_file)!r}: cannot "
+                                  f"load the certificate and key: {exc}") from None
+        return context
 
     async def __aexit__(
         self,

@@ -26,7 +26,8 @@ class Counters:
     tokens: dict[str, int] = field(default_factory=dict)
     load_failures: dict[str, int] = field(default_factory=dict)
     http_total: int = 0
-    http_5xx: int = 0
+    http_5xx: int = 0  # server errors: 5xx answers except shed load
+    http_shed: int = 0  # 503s of a full queue (backpressure)
 
 
 def _is_probe(route: str) -> bool:
@@ -68,6 +69,10 @@ def read_counters(core: Core) -> Counters:
             per[le] = per.get(le, 0.0) + value
     out.tokens = {m: n for m, n in totals.tokens.items() if m}
     out.load_failures = {m: n for m, n in totals.load_failures.items() if m}
+    out.http_shed = sum(n for (transport, route), n in totals.shed.items()
+                        if transport == "http" and not _is_probe(route))
+    # Shed load is answered 503 (and counted so in appliance_requests) but is no failure.
+    out.http_5xx = max(0, out.http_5xx - out.http_shed)
     return out
 
 

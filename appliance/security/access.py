@@ -26,7 +26,6 @@ from appliance.config import (
     ClientCertEntry,
     Config,
     HttpConfig,
-    SecurityConfig,
 )
 from appliance.errors import ConfigError, Forbidden, RateLimited, Unauthenticated
 from appliance.security.hosts import (
@@ -41,7 +40,7 @@ from appliance.security.proxies import TrustedProxies
 from appliance.security.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
-    from appliance.hub.config import HubConfig
+    from appliance.hub.config import HubConfig, HubHttpConfig
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +214,8 @@ def build(config: AccessConfig, *, binds: Iterable[str], names: Iterable[str] = 
     return AccessPolicy(config, store, required=required, names=names, sources=sources)
 
 
-def client_certs(security: SecurityConfig, http: HttpConfig) -> list[ClientCertEntry]:
+def client_certs(security: AccessConfig, http: HttpConfig | HubHttpConfig
+                 ) -> list[ClientCertEntry]:
     """``security.client_certs``, checked against the listener: they need a client CA."""
     certs = security.client_certs
     if certs and http.tls_client_ca is None:
@@ -244,8 +244,15 @@ def hub_policy(config: HubConfig, env: Mapping[str, str] | None = None) -> Acces
     """The fleet hub's policy (device uploads authenticate with their own tokens)."""
     names = own_names("", config.security.allowed_hosts)
     return build(config.security, binds=[config.http.host], names=names, env=env,
-                 what="the hub", key_file="hub-api-key")
+                 what="the hub", key_file="hub-api-key",
+                 certs=client_certs(config.security, config.http))
+
+
+def reload_hub_keys(policy: AccessPolicy, config: HubConfig, running: HubConfig) -> None:
+    """The hub's SIGHUP: API keys and client certificates of the re-read ``config``; the
+    listener (``running``) decides whether certificates can arrive. Blocking."""
+    policy.reload_keys(config.security, client_certs(config.security, running.http))
 
 
 __all__ = ["AccessPolicy", "KeySources", "build", "client_certs", "daemon_policy", "hub_policy",
-           "keys_required", "reload_daemon_keys"]
+           "keys_required", "reload_daemon_keys", "reload_hub_keys"]

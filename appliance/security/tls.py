@@ -61,6 +61,24 @@ def server_context(cert_file: Path, key_file: Path | None, min_version: str,
     return context
 
 
+def reload_certificate(context: ssl.SSLContext, cert_file: Path, key_file: Path | None,
+                       min_version: str, *, key: str = "http") -> None:
+    """Read the certificate and key files again into the serving ``context`` (SIGHUP).
+
+    New TLS connections get the new certificate; open ones keep theirs (OpenSSL copies the
+    certificate into each connection when it starts). The files are tried in a fresh
+    context first, so a renewal caught half-written or a key that does not match raises
+    :class:`ConfigError` and leaves the certificate in use untouched. Blocking (reads
+    files): call it off the loop.
+    """
+    server_context(cert_file, key_file, min_version, key=key)  # raises before any change
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    except (OSError, ssl.SSLError) as exc:  # the files changed again in between
+        raise ConfigError(f"{key}.tls_cert_file = {str(cert_file)!r}: cannot load the "
+                          f"certificate and key: {exc}") from None
+
+
 def common_name(peercert: Mapping[str, Any] | None) -> str | None:
     """The subject CN of a certificate as :meth:`ssl.SSLSocket.getpeercert` gives it: only
     a certificate the handshake verified is there at all (an empty dict otherwise)."""
@@ -229,4 +247,4 @@ def _write_cert(path: Path, cert: Certificate) -> None:
 
 
 __all__ = ["CA_CERT", "CA_KEY", "Issued", "common_name", "init_ca", "issue", "issue_client",
-           "server_context"]
+           "reload_certificate", "server_context"]

@@ -157,3 +157,39 @@ async def test_queue_size_zero_refuses_everything_beyond_the_running_request(
         assert refused.at < done.at
         assert done.status == 200
         assert await metric(http, url, "appliance_requests_rejected_total", model=MODEL) == 1
+
+
+async def test_shed_load_raises_no_http_5xx_alert(stories_gguf: Path,
+                                                  http: aiohttp.ClientSession) -> None:
+    """The 503s of a full queue are documented backpressure, not server errors: they are
+    counted apart (appliance_requests_shed_total) and the critical http_5xx alert, which
+    fires above 1 % of real 5xx answers, stays quiet through an overload."""
+    config = make_config(models={"files": [stories_gguf], "queue_size": 0},
+                         health={"interval": 3600},  # snapshots taken by hand here
+                         alerts={"min_requests": 5, "http_5xx_window": 600})
+    async with serving(config) as server:
+        url = base_url(server)
+        assert server.health is not None and server.alerts is not None
+        server.alerts.evaluate(await server.health.snapshot())  # the window's baseline
+        first = asyncio.create_task(send(http, url, slow_completion(1000)))
+
+        async def running() -> bool:
+            return await metric(http, url, "appliance_requests_running", model=MODEL) == 1
+
+        await eventually(running)
+        refused = await asyncio.gather(*(send(http, url, slow_completion(5))
+                                         for _ in range(10)))
+        assert [a.status for a in refused] == [503] * 10
+        assert (await first).status == 200
+        snap = await server.health.snapshot()
+        events = server.alerts.evaluate(snap)
+
+        assert snap.http_5xx_total == 0 and snap.http_shed_total == 10
+        assert snap.http_requests_total >= 11
+        assert "http_5xx" not in [e.rule for e in events]
+        assert not [e for e in server.alerts.active() if e.rule == "http_5xx"]
+        assert await metric(http, url, "appliance_requests_shed_total", transport="http",
+                            route="/v1/completions") == 10
+        # Still answered and counted as the 503s they are.
+        assert await metric(http, url, "appliance_requests_total", route="/v1/completions",
+                            model=MODEL, status="503") == 10

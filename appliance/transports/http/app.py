@@ -10,6 +10,7 @@ from aiohttp import web
 
 from appliance.config import Config
 from appliance.core.service import Core
+from appliance.errors import Overloaded
 from appliance.security.access import AccessPolicy, daemon_policy
 from appliance.transports import ws
 from appliance.transports.http import oip, ollama, openai, openapi, ops, repository, security
@@ -26,15 +27,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map every exception to a response (the only place that does) and count the request."""
     started = time.perf_counter()
+    shed = False
     try:
         response = await handler(request)
     except Exception as exc:
         response = from_exception(request, exc)
+        shed = isinstance(exc, Overloaded)  # backpressure: a 503 that is no failure
     core = request.app[CORE]
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
     core.count_request("http", route_name, request.get(MODEL, ""), str(response.status),
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, shed=shed)
     return response
 
 

@@ -8,10 +8,8 @@ with their traceback and answered with a generic 500 that reveals nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +27,7 @@ from appliance.errors import (
     ShuttingDown,
     Unauthenticated,
 )
+from appliance.transports import strictjson
 from appliance.transports.http.keys import CONFIG
 from appliance.transports.http.negotiation import answers_msgpack
 
@@ -142,30 +141,8 @@ async def read_json(request: web.Request) -> Any:
     return parse_json(raw)
 
 
-# A ``\uD800``-``\uDFFF`` escape: json accepts lone surrogates, which no UTF-8 text can hold.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
 def parse_json(raw: bytes) -> Any:
+    """``raw`` parsed by the strict reader (``appliance.transports.strictjson``)."""
     if not raw:
         raise RequestError("the request body is empty; a JSON object is expected", param="body")
-    try:
-        value = json.loads(raw)
-        if not raw.isascii() or _SURROGATE_ESCAPE.search(raw):
-            # Strings reach tokenizers and numpy as UTF-8; a lone surrogate would fail there.
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeDecodeError:
-        raise RequestError("the request body is not UTF-8 text", param="body") from None
-    except UnicodeEncodeError:
-        raise RequestError(
-            "the request body holds a lone UTF-16 surrogate (\\uD800-\\uDFFF), which is not "
-            "valid Unicode text",
-            param="body",
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise RequestError(
-            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", param="body"
-        ) from None
-    except RecursionError:
-        raise RequestError("the JSON body is nested too deeply", param="body") from None
-    return value
+    return strictjson.loads(raw)

@@ -121,11 +121,13 @@ async def model_metadata(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/ready")
 @routes.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(request: web.Request) -> web.Response:
+    """200 when the model can serve now, else 400 (as Triton answers; the protocol asks
+    for a 4xx). Not 503: that would read as the whole server being unavailable."""
     info = _info(request)
     if info.state is ModelState.READY:
         return web.json_response({"name": info.name, "ready": True})
     exc = ModelUnavailable(info.name, info.state.value, info.error)
-    return error_response(request, 503, str(exc), headers={"Retry-After": "5"})
+    return error_response(request, 400, str(exc))
 
 
 def _msgpack_answer(

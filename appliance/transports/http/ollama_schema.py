@@ -8,12 +8,20 @@ meaning of negative ``num_predict``.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
-from appliance.core.sampling import sampling_params
+from appliance.core.sampling import SEED_SCHEMA, STOP_SCHEMA, sampling_params
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -21,12 +29,40 @@ from appliance.errors import RequestError
 OLLAMA_VERSION = "0.9.0"
 LATEST = "latest"
 
-# Go's time.ParseDuration syntax, which Ollama uses for string keep_alive values.
-_DURATION = re.compile(r"^[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+$")
+# Go's time.ParseDuration syntax, which Ollama uses for string keep_alive values ("0" too).
+# One pattern both validates and is published in /openapi.json, so the two cannot differ.
+DURATION = r"^(?:0|[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+)$"
+_DURATION = re.compile(DURATION.replace("$", r"\Z"))  # "5m\n" is no duration either
+
+
+def _duration(value: Any) -> Any:
+    """Ollama's own message for a bad duration (the pattern below also refuses it)."""
+    if isinstance(value, str) and not _DURATION.match(value):
+        raise ValueError(f"time: invalid duration {json.dumps(value, ensure_ascii=False)}")
+    return value
+
+
+# ``keep_alive``: seconds, or a Go duration.
+KeepAlive = Annotated[
+    float | Annotated[str, Field(pattern=DURATION)] | None,
+    BeforeValidator(_duration),
+    Field(description="How long the model stays loaded: seconds, or a Go duration such as "
+          '"5m" or "-1s" (negative: forever); 0 unloads the model once idle.'),
+]
+# A model reference, ``name[:tag]``: the name part cannot be empty.
+ModelRef = Annotated[str, Field(pattern=r"^[^:]",
+                                description="Model name, optionally with a tag: `name` or "
+                                "`name:latest`.")]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+# Fields Ollama has and the appliance refuses unless empty. The handlers refuse them with
+# a message naming the feature ("does not support images"); the schema says it too.
+_EMPTY_LIST: dict[str, Any] = {"maxItems": 0}
+_EMPTY_TEXT: dict[str, Any] = {"maxLength": 0}
 
 
 def model_ref(reference: str) -> tuple[str, str | None]:
@@ -44,18 +80,22 @@ class Options(_Request):
     manifest on the appliance and are accepted but ignored, as unknown options are.
     """
 
+    # The bounds the core checks (appliance.core.sampling), published in the schema; the
+    # core's messages name them when a client sends something else.
     num_predict: int | None = Field(
-        default=None, description="Tokens to generate at most; -1 or -2: until a stop."
+        default=None, description="Tokens to generate at most; -1 or -2: until a stop.",
+        json_schema_extra={"not": {"type": "integer", "maximum": 0, "not": {"enum": [-1, -2]}}},
     )
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
+    temperature: float | None = Field(default=None, json_schema_extra={"minimum": 0})
+    top_p: float | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 1})
+    top_k: int | None = Field(default=None, json_schema_extra={"minimum": 0})
+    min_p: float | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 1})
+    repeat_penalty: float | None = Field(default=None,
+                                         json_schema_extra={"exclusiveMinimum": 0})
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    stop: list[str] | str | None = None
-    seed: int | None = None
+    stop: list[str] | str | None = Field(default=None, json_schema_extra=STOP_SCHEMA)
+    seed: int | None = Field(default=None, json_schema_extra=SEED_SCHEMA)
     num_ctx: int | None = Field(default=None, description="Ignored: set n_ctx in the manifest.")
 
     @field_validator("num_predict")
@@ -87,29 +127,20 @@ class Options(_Request):
 class Message(_Request):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
-    images: list[str] | None = Field(default=None, description="Not supported: must be empty.")
+    images: list[str] | None = Field(default=None, description="Not supported: must be empty.",
+                                     json_schema_extra=_EMPTY_LIST)
 
 
 class _Generation(_Request):
-    model: str = Field(description="Model name, optionally with a tag: `name` or `name:latest`.")
+    model: ModelRef
     format: Literal["", "json"] | dict[str, Any] | None = Field(
         default=None, description='"json" for any JSON value, or a JSON Schema to follow.'
     )
     options: Options | None = None
     stream: bool | None = Field(default=None, description="false: one answer; default: NDJSON.")
-    keep_alive: float | str | None = Field(
-        default=None,
-        description="How long the model stays loaded: seconds, or a Go duration such as "
-        '"5m" or "-1s" (negative: forever); 0 unloads the model once idle.',
-    )
-    think: bool | str | None = Field(default=None, description="Not supported: false or absent.")
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive(cls, value: float | str | None) -> float | str | None:
-        if isinstance(value, str) and value != "0" and not _DURATION.match(value):
-            raise ValueError(f'time: invalid duration "{value}"')
-        return value
+    keep_alive: KeepAlive = None
+    think: bool | str | None = Field(default=None, description="Not supported: false or absent.",
+                                     json_schema_extra={"enum": [False, "", "false", None]})
 
     @property
     def unload(self) -> bool:
@@ -133,7 +164,7 @@ class ChatRequest(_Generation):
 
     messages: list[Message] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = Field(
-        default=None, description="Not supported: must be empty."
+        default=None, description="Not supported: must be empty.", json_schema_extra=_EMPTY_LIST
     )
 
     def to_core(self) -> GenerateRequest:
@@ -147,10 +178,14 @@ class GenerateRequestBody(_Generation):
     prompt: str = ""
     system: str = ""
     raw: bool = Field(default=False, description="Send the prompt as-is, without the template.")
-    suffix: str = Field(default="", description="Not supported: must be empty.")
-    template: str = Field(default="", description="Not supported: must be empty.")
-    context: list[int] | None = Field(default=None, description="Not supported: must be empty.")
-    images: list[str] | None = Field(default=None, description="Not supported: must be empty.")
+    suffix: str = Field(default="", description="Not supported: must be empty.",
+                        json_schema_extra=_EMPTY_TEXT)
+    template: str = Field(default="", description="Not supported: must be empty.",
+                          json_schema_extra=_EMPTY_TEXT)
+    context: list[int] | None = Field(default=None, description="Not supported: must be empty.",
+                                      json_schema_extra=_EMPTY_LIST)
+    images: list[str] | None = Field(default=None, description="Not supported: must be empty.",
+                                     json_schema_extra=_EMPTY_LIST)
 
     def to_core(self) -> GenerateRequest:
         if self.raw:
@@ -164,13 +199,13 @@ class GenerateRequestBody(_Generation):
 class EmbedRequest(_Request):
     """POST /api/embed"""
 
-    model: str
+    model: ModelRef
     input: str | list[str] = ""
     truncate: bool = Field(
         default=True, description="Accepted; inputs longer than the context are refused."
     )
     dimensions: int | None = Field(default=None, ge=1)
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
 
     def texts(self) -> list[str]:
         if isinstance(self.input, str):
@@ -181,13 +216,20 @@ class EmbedRequest(_Request):
 class EmbeddingsRequest(_Request):
     """POST /api/embeddings (the older, single-text form)"""
 
-    model: str
+    model: ModelRef
     prompt: str = ""
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
 
 
 class ShowRequest(_Request):
     """POST /api/show"""
+
+    # ``model``, or else ``name``, must name a model (model_ref); the schema says so.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["model"], "properties": {"model": {"pattern": "^[^:]"}}},
+        {"required": ["name"], "properties": {"model": {"maxLength": 0},
+                                              "name": {"pattern": "^[^:]"}}},
+    ]})
 
     model: str = ""
     name: str = Field(default="", description="Older clients' spelling of `model`.")

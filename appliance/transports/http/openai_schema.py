@@ -6,11 +6,11 @@ checked: types, ranges, NaN. The same models describe the routes in ``/openapi.j
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from appliance.core.sampling import sampling_params
+from appliance.core.sampling import STOP_SCHEMA, sampling_params
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -47,12 +47,28 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class TextFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_object"]
     # llama-cpp-python's server accepts the schema here for json_object; so do we.
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# One model per ``type``, so the schema says what each needs (json_schema: its object).
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat,
+                           Field(discriminator="type")]
+FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
 class StreamOptions(BaseModel):
@@ -69,11 +85,19 @@ class _Sampling(_Request):
     repeat_penalty: float | None = Field(default=None, gt=0, le=10, description="llama.cpp ext.")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings.")
+    # A lone "" means no stop sequence (see sampling); a list's entries must not be empty.
+    stop: str | list[str] | None = Field(
+        default=None, description=f"Up to {MAX_STOP} strings.",
+        json_schema_extra={**STOP_SCHEMA, "minLength": 0},
+    )
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
     logit_bias: dict[int, float] | None = Field(
-        default=None, description="Token id -> bias from -100 to 100 added to its logit."
+        default=None, description="Token id -> bias from -100 to 100 added to its logit.",
+        # What the core checks (appliance.core.sampling), published: ids of 0 or more.
+        json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"},
+                           "additionalProperties": {"type": "number", "minimum": -100,
+                                                    "maximum": 100}},
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -85,14 +109,9 @@ class _Sampling(_Request):
             self.stop or [])
         schema = None
         json_object = False
-        if fmt is not None and fmt.type == "json_schema":
-            if fmt.json_schema is None:
-                raise RequestError(
-                    "response_format of type json_schema needs a json_schema object",
-                    param="response_format",
-                )
+        if isinstance(fmt, JsonSchemaResponseFormat):
             schema = fmt.json_schema.schema_
-        elif fmt is not None and fmt.type == "json_object":
+        elif isinstance(fmt, JsonObjectFormat):
             schema = fmt.schema_
             json_object = schema is None
         return sampling_params(
@@ -126,19 +145,23 @@ class ChatCompletionRequest(_Sampling):
         return GenerateRequest(messages=messages, params=self.sampling(limit, self.response_format))
 
 
+def _one_prompt(value: Any) -> Any:
+    if isinstance(value, list) and len(value) != 1:
+        raise ValueError("exactly one prompt is supported per request")
+    return value
+
+
 class CompletionRequest(_Sampling):
     """POST /v1/completions"""
 
-    prompt: str | list[str] = Field(description="One prompt (a list of one is accepted).")
+    # The list's bounds publish the rule in the schema; the validator before them words it.
+    prompt: Annotated[
+        str | Annotated[list[str], Field(min_length=1, max_length=1)],
+        BeforeValidator(_one_prompt),
+        Field(description="One prompt (a list of one is accepted)."),
+    ]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt is supported per request")
-        return value
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -267,6 +290,10 @@ def parse(model: type[_Request], body: Any) -> Any:
         loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
         # Union members add their type names to the location; keep the field path only.
         loc = [p for p in loc if p not in {"str", "list[str]", "list[TextPart]", "int", "float"}]
+        if loc[:1] == ["response_format"] and loc[1:2] and loc[1] in FORMAT_TYPES:
+            del loc[1]  # the union's tag, not a field
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append(str(err.get("ctx", {}).get("discriminator", "type")).strip("'"))
         field = ".".join(loc) or "body"
         if err["type"] == "missing":
             raise RequestError(f"{field}: this field is required", param=field) from None

@@ -243,10 +243,11 @@ def model_ready(operation_id: str, versioned: bool) -> dict[str, Any]:
     which = "one version of a model" if versioned else "a model"
     return make_operation(
         OIP, operation_id, f"Is {which} ready?",
-        "200 when the model can serve inference now; 503 while it loads or when it failed.",
+        "200 when the model can serve inference now; 400 while it loads or when it failed "
+        "(as Triton answers: the protocol asks for a 4xx).",
         {
             200: json_body("Ready.", ref("ModelReadyResponse")),
-            503: json_body("Loading or failed; the message says which.", ref("Error")),
+            400: json_body("Loading or failed; the message says which.", ref("Error")),
         },
         errors=(404,),
     )

@@ -36,6 +36,7 @@ from appliance.config import LimitsConfig
 from appliance.errors import PayloadTooLarge, RequestTimeout
 from appliance.security.access import AccessPolicy
 from appliance.security.tls import common_name
+from appliance.transports.http.serverlog import ServerLog
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A route's scope, or None for a route that authenticates its callers itself (the hub's
@@ -139,9 +140,11 @@ def runner_options(limits: LimitsConfig) -> dict[str, Any]:
 
     aiohttp's keep-alive timer starts when a connection opens and after every response and
     closes a connection still waiting for its request then, so ``idle_timeout`` bounds
-    idle keep-alive connections and clients that trickle their headers alike.
+    idle keep-alive connections and clients that trickle their headers alike. aiohttp's
+    own server log keeps clients' framing errors to one rate-limited line (``serverlog``).
     """
     return {
+        "logger": ServerLog(logging.getLogger("aiohttp.server")),
         "keepalive_timeout": limits.idle_timeout,
         "max_line_size": limits.max_header_bytes,
         "max_field_size": limits.max_header_bytes,

@@ -68,6 +68,9 @@ class Connection:
         except BadMessage as bad:
             await self.send(error_message(bad.id, bad.error), binary=binary)
             return
+        except Exception as exc:  # a bug in decoding must cost one message, not the socket
+            await self.send(error_message(None, exc), binary=binary)
+            return
         if isinstance(message, Ping):
             await self.send(protocol.pong(message.id), binary=binary)
         elif isinstance(message, Cancel):

@@ -23,8 +23,6 @@ problem gets on HTTP), ``error`` (the message) and, when known, ``param``.
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
@@ -33,6 +31,7 @@ from appliance.core import oip_msgpack
 from appliance.core.sampling import sampling_params
 from appliance.core.types import ChatMessage, GenerateRequest
 from appliance.errors import RequestError
+from appliance.transports import strictjson
 
 # Strict: true is not the id 1, and 1 is not the id "1"; replies echo the id as sent.
 RequestId = Annotated[str, Field(min_length=1, max_length=128)] | StrictInt
@@ -178,21 +177,9 @@ def _document(data: str | bytes) -> Any:
         except RequestError as exc:
             raise BadMessage(None, exc) from None
     try:
-        document = json.loads(data)
-        if _SURROGATE.search(data):
-            json.dumps(document, ensure_ascii=False).encode("utf-8")
-    except json.JSONDecodeError as exc:
-        raise BadMessage(None, RequestError(
-            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")) from None
-    except UnicodeEncodeError:
-        raise BadMessage(None, RequestError(
-            "the message holds a lone UTF-16 surrogate, which is not valid text")) from None
-    except RecursionError:
-        raise BadMessage(None, RequestError("the message is nested too deeply")) from None
-    return document
-
-
-_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+        return strictjson.loads(data, what="the message", param=None)
+    except RequestError as exc:
+        raise BadMessage(None, exc) from None
 
 
 def _request_error(exc: ValidationError) -> RequestError:

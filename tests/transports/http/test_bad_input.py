@@ -207,7 +207,7 @@ CASES: dict[str, Case] = {
                                   "input must hold at least one text", "input"),
     "json-schema-format-without-schema": post(
         CHAT, chat(response_format={"type": "json_schema"}), 400,
-        "needs a json_schema object", "response_format"),
+        "response_format.json_schema: this field is required", "response_format.json_schema"),
     "infer-without-inputs": post(INFER, j({}), 400, "'inputs' must be a non-empty list"),
     "infer-with-no-inputs": post(INFER, j({"inputs": []}), 400,
                                  "'inputs' must be a non-empty list"),

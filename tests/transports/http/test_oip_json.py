@@ -176,9 +176,14 @@ async def test_ready_model_is_ready(http: aiohttp.ClientSession, url: str, path:
     assert await get(http, url + path) == (200, {"name": MODEL, "ready": True})
 
 
-async def test_failed_model_is_not_ready(http: aiohttp.ClientSession, url: str) -> None:
-    status, body = await get(http, url + "/v2/models/broken/ready")
-    assert status == 503
+@pytest.mark.parametrize("path", ["/v2/models/broken/ready",
+                                  "/v2/models/broken/versions/1/ready"])
+async def test_failed_model_is_not_ready(http: aiohttp.ClientSession, url: str,
+                                         path: str) -> None:
+    # The protocol: 200 when ready, 4xx otherwise; Triton answers 400 (503 would make a
+    # load balancer take the whole server out for one model).
+    status, body = await get(http, url + path)
+    assert status == 400
     assert "'broken'" in body["error"]
     assert "failed" in body["error"]
     assert "missing.onnx" in body["error"]

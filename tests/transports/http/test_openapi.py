@@ -669,3 +669,49 @@ async def test_docs_page_renders_in_a_real_browser(
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (1200, 2000)
     assert len(png) > 50_000  # a blank or error page compresses to a few KB
+
+
+# Bodies on which the document and the server once disagreed, and their valid neighbours:
+# the document must accept exactly what the server accepts.
+_AGREEMENT = [
+    ("/api/generate", {"model": LLM, "prompt": "Hi", "keep_alive": ""}, False),
+    ("/api/generate", {"model": LLM, "prompt": "Hi", "keep_alive": "five"}, False),
+    ("/api/generate", {"model": LLM, "prompt": "Hi", "keep_alive": "5m", "stream": False,
+                       "options": {"num_predict": 1}}, True),
+    ("/api/generate", {"model": LLM, "prompt": "Hi", "keep_alive": 0, "stream": False,
+                       "options": {"num_predict": 1}}, True),
+    ("/api/generate", {"model": "", "prompt": "Hi"}, False),
+    ("/api/embed", {"input": "hi"}, False),
+    ("/api/embed", {"model": "", "input": "hi"}, False),
+    ("/api/embed", {"model": LLM, "input": "hi", "keep_alive": ""}, False),
+    ("/api/embed", {"model": LLM, "input": "hi"}, True),
+    ("/api/embeddings", {"prompt": "hi"}, False),
+    ("/api/embeddings", {"model": "", "prompt": "hi"}, False),
+    ("/api/embeddings", {"model": LLM, "prompt": "hi"}, True),
+    ("/v1/completions", {"model": LLM, "prompt": []}, False),
+    ("/v1/completions", {"model": LLM, "prompt": ["a", "b"]}, False),
+    ("/v1/completions", {"model": LLM, "prompt": ["a"], "max_tokens": 1}, True),
+    ("/v1/chat/completions", {"model": LLM, "messages": [{"role": "user", "content": "Hi"}],
+                              "response_format": {"type": "json_schema"}}, False),
+    ("/v1/chat/completions", {"model": LLM, "messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 1, "response_format": {
+                                  "type": "json_schema",
+                                  "json_schema": {"name": "n", "schema": {"type": "object"}}}},
+     True),
+    ("/v1/chat/completions", {"model": LLM, "messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 1, "response_format": {"type": "json_object"}},
+     True),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "valid"), _AGREEMENT)
+async def test_the_document_accepts_what_the_server_accepts(
+        llm_server: Server, document: dict[str, Any], path: str, body: dict[str, Any],
+        valid: bool) -> None:
+    errors = _errors(document, _request_schema(document, "POST", path), body)
+    async with aiohttp.ClientSession() as http, http.post(
+            base_url(llm_server) + path, json=body) as response:
+        answer = await response.read()
+        accepted = response.status < 400
+    assert accepted == valid, (response.status, answer)
+    assert (not errors) == valid, errors

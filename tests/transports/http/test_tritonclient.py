@@ -7,8 +7,11 @@ binary tensor extension, the JSON tensor form and the routes are checked end to 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -101,6 +104,28 @@ def test_model_ready(client: triton.InferenceServerClient) -> None:
     assert client.is_model_ready(MODEL, model_version="1")
     assert not client.is_model_ready(MODEL, model_version="2")
     assert not client.is_model_ready("no-such-model")
+
+
+def test_a_failed_model_is_not_ready(tmp_path: Path) -> None:
+    """A model that failed to load answers 400 to .../ready, which the client reads as
+    not ready, while the server and the other models stay ready."""
+    repo = tmp_path / "models"
+    shutil.copytree(MODEL_FILE.parent, repo / MODEL)
+    (repo / "broken").mkdir()
+    (repo / "broken" / "manifest.toml").write_text(
+        'name = "broken"\nruntime = "onnx"\nfile = "missing.onnx"\n', encoding="utf-8")
+    with daemon("--models-dir", str(repo), ready=False) as proc:
+        c = triton.InferenceServerClient(url=proc.url.removeprefix("http://"))
+        try:
+            deadline = time.monotonic() + 60
+            while not c.is_model_ready(MODEL):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert not c.is_model_ready("broken")
+            assert not c.is_model_ready("broken", model_version="1")
+            assert c.is_server_live()
+        finally:
+            c.close()
 
 
 # -------------------------------------------------------------------------- metadata

@@ -295,6 +295,28 @@ async def test_bad_input_gets_an_error_message_and_the_connection_keeps_working(
     assert await ask(ws, {"type": "ping", "id": "still"}) == [{"type": "pong", "id": "still"}]
 
 
+async def test_a_huge_integer_is_an_error_and_other_requests_go_on(
+    ws: aiohttp.ClientWebSocketResponse,
+) -> None:
+    """An integer past Python's int-string limit (4,300 digits) fails json.loads with a
+    plain ValueError: it must be answered like any bad message, not end the connection and
+    the requests running on it."""
+    await ws.send_json({"type": "generate", "id": "long", "model": LLM,
+                        "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0})
+    first = json.loads((await ws.receive(timeout=30)).data)
+    assert first["id"] == "long" and first["type"] == "token"
+    huge = "1" + "0" * 5000
+    await ws.send_str(f'{{"type": "generate", "id": "huge", "model": "{LLM}", '
+                      f'"prompt": "Once", "max_tokens": {huge}}}')
+    replies = await collect(ws, {None, "long"})
+    (error,) = replies[None]
+    assert error["type"] == "error" and error["status"] == 400, error
+    assert "integer" in error["error"] and "digits" in error["error"], error
+    assert replies["long"][-1]["type"] == "done"
+    assert replies["long"][-1]["usage"]["completion_tokens"] == 120
+    assert await ask(ws, {"type": "ping", "id": "still"}) == [{"type": "pong", "id": "still"}]
+
+
 async def test_duplicate_ids_and_the_in_flight_limit(ws: aiohttp.ClientWebSocketResponse) -> None:
     long = {"type": "generate", "model": LLM, "prompt": "Once upon a time", "max_tokens": 2000}
     running = "abcdef"  # the fixture's limit is 6

@@ -1,0 +1,66 @@
+"""The one strict JSON reader for what clients send: HTTP bodies, WebSocket messages and
+the hub's uploads.
+
+``json.loads`` can fail in more ways than :class:`json.JSONDecodeError`: an integer longer
+than Python's int-string limit (:func:`sys.get_int_max_str_digits`, 4,300 digits) raises a
+plain :class:`ValueError`, nesting beyond the recursion limit a :class:`RecursionError`,
+bytes that are not UTF-8 a :class:`UnicodeDecodeError`; and it accepts lone UTF-16
+surrogates that no UTF-8 text can hold. Each becomes a :class:`RequestError` naming the
+problem here, so no transport can turn a client's bad input into a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+from appliance.errors import RequestError
+
+# A ``\uD800``-``\uDFFF`` escape: json accepts lone surrogates, which no UTF-8 text can hold.
+_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads(data: str | bytes, *, what: str = "the request body", param: str | None = "body"
+          ) -> Any:
+    """``data`` parsed as JSON, or a :class:`RequestError` naming what is wrong with it.
+
+    ``what`` names the document in messages ("the request body", "the message"); ``param``
+    is the error's ``param``.
+    """
+    try:
+        value = json.loads(data)
+        if isinstance(data, bytes):
+            suspect = not data.isascii() or _SURROGATE_BYTES.search(data) is not None
+        else:
+            suspect = _SURROGATE_TEXT.search(data) is not None
+        if suspect:
+            # Strings reach tokenizers and numpy as UTF-8; a lone surrogate would fail there.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{what} is not UTF-8 text", param=param) from None
+    except UnicodeEncodeError:
+        raise RequestError(
+            f"{what} holds a lone UTF-16 surrogate (\\uD800-\\uDFFF), which is not valid "
+            "Unicode text",
+            param=param,
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", param=param
+        ) from None
+    except RecursionError:
+        raise RequestError(f"{what} is nested too deeply", param=param) from None
+    except ValueError:
+        # The only other ValueError json.loads raises: int("1" * 5000) refuses to convert.
+        raise RequestError(
+            f"{what} holds an integer with more than {sys.get_int_max_str_digits()} digits; "
+            "no field accepts numbers that large",
+            param=param,
+        ) from None
+    return value
+
+
+__all__ = ["loads"]
