@@ -56,11 +56,65 @@ class InferResult:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of one tool: by the model in an answer, or an earlier one in the conversation."""
+
+    id: str
+    name: str
+    arguments: Mapping[str, Any]  # always a JSON object; transports serialise it their way
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    """One chat turn."""
+    """One chat turn. An ``assistant`` turn may carry the tool calls it made; a ``tool``
+    turn is the result of one, named by ``tool_call_id`` where the client gave one."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; ``parameters`` is the JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools of a chat request and how the model may use them (validated by the core).
+
+    ``choice``: ``auto`` (text or calls), ``required`` (at least one call) or ``function``
+    (a call of ``function``). ``tool_choice: none`` never gets here: the request then has no
+    tools at all.
+    """
+
+    tools: tuple[Tool, ...]
+    choice: str = "auto"
+    function: str | None = None
+    parallel: bool = True
+
+    @property
+    def callable(self) -> tuple[Tool, ...]:
+        """The tools the answer may call."""
+        if self.function is None:
+            return self.tools
+        return tuple(t for t in self.tools if t.name == self.function)
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call as it streams: the first piece of call ``index`` has its id
+    and name, later ones more of its ``arguments`` (JSON text)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,16 +143,19 @@ class GenerateRequest:
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    tools: ToolUse | None = None  # chat only
 
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """A piece of generated text. The last chunk has ``finish_reason`` and the usage counts."""
+    """A piece of generated text (or of tool calls). The last chunk has ``finish_reason``
+    and the usage counts."""
 
     text: str
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)

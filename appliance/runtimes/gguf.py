@@ -11,6 +11,8 @@ Closing the stream cancels the sequence, which leaves the batch within one decod
 Chat prompts are rendered with the model's own template (``tokenizer.chat_template`` in the
 GGUF metadata, rendered by llama-cpp-python's sandboxed Jinja formatter) or, for models
 without one, a named format; the rendered prompt is tokenised here so prompt usage is exact.
+A request with tools goes through the template when it knows tools, else the generic format,
+and its calls are constrained by a grammar built from the tools' schemas (``llama_tools``).
 Embeddings use a second, lazily created context in embedding mode through llama-cpp-python's
 high-level API: the weights are memory-mapped, so it shares them with the generating one.
 
@@ -34,6 +36,7 @@ from appliance.errors import ModelLoadError, RequestError
 from appliance.runtimes.base import Runtime, RuntimeOptions
 from appliance.runtimes.llama_batch import RELEASED, BatchEngine, Generation
 from appliance.runtimes.llama_sampling import build_sampler, free_sampler, grammar_text
+from appliance.runtimes.llama_tools import chat_messages, knows_tools, tool_grammar
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ class GgufRuntime(Runtime):
     _embedder: Any = None
     _formatter: Any = None
     _stop_ids: frozenset[int] = frozenset()
+    _native_tools = False  # the chat template renders tools and <tool_call> answers
 
     def __init__(self, name: str, path: Path, options: RuntimeOptions, workers: int) -> None:
         super().__init__(name, path, options, workers)
@@ -135,10 +139,12 @@ class GgufRuntime(Runtime):
         except RuntimeError as exc:
             raise ModelLoadError(str(exc)) from exc
         self._formatter = self._chat_formatter()
+        self._native_tools = bool(self._template()) and knows_tools(self._formatter)
         log.info(
-            "model %s: %d slot(s) of %d tokens, chat format %s", self.name, self.slots,
-            self._engine.ctx_per_slot,
+            "model %s: %d slot(s) of %d tokens, chat format %s, tools %s", self.name,
+            self.slots, self._engine.ctx_per_slot,
             "template from file" if self._template() else self._format_name(),
+            "through its template" if self._native_tools else "in the generic format",
         )
 
     def _template(self) -> str | None:
@@ -242,10 +248,15 @@ class GgufRuntime(Runtime):
         params = request.params
         stops = list(params.stop)
         stop_ids: frozenset[int] = frozenset()
+        use = request.tools
+        if use is not None and (params.json_schema is not None or params.json_object):
+            raise RequestError("a JSON response format cannot be combined with tools",
+                               param="response_format")
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages, tools = chat_messages(request.messages, use, native=self._native_tools)
+            extra = {"tools": tools} if tools is not None else {}
             try:
-                rendered = self._formatter(messages=messages)
+                rendered = self._formatter(messages=messages, **extra)
             except Exception as exc:  # a template may raise anything, e.g. on role order
                 raise RequestError(f"the model's chat template rejected the messages: {exc}",
                                    param="messages") from None
@@ -280,6 +291,7 @@ class GgufRuntime(Runtime):
             model.vocab, n_vocab, params,
             seed=params.seed if params.seed is not None else self._opts.seed,
             prompt=tokens, grammar=grammar_text(params),
+            tools=tool_grammar(use) if use is not None else None,
         )
         room = context - len(tokens)
         return Generation(

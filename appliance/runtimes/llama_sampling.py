@@ -2,9 +2,9 @@
 
 Each generation gets its own llama.cpp sampler chain, built once before it joins the batch:
 logit bias, repetition penalties (primed with the prompt), an optional grammar (JSON schema
-or any JSON object), then greedy at temperature 0 or top-k → top-p → min-p → temperature →
-a seeded draw. The order matches llama-cpp-python's high-level API, so results do not change
-for clients moving from it.
+or any JSON object; or the calls of a request with tools, see ``llama_tools``), then greedy
+at temperature 0 or top-k → top-p → min-p → temperature → a seeded draw. The order matches
+llama-cpp-python's high-level API, so results do not change for clients moving from it.
 
 :class:`TextAssembler` turns sampled token pieces into streamable text: it decodes UTF-8
 incrementally (a character split over two tokens is sent whole) and holds back text that may
@@ -21,6 +21,7 @@ from typing import Any
 
 from appliance.core.types import SamplingParams
 from appliance.errors import RequestError
+from appliance.runtimes.llama_tools import ToolGrammar, init_sampler
 
 # Tokens the repetition penalties look back over (llama-cpp-python's default).
 PENALTY_LAST_N = 64
@@ -52,6 +53,7 @@ def build_sampler(
     seed: int | None,
     prompt: Sequence[int],
     grammar: tuple[str, str] | None,
+    tools: ToolGrammar | None = None,
 ) -> Any:
     """A new sampler chain (a ``llama_sampler *``) for one sequence; the caller frees it."""
     import llama_cpp
@@ -59,7 +61,7 @@ def build_sampler(
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
         _fill(llama_cpp, chain, vocab, n_vocab, params, seed=seed, prompt=prompt,
-              grammar=grammar)
+              grammar=grammar, tools=tools)
     except BaseException:
         llama_cpp.llama_sampler_free(chain)
         raise
@@ -76,6 +78,7 @@ def _fill(
     seed: int | None,
     prompt: Sequence[int],
     grammar: tuple[str, str] | None,
+    tools: ToolGrammar | None,
 ) -> None:
     add = llama_cpp.llama_sampler_chain_add
     if params.logit_bias:
@@ -100,6 +103,8 @@ def _fill(
             raise RequestError("llama.cpp cannot parse the grammar for this JSON schema",
                                param="response_format")
         add(chain, sampler)
+    if tools is not None:
+        add(chain, init_sampler(llama_cpp, vocab, tools))
     if params.temperature == 0.0:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return
