@@ -1,7 +1,8 @@
 """The project's own GGUF model (models/home-intent): it loads in llama-cpp-python, the
-default daemon serves it, and with the intent JSON schema as ``response_format`` every
-answer is schema-valid JSON (the schema grammar guarantees the form; training makes the
-content right)."""
+default daemon serves it; offered Home Assistant's intent tools it calls the right one with
+arguments that validate (on commands written by hand, not by its training generator), and
+without tools, with the intent JSON schema as ``response_format``, every answer is
+schema-valid JSON (the grammars guarantee the form; training makes the content right)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,35 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MODEL_DIR = DEFAULT_MODELS / "home-intent"
+HA_TOOLS = json.loads((DEFAULT_MODELS.parent / "tests" / "transports" / "http" /
+                       "ha_ollama_chat.json").read_text())["tools"]
+# Commands phrased by hand (not by build_intent_llm.py's templates) and the tool each means.
+HAND_WRITTEN = [
+    ("turn off the porch light", "HassTurnOff"),
+    ("Turn on the lights in the living room", "HassTurnOn"),
+    ("switch off the bedroom fan", "HassTurnOff"),
+    ("please turn the kitchen light on", "HassTurnOn"),
+    ("lights off in the office", "HassTurnOff"),
+    ("turn on the coffee maker", "HassTurnOn"),
+    ("dim the dining room lights to 25 percent", "HassLightSet"),
+    ("set the bedroom lamp to 70%", "HassLightSet"),
+    ("make the kitchen lights green", "HassLightSet"),
+    ("set the thermostat to 22 degrees", "HassClimateSetTemperature"),
+    ("heat the bathroom to 24 degrees", "HassClimateSetTemperature"),
+    ("set the living room temperature to 20.5", "HassClimateSetTemperature"),
+    ("set the volume to 40", "HassSetVolume"),
+    ("pause the music", "HassMediaPause"),
+    ("skip this song", "HassMediaNext"),
+    ("open the garage door", "HassTurnOn"),
+    ("close the blinds in the bedroom", "HassTurnOff"),
+    ("lock the front door", "HassTurnOn"),
+    ("unlock the back door", "HassTurnOff"),
+    ("turn off all the lights in the kitchen", "HassTurnOff"),
+    ("could you switch on the hallway lamp please", "HassTurnOn"),
+    ("Turn off the TV", "HassTurnOff"),
+    ("set the office fan to 50%", "HassFanSetSpeed"),
+    ("resume the music in the den", "HassMediaUnpause"),
+]
 SCHEMA = json.loads((MODEL_DIR / "intent.schema.json").read_text())
 COMMANDS = [
     ("turn on the kitchen lights", {"intent": "turn_on", "device": "light", "room": "kitchen"}),
@@ -58,9 +88,13 @@ def test_loads_in_llama_cpp_with_its_own_tokenizer_and_template() -> None:
     try:
         assert llm.metadata["general.architecture"] == "llama"
         assert "<|assistant|>" in llm.metadata["tokenizer.chat_template"]
+        assert "<tool_call>" in llm.metadata["tokenizer.chat_template"]
         text = "turn on the kitchen lights"
         tokens = llm.tokenize(text.encode(), add_bos=False)
         assert llm.detokenize(tokens).decode() == text
+        # The call delimiters are single tokens that print as text.
+        call = llm.tokenize(b"<tool_call>{}</tool_call>", add_bos=False)
+        assert len(call) == 4 and llm.detokenize(call) == b"<tool_call>{}</tool_call>"
     finally:
         llm.close()
 
@@ -131,3 +165,26 @@ async def test_default_daemon_decodes_concurrent_intents_together(
     steps = sample("appliance_batch_size_count")
     single = sample('appliance_batch_size_bucket{le="1",')
     assert steps > single, "no decode step ran more than one sequence"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="llama.cpp build")
+async def test_default_daemon_answers_home_assistant_tools(http: aiohttp.ClientSession) -> None:
+    """Hand-written commands with Home Assistant's tools: every call validates against its
+    schema; the right tool for at least 20 of 24 (models/README.md has the figure)."""
+    pytest.importorskip("llama_cpp")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in HA_TOOLS}
+    right = 0
+    async with serving(make_config()) as server:
+        url = base_url(server)
+        for command, tool in HAND_WRITTEN:
+            body = {"model": "home-intent", "temperature": 0, "tools": HA_TOOLS,
+                    "messages": [{"role": "user", "content": command}]}
+            async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                message = (await resp.json())["choices"][0]["message"]
+            calls = message.get("tool_calls") or []
+            for call in calls:
+                jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                    schemas[call["function"]["name"]])
+            right += bool(calls) and calls[0]["function"]["name"] == tool
+    assert right >= 20, right

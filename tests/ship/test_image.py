@@ -192,7 +192,7 @@ def test_boots_serving_with_the_boot_partition_config(vm: dict[str, Any]) -> Non
     # ARMv8.0 variant on the emulated Cortex-A72) runs the default language model on
     # QEMU's CPU, not only on the build host's.
     assert health["models"]["home-intent"] == {"state": "ready", "runtime": "gguf",
-                                               "version": "1"}, health["models"]
+                                               "version": "2"}, health["models"]
     console = read_console(vm["console"], until="systemd[1]: Started appliance.service")
     # Type=notify: systemd logs "Started" only after the daemon sent READY=1, here with the
     # hardened unit running (LoadCredential, sandboxing, the service user).

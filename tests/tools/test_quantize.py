@@ -112,7 +112,7 @@ def test_gguf_requantization_of_an_f32_model(stories_gguf: Path, tmp_path: Path)
 
 def test_gguf_requantization_measures_without_cpu_repacking(tmp_path: Path) -> None:
     """The project's own Q8_0 model to Q4_0, measured as a ``cpu_repack = false`` model runs
-    (its 64-wide rows crash llama.cpp's repacked layouts on AMX processors)."""
+    (tiny models' rows crash llama.cpp's repacked layouts on AMX processors)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     source = ROOT / "models" / "home-intent" / "home-intent-q8_0.gguf"
     out = subprocess.run(
