@@ -26,6 +26,7 @@ from appliance.core.handle import ModelHandle
 from appliance.core.metrics import Metrics
 from appliance.core.models import ModelManager
 from appliance.core.sampling import check_sampling
+from appliance.core.toolcalls import with_tool_calls
 from appliance.core.types import (
     Array,
     Capability,
@@ -306,7 +307,10 @@ class TokenStream:
         async with self._ticket:
             started = first_at = time.perf_counter()
             first = True
-            chunks = self._runtime.generate(self.request)
+            raw = chunks = self._runtime.generate(self.request)
+            if self.request.tools is not None:
+                # Calls are parsed here, once, so no transport parses model output.
+                chunks = with_tool_calls(raw, self.request.tools)
             try:
                 async for chunk in chunks:
                     if first:
@@ -318,7 +322,7 @@ class TokenStream:
                         if self._observer is not None:
                             self._observer(True, _per_token(started, first_at,
                                                             chunk.completion_tokens))
-                    elif chunk.text:
+                    elif chunk.text or chunk.tool_calls:
                         # Counted as they stream so an abandoned generation shows too.
                         metrics.tokens_generated.labels(name).inc()
                     yield chunk
@@ -332,9 +336,10 @@ class TokenStream:
             finally:
                 # Stop the runtime's generation before the model's slot is given back, so
                 # the next request never overlaps with a dying one.
-                close: Callable[[], Any] | None = getattr(chunks, "aclose", None)
-                if close is not None:
-                    await close()
+                for stream in (chunks, raw) if chunks is not raw else (raw,):
+                    close: Callable[[], Any] | None = getattr(stream, "aclose", None)
+                    if close is not None:
+                        await close()
                 metrics.inference_seconds(name).observe(time.perf_counter() - started)
                 self.finished.set()
 

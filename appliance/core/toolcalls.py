@@ -159,8 +159,39 @@ async def with_tool_calls(chunks: AsyncIterator[TokenChunk], use: ToolUse
                 yield TokenChunk(text=text, tool_calls=tuple(deltas))
             continue
         text += parser.finish()
+        if text or deltas:  # the last pieces, then (as runtimes do) an empty final chunk
+            yield TokenChunk(text=text, tool_calls=tuple(deltas))
         reason = chunk.finish_reason
         if parser.calls and reason == "stop":
             reason = "tool_calls"
-        yield replace(chunk, text=text, tool_calls=tuple(deltas), finish_reason=reason)
+        yield replace(chunk, text="", finish_reason=reason)
         return
+
+
+class CallCollector:
+    """Joins a stream's call pieces into whole calls, for transports that answer whole
+    calls (a non-streamed answer; Ollama, which streams each call in one piece)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, list[str]] = {}  # index -> [id, name, arguments text]
+
+    def add(self, chunk: TokenChunk) -> None:
+        for delta in chunk.tool_calls:
+            call = self._calls.setdefault(delta.index, ["", "", ""])
+            call[0] = delta.id or call[0]
+            call[1] = delta.name or call[1]
+            call[2] += delta.arguments
+
+    def calls(self) -> list[ToolCall]:
+        """The calls made, once the stream has ended with ``finish_reason: "tool_calls"``
+        (a call cut short by the token limit is not one)."""
+        out = []
+        for index in sorted(self._calls):
+            call_id, name, arguments = self._calls[index]
+            try:
+                parsed = json.loads(arguments)
+            except ValueError:
+                continue
+            if isinstance(parsed, dict):
+                out.append(ToolCall(id=call_id, name=name, arguments=parsed))
+        return out

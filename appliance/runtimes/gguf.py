@@ -250,7 +250,7 @@ class GgufRuntime(Runtime):
         stop_ids: frozenset[int] = frozenset()
         use = request.tools
         if use is not None and (params.json_schema is not None or params.json_object):
-            raise RequestError("a JSON response format cannot be combined with tools",
+            raise RequestError("response_format (Ollama: format) cannot be combined with tools",
                                param="response_format")
         if request.messages is not None:
             messages, tools = chat_messages(request.messages, use, native=self._native_tools)

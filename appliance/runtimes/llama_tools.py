@@ -39,6 +39,9 @@ from appliance.errors import RequestError
 # llama.cpp matches a lazy grammar's trigger patterns against everything generated so far
 # (std::regex_match: the whole text); the first group is where the grammar takes over.
 TRIGGER = r"[\s\S]*?(" + re.escape(CALL_OPEN) + r")[\s\S]*"
+# The converter's string character class, and llama.cpp's (no control characters).
+_ANY_CHAR = r'[^"\\]'
+_JSON_CHAR = r'[^"\\\x7F\x00-\x1F]'
 _PROBE = Tool(name="probe_tool_7f3a", description="", parameters={"type": "object"})
 
 
@@ -85,9 +88,13 @@ def tool_grammar(use: ToolUse) -> ToolGrammar:
     except Exception as exc:  # the converter raises several unrelated types
         raise RequestError(f"cannot build a grammar from the tools' parameters: {exc}",
                            param="tools") from None
-    # The converter's root becomes one call; our root is the calls in their tags.
+    # The converter's root becomes one call; our root is the calls in their tags. Its string
+    # characters admit raw control characters, which JSON does not (llama.cpp's own
+    # converter excludes them): a tiny model's newline would make the arguments unparsable.
     lines = [("tool-call ::= " + line[len("root ::= "):]) if line.startswith("root ::= ")
-             else line for line in calls.splitlines()]
+             else line.replace(_ANY_CHAR, _JSON_CHAR, 1)
+             if line.startswith("char ::= ") else line
+             for line in calls.splitlines()]
     one = f'{_literal(CALL_OPEN)} "\\n"? tool-call "\\n"? {_literal(CALL_CLOSE)}'
     more = f' ( "\\n"? {one} ){{0,{MAX_PARALLEL - 1}}}' if use.parallel else ""
     root = f"root ::= {one}{more}"

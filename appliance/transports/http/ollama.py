@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,7 +26,8 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from appliance.core.service import Core, TokenStream
-from appliance.core.types import Capability, ModelInfo, ModelState, TokenChunk
+from appliance.core.toolcalls import CallCollector
+from appliance.core.types import Capability, ModelInfo, ModelState, TokenChunk, ToolCall
 from appliance.errors import ApplianceError, RequestError
 from appliance.transports.http.errors import read_json
 from appliance.transports.http.keys import CORE, MODEL
@@ -34,6 +35,8 @@ from appliance.transports.http.ollama_schema import (
     LATEST,
     OLLAMA_VERSION,
     AssistantMessage,
+    CallFunction,
+    CallOut,
     ChatAnswer,
     ChatRequest,
     Embed,
@@ -123,8 +126,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body: ChatRequest = parse(ChatRequest, await read_json(request))
     name, version = _target(request, body.model)
     _keep_alive(request, name, version, body.keep_alive)
-    if body.tools:
-        raise RequestError(f"{json.dumps(body.model)} does not support tools", param="tools")
     if body.thinking():
         raise RequestError(f"{json.dumps(body.model)} does not support thinking", param="think")
     if any(m.images for m in body.messages):
@@ -137,10 +138,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
                                 message=AssistantMessage(content="")))
     stream = await core.generate(name, body.to_core(), version=version)
 
-    def answer(chunk: TokenChunk, timing: _Timing | None) -> BaseModel:
+    def answer(chunk: TokenChunk, timing: _Timing | None,
+               calls: Sequence[ToolCall] = ()) -> BaseModel:
+        message = AssistantMessage(content=chunk.text, tool_calls=[
+            CallOut(id=c.id, function=CallFunction(name=c.name, arguments=dict(c.arguments)))
+            for c in calls] or None)
         return ChatAnswer(model=body.model, created_at=_now(), done=timing is not None,
-                          message=AssistantMessage(content=chunk.text),
-                          **_final(chunk, timing))
+                          message=message, **_final(chunk, timing))
 
     return await _respond(request, stream, answer, body.streaming, started)
 
@@ -218,7 +222,8 @@ def _final(chunk: TokenChunk, timing: _Timing | None) -> dict[str, Any]:
     if timing is None:
         return {}
     return {
-        "done_reason": chunk.finish_reason,
+        # Ollama ends an answer with calls as any other: "stop".
+        "done_reason": "stop" if chunk.finish_reason == "tool_calls" else chunk.finish_reason,
         "total_duration": timing.end - timing.started,
         "load_duration": 0,
         "prompt_eval_count": chunk.prompt_tokens,
@@ -228,7 +233,7 @@ def _final(chunk: TokenChunk, timing: _Timing | None) -> dict[str, Any]:
     }
 
 
-Answer = Callable[[TokenChunk, "_Timing | None"], BaseModel]
+Answer = Callable[..., BaseModel]  # (chunk, timing or None[, whole tool calls])
 
 
 async def _respond(
@@ -239,19 +244,30 @@ async def _respond(
         # The first piece decides the status: an error raised by the model is still a 4xx.
         first = await anext(chunks)
         first_at = time.perf_counter_ns()
+        calls = CallCollector()
         if not streaming:
             parts = [first] + [piece async for piece in chunks]
             last = parts[-1]
             text = "".join(p.text for p in parts)
+            for part in parts:
+                calls.add(part)
             whole = TokenChunk(text=text, finish_reason=last.finish_reason,
                                prompt_tokens=last.prompt_tokens,
                                completion_tokens=last.completion_tokens)
+            made = calls.calls() if last.finish_reason == "tool_calls" else []
+            if made:
+                return _json(answer(whole, _Timing(started, first_at), made))
             return _json(answer(whole, _Timing(started, first_at)))
         response = web.StreamResponse(headers={"Content-Type": NDJSON})
         await response.prepare(request)
         try:
             async for chunk in _prepend(first, chunks):
+                calls.add(chunk)
                 if chunk.finish_reason is not None:
+                    # Ollama streams each call whole, in a line before the last one.
+                    made = calls.calls() if chunk.finish_reason == "tool_calls" else []
+                    if made:
+                        await _line(response, answer(TokenChunk(text=""), None, made))
                     await _line(response, answer(chunk, _Timing(started, first_at)))
                 elif chunk.text:
                     await _line(response, answer(chunk, None))

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from appliance.core.sampling import SEED_SCHEMA, STOP_SCHEMA, sampling_params
+from appliance.core.tools import check_conversation, tool_calls_of, tool_use
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -129,6 +130,10 @@ class Message(_Request):
     content: str = ""
     images: list[str] | None = Field(default=None, description="Not supported: must be empty.",
                                      json_schema_extra=_EMPTY_LIST)
+    # Checked by the core (appliance.core.tools), as every transport's are.
+    tool_calls: Any = Field(default=None, description="The calls an assistant turn made.")
+    tool_call_id: str | None = Field(default=None, description="The call a tool turn answers.")
+    tool_name: str | None = Field(default=None, description="The tool a tool turn answers.")
 
 
 class _Generation(_Request):
@@ -163,13 +168,17 @@ class ChatRequest(_Generation):
     """POST /api/chat"""
 
     messages: list[Message] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = Field(
-        default=None, description="Not supported: must be empty.", json_schema_extra=_EMPTY_LIST
-    )
+    tools: Any = Field(default=None, description="Functions the model may call.")
 
     def to_core(self) -> GenerateRequest:
-        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in self.messages)
-        return GenerateRequest(messages=messages, params=self.sampling())
+        messages = tuple(
+            ChatMessage(role=m.role, content=m.content,
+                        tool_calls=tool_calls_of(m.tool_calls, f"messages[{i}].tool_calls"),
+                        tool_call_id=m.tool_call_id)
+            for i, m in enumerate(self.messages))
+        check_conversation(messages)
+        return GenerateRequest(messages=messages, params=self.sampling(),
+                               tools=tool_use(self.tools))
 
 
 class GenerateRequestBody(_Generation):
@@ -281,9 +290,20 @@ class Show(BaseModel):
     modified_at: str
 
 
+class CallFunction(BaseModel):
+    name: str
+    arguments: dict[str, Any] = Field(description="The arguments as a JSON object.")
+
+
+class CallOut(BaseModel):
+    id: str
+    function: CallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[CallOut] | None = None
 
 
 class _Answer(BaseModel):

@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from appliance.core.repository import model_ref
 from appliance.core.service import TokenStream
-from appliance.core.types import ModelState, TokenChunk
+from appliance.core.toolcalls import CallCollector
+from appliance.core.types import ModelState, TokenChunk, ToolCallDelta
 from appliance.errors import ApplianceError
 from appliance.transports.http.errors import read_json
 from appliance.transports.http.keys import CONFIG, CORE, MODEL
@@ -39,8 +40,12 @@ from appliance.transports.http.openai_schema import (
     Embedding,
     EmbeddingList,
     EmbeddingRequest,
+    FunctionCall,
+    FunctionDelta,
     ModelCard,
     ModelList,
+    ToolCallDeltaOut,
+    ToolCallOut,
     Usage,
     parse,
 )
@@ -79,14 +84,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if not body.stream:
-        text, last = await _collect(stream)
+        parts: list[TokenChunk] = []
+        text, last = await _collect(stream, parts)
+        # Only whole calls are answered; one cut short by max_tokens ends as "length".
+        calls = _calls(parts) if last.finish_reason == "tool_calls" else []
+        message = AssistantMessage(content=text or None, tool_calls=calls or None) if calls \
+            else AssistantMessage(content=text)
         return _json(
             ChatCompletion(
                 id=ident,
                 created=created,
                 model=body.model,
-                choices=[ChatChoice(message=AssistantMessage(content=text),
-                                    finish_reason=last.finish_reason)],
+                choices=[ChatChoice(message=message, finish_reason=last.finish_reason)],
                 usage=_usage(last),
             )
         )
@@ -96,9 +105,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     def event(chunk: TokenChunk | None, *, role: bool = False) -> BaseModel:
         if chunk is None:  # the usage-only event at the end
             return ChatCompletionChunk(id=ident, created=created, model=body.model, choices=[])
-        delta = Delta(role="assistant", content="") if role else Delta(content=chunk.text)
+        delta = Delta(role="assistant", content="") if role else Delta(
+            content=chunk.text if chunk.text or not chunk.tool_calls else None,
+            tool_calls=[_delta(d) for d in chunk.tool_calls] or None)
         if chunk.finish_reason is not None:
-            delta = Delta()
+            delta = Delta()  # the final chunk carries no text (runtimes and the core agree)
         return ChatCompletionChunk(
             id=ident, created=created, model=body.model,
             choices=[ChunkChoice(delta=delta, finish_reason=chunk.finish_reason)],
@@ -168,12 +179,31 @@ async def embeddings(request: web.Request) -> web.Response:
 EventFactory = Callable[..., BaseModel]
 
 
-async def _collect(stream: TokenStream) -> tuple[str, TokenChunk]:
+def _delta(delta: ToolCallDelta) -> ToolCallDeltaOut:
+    return ToolCallDeltaOut(index=delta.index, id=delta.id,
+                            type="function" if delta.id is not None else None,
+                            function=FunctionDelta(name=delta.name, arguments=delta.arguments))
+
+
+def _calls(chunks: list[TokenChunk]) -> list[ToolCallOut]:
+    """The whole calls of a collected answer (``arguments`` as one JSON text)."""
+    collector = CallCollector()
+    for chunk in chunks:
+        collector.add(chunk)
+    return [ToolCallOut(id=c.id, function=FunctionCall(
+        name=c.name, arguments=json.dumps(dict(c.arguments), ensure_ascii=False)))
+        for c in collector.calls()]
+
+
+async def _collect(stream: TokenStream, chunks: list[TokenChunk] | None = None
+                   ) -> tuple[str, TokenChunk]:
     parts: list[str] = []
     last: TokenChunk | None = None
     async with stream:
         async for chunk in stream:
             parts.append(chunk.text)
+            if chunks is not None:
+                chunks.append(chunk)
             last = chunk
     assert last is not None
     assert last.finish_reason is not None

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from appliance.core.sampling import STOP_SCHEMA, sampling_params
+from appliance.core.tools import check_conversation, tool_calls_of, tool_use
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -31,6 +32,9 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    # Checked by the core (appliance.core.tools), as every transport's are.
+    tool_calls: Any = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -138,11 +142,24 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
+    tools: Any = Field(default=None, description="Functions the model may call.")
+    tool_choice: Any = Field(
+        default=None, description='"auto" (default), "none", "required" or '
+        '{"type": "function", "function": {"name": ...}}.')
+    parallel_tool_calls: Any = Field(default=None, description="Several calls in one answer "
+                                     "(default true).")
 
     def to_core(self) -> GenerateRequest:
-        messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in self.messages)
+        messages = tuple(
+            ChatMessage(role=m.role, content=m.text(),
+                        tool_calls=tool_calls_of(m.tool_calls, f"messages[{i}].tool_calls"),
+                        tool_call_id=m.tool_call_id)
+            for i, m in enumerate(self.messages))
+        check_conversation(messages, ids_required=True)
         limit = self.max_completion_tokens or self.max_tokens
-        return GenerateRequest(messages=messages, params=self.sampling(limit, self.response_format))
+        return GenerateRequest(
+            messages=messages, params=self.sampling(limit, self.response_format),
+            tools=tool_use(self.tools, self.tool_choice, self.parallel_tool_calls))
 
 
 def _one_prompt(value: Any) -> Any:
@@ -204,9 +221,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON text.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -225,9 +254,24 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDeltaOut(BaseModel):
+    """A streamed piece of a call: the first has ``id`` and ``function.name``."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = None
 
 
 class ChunkChoice(BaseModel):

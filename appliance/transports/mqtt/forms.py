@@ -9,6 +9,8 @@
 - Text generation: ``{"prompt": "..."}`` (raw completion) or ``{"messages": [{"role",
   "content"}]}`` (the chat template) with optional sampling fields and ``"stream": true``;
   a payload that is not JSON is one user message, through the chat template.
+  A chat may offer ``tools`` (``tool_choice``, ``parallel_tool_calls``) as on OpenAI's API;
+  the calls made come whole in the final reply's ``tool_calls``.
 - Embeddings: ``{"input": "text" | ["text", ...]}``.
 
 ``id`` and ``reply_to`` belong to the envelope and are allowed beside any of them.
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from appliance.core import oip_msgpack
 from appliance.core.oip import decode_request, encode_outputs
+from appliance.core.tools import check_conversation, tool_calls_of, tool_use
 from appliance.core.types import (
     DATATYPES,
     Array,
@@ -216,8 +219,10 @@ def plain(value: Array, squeeze: bool) -> Any:
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: Any = None  # checked by the core (appliance.core.tools)
+    tool_call_id: str | None = None
 
 
 class _Generate(BaseModel):
@@ -238,6 +243,9 @@ class _Generate(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stop: str | list[str] | None = None
     seed: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -264,10 +272,19 @@ def _generate(body: dict[str, Any]) -> GenerateCall:
     stop = parsed.stop
     values["stop"] = tuple([stop] if isinstance(stop, str) else (stop or []))
     messages = None
+    tools = None
     if parsed.messages is not None:
-        messages = tuple(ChatMessage(m.role, m.content) for m in parsed.messages)
+        messages = tuple(
+            ChatMessage(m.role, m.content,
+                        tool_calls=tool_calls_of(m.tool_calls, f"messages[{i}].tool_calls"),
+                        tool_call_id=m.tool_call_id)
+            for i, m in enumerate(parsed.messages))
+        check_conversation(messages)
+        tools = tool_use(parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls)
+    elif parsed.tools is not None:
+        raise RequestError("tools need messages (a chat)", param="tools")
     request = GenerateRequest(
-        prompt=parsed.prompt, messages=messages, params=SamplingParams(**values)
+        prompt=parsed.prompt, messages=messages, params=SamplingParams(**values), tools=tools
     )
     return GenerateCall(request, stream=parsed.stream)
 

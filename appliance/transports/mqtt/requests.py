@@ -24,6 +24,7 @@ from typing import Any
 
 from appliance.config import Config
 from appliance.core.service import Core, TokenStream
+from appliance.core.toolcalls import CallCollector
 from appliance.core.types import TokenChunk
 from appliance.errors import Overloaded, PayloadTooLarge, RequestError, ShuttingDown
 from appliance.transports.mqtt import envelope, forms
@@ -191,9 +192,11 @@ class Requests:
         waiting: Outgoing | None = None  # the latest chunk, if it may still be merged into
         waiting_text = ""
         gaps = StreamGaps(self._outbox)
+        calls = CallCollector()
         async with stream:
             try:
                 async for chunk in stream:
+                    calls.add(chunk)
                     if chunk.finish_reason is not None:
                         last = chunk
                         continue
@@ -230,7 +233,7 @@ class Requests:
                     raise _Answered(failed) from exc  # the stream is closed: stop
                 return failed, str(body["code"])
         assert last is not None
-        data = {
+        data: dict[str, Any] = {
             "text": "".join(parts),
             "finish_reason": last.finish_reason,
             "usage": {
@@ -239,6 +242,9 @@ class Requests:
                 "total_tokens": last.prompt_tokens + last.completion_tokens,
             },
         }
+        if last.finish_reason == "tool_calls":
+            data["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": dict(c.arguments)}
+                                  for c in calls.calls()]
         if not chunked:
             return self._ok(request, reply, request_id, data, "reply"), "ok"
         final = gaps.final(lambda extra: self._ok(

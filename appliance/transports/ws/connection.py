@@ -21,6 +21,7 @@ from aiohttp import WSMsgType, web
 from appliance.config import WebSocketConfig
 from appliance.core import oip, oip_msgpack
 from appliance.core.service import Core
+from appliance.core.toolcalls import CallCollector
 from appliance.transports.ws import protocol
 from appliance.transports.ws.errors import error_message, reply
 from appliance.transports.ws.protocol import BadMessage, Cancel, Embed, Generate, Infer, Ping
@@ -128,14 +129,20 @@ class Connection:
 
     async def _generate(self, message: Generate, binary: bool) -> None:
         stream = await self.core.generate(message.model, message.to_core())
+        calls = CallCollector()
         async with stream:
             async for chunk in stream:
+                calls.add(chunk)
                 if chunk.finish_reason is not None:
+                    made = calls.calls() if chunk.finish_reason == "tool_calls" else None
                     await self.send(protocol.done(message.id, chunk.finish_reason,
-                                                  chunk.prompt_tokens, chunk.completion_tokens),
-                                    binary=binary)
-                elif chunk.text:
+                                                  chunk.prompt_tokens, chunk.completion_tokens,
+                                                  made), binary=binary)
+                    continue
+                if chunk.text:
                     await self.send(protocol.token(message.id, chunk.text), binary=binary)
+                for delta in chunk.tool_calls:
+                    await self.send(protocol.tool_call(message.id, delta), binary=binary)
 
     async def _infer(self, message: Infer, binary: bool) -> None:
         body = message.oip_body()

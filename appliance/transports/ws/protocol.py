@@ -9,7 +9,11 @@ once; replies of different requests interleave.
 Client → server, by ``type``:
 
 - ``generate``: ``model`` plus ``prompt`` (completion) or ``messages`` (chat), and sampling
-  parameters; answered by ``token`` messages and one ``done``.
+  parameters; answered by ``token`` messages and one ``done``. A chat may offer ``tools``
+  (with ``tool_choice`` and ``parallel_tool_calls``, as on OpenAI's API); the calls the model
+  makes stream as ``tool_call`` messages (``index``; ``call_id`` and ``name`` first, then
+  ``arguments`` text in pieces) and come whole in ``done.tool_calls``. Messages may carry
+  ``tool_calls`` (assistant) and ``tool_call_id`` (tool) as on OpenAI's API.
 - ``infer``: ``model`` (``version``), Open Inference Protocol ``inputs`` (``outputs``);
   answered by one ``result``.
 - ``embed``: ``model`` and ``input`` (a text or a list); answered by one ``embeddings``.
@@ -29,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, Valid
 
 from appliance.core import oip_msgpack
 from appliance.core.sampling import sampling_params
-from appliance.core.types import ChatMessage, GenerateRequest
+from appliance.core.tools import check_conversation, tool_calls_of, tool_use
+from appliance.core.types import ChatMessage, GenerateRequest, ToolCall, ToolCallDelta
 from appliance.errors import RequestError
 from appliance.transports import strictjson
 
@@ -43,7 +48,9 @@ class _Message(BaseModel):
 
 class Turn(_Message):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str
+    content: str = ""
+    tool_calls: Any = None  # checked by the core (appliance.core.tools)
+    tool_call_id: str | None = None
 
 
 class Generate(_Message):
@@ -68,6 +75,9 @@ class Generate(_Message):
         default=None, description="Constrain the answer to this JSON Schema."
     )
     json_object: bool = Field(default=False, description="Constrain the answer to JSON.")
+    tools: Any = Field(default=None, description="Functions the model may call (chat).")
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
     def to_core(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
@@ -87,8 +97,16 @@ class Generate(_Message):
             json_object=self.json_object,
         )
         if self.messages is not None:
-            turns = tuple(ChatMessage(role=m.role, content=m.content) for m in self.messages)
-            return GenerateRequest(messages=turns, params=params)
+            turns = tuple(
+                ChatMessage(role=m.role, content=m.content,
+                            tool_calls=tool_calls_of(m.tool_calls, f"messages[{i}].tool_calls"),
+                            tool_call_id=m.tool_call_id)
+                for i, m in enumerate(self.messages))
+            check_conversation(turns)
+            return GenerateRequest(messages=turns, params=params, tools=tool_use(
+                self.tools, self.tool_choice, self.parallel_tool_calls))
+        if self.tools is not None:
+            raise RequestError("tools need messages (a chat)", param="tools")
         return GenerateRequest(prompt=self.prompt, params=params)
 
 
@@ -207,15 +225,27 @@ def token(request_id: Any, text: str) -> dict[str, Any]:
     return {"type": "token", "id": request_id, "text": text}
 
 
+def tool_call(request_id: Any, delta: ToolCallDelta) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "tool_call", "id": request_id, "index": delta.index}
+    if delta.id is not None:
+        message.update(call_id=delta.id, name=delta.name)
+    message["arguments"] = delta.arguments
+    return message
+
+
 def done(request_id: Any, finish_reason: str | None, prompt_tokens: int,
-         completion_tokens: int) -> dict[str, Any]:
-    return {
+         completion_tokens: int, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    message = {
         "type": "done",
         "id": request_id,
         "finish_reason": finish_reason,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+    if calls:
+        message["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": dict(c.arguments)}
+                                 for c in calls]
+    return message
 
 
 def cancelled(request_id: Any) -> dict[str, Any]:

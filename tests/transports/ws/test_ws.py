@@ -372,3 +372,35 @@ async def test_websocket_can_be_turned_off(default_models: Path) -> None:
     async with serving(config) as server, aiohttp.ClientSession() as session, \
             session.get(base_url(server) + "/ws") as response:
         assert response.status == 404
+
+
+TURN_OFF = {"type": "function", "function": {
+    "name": "HassTurnOff", "description": "Turns off a device or entity",
+    "parameters": {"type": "object", "properties": {
+        "name": {"type": "string"}, "area": {"type": "string"},
+        "domain": {"type": "array", "items": {"type": "string"}}}}}}
+
+
+async def test_tool_calls_stream_as_messages_and_come_whole_in_done(
+        ws: aiohttp.ClientWebSocketResponse) -> None:
+    await ws.send_json({"type": "generate", "id": "t1", "model": "home-intent",
+                        "temperature": 0, "tools": [TURN_OFF],
+                        "messages": [{"role": "user", "content": "turn off the porch light"}]})
+    replies = (await collect(ws, {"t1"}))["t1"]
+    pieces = [r for r in replies if r["type"] == "tool_call"]
+    assert pieces[0]["index"] == 0 and pieces[0]["name"] == "HassTurnOff"
+    assert pieces[0]["call_id"].startswith("call_")
+    done = replies[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "tool_calls"
+    [call] = done["tool_calls"]
+    assert call["id"] == pieces[0]["call_id"]
+    assert json.loads("".join(p["arguments"] for p in pieces)) == call["arguments"]
+    assert call["arguments"] == {"area": "porch", "domain": ["light"]}
+    # The same bad input as over HTTP, answered in an error message naming the field.
+    await ws.send_json({"type": "generate", "id": "t2", "model": "home-intent",
+                        "tools": [TURN_OFF], "tool_choice": {"type": "function",
+                                                             "function": {"name": "nope"}},
+                        "messages": [{"role": "user", "content": "hi"}]})
+    error = (await collect(ws, {"t2"}))["t2"][-1]
+    assert error["type"] == "error" and error["status"] == 400
+    assert error["param"] == "tool_choice"
