@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from appliance.core.service import Core, TokenStream
 from appliance.core.types import Capability, ModelInfo, ModelState, TokenChunk
 from appliance.errors import ApplianceError, RequestError
+from appliance.transports.http import device_page
 from appliance.transports.http.errors import read_json
 from appliance.transports.http.keys import CORE, MODEL
 from appliance.transports.http.ollama_schema import (
@@ -67,7 +68,10 @@ _FOREVER = "9999-12-31T23:59:59Z"
 
 @routes.get("/")
 async def root(request: web.Request) -> web.Response:
-    """Ollama's liveness answer; Ollama clients probe it before anything else."""
+    """Ollama's liveness answer; Ollama clients probe it before anything else. Browsers
+    (``Accept: text/html``) get the device page instead."""
+    if device_page.wants_html(request):
+        return device_page.page(request)
     return web.Response(text="Ollama is running")
 
 
