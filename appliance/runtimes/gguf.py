@@ -70,6 +70,11 @@ class GgufOptions(RuntimeOptions):
         "models do on AMX processors with llama-cpp-python 0.3.36.",
     )
     seed: int | None = Field(default=None, description="Default sampling seed.")
+    max_tokens: int = Field(
+        default=512, ge=0, le=1_000_000,
+        description="Tokens generated for a request that sets no limit (OpenAI max_tokens, "
+        "Ollama num_predict, MQTT/WebSocket max_tokens); 0: until the context is full.",
+    )
 
 
 class GgufRuntime(Runtime):
@@ -282,9 +287,11 @@ class GgufRuntime(Runtime):
             prompt=tokens, grammar=grammar_text(params),
         )
         room = context - len(tokens)
+        # No limit asked: the model's default (max_tokens option), not the whole context.
+        limit = params.max_tokens or self._opts.max_tokens or room
         return Generation(
             prompt=tokens, sampler=sampler,
-            max_tokens=min(params.max_tokens, room) if params.max_tokens else room,
+            max_tokens=min(limit, room),
             stops=stops, stop_ids=stop_ids, loop=loop, queue=queue,
         )
 
