@@ -29,8 +29,8 @@ def test_no_max_tokens_means_the_models_default(tmp_path: Path, stories_gguf: Pa
     from openai import OpenAI
 
     repo = _repo(tmp_path, stories_gguf, "max_tokens = 7\n")
-    with daemon("--models-dir", str(repo)) as box:
-        client = OpenAI(base_url=box.url + "/v1", api_key="-")
+    with daemon("--models-dir", str(repo)) as box, \
+            OpenAI(base_url=box.url + "/v1", api_key="-") as client:
         # Chat completions have no max_tokens default of their own: the model's applies.
         chat = client.chat.completions.create(
             model="stories", temperature=0, messages=[{"role": "user", "content": "hi"}])
@@ -40,7 +40,8 @@ def test_no_max_tokens_means_the_models_default(tmp_path: Path, stories_gguf: Pa
             model="stories", temperature=0, max_tokens=20,
             messages=[{"role": "user", "content": "hi"}])
         assert asked.usage is not None and asked.usage.completion_tokens > 7  # its own wins
-        answer = ollama.Client(host=box.url).generate(model="stories", prompt="Once upon")
+        with ollama.Client(host=box.url) as olla:
+            answer = olla.generate(model="stories", prompt="Once upon")
         assert answer.eval_count == 7 and answer.done_reason == "length"
 
 
@@ -48,8 +49,8 @@ def test_zero_means_the_whole_context(tmp_path: Path, stories_gguf: Path) -> Non
     from openai import OpenAI
 
     repo = _repo(tmp_path, stories_gguf, "max_tokens = 0\n")
-    with daemon("--models-dir", str(repo)) as box:
-        client = OpenAI(base_url=box.url + "/v1", api_key="-")
+    with daemon("--models-dir", str(repo)) as box, \
+            OpenAI(base_url=box.url + "/v1", api_key="-") as client:
         chat = client.chat.completions.create(
             model="stories", temperature=0, messages=[{"role": "user", "content": "hi"}])
     assert chat.usage is not None
