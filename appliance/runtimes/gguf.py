@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -94,6 +94,7 @@ class GgufRuntime(Runtime):
     def __init__(self, name: str, path: Path, options: RuntimeOptions, workers: int) -> None:
         super().__init__(name, path, options, workers)
         self.slots = max(1, workers)
+        self._details: dict[str, str] = {}  # from the file, once loaded
 
     @property
     def _opts(self) -> GgufOptions:
@@ -125,6 +126,8 @@ class GgufRuntime(Runtime):
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {self.path.name}: {exc}") from exc
         self._metadata = self._model.metadata()
+        self._details = file_details(self._metadata, self._model.desc(),
+                                     self._model.n_params())
         trained = self._model.n_ctx_train()
         per_slot = min(opts.n_ctx or trained, trained) if trained > 0 else (opts.n_ctx or 2048)
         cpus = os.cpu_count() or 1
@@ -195,6 +198,10 @@ class GgufRuntime(Runtime):
         if self._opts.embeddings:
             caps.add(Capability.EMBED)
         return frozenset(caps)
+
+    @property
+    def details(self) -> Mapping[str, str]:
+        return self._details
 
     @property
     def context_length(self) -> int | None:
@@ -368,3 +375,28 @@ async def _prepared(runtime: GgufRuntime, request: GenerateRequest,
 
         task.add_done_callback(drop)
         raise
+
+
+def file_details(metadata: Mapping[str, str], desc: str, n_params: int) -> dict[str, str]:
+    """Family, size and quantization as Ollama lists them (``/api/show``, ``/api/tags``).
+
+    The quantization is the file type's name (``general.file_type``: ``Q8_0``, ``Q4_K_M``,
+    ``F32``); the size is the parameter count in Ollama's style (``205.8K``, ``7.6B``).
+    """
+    import llama_cpp
+
+    size = ""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n_params >= scale:
+            size = f"{n_params / scale:.1f}{unit}"
+            break
+    names = {getattr(llama_cpp, k): k.removeprefix("LLAMA_FTYPE_MOSTLY_")
+             .removeprefix("LLAMA_FTYPE_ALL_") for k in dir(llama_cpp)
+             if k.startswith("LLAMA_FTYPE_") and k != "LLAMA_FTYPE_GUESSED"}
+    raw = metadata.get("general.file_type", "")
+    words = desc.split()
+    level = names.get(int(raw), "") if raw.isdigit() else ""
+    if not level and len(words) >= 2:
+        level = words[-1]  # llama.cpp's description ends in the type's name
+    return {"family": metadata.get("general.architecture", ""), "parameter_size": size,
+            "quantization_level": level}

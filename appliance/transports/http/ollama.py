@@ -337,7 +337,12 @@ def _tag(info: ModelInfo) -> TagModel:
 
 
 def _details(info: ModelInfo) -> ModelDetails:
-    return ModelDetails(format=info.runtime)
+    """Family, size and quantization as the model file states them (GGUF metadata)."""
+    family = info.details.get("family", "")
+    return ModelDetails(format=info.runtime, family=family,
+                        families=[family] if family else None,
+                        parameter_size=info.details.get("parameter_size", ""),
+                        quantization_level=info.details.get("quantization_level", ""))
 
 
 def _normalised(vector: list[float]) -> list[float]:

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import ollama
 import pytest
 
 from appliance.security.keys import hash_key
@@ -95,6 +96,12 @@ async def test_a_browser_sees_the_device_and_ollama_clients_see_ollama(
                 await asyncio.sleep(0.1)
             assert {m["name"]: m["state"] for m in state["models"]} == {
                 "sensor-anomaly": "ready", "home-intent": "ready", "broken": "failed"}
+            # Ollama's /api/show names the GGUF's own quantization and size (home-intent:
+            # a Q8_0 file of 205,760 parameters).
+            with ollama.Client(host=box.url, headers={"Authorization": f"Bearer {KEY}"}) as olla:
+                details = olla.show("home-intent").details
+            assert details is not None and details.quantization_level == "Q8_0"
+            assert details.parameter_size == "205.8K" and details.family == "llama"
             topics = [t["topic"] for t in state["mqtt"]["topics"]]
             assert "appliance/greenhouse-3/infer/sensor-anomaly" in topics
 
