@@ -3,8 +3,8 @@
 Two ways to get anomaly scores back, both with the appliance's own virtual environment
 (it has aiomqtt): ``.venv/bin/python examples/mqtt_publisher.py --help``.
 
-- Readings, one JSON object per message, on ``sensors/<sensor>/telemetry``: a stream rule
-  on the appliance (``[[mqtt.rules]]``, docs/mqtt.md) windows them and publishes a score
+- Readings, one JSON object per message, on ``sensors/<sensor>/telemetry``: the appliance's
+  default stream rule (``sensors``, docs/mqtt.md) windows them and publishes a score
   per window under ``appliance/<device id>/rules/...``; this script prints those.
 - ``--request``: one window of 32 readings as a request to
   ``appliance/<device id>/infer/sensor-anomaly``, and the correlated reply (MQTT 5).

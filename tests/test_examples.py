@@ -21,14 +21,6 @@ pytestmark = pytest.mark.timeout(180)
 
 EXAMPLES = ROOT / "examples"
 DEVICE = "greenhouse-3"
-RULE = """
-[[mqtt.rules]]
-name = "env"
-topic = "sensors/+/telemetry"
-model = "sensor-anomaly"
-fields = ["temperature", "humidity", "vibration"]
-window = 32
-"""
 
 
 def test_examples_against_a_real_daemon_and_broker(tmp_path: Path) -> None:
@@ -36,11 +28,9 @@ def test_examples_against_a_real_daemon_and_broker(tmp_path: Path) -> None:
         pytest.skip("curl is not installed")
     broker = Broker(tmp_path)
     broker.start()
-    config = tmp_path / "appliance.toml"
-    config.write_text(RULE, encoding="utf-8")
+    # No configuration: the default stream rule (sensors/+/telemetry) scores the readings.
     env = {"APPLIANCE_DEVICE__ID": DEVICE, "APPLIANCE_MQTT__ENABLED": "true",
-           "APPLIANCE_MQTT__HOST": broker.host, "APPLIANCE_MQTT__PORT": str(broker.port),
-           "APPLIANCE_CONFIG": str(config)}
+           "APPLIANCE_MQTT__HOST": broker.host, "APPLIANCE_MQTT__PORT": str(broker.port)}
     try:
         with daemon(env=env) as box:
             # The README's curl line, with the shipped body.
@@ -62,7 +52,7 @@ def test_examples_against_a_real_daemon_and_broker(tmp_path: Path) -> None:
             assert readings.returncode == 0, readings.stderr
             topic, _, payload = readings.stdout.strip().partition(" ")
             result = json.loads(payload)
-            assert result["rule"] == "env" and result["readings"] == 32
+            assert result["rule"] == "sensors" and result["readings"] == 32
             assert isinstance(result["outputs"]["score"], float) and not result["anomaly"]
             spiked = subprocess.run([*publisher, "--sensor", "greenhouse", "--interval",
                                      "0.01", "--spike"],
