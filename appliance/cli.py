@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve models over HTTP (the daemon)")
     _config_flags(run)
+    _listen_flags(run)
     run.add_argument("--config-error", type=Path, metavar="FILE",
                      help="a configuration problem found before this start, if the file "
                           "exists (the device image's first boot writes one for a rejected "
@@ -38,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("config", help="validate the configuration and print it resolved")
     _config_flags(check)
-    check.add_argument("--reference", action="store_true",
+    shown = check.add_mutually_exclusive_group()
+    shown.add_argument("--toml", action="store_true",
+                       help="print TOML that can be saved as appliance.toml (default: JSON)")
+    shown.add_argument("--reference", action="store_true",
                        help="print the Markdown reference of every key instead")
 
     models = sub.add_parser("models", help="list the models the configuration would serve")
@@ -55,8 +59,6 @@ def _parser() -> argparse.ArgumentParser:
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="appliance.toml (default: $APPLIANCE_CONFIG)")
-    parser.add_argument("--host", help="address to bind (http.host)")
-    parser.add_argument("--port", type=int, help="HTTP port, 0 for any free one (http.port)")
     parser.add_argument("--models-dir", type=Path, metavar="DIR",
                         help="model repository (models.dir)")
     parser.add_argument("--model", type=Path, action="append", metavar="FILE", default=None,
@@ -65,10 +67,16 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                         help="logging.level")
 
 
+def _listen_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the daemon listens: only ``run`` binds anything."""
+    parser.add_argument("--host", help="address to bind (http.host)")
+    parser.add_argument("--port", type=int, help="HTTP port, 0 for any free one (http.port)")
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     pairs = {
-        ("http", "host"): args.host,
-        ("http", "port"): args.port,
+        ("http", "host"): getattr(args, "host", None),
+        ("http", "port"): getattr(args, "port", None),
         ("models", "dir"): args.models_dir,
         ("models", "files"): args.model,
         ("logging", "level"): args.log_level,
@@ -111,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     if args.command == "config":
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        header = ("# appliance.toml: the resolved configuration (appliance config --toml);\n"
+                  "# keep the keys you want to pin, delete the rest to follow the defaults.")
+        print(config_mod.to_toml(cfg, header=header) if args.toml
+              else json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     if args.command == "models":
         return _list_models(cfg, as_json=args.json)
@@ -172,15 +183,39 @@ def _list_models(cfg: Config, *, as_json: bool) -> int:
     from appliance.core.repository import collect
 
     specs = collect(cfg.models.dir, cfg.models.files)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"name": s.name, "version": s.version, "runtime": s.runtime, "file": str(s.path),
-         "description": s.description, "problem": s.problem}
+         "size_bytes": _size(s.path), "description": s.description, "problem": s.problem}
         for s in specs
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            status = f"INVALID: {row['problem']}" if row["problem"] else "ok"
-            print(f"{row['name']:<24} {row['runtime']:<6} v{row['version']:<6} {status}")
+        return 1 if any(r["problem"] for r in rows) else 0
+    if not rows:
+        print(f"no models in {cfg.models.dir} and none given with --model")
+        return 0
+    width = max(len(r["name"]) for r in rows) + 2
+    print(f"{'NAME':<{width}}{'RUNTIME':<9}{'VERSION':<9}{'SIZE':>9}  FILE")
+    for row in rows:
+        size = _human(row["size_bytes"]) if row["size_bytes"] is not None else "-"
+        print(f"{row['name']:<{width}}{row['runtime']:<9}{row['version']:<9}{size:>9}  "
+              f"{row['file']}")
+        if row["problem"]:
+            print(f"{'':<{width}}INVALID: {row['problem']}")
     return 1 if any(r["problem"] for r in rows) else 0
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # a missing file: its problem says so
+        return None
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -36,11 +36,13 @@ from appliance.security.access import AccessPolicy, daemon_policy, reload_daemon
 from appliance.security.crypto import load_cipher
 from appliance.security.tls import reload_certificate, server_context
 from appliance.transports.http import build_app
+from appliance.transports.http.device_page import RECENT
 from appliance.transports.http.security import runner_options
 
 if TYPE_CHECKING:
     from appliance.ops.alerts import AlertEngine
     from appliance.ops.health import HealthCollector
+    from appliance.ops.recent import Recent
     from appliance.ops.systemd import SystemdNotify
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Server:
         self.core: Core | None = None
         self.health: HealthCollector | None = None  # set once units start
         self.alerts: AlertEngine | None = None
+        self.recent: Recent | None = None
         self.addresses: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
         self._force = False
@@ -126,6 +129,7 @@ class Server:
         self.access = await asyncio.to_thread(daemon_policy, config)
         self.reload_hooks.insert(0, self.reload_keys)  # first: revoking a key must not wait
         app = build_app(core, config, self.access)
+        self.recent = app[RECENT]  # the device page's history: fed once health runs
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away stops its own work
@@ -258,6 +262,8 @@ class Server:
         self.alerts = AlertEngine(self.health, self.config.alerts, self.metrics)
         units: list[contextlib.AbstractAsyncContextManager[Any]] = [self.health, self.alerts]
         core.add_canary_listener(self.alerts.canary_decision)  # rollbacks raise an alert
+        if self.recent is not None:
+            self.recent.attach(self.health, self.alerts)
         if self.config.hub.url:
             from appliance.ops.hubsync import HubSync
 

@@ -323,6 +323,7 @@ def test_config_precedence_file_then_environment_then_flags(tmp_path: Path) -> N
     from_env = json.loads(appliance("config", env=env).stdout)
     assert from_env["http"] == {**from_env["http"], "port": 9000, "host": "127.0.0.2"}
     assert from_env["models"]["queue_size"] == 3
-    from_flags = json.loads(appliance("config", "--port", "9100", env=env).stdout)
-    assert from_flags["http"]["port"] == 9100
+    from_flags = json.loads(appliance("config", "--log-level", "debug",
+                                      env={**env, "APPLIANCE_LOGGING__LEVEL": "error"}).stdout)
+    assert from_flags["logging"]["level"] == "debug"
     assert from_flags["http"]["host"] == "127.0.0.2"

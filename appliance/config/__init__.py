@@ -25,6 +25,7 @@ from appliance.config.base import (
     ENV_PREFIX,
     Section,
     load_model,
+    to_toml,
 )
 from appliance.config.daemon import (
     CacheConfig,
@@ -199,4 +200,5 @@ __all__ = [
     "load",
     "load_model",
     "reference",
+    "to_toml",
 ]

@@ -57,6 +57,25 @@ class TlsFilesSection(Section):
 RootT = TypeVar("RootT", bound=BaseModel)
 
 
+def to_toml(config: BaseModel, *, header: str = "") -> str:
+    """``config`` as TOML that :func:`load_model` reads back to the same values.
+
+    TOML has no null: keys whose value is ``None`` are left out, which gives them their
+    default again (every such default is ``None``).
+    """
+    import tomli_w
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    text = tomli_w.dumps(strip(config.model_dump(mode="json")))
+    return (header + "\n\n" if header else "") + text
+
+
 def load_model(
     root: type[RootT],
     *,

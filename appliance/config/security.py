@@ -74,8 +74,10 @@ class AccessConfig(Section):
         "systemd credential 'api-keys' ($CREDENTIALS_DIRECTORY/api-keys) is read too.",
     )
     public: list[str] = Field(
+        # The API reference is no secret: a browser opens /docs without a key (its "Try it"
+        # forms send the key typed into the page).
         default_factory=lambda: ["/", "/health", "/metrics", "/v2/health/live",
-                                 "/v2/health/ready"],
+                                 "/v2/health/ready", "/docs", "/openapi.json"],
         max_length=256,
         description="Paths served without a key: exact, or ending in '*' for a prefix.",
     )

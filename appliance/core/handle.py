@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Mapping
 
 from appliance.core.admission import Admission
 from appliance.core.repository import ModelSpec
@@ -35,8 +36,8 @@ class ModelHandle:
         self.pinned_unloaded = False  # unloaded by an operator: no load on demand
         self.retired = False  # left routing; closed once idle
         self.idle = asyncio.Event()
-        self._known: tuple[frozenset[Capability], Signature, int | None] = (
-            frozenset(), Signature(), None)
+        self._known: tuple[frozenset[Capability], Signature, int | None,
+                           Mapping[str, str]] = (frozenset(), Signature(), None, {})
         self.load_lock = asyncio.Lock()  # one load at a time
         try:
             stat = spec.path.stat()
@@ -75,11 +76,12 @@ class ModelHandle:
 
     def remember(self, runtime: Runtime) -> None:
         """Keep what the loaded model said about itself, for when it is unloaded again."""
-        self._known = (runtime.capabilities, runtime.signature, runtime.context_length)
+        self._known = (runtime.capabilities, runtime.signature, runtime.context_length,
+                       runtime.details)
 
     def info(self) -> ModelInfo:
         # An idle-unloaded model still describes itself: it loads again on the next request.
-        capabilities, signature, context = self._known
+        capabilities, signature, context, details = self._known
         return ModelInfo(
             name=self.name,
             version=self.spec.version,
@@ -92,6 +94,7 @@ class ModelHandle:
             context_length=context,
             created=self.created,
             size=self.size,
+            details=details,
         )
 
 

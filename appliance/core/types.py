@@ -181,6 +181,8 @@ class ModelInfo:
     context_length: int | None
     created: int  # unix time the model file was last changed
     size: int = 0  # bytes of the model file
+    # What the file says of itself (GGUF: family, parameter_size, quantization_level).
+    details: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:

@@ -4,7 +4,8 @@
     appliance hub enroll DEVICE    create a device (or re-key it) and print its token once
     appliance hub revoke DEVICE    revoke a device's token: its uploads get 401 from now on
     appliance hub devices          list devices and their status
-    appliance hub config           print the resolved configuration (--reference: every key)
+    appliance hub config           print the resolved configuration (--toml, --reference)
+    appliance hub keys create NAME a new API key for the fleet API and dashboard
 """
 
 from __future__ import annotations
@@ -43,8 +44,16 @@ def add_parser(subparsers: Any) -> None:
     devices.add_argument("--json", action="store_true", help="print JSON")
     config = sub.add_parser("config", help="validate the hub configuration and print it")
     _flags(config)
-    config.add_argument("--reference", action="store_true",
-                        help="print the Markdown reference of every key instead")
+    shown = config.add_mutually_exclusive_group()
+    shown.add_argument("--toml", action="store_true",
+                       help="print TOML that can be saved as hub.toml (default: JSON)")
+    shown.add_argument("--reference", action="store_true",
+                       help="print the Markdown reference of every key instead")
+    keys = sub.add_parser("keys", help="create API keys for the fleet API and dashboard")
+    from appliance.security.cli import add_create
+
+    add_create(keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND",
+                                   required=True))
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
     from appliance.hub import config as hub_config
 
     command = args.hub_command or "run"
+    if command == "keys":  # needs no configuration: it prints what goes into one
+        from appliance.security.cli import create_key
+
+        return create_key(args.name, args.scope, config_file="hub.toml",
+                          command="appliance hub keys")
     if command == "config" and args.reference:
         print(hub_config.hub_reference(), end="")
         return 0
@@ -83,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"appliance hub: {exc}", file=sys.stderr)
         return 2
     if command == "config":
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        from appliance.config import to_toml
+
+        print(to_toml(cfg, header="# hub.toml: the resolved hub configuration") if args.toml
+              else json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     if command == "run":
         from appliance import logs

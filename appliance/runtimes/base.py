@@ -151,6 +151,12 @@ class Runtime(ABC):
         """Context window in tokens (language models only)."""
         return None
 
+    @property
+    def details(self) -> Mapping[str, str]:
+        """What the model file says of itself, for listings (GGUF: family, parameter_size,
+        quantization_level); empty where it says nothing."""
+        return {}
+
     def count_tokens(self, text: str) -> int:
         """Number of tokens ``text`` encodes to (language models only)."""
         raise UnsupportedOperation(f"model {self.name!r} does not work on text")

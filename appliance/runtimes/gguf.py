@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,6 +73,11 @@ class GgufOptions(RuntimeOptions):
         "models do on AMX processors with llama-cpp-python 0.3.36.",
     )
     seed: int | None = Field(default=None, description="Default sampling seed.")
+    max_tokens: int = Field(
+        default=512, ge=0, le=1_000_000,
+        description="Tokens generated for a request that sets no limit (OpenAI max_tokens, "
+        "Ollama num_predict, MQTT/WebSocket max_tokens); 0: until the context is full.",
+    )
 
 
 class GgufRuntime(Runtime):
@@ -93,6 +98,7 @@ class GgufRuntime(Runtime):
     def __init__(self, name: str, path: Path, options: RuntimeOptions, workers: int) -> None:
         super().__init__(name, path, options, workers)
         self.slots = max(1, workers)
+        self._details: dict[str, str] = {}  # from the file, once loaded
 
     @property
     def _opts(self) -> GgufOptions:
@@ -124,6 +130,8 @@ class GgufRuntime(Runtime):
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {self.path.name}: {exc}") from exc
         self._metadata = self._model.metadata()
+        self._details = file_details(self._metadata, self._model.desc(),
+                                     self._model.n_params())
         trained = self._model.n_ctx_train()
         per_slot = min(opts.n_ctx or trained, trained) if trained > 0 else (opts.n_ctx or 2048)
         cpus = os.cpu_count() or 1
@@ -196,6 +204,10 @@ class GgufRuntime(Runtime):
         if self._opts.embeddings:
             caps.add(Capability.EMBED)
         return frozenset(caps)
+
+    @property
+    def details(self) -> Mapping[str, str]:
+        return self._details
 
     @property
     def context_length(self) -> int | None:
@@ -294,9 +306,11 @@ class GgufRuntime(Runtime):
             tools=tool_grammar(use) if use is not None else None,
         )
         room = context - len(tokens)
+        # No limit asked: the model's default (max_tokens option), not the whole context.
+        limit = params.max_tokens or self._opts.max_tokens or room
         return Generation(
             prompt=tokens, sampler=sampler,
-            max_tokens=min(params.max_tokens, room) if params.max_tokens else room,
+            max_tokens=min(limit, room),
             stops=stops, stop_ids=stop_ids, loop=loop, queue=queue,
         )
 
@@ -373,3 +387,28 @@ async def _prepared(runtime: GgufRuntime, request: GenerateRequest,
 
         task.add_done_callback(drop)
         raise
+
+
+def file_details(metadata: Mapping[str, str], desc: str, n_params: int) -> dict[str, str]:
+    """Family, size and quantization as Ollama lists them (``/api/show``, ``/api/tags``).
+
+    The quantization is the file type's name (``general.file_type``: ``Q8_0``, ``Q4_K_M``,
+    ``F32``); the size is the parameter count in Ollama's style (``205.8K``, ``7.6B``).
+    """
+    import llama_cpp
+
+    size = ""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n_params >= scale:
+            size = f"{n_params / scale:.1f}{unit}"
+            break
+    names = {getattr(llama_cpp, k): k.removeprefix("LLAMA_FTYPE_MOSTLY_")
+             .removeprefix("LLAMA_FTYPE_ALL_") for k in dir(llama_cpp)
+             if k.startswith("LLAMA_FTYPE_") and k != "LLAMA_FTYPE_GUESSED"}
+    raw = metadata.get("general.file_type", "")
+    words = desc.split()
+    level = names.get(int(raw), "") if raw.isdigit() else ""
+    if not level and len(words) >= 2:
+        level = words[-1]  # llama.cpp's description ends in the type's name
+    return {"family": metadata.get("general.architecture", ""), "parameter_size": size,
+            "quantization_level": level}

@@ -185,7 +185,8 @@ def keys_required(config: AccessConfig, binds: Iterable[str], store: KeyStore) -
 def build(config: AccessConfig, *, binds: Iterable[str], names: Iterable[str] = (),
           env: Mapping[str, str] | None = None, state_dir: Path | None = None,
           what: str = "the appliance", key_file: str = BOOTSTRAP_FILE,
-          certs: Iterable[ClientCertEntry] = ()) -> AccessPolicy:
+          certs: Iterable[ClientCertEntry] = (),
+          create_command: str = "appliance keys create NAME") -> AccessPolicy:
     """Load the keys, decide whether they are required, generate one if none exists.
 
     Blocking (reads files): call it off the loop. Raises ConfigError for unreadable or
@@ -201,8 +202,8 @@ def build(config: AccessConfig, *, binds: Iterable[str], names: Iterable[str] = 
         log.warning(
             "no API key is configured and %s serves %s: requests need the generated admin "
             "key in %s (send it as a bearer token or in X-API-Key). Create your own with "
-            "'appliance keys create NAME' and delete that file (docs/security.md)",
-            what, ", ".join(lan) or "with security.auth = on", path)
+            "'%s' and delete that file (docs/security.md)",
+            what, ", ".join(lan) or "with security.auth = on", path, create_command)
     elif not required and lan:
         log.warning(
             "SECURITY: %s serves %s WITHOUT API keys (security.auth = off): anyone on the "
@@ -245,7 +246,8 @@ def hub_policy(config: HubConfig, env: Mapping[str, str] | None = None) -> Acces
     names = own_names("", config.security.allowed_hosts)
     return build(config.security, binds=[config.http.host], names=names, env=env,
                  what="the hub", key_file="hub-api-key",
-                 certs=client_certs(config.security, config.http))
+                 certs=client_certs(config.security, config.http),
+                 create_command="appliance hub keys create NAME")
 
 
 def reload_hub_keys(policy: AccessPolicy, config: HubConfig, running: HubConfig) -> None:

@@ -26,6 +26,14 @@ from appliance.errors import ConfigError
 DEFAULT_DIR = Path("certs")
 
 
+def add_create(parent: Any) -> None:
+    """``create NAME [--scope S ...]`` under a ``keys`` command (the appliance's, the hub's)."""
+    create = parent.add_parser("create", help="a new API key, printed once")
+    create.add_argument("name", metavar="NAME", help="the key's name, e.g. homeassistant")
+    create.add_argument("--scope", action="append", choices=["read", "infer", "admin"],
+                        help="what it may do; repeatable (default: read and infer)")
+
+
 def add_parsers(subparsers: Any) -> None:
     """Add ``certs`` and ``keys`` to the ``appliance`` parser's subcommands."""
     certs = subparsers.add_parser("certs", help="create a local CA and device certificates")
@@ -60,10 +68,7 @@ def add_parsers(subparsers: Any) -> None:
 
     keys = subparsers.add_parser("keys", help="create API keys and data keys")
     ksub = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
-    create = ksub.add_parser("create", help="a new API key, printed once")
-    create.add_argument("name", metavar="NAME", help="the key's name, e.g. homeassistant")
-    create.add_argument("--scope", action="append", choices=["read", "infer", "admin"],
-                        help="what it may do; repeatable (default: read and infer)")
+    add_create(ksub)
     ksub.add_parser("hash", help="hash a key read from standard input (for keys you bring)")
     ksub.add_parser("data-key", help="print a fresh 256-bit data key (security.data_key_file)")
 
@@ -127,16 +132,25 @@ def _keys(args: argparse.Namespace) -> int:
             return 2
         print(keys.hash_key(value))
         return 0
-    scopes = sorted(set(args.scope or ["read", "infer"]))
+    return create_key(args.name, args.scope, config_file="appliance.toml")
+
+
+def create_key(name: str, scopes_asked: list[str] | None, *, config_file: str,
+               command: str = "appliance keys") -> int:
+    """Print a new API key once, and the configuration entry holding only its hash."""
+    from appliance.security import keys
+
+    args = argparse.Namespace(name=name)
+    scopes = sorted(set(scopes_asked or ["read", "infer"]))
     try:
         keys.parse_key_file(f"{args.name} {','.join(scopes)} sha256:{'0' * 64}", "NAME")
     except ConfigError as exc:
-        print(f"appliance keys: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return 2
     key = keys.new_key()
     digest = keys.hash_key(key)
     print(key)
-    print(f"\nthe key above is shown once. Configure its hash, in appliance.toml:\n\n"
+    print(f"\nthe key above is shown once. Configure its hash, in {config_file}:\n\n"
           f"[[security.keys]]\nname = \"{args.name}\"\nscopes = {json.dumps(scopes)}\n"
           f"hash = \"{digest}\"\n\nor as a line of security.keys_file / the 'api-keys' "
           f"credential:\n\n{args.name} {','.join(scopes)} {digest}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from appliance.tools import GGUF_TYPES
 
@@ -34,7 +35,40 @@ def add_quantize(models_sub: argparse._SubParsersAction[argparse.ArgumentParser]
     q.add_argument("--no-cpu-repack", dest="cpu_repack", action="store_false",
                    help="GGUF: measure without CPU weight repacking (the model option "
                    "cpu_repack = false)")
-    q.add_argument("--as-json", action="store_true", help="print the report as JSON")
+    q.add_argument("--json", dest="as_json", action="store_true",
+                   help="print the report as JSON (like `appliance models --json`)")
+    # The spelling of earlier releases, still accepted.
+    q.add_argument("--as-json", dest="as_json", action="store_true", help=argparse.SUPPRESS)
+
+
+class ProgressBar:
+    """One line redrawn in place on a terminal (``\\r``); silent when ``out`` is no terminal
+    (a pipe or a log wants the report, not a hundred redraws)."""
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO, label: str) -> None:
+        self._out = out
+        self._label = label
+        self._on = out.isatty()
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._on or total <= 0:
+            return
+        filled = self.WIDTH * min(done, total) // total
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self._out.write(f"\r{self._label} [{bar}] {done}/{total} tensors")
+        if done >= total:
+            self._out.write("; measuring before and after...")
+        self._out.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            self._out.write("\n")
+            self._out.flush()
+            self._drawn = False
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -53,8 +87,13 @@ def run_quantize(args: argparse.Namespace) -> int:
                                             per_channel=args.per_channel)
         elif source.suffix.lower() == ".gguf":
             text = args.text.read_text(encoding="utf-8") if args.text else None
-            report = quantize.quantize_gguf(source, args.output, args.type, eval_text=text,
-                                            threads=args.threads, cpu_repack=args.cpu_repack)
+            bar = ProgressBar(sys.stderr, f"quantizing to {args.type}")
+            try:
+                report = quantize.quantize_gguf(source, args.output, args.type,
+                                                eval_text=text, threads=args.threads,
+                                                cpu_repack=args.cpu_repack, progress=bar)
+            finally:
+                bar.close()
         else:
             print(f"appliance: {source}: only .onnx and .gguf files can be quantized",
                   file=sys.stderr)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import queue
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -183,15 +185,20 @@ def _run_onnx(path: Path, inputs: Mapping[str, Array]) -> tuple[Measure, dict[st
 # ------------------------------------------------------------------------------- GGUF
 
 
+Progress = Callable[[int, int], None]
+
+
 def quantize_gguf(
     src: Path, dst: Path, qtype: str, *, eval_text: str | None = None, threads: int = 2,
-    allow_requantize: bool = True, cpu_repack: bool = True,
+    allow_requantize: bool = True, cpu_repack: bool = True, progress: Progress | None = None,
 ) -> Report:
     """Re-quantize a GGUF file (e.g. F32/F16 → Q8_0, Q4_K_M) with llama.cpp's quantize API.
 
     Tensors whose rows do not fit the type's block size are kept in a type that does, as
     llama.cpp decides. ``eval_text`` is scored before and after (perplexity), with CPU
     weight repacking as ``cpu_repack`` says (the model option of the same name).
+    ``progress(done, total)`` hears of each tensor as llama.cpp converts it; llama.cpp's
+    own line per tensor is not printed.
     """
     key = qtype.lower()
     if key not in GGUF_TYPES:
@@ -201,13 +208,28 @@ def quantize_gguf(
     # (llama-cpp-python 0.3.x), and a native crash must not take the caller along.
     ctx = multiprocessing.get_context("spawn")
     text = eval_text or _DEFAULT_TEXT
+
     def child(fn: Callable[..., T], *args: Any) -> T:
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             return pool.submit(fn, *args).result()
 
-    code = child(_quantize_child, str(src), str(dst), key, threads, allow_requantize)
+    events: Any = ctx.Queue()
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_report_to,
+                             initargs=(events,)) as pool:
+        job = pool.submit(_quantize_child, str(src), str(dst), key, threads, allow_requantize)
+        while not job.done() or not events.empty():
+            try:
+                done, total = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if progress is not None:
+                progress(done, total)
+        code, problems = job.result()
+    events.close()
     if code != 0 or not dst.is_file():
-        raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype} (code {code})")
+        detail = f": {' '.join(problems)[-500:]}" if problems else ""
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype} (code {code})"
+                           f"{detail}")
     before = child(_measure_gguf, src, text, threads, cpu_repack)
     after = child(_measure_gguf, dst, text, threads, cpu_repack)
     return Report(f"gguf-{key}", before, after)
@@ -219,17 +241,41 @@ _DEFAULT_TEXT = (
     "it high into the sky. The ball came down and bounced next to a small dog."
 )
 
+# llama.cpp logs "[  12/  57]  blk.1.attn_q.weight - [...], type = f32, ..." per tensor.
+_TENSOR_LINE = re.compile(rb"^\[\s*(\d+)/\s*(\d+)\]")
+_events: Any = None  # the child's queue to the parent (set by _report_to)
 
-def _quantize_child(src: str, dst: str, key: str, threads: int, requantize: bool) -> int:
+
+def _report_to(events: Any) -> None:
+    global _events
+    _events = events
+
+
+def _quantize_child(src: str, dst: str, key: str, threads: int, requantize: bool
+                    ) -> tuple[int, list[str]]:
+    """Quantize in this (child) process; llama.cpp's log becomes progress events, and its
+    warnings and errors are returned for the caller's message."""
     import ctypes
 
     import llama_cpp
 
+    problems: list[str] = []
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        match = _TENSOR_LINE.match(text)
+        if match and _events is not None:
+            _events.put((int(match.group(1)), int(match.group(2))))
+        elif level in (2, 3):  # GGML_LOG_LEVEL_WARN, _ERROR
+            problems.append(text.decode("utf-8", "replace").strip())
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + key.upper())
     params.nthread = threads
     params.allow_requantize = requantize
-    return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
+    code = int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
+    return code, problems
 
 
 _CTX = 256
@@ -271,5 +317,5 @@ def report_json(report: Report) -> str:
     return json.dumps(report.to_dict(), indent=2)
 
 
-__all__ = ["GGUF_TYPES", "Measure", "Report", "compare_outputs", "load_samples",
+__all__ = ["GGUF_TYPES", "Measure", "Progress", "Report", "compare_outputs", "load_samples",
            "quantize_gguf", "quantize_onnx", "report_json"]

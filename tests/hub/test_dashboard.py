@@ -9,6 +9,7 @@ charts from its heartbeats, and the alerts.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -19,12 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from appliance.security.keys import hash_key
+from tests.browser import browser
 from tests.conftest import DEFAULT_MODELS, DaemonProcess, daemon
 from tests.hub.conftest import enroll_direct, get_json, hub
 
 pytestmark = pytest.mark.timeout(120)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# $TEST_SCREENSHOTS: a directory to keep the screenshots in, for people to look at.
+SHOTS = Path(os.environ["TEST_SCREENSHOTS"]) if os.environ.get("TEST_SCREENSHOTS") \
+    else None
 
 
 class Dom(HTMLParser):
@@ -147,8 +153,38 @@ def test_fleet_page_shows_every_device_and_alert(fleet: tuple[DaemonProcess, Pat
     assert alerts[("greenhouse-3", "model_load_failures")][0] == "firing"
     assert "failed model loads" in alerts[("greenhouse-3", "model_load_failures")][1]
     assert alerts[("barn-1", "device_offline")][0] == "firing"
+    # Alerting counts every device with an alert firing: barn-1's critical device_offline
+    # alert too, so the operator never reads "alerting 0" while something is down.
     summary = {a["data-count"]: text for a, text in dom.find("span", class_="pill")}
-    assert summary["alerting"].split()[-1] == "1" and summary["offline"].split()[-1] == "1"
+    assert summary["alerting"].split()[-1] == "2" and summary["offline"].split()[-1] == "1"
+    assert summary["online"].split()[-1] == "0"
+    # Each row's Alerts cell is what the alerts API says is firing for that device.
+    cells = {a["data-device"]: a for a, _ in dom.find("tr") if "data-status" in a}
+    for device in ("greenhouse-3", "barn-1", "cellar-2"):
+        firing = get_json(f"{h.url}/api/v1/alerts?state=firing&device={device}")["alerts"]
+        shown = [a["data-alerts"] for a, _ in dom.find("td") if "data-alerts" in a]
+        assert str(len(firing)) in shown
+    alerts_cells = _row_cells(dom, "barn-1")
+    assert alerts_cells[-2] == "1"  # its device_offline alert, not "!"
+    # The offline row's readings are its last report: dimmed and dated, the others not.
+    assert "stale" in cells["barn-1"].get("class", "")
+    assert "stale" not in cells["greenhouse-3"].get("class", "")
+    dimmed = [text for a, text in dom.find("td") if "last" in a.get("class", "").split()]
+    assert "12.0 %" in dimmed and "41.5 °C" in dimmed
+    assert all(a["title"].startswith("last reported ") for a, _ in dom.find("td")
+               if "last" in a.get("class", "").split())
+
+
+def _row_cells(dom: Dom, device: str) -> list[str]:
+    """The texts of one fleet row's cells, in order."""
+    out: list[str] = []
+    inside = False
+    for tag, attrs, text in dom.elements:
+        if tag == "tr":
+            inside = attrs.get("data-device") == device and "data-status" in attrs
+        elif tag == "td" and inside:
+            out.append("".join(text))
+    return out
 
 
 def test_device_page_charts_and_screenshot(fleet: tuple[DaemonProcess, Path]) -> None:
@@ -156,12 +192,20 @@ def test_device_page_charts_and_screenshot(fleet: tuple[DaemonProcess, Path]) ->
     url = h.url + "/#/devices/greenhouse-3"
     dom = Dom(chromium(url, tmp / "profile-device", "--dump-dom"))
     charts = {a["data-chart"]: text for a, text in dom.find("div") if "data-chart" in a}
-    assert {"cpu", "memory", "temperature", "latency_ms", "rps"} <= set(charts)
+    assert {"cpu", "memory", "latency_ms", "rps"} <= set(charts)
+    points = get_json(h.url + "/api/v1/devices/greenhouse-3/heartbeats")["points"]
+    # A Temperature panel only for a box that has temperature sensors: never an empty one.
+    sensors = any(p["temperature"] is not None for p in points)
+    assert ("temperature" in charts) == sensors
+    assert "no data for this period" not in charts.get("temperature", "")
     lines = [a["d"] for a, _ in dom.find("path", class_="line")]
     assert len(lines) >= 4  # cpu, memory, latency, throughput (no thermal zones here)
     assert all(d.startswith("M") and d.count("L") >= 3 for d in lines), lines
-    assert "no data for this period" in charts["temperature"] or "°C" in charts["temperature"]
     assert "req/s" in charts["rps"] and "%" in charts["cpu"]
+    # Upload counts in words, not "Records 34 (stream 86205208)".
+    facts = "".join(text for a, text in dom.find("div", class_="facts"))
+    assert "Reports received" in facts and "Reports lost on device" in facts
+    assert "stream" not in facts and "Records" not in facts
     models = {a["data-model"]: text for a, text in dom.find("tr") if "data-model" in a}
     assert "ready" in models["sensor-anomaly"] and "failed" in models["broken"]
     alerts = [a for a, _ in dom.find("tr") if a.get("data-alert") == "model_load_failures"]
@@ -171,3 +215,49 @@ def test_device_page_charts_and_screenshot(fleet: tuple[DaemonProcess, Path]) ->
     chromium(url, tmp / "profile-shot", f"--screenshot={shot}")
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000
+    shutil.copy(shot, SHOTS / "hub-device.png") if SHOTS else None
+    fleet_shot = tmp / "fleet.png"
+    chromium(h.url + "/", tmp / "profile-fleet-shot", f"--screenshot={fleet_shot}")
+    shutil.copy(fleet_shot, SHOTS / "hub-fleet.png") if SHOTS else None
+
+
+async def test_sign_in_form_and_kiosk_key_in_the_fragment(
+        fleet: tuple[DaemonProcess, Path]) -> None:
+    """A hub that needs keys: the page shows a form (no prompt()), a typed key signs in,
+    a wrong one is refused in words, and a kiosk opens /#key=... without typing."""
+    _, tmp = fleet
+    key = "apk_dashboard-test-key-0123456789abcdef"
+    keys = tmp / "hub-keys"
+    keys.write_text(f"dashboard read {hash_key(key)}\n", encoding="utf-8")
+    env = {"APPLIANCE_HUB_SECURITY__AUTH": "on",
+           "APPLIANCE_HUB_SECURITY__KEYS_FILE": str(keys)}
+    with hub(f"sqlite:///{tmp / 'hub.db'}", env=env) as locked:
+        async with browser(tmp / "profile-signin") as page:
+            await page.goto(locked.url + "/")
+            await page.wait_for("document.body.dataset.signin === '1'")
+            assert await page.evaluate("document.getElementById('signin').hidden") is False
+            assert await page.evaluate("document.getElementById('content').hidden") is True
+            await page.screenshot(tmp / "signin.png", full_page=False)
+            await page.type("#signin-key", "apk_not-the-right-key-000000000000000")
+            await page.press_enter()
+            await page.wait_for("!document.getElementById('signin-error').hidden")
+            refused = await page.evaluate("document.getElementById('signin-error').textContent")
+            assert "key" in refused.lower(), refused
+            await page.type("#signin-key", key)
+            await page.click("#signin button[type=submit]")
+            await page.wait_for("document.body.dataset.loaded === '1'")
+            rows = await page.evaluate("[...document.querySelectorAll('#fleet tr[data-device]')]"
+                                       ".map(r => r.dataset.device)")
+            assert set(rows) == {"greenhouse-3", "barn-1", "cellar-2"}
+            assert await page.evaluate("document.getElementById('signout').hidden") is False
+            await page.screenshot(tmp / "signed-in.png", full_page=False)
+        async with browser(tmp / "profile-kiosk") as kiosk:
+            await kiosk.goto(f"{locked.url}/#/devices/greenhouse-3&key={key}")
+            await kiosk.wait_for("document.body.dataset.loaded === '1'")
+            assert await kiosk.evaluate("document.body.dataset.signin") is None
+            # The key leaves the address bar; the device view it named stays.
+            assert await kiosk.evaluate("location.hash") == "#/devices/greenhouse-3"
+            await kiosk.wait_for("document.querySelector('#device [data-chart=cpu]') !== null")
+    if SHOTS:
+        for name in ("signin.png", "signed-in.png"):
+            shutil.copy(tmp / name, SHOTS / f"hub-{name}")

@@ -85,7 +85,7 @@ def test_cli_quantizes_onnx_and_reports_json(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "appliance", "models", "quantize", str(src),
          str(tmp_path / "q.onnx"), "--scheme", "static", "--calibration",
-         str(tmp_path / "cal.npz"), "--as-json"],
+         str(tmp_path / "cal.npz"), "--json"],
         capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)

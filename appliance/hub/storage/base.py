@@ -104,7 +104,7 @@ class Device:
     last_seq: int
     dropped: dict[str, int]
     latest: dict[str, Any] | None  # the newest heartbeat body
-    alerts_firing: int
+    alerts_firing: int  # every firing alert, device_offline included
     offline: bool  # a device_offline alert is firing
 
     def status(self) -> str:

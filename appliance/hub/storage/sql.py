@@ -32,8 +32,8 @@ _DEVICE_COLUMNS = (
     # A label given at enrolment wins over the name the device reports.
     "d.id, CASE WHEN d.label <> '' THEN d.label ELSE d.name END, d.version, d.enrolled, "
     "d.revoked, d.last_seen, d.last_heartbeat, d.stream, d.last_seq, d.dropped, d.latest, "
-    "(SELECT count(*) FROM alerts a WHERE a.device_id = d.id AND a.state = 'firing' "
-    f" AND a.rule <> '{OFFLINE_RULE}'), "
+    # Every firing alert, device_offline included: the same as /api/v1/alerts says.
+    "(SELECT count(*) FROM alerts a WHERE a.device_id = d.id AND a.state = 'firing'), "
     "(SELECT count(*) FROM alerts a WHERE a.device_id = d.id AND a.state = 'firing' "
     f" AND a.rule = '{OFFLINE_RULE}')"
 )

@@ -13,7 +13,16 @@ from appliance.core.service import Core
 from appliance.errors import Overloaded
 from appliance.security.access import AccessPolicy, daemon_policy
 from appliance.transports import ws
-from appliance.transports.http import oip, ollama, openai, openapi, ops, repository, security
+from appliance.transports.http import (
+    device_page,
+    oip,
+    ollama,
+    openai,
+    openapi,
+    ops,
+    repository,
+    security,
+)
 from appliance.transports.http.errors import from_exception
 from appliance.transports.http.keys import CONFIG, CORE, MODEL
 from appliance.transports.http.scopes import scope_of
@@ -58,7 +67,8 @@ def build_app(core: Core, config: Config, access: AccessPolicy | None = None
     app.add_routes(openai.routes)
     app.add_routes(oip.routes)
     app.add_routes(repository.routes)  # admin scope: load, unload, reload, canaries
-    app.add_routes(ollama.routes)  # also GET /, which Ollama clients probe
+    app.add_routes(ollama.routes)  # also GET /: Ollama clients probe it, browsers see the box
+    device_page.setup(app)  # /device: the data of the page GET / shows browsers
     ws.setup(app)
     app.on_startup.append(openapi.publish)  # once the router is complete
     return app

@@ -1,7 +1,8 @@
 """The human docs page: the OpenAPI document rendered as one self-contained HTML page.
 
-Server-rendered, so it works without JavaScript and on a box with no internet: no scripts,
-no web fonts, no CDN; the CSS is inline. Every value from the document goes through
+Server-rendered, so it works without JavaScript and on a box with no internet: no web
+fonts, no CDN; the CSS is inline, and the one script is the "Try it" forms'
+(:mod:`.docs_try`). Every value from the document goes through
 ``html.escape``. The page is rendered once per application; only the base URL of the curl
 examples is filled in per request, so they work when pasted on the reader's machine.
 """
@@ -16,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from appliance.transports.http import docs_try
 from appliance.transports.http.openapi_schemas import REF
 
 # Placeholders for the base URLs; they survive html.escape and cannot come from data.
@@ -92,11 +94,14 @@ class Page:
 
     def __init__(self, document: Mapping[str, Any]) -> None:
         self._template = _page(document)
-        css_hash = base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
-        # The page needs nothing but its own inline style: a browser that honours this
-        # policy runs no script and loads nothing, even if something slipped past escaping.
+        css_hash = _sha256(CSS + docs_try.CSS)
+        script_hash = _sha256(docs_try.SCRIPT)
+        # The page needs its own inline style and "Try it" script, which may only call this
+        # origin: a browser that honours this policy runs nothing else and loads nothing,
+        # even if something slipped past escaping.
         self.headers = {
             "Content-Security-Policy": f"default-src 'none'; style-src 'sha256-{css_hash}'; "
+            f"script-src 'sha256-{script_hash}'; connect-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
             "X-Content-Type-Options": "nosniff",
             "Referrer-Policy": "no-referrer",
@@ -161,14 +166,17 @@ def _page(doc: Mapping[str, Any]) -> str:
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)} {_e(info['version'])}</title><style>{CSS}</style></head><body>"
+        f"<title>{_e(title)} {_e(info['version'])}</title><style>{CSS}{docs_try.CSS}</style>"
+        "</head><body>"
         f'<header><h1>{_e(title)}<span class="version">v{_e(info["version"])}</span></h1>'
         f"{_markdown(info.get('summary', ''))}{_markdown(info.get('description', ''))}"
         '<p class="muted">Machine-readable: <a href="/openapi.json">/openapi.json</a> '
         '(OpenAPI 3.1) · Health: <a href="/health">/health</a> · '
-        'Metrics: <a href="/metrics">/metrics</a></p></header>'
+        'Metrics: <a href="/metrics">/metrics</a></p>'
+        f"{docs_try.KEY_BOX}</header>"
         f'<div class="layout"><nav aria-label="Contents">{"".join(nav)}</nav>'
-        f'<main>{"".join(sections)}</main></div></body></html>\n'
+        f'<main>{"".join(sections)}</main></div>'
+        f"<script>{docs_try.SCRIPT}</script></body></html>\n"
     )
 
 
@@ -215,6 +223,7 @@ def _operation(method: str, path: str, op: Mapping[str, Any], anchor: str,
         out.append("</td></tr>")
     out.append("</tbody></table>")
     out.append("<h4>Example</h4><pre><code>" + _e(_curl(method, path, op)) + "</code></pre>")
+    out.append(docs_try.form(method, path, op))
     out.append("</article>")
     return "".join(out)
 
@@ -256,6 +265,10 @@ def _rows(schema: Mapping[str, Any], prefix: str) -> Iterable[str]:
 
 _REQUIRED = '<span class="req">required</span>'
 _METHODS = {"get", "post", "put", "patch", "delete", "head", "options"}
+
+
+def _sha256(text: str) -> str:
+    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
 
 
 def _e(value: Any) -> str:

@@ -29,6 +29,7 @@ from appliance.core.service import Core, TokenStream
 from appliance.core.toolcalls import CallCollector
 from appliance.core.types import Capability, ModelInfo, ModelState, TokenChunk, ToolCall
 from appliance.errors import ApplianceError, RequestError
+from appliance.transports.http import device_page
 from appliance.transports.http.errors import read_json
 from appliance.transports.http.keys import CORE, MODEL
 from appliance.transports.http.ollama_schema import (
@@ -70,7 +71,10 @@ _FOREVER = "9999-12-31T23:59:59Z"
 
 @routes.get("/")
 async def root(request: web.Request) -> web.Response:
-    """Ollama's liveness answer; Ollama clients probe it before anything else."""
+    """Ollama's liveness answer; Ollama clients probe it before anything else. Browsers
+    (``Accept: text/html``) get the device page instead."""
+    if device_page.wants_html(request):
+        return device_page.page(request)
     return web.Response(text="Ollama is running")
 
 
@@ -349,7 +353,12 @@ def _tag(info: ModelInfo) -> TagModel:
 
 
 def _details(info: ModelInfo) -> ModelDetails:
-    return ModelDetails(format=info.runtime)
+    """Family, size and quantization as the model file states them (GGUF metadata)."""
+    family = info.details.get("family", "")
+    return ModelDetails(format=info.runtime, family=family,
+                        families=[family] if family else None,
+                        parameter_size=info.details.get("parameter_size", ""),
+                        quantization_level=info.details.get("quantization_level", ""))
 
 
 def _normalised(vector: list[float]) -> list[float]:

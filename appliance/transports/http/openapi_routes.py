@@ -135,10 +135,12 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     # Ollama-compatible
     ("GET", "/"): make_operation(
         OLLAMA, "ollamaRoot", "Ollama liveness probe",
-        "Answers `Ollama is running`, as Ollama does: its clients probe this first. "
+        "Answers `Ollama is running`, as Ollama does: its clients probe this first. A "
+        "browser (`Accept: text/html`) gets the device page instead, which reads `/device`. "
         "People looking for the API find it at `/docs`.",
-        {200: {"description": "Running.", "content": {"text/plain": {
-            "schema": {"const": "Ollama is running"}}}}},
+        {200: {"description": "Running, or the device page.", "content": {
+            "text/plain": {"schema": {"const": "Ollama is running"}},
+            "text/html": {"schema": {"type": "string"}}}}},
     ),
     ("GET", "/api/version"): make_operation(
         OLLAMA, "ollamaVersion", "Ollama API version",
@@ -276,6 +278,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "schema": {"type": "string"},
             "example": "# TYPE appliance_requests_total counter\n",
         }}}},
+    ),
+    ("GET", "/device"): make_operation(
+        OPS, "device", "What the device page shows",
+        "This device, its models and their state, chart points of the last hour (one per "
+        "health snapshot: cpu, memory, temperature, gpu, latency_ms, rps, tokens_s), the "
+        "alerts firing and the latest alert changes, and the MQTT topics it answers.",
+        {200: json_body("The device.", {"type": "object"})},
     ),
     ("GET", "/openapi.json"): make_operation(
         OPS, "openapi", "This API description",

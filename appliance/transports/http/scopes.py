@@ -56,6 +56,7 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/admin/models/{name}/rollback"): ADMIN,
     # Operations
     ("GET", "/health"): READ,
+    ("GET", "/device"): READ,
     ("GET", "/metrics"): READ,
     ("GET", "/openapi.json"): READ,
     ("GET", "/docs"): READ,

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import gguf
+import numpy as np
 import ollama
 import pytest
 
-from tests.conftest import DaemonProcess, daemon
+from tests.conftest import STORIES, DaemonProcess, daemon
 
 LLM = "stories260K"
 TAG = f"{LLM}:latest"
@@ -85,6 +87,16 @@ def test_ps_and_show(client: ollama.Client) -> None:
     assert shown.capabilities == ["completion", "embedding"]
     assert shown.modelinfo is not None
     assert shown.modelinfo["appliance.context_length"] == 2048
+    # Family, size and quantization from the GGUF file itself, read here with gguf-py.
+    reader = gguf.GGUFReader(str(STORIES))
+    params = sum(int(np.prod(t.shape)) for t in reader.tensors)
+    (tensor_type,) = {t.tensor_type.name for t in reader.tensors}  # no general.file_type
+    assert shown.details is not None
+    assert shown.details.family == "llama"
+    assert shown.details.parameter_size == f"{params / 1e3:.1f}K"
+    assert shown.details.quantization_level == tensor_type == "F32"
+    (listed,) = client.list().models
+    assert listed.details is not None and listed.details == shown.details
 
 
 # ------------------------------------------------------------------- generation
