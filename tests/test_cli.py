@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import time
@@ -95,7 +96,9 @@ def test_quantize_on_a_terminal_draws_a_bar_then_the_report(tmp_path: Path) -> N
     os.close(primary)
     assert proc.wait(timeout=30) == 0
     text = seen.decode("utf-8", "replace")
-    assert "\rquantizing to q4_0 [" in text and "30/30 tensors" in text, text[-2000:]
+    # The bar ends full: N/N, N the model's tensor count.
+    assert "\rquantizing to q4_0 [" in text, text[-2000:]
+    assert re.search(r"\b(\d+)/\1 tensors", text), text[-2000:]
     assert "converting to" not in text and "llama_model_loader" not in text, text[-2000:]
     report = text[text.rindex("measuring before and after..."):]
     assert "gguf-q4_0:" in report and "size" in report and "perplexity" in report

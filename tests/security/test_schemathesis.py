@@ -29,6 +29,9 @@ SEMANTIC_400 = {
     "has no canary running": "promote or roll back a model that has no canary",
     "does not support embeddings": "embeddings of a model that only generates",
     "but the vocabulary has": "a logit_bias token id beyond the model's vocabulary",
+    # A tool message answers an earlier assistant tool call: a rule between messages.
+    "is required for a tool message": "a tool message without the call it answers",
+    "matches no tool call of": "a tool message answering a call no assistant message made",
 }
 
 

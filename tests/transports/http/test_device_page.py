@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import gguf
+import numpy as np
 import ollama
 import pytest
 
@@ -97,11 +99,14 @@ async def test_a_browser_sees_the_device_and_ollama_clients_see_ollama(
             assert {m["name"]: m["state"] for m in state["models"]} == {
                 "sensor-anomaly": "ready", "home-intent": "ready", "broken": "failed"}
             # Ollama's /api/show names the GGUF's own quantization and size (home-intent:
-            # a Q8_0 file of 205,760 parameters).
+            # a Q8_0 file; its parameters counted here with gguf-py).
             with ollama.Client(host=box.url, headers={"Authorization": f"Bearer {KEY}"}) as olla:
                 details = olla.show("home-intent").details
             assert details is not None and details.quantization_level == "Q8_0"
-            assert details.parameter_size == "205.8K" and details.family == "llama"
+            reader = gguf.GGUFReader(str(home_intent_file()))
+            params = sum(int(np.prod(t.shape)) for t in reader.tensors)
+            assert details.parameter_size == f"{params / 1e3:.1f}K"
+            assert details.family == "llama"
             topics = [t["topic"] for t in state["mqtt"]["topics"]]
             assert "appliance/greenhouse-3/infer/sensor-anomaly" in topics
 
@@ -142,3 +147,12 @@ async def test_a_browser_sees_the_device_and_ollama_clients_see_ollama(
     assert shot.read_bytes().startswith(b"\x89PNG")
     if SHOTS:
         shutil.copy(shot, SHOTS / "device-page.png")
+
+
+def home_intent_file() -> Path:
+    """The GGUF file the shipped home-intent manifest names."""
+    import tomllib
+
+    directory = Path(__file__).resolve().parents[3] / "models" / "home-intent"
+    manifest = tomllib.loads((directory / "manifest.toml").read_text())
+    return directory / str(manifest["file"])
