@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,9 +31,10 @@ from appliance.core.repository import collect
 from appliance.core.service import Core
 from appliance.core.types import ModelState
 from appliance.errors import ConfigError
+from appliance.ops.signals import ServeSignals
 from appliance.security.access import AccessPolicy, daemon_policy, reload_daemon_keys
 from appliance.security.crypto import load_cipher
-from appliance.security.tls import reload_certificate, server_context
+from appliance.security.tls import async_reload_certificate, server_context
 from appliance.transports.http import build_app
 from appliance.transports.http.device_page import RECENT
 from appliance.transports.http.security import runner_options
@@ -70,8 +70,6 @@ class Server:
         self.alerts: AlertEngine | None = None
         self.recent: Recent | None = None
         self.addresses: list[tuple[str, int]] = []
-        self._stop = asyncio.Event()
-        self._force = False
         self._stack = contextlib.AsyncExitStack()
         self.access: AccessPolicy | None = None  # API keys and network checks, at startup
         self.tls: ssl.SSLContext | None = None
@@ -79,8 +77,7 @@ class Server:
         # told True before and False after (the systemd unit sends RELOADING=1 / READY=1).
         self.reload_hooks: list[Callable[[], Awaitable[None]]] = []
         self.reload_observers: list[Callable[[bool], None]] = []
-        self._reload_task: asyncio.Task[None] | None = None
-        self._reload_again = False  # a SIGHUP came during a reload: run one more after it
+        self._signals = ServeSignals(self.reload, name="appliance-reload")
         self.systemd: SystemdNotify | None = None
 
     @property
@@ -90,15 +87,15 @@ class Server:
 
     async def serve(self) -> None:
         """Run until :meth:`request_stop` or a signal."""
-        self._install_signal_handlers()
+        self._signals.install()
         try:
             await self.startup()
-            await self._stop.wait()
+            await self._signals.stop.wait()
         finally:
             await self.shutdown()
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self._signals.stop.set()
 
     async def startup(self) -> None:
         config = self.config
@@ -229,15 +226,8 @@ class Server:
         """Read http.tls_cert_file and its key again; new connections get the new
         certificate (SIGHUP). Files that do not load leave the certificate in use."""
         http = self.config.http
-        if self.tls is None or http.tls_cert_file is None:
-            return
-        try:
-            await asyncio.to_thread(reload_certificate, self.tls, http.tls_cert_file,
-                                    http.tls_key_file, http.tls_min_version)
-        except ConfigError as exc:
-            log.error("TLS certificate NOT reloaded, the previous one stays in use: %s", exc)
-            return
-        log.info("TLS certificate reloaded from %s", http.tls_cert_file)
+        await async_reload_certificate(self.tls, http.tls_cert_file, http.tls_key_file,
+                                       http.tls_min_version)
 
     async def reload(self) -> None:
         """Run the reload hooks (what SIGHUP does); observers hear the start and the end."""
@@ -284,47 +274,9 @@ class Server:
 
     async def shutdown(self) -> None:
         log.info("shutting down")
-        if self._reload_task is not None:
-            self._reload_task.cancel()
-            await asyncio.gather(self._reload_task, return_exceptions=True)
+        await self._signals.close()
         await self._stack.aclose()
         log.info("stopped")
-
-    def _install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._on_signal, sig)
-        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
-
-    def _on_hangup(self) -> None:
-        if self._stop.is_set():
-            return
-        if self._reload_task is not None and not self._reload_task.done():
-            # Not dropped: it may revoke a key the running reload has not seen yet. Any
-            # number of these while one runs make one more reload.
-            log.info("received SIGHUP while reloading; reloading again once this one ends")
-            self._reload_again = True
-            return
-        log.info("received SIGHUP; reloading")
-        self._reload_task = asyncio.create_task(self._reload_until_current(),
-                                                name="appliance-reload")
-
-    async def _reload_until_current(self) -> None:
-        while True:
-            self._reload_again = False
-            await self.reload()
-            if not self._reload_again or self._stop.is_set():
-                return
-
-    def _on_signal(self, sig: int) -> None:
-        if self._stop.is_set() and sig == signal.SIGINT and not self._force:
-            self._force = True
-            log.warning("second interrupt: exiting now")
-            raise SystemExit(130)
-        log.info("received %s; stopping gracefully", signal.Signals(sig).name)
-        self._stop.set()
 
 
 def _url_host(host: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import ssl
 import urllib.parse
 from collections.abc import Callable
@@ -24,9 +23,10 @@ from appliance.hub.config import HubConfig, storage_url
 from appliance.hub.metrics import HubMetrics
 from appliance.hub.monitor import OfflineMonitor, Retention
 from appliance.hub.storage import from_url
+from appliance.ops.signals import ServeSignals
 from appliance.ops.systemd import SystemdNotify
 from appliance.security.access import AccessPolicy, hub_policy, reload_hub_keys
-from appliance.security.tls import reload_certificate, server_context
+from appliance.security.tls import async_reload_certificate, server_context
 from appliance.transports.http.security import runner_options
 
 log = logging.getLogger(__name__)
@@ -48,31 +48,23 @@ class HubServer:
         self.addresses: list[tuple[str, int]] = []
         self.access: AccessPolicy | None = None
         self.tls: ssl.SSLContext | None = None
-        self._stop = asyncio.Event()
-        self._force = False
         self._stack = contextlib.AsyncExitStack()
-        self._reload_task: asyncio.Task[None] | None = None
-        self._reload_again = False
+        self._signals = ServeSignals(self.reload, name="hub-reload")
 
     @property
     def port(self) -> int:
         return self.addresses[0][1]
 
     async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._on_signal, sig)
-        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        self._signals.install()
         try:
             await self.startup()
-            await self._stop.wait()
+            await self._signals.stop.wait()
         finally:
             await self.shutdown()
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self._signals.stop.set()
 
     async def startup(self) -> None:
         config = self.config
@@ -115,9 +107,7 @@ class HubServer:
 
     async def shutdown(self) -> None:
         log.info("hub shutting down")
-        if self._reload_task is not None:
-            self._reload_task.cancel()
-            await asyncio.gather(self._reload_task, return_exceptions=True)
+        await self._signals.close()
         await self._stack.aclose()
         log.info("hub stopped")
 
@@ -134,41 +124,8 @@ class HubServer:
             except ConfigError as exc:
                 log.error("API keys NOT reloaded, the previous keys stay in use: %s", exc)
         http = self.config.http
-        if self.tls is not None and http.tls_cert_file is not None:
-            try:
-                await asyncio.to_thread(reload_certificate, self.tls, http.tls_cert_file,
-                                        http.tls_key_file, http.tls_min_version)
-            except ConfigError as exc:
-                log.error("TLS certificate NOT reloaded, the previous one stays in use: %s",
-                          exc)
-            else:
-                log.info("TLS certificate reloaded from %s", http.tls_cert_file)
-
-    def _on_hangup(self) -> None:
-        if self._stop.is_set():
-            return
-        if self._reload_task is not None and not self._reload_task.done():
-            # Not dropped: it may revoke a key the running reload has not seen yet.
-            self._reload_again = True
-            return
-        log.info("received SIGHUP; reloading")
-        self._reload_task = asyncio.create_task(self._reload_until_current(),
-                                                name="hub-reload")
-
-    async def _reload_until_current(self) -> None:
-        while True:
-            self._reload_again = False
-            await self.reload()
-            if not self._reload_again or self._stop.is_set():
-                return
-
-    def _on_signal(self, sig: int) -> None:
-        if self._stop.is_set() and sig == signal.SIGINT and not self._force:
-            self._force = True
-            log.warning("second interrupt: exiting now")
-            raise SystemExit(130)
-        log.info("received %s; stopping gracefully", signal.Signals(sig).name)
-        self._stop.set()
+        await async_reload_certificate(self.tls, http.tls_cert_file, http.tls_key_file,
+                                       http.tls_min_version)
 
 
 async def _nothing_to_wait_for() -> None:

@@ -12,8 +12,10 @@ overwritten without ``--force``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import logging
 import os
 import re
 import ssl
@@ -27,6 +29,8 @@ from appliance.errors import ConfigError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
     from cryptography.x509 import Certificate, ExtendedKeyUsage, GeneralName
+
+log = logging.getLogger(__name__)
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -77,6 +81,21 @@ def reload_certificate(context: ssl.SSLContext, cert_file: Path, key_file: Path 
     except (OSError, ssl.SSLError) as exc:  # the files changed again in between
         raise ConfigError(f"{key}.tls_cert_file = {str(cert_file)!r}: cannot load the "
                           f"certificate and key: {exc}") from None
+
+
+async def async_reload_certificate(context: ssl.SSLContext | None, cert_file: Path | None,
+                                   key_file: Path | None, min_version: str) -> None:
+    """SIGHUP for a TLS-serving process: :func:`reload_certificate` off the loop, logged. A
+    process serving plain HTTP (no context or no certificate) has nothing to do; files that
+    do not load leave the certificate in use and log why."""
+    if context is None or cert_file is None:
+        return
+    try:
+        await asyncio.to_thread(reload_certificate, context, cert_file, key_file, min_version)
+    except ConfigError as exc:
+        log.error("TLS certificate NOT reloaded, the previous one stays in use: %s", exc)
+        return
+    log.info("TLS certificate reloaded from %s", cert_file)
 
 
 def common_name(peercert: Mapping[str, Any] | None) -> str | None:
