@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from importlib import resources
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,6 +19,7 @@ from appliance.hub.ingest import Forbidden, HubRequestError, Unauthorized
 from appliance.hub.keys import CONFIG, METRICS, STARTED, STORAGE
 from appliance.hub.metrics import HubMetrics
 from appliance.hub.storage.base import Storage
+from appliance.pages import read_page
 from appliance.security.access import AccessPolicy, hub_policy
 from appliance.security.ratelimit import retry_after
 from appliance.transports.http import security
@@ -106,7 +106,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _dashboard_page() -> str:
-    return resources.files("appliance.hub").joinpath("static/dashboard.html").read_text("utf-8")
+    return read_page("appliance.hub", "static/dashboard.html")
 
 
 @routes.get("/")

@@ -14,7 +14,6 @@ the key from ``#key=...`` for a kiosk).
 from __future__ import annotations
 
 import time
-from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +21,7 @@ from aiohttp import web
 from appliance import __version__
 from appliance.config import Config
 from appliance.ops.recent import Recent
+from appliance.pages import read_page
 from appliance.transports.http.keys import CONFIG, CORE
 
 RECENT = web.AppKey("recent", Recent)
@@ -42,8 +42,7 @@ def setup(app: web.Application) -> Recent:
     """Add ``/device`` and the page to ``app``; the returned :class:`Recent` is to be
     attached to the health units once they run."""
     app[RECENT] = recent = Recent()
-    app[PAGE] = (resources.files("appliance.transports.http")
-                 .joinpath("static/device.html").read_text("utf-8"))
+    app[PAGE] = read_page("appliance.transports.http", "static/device.html")
     app.add_routes(routes)
     return recent
 
