@@ -38,7 +38,8 @@ class Section(BaseModel):
 
 
 class TlsFilesSection(Section):
-    """A section with ``tls_cert_file``/``tls_key_file`` fields: a key needs its certificate.
+    """A section with ``tls_cert_file``/``tls_key_file`` (and maybe ``tls_client_ca``)
+    fields: a key, and a client CA, need the section's certificate.
 
     The fields themselves (and their descriptions) stay in each section; this base holds
     the one cross-field check they share.
@@ -49,6 +50,14 @@ class TlsFilesSection(Section):
     def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is not None and info.data.get("tls_cert_file") is None:
             raise ValueError("tls_key_file needs tls_cert_file")
+        return value
+
+    @field_validator("tls_client_ca", check_fields=False)
+    @classmethod
+    def _client_ca_needs_tls(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_cert_file") is None:
+            raise ValueError("tls_client_ca needs tls_cert_file: client certificates are "
+                             "part of a TLS handshake")
         return value
 
 

@@ -72,14 +72,6 @@ class HttpConfig(TlsFilesSection):
         "need an API key as usual) and still refuses a certificate the CA did not sign.",
     )
 
-    @field_validator("tls_client_ca")
-    @classmethod
-    def _client_ca_needs_tls(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is not None and info.data.get("tls_cert_file") is None:
-            raise ValueError("tls_client_ca needs tls_cert_file: client certificates are "
-                             "part of a TLS handshake")
-        return value
-
 
 class ModelsConfig(Section):
     """Where models come from and how much work each may queue."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from appliance.config import AccessConfig, LimitsConfig, Section, load_model, reference
 from appliance.config.base import TlsFilesSection
@@ -56,14 +56,6 @@ class HubHttpConfig(TlsFilesSection):
         "'optional' lets such clients in (they need an API key or device token as usual) "
         "and still refuses a certificate the CA did not sign.",
     )
-
-    @field_validator("tls_client_ca")
-    @classmethod
-    def _client_ca_needs_tls(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is not None and info.data.get("tls_cert_file") is None:
-            raise ValueError("tls_client_ca needs tls_cert_file: client certificates are "
-                             "part of a TLS handshake")
-        return value
 
 
 class StorageConfig(Section):
