@@ -6,12 +6,8 @@ certificates when ``http.tls_client_ca`` is set, as the daemon does."""
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import ssl
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,14 +16,10 @@ import pytest
 
 from appliance.security import tls
 from appliance.security.keys import hash_key, new_key
-from tests.conftest import ROOT, DaemonProcess, daemon
+from tests.conftest import DaemonProcess, daemon
 from tests.hub.conftest import enroll_direct, hub
-
-
-def _cli(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
-    assert done.returncode == 0, done.stderr
+from tests.security.test_key_reload import _hangup
+from tests.security.test_mtls import _cli
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +51,6 @@ def _cert_serial(path: Path) -> int:
     from cryptography import x509
 
     return int(x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
-
-
-def _hangup(proc: DaemonProcess, expect: str, timeout: float = 30) -> str:
-    seen = len(proc.log)
-    proc.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in proc.log[seen:]:
-            if expect in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no {expect!r} after SIGHUP:\n" + "\n".join(proc.log[seen:]))
 
 
 def _port(proc: DaemonProcess) -> int:
@@ -176,11 +156,7 @@ def test_hub_asks_for_client_certificates(pki: Path, tmp_path: Path) -> None:
     token = enroll_direct(storage, "box-1")
     ca = pki / tls.CA_CERT
     client = (pki / "reader.pem", pki / "reader-key.pem")
-    env = {"APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(pki / "old.pem"),
-           "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(pki / "old-key.pem"),
-           "APPLIANCE_HUB_HTTP__TLS_CLIENT_CA": str(ca),
-           "APPLIANCE_HUB_SECURITY__AUTH": "on",
-           "APPLIANCE_HUB_SECURITY__CLIENT_CERTS": "reader:read"}
+    env = _mtls_hub_env(pki)
     with hub(storage, env=env) as process:
         port = _port(process)
         with pytest.raises((ssl.SSLError, ConnectionError)):
@@ -209,11 +185,7 @@ def test_a_device_uploads_to_a_hub_that_requires_client_certificates(
     token = enroll_direct(storage, "box-2")
     ca = pki / tls.CA_CERT
     client = (pki / "reader.pem", pki / "reader-key.pem")
-    env = {"APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(pki / "old.pem"),
-           "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(pki / "old-key.pem"),
-           "APPLIANCE_HUB_HTTP__TLS_CLIENT_CA": str(ca),
-           "APPLIANCE_HUB_SECURITY__AUTH": "on",
-           "APPLIANCE_HUB_SECURITY__CLIENT_CERTS": "reader:read"}
+    env = _mtls_hub_env(pki)
     (tmp_path / "models").mkdir()
     with hub(storage, env=env) as process:
         url = process.url.replace("127.0.0.1", "localhost")
@@ -231,3 +203,13 @@ def test_a_device_uploads_to_a_hub_that_requires_client_certificates(
                                    APPLIANCE_HUB__TLS_KEY_FILE=str(pki / "new-key.pem"))
         with daemon("--models-dir", str(tmp_path / "models"), env=device_env):
             poll("a heartbeat over mutual TLS", seen)
+
+
+def _mtls_hub_env(pki: Path) -> dict[str, str]:
+    """A hub on the old certificate that requires client certificates of our CA and lets
+    the reader certificate's CN stand in for a read key."""
+    return {"APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(pki / "old.pem"),
+            "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(pki / "old-key.pem"),
+            "APPLIANCE_HUB_HTTP__TLS_CLIENT_CA": str(pki / tls.CA_CERT),
+            "APPLIANCE_HUB_SECURITY__AUTH": "on",
+            "APPLIANCE_HUB_SECURITY__CLIENT_CERTS": "reader:read"}
