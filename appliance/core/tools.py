@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from appliance.core.types import ChatMessage, Tool, ToolCall, ToolUse
@@ -152,6 +152,20 @@ def tool_calls_of(raw: Any, where: str) -> tuple[ToolCall, ...]:
             raise RequestError(f"{at}.id must be a string", param=f"{at}.id")
         calls.append(ToolCall(id=call_id, name=function["name"], arguments=arguments))
     return tuple(calls)
+
+
+def conversation(turns: Iterable[tuple[str, str, Any, str | None]], *,
+                 ids_required: bool = False) -> tuple[ChatMessage, ...]:
+    """The chat turns of a request, each ``(role, text, raw tool_calls, tool_call_id)`` as
+    a transport parsed it, with their tool calls read (:func:`tool_calls_of`) and the
+    conversation checked (:func:`check_conversation`): what every transport needs."""
+    messages = tuple(
+        ChatMessage(role, content,
+                    tool_calls=tool_calls_of(calls, f"messages[{i}].tool_calls"),
+                    tool_call_id=call_id)
+        for i, (role, content, calls, call_id) in enumerate(turns))
+    check_conversation(messages, ids_required=ids_required)
+    return messages
 
 
 def check_conversation(messages: Sequence[ChatMessage], *, ids_required: bool = False) -> None:

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from appliance.core.sampling import SEED_SCHEMA, STOP_SCHEMA, sampling_params
-from appliance.core.tools import check_conversation, tool_calls_of, tool_use
+from appliance.core.tools import conversation, tool_use
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
@@ -171,12 +171,8 @@ class ChatRequest(_Generation):
     tools: Any = Field(default=None, description="Functions the model may call.")
 
     def to_core(self) -> GenerateRequest:
-        messages = tuple(
-            ChatMessage(role=m.role, content=m.content,
-                        tool_calls=tool_calls_of(m.tool_calls, f"messages[{i}].tool_calls"),
-                        tool_call_id=m.tool_call_id)
-            for i, m in enumerate(self.messages))
-        check_conversation(messages)
+        messages = conversation((m.role, m.content, m.tool_calls, m.tool_call_id)
+                                for m in self.messages)
         return GenerateRequest(messages=messages, params=self.sampling(),
                                tools=tool_use(self.tools))
 

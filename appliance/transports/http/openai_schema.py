@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from appliance.core.sampling import STOP_SCHEMA, sampling_params
-from appliance.core.tools import check_conversation, tool_calls_of, tool_use
-from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
+from appliance.core.tools import conversation, tool_use
+from appliance.core.types import GenerateRequest, SamplingParams
 from appliance.errors import RequestError
 
 MAX_STOP = 16
@@ -150,12 +150,8 @@ class ChatCompletionRequest(_Sampling):
                                      "(default true).")
 
     def to_core(self) -> GenerateRequest:
-        messages = tuple(
-            ChatMessage(role=m.role, content=m.text(),
-                        tool_calls=tool_calls_of(m.tool_calls, f"messages[{i}].tool_calls"),
-                        tool_call_id=m.tool_call_id)
-            for i, m in enumerate(self.messages))
-        check_conversation(messages, ids_required=True)
+        messages = conversation(((m.role, m.text(), m.tool_calls, m.tool_call_id)
+                                 for m in self.messages), ids_required=True)
         limit = self.max_completion_tokens or self.max_tokens
         return GenerateRequest(
             messages=messages, params=self.sampling(limit, self.response_format),

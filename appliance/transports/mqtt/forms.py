@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from appliance.core import oip_msgpack
 from appliance.core.oip import decode_request, encode_outputs
-from appliance.core.tools import check_conversation, tool_calls_of, tool_use
+from appliance.core.tools import conversation, tool_use
 from appliance.core.types import (
     DATATYPES,
     Array,
@@ -274,12 +274,8 @@ def _generate(body: dict[str, Any]) -> GenerateCall:
     messages = None
     tools = None
     if parsed.messages is not None:
-        messages = tuple(
-            ChatMessage(m.role, m.content,
-                        tool_calls=tool_calls_of(m.tool_calls, f"messages[{i}].tool_calls"),
-                        tool_call_id=m.tool_call_id)
-            for i, m in enumerate(parsed.messages))
-        check_conversation(messages)
+        messages = conversation((m.role, m.content, m.tool_calls, m.tool_call_id)
+                                for m in parsed.messages)
         tools = tool_use(parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls)
     elif parsed.tools is not None:
         raise RequestError("tools need messages (a chat)", param="tools")

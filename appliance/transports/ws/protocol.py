@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, Valid
 
 from appliance.core import oip_msgpack
 from appliance.core.sampling import sampling_params
-from appliance.core.tools import check_conversation, tool_calls_of, tool_use
-from appliance.core.types import ChatMessage, GenerateRequest, ToolCall, ToolCallDelta
+from appliance.core.tools import conversation, tool_use
+from appliance.core.types import GenerateRequest, ToolCall, ToolCallDelta
 from appliance.errors import RequestError
 from appliance.transports import strictjson
 
@@ -97,12 +97,8 @@ class Generate(_Message):
             json_object=self.json_object,
         )
         if self.messages is not None:
-            turns = tuple(
-                ChatMessage(role=m.role, content=m.content,
-                            tool_calls=tool_calls_of(m.tool_calls, f"messages[{i}].tool_calls"),
-                            tool_call_id=m.tool_call_id)
-                for i, m in enumerate(self.messages))
-            check_conversation(turns)
+            turns = conversation((m.role, m.content, m.tool_calls, m.tool_call_id)
+                                 for m in self.messages)
             return GenerateRequest(messages=turns, params=params, tools=tool_use(
                 self.tools, self.tool_choice, self.parallel_tool_calls))
         if self.tools is not None:
