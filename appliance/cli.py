@@ -127,8 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models":
         return _list_models(cfg, as_json=args.json)
 
-    from appliance import logs, server
-    from appliance.ops import instance
+    from appliance import server
+    from appliance.ops import instance, logs
 
     logs.setup(cfg.logging.level)
     config_error = _config_error(args.config_error)

@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 
 from appliance import config as config_mod
-from appliance.core import oip, oip_msgpack
+from appliance.protocol import oip, oip_msgpack
 from appliance.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Find appliances on the LAN and spread requests over them.
 
 Appliances announce themselves over mDNS/DNS-SD (``_appliance._tcp``, see
-:mod:`appliance.dnssd` for the TXT record). A browser keeps the set current as they come,
+:mod:`appliance.protocol.dnssd` for the TXT record). A browser keeps the set current as they come,
 change (readiness, models) and go, and picks a ready one serving a model::
 
     from openai import OpenAI
@@ -26,7 +26,7 @@ from appliance.client.errors import (
     NoApplianceAvailable,
 )
 from appliance.client.pool import AppliancePool
-from appliance.dnssd import Appliance
+from appliance.protocol.dnssd import Appliance
 
 __all__ = [
     "Appliance",

@@ -23,7 +23,12 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from appliance.client.errors import DiscoveryTimeout, InterfaceNotFound
 from appliance.client.pool import AppliancePool, Predicate
-from appliance.dnssd import SERVICE_TYPE, Appliance, appliance_from_info, resolve_interfaces
+from appliance.protocol.dnssd import (
+    SERVICE_TYPE,
+    Appliance,
+    appliance_from_info,
+    resolve_interfaces,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from appliance.client.errors import DiscoveryTimeout, NoApplianceAvailable
-from appliance.dnssd import Appliance
+from appliance.protocol.dnssd import Appliance
 
 Predicate = Callable[[list[Appliance]], bool]
 

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
               else json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     if command == "run":
-        from appliance import logs
         from appliance.hub import server
+        from appliance.ops import logs
 
         logs.setup(cfg.logging.level)
         return server.run(cfg, load_config=lambda: hub_config.load(

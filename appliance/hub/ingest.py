@@ -25,7 +25,7 @@ from appliance.errors import RequestError
 from appliance.hub.keys import METRICS, STORAGE
 from appliance.hub.storage.base import AlertChange, Batch, Incoming, Point
 from appliance.hub.tokens import hash_token
-from appliance.transports import strictjson
+from appliance.protocol import strictjson
 
 routes = web.RouteTableDef()
 

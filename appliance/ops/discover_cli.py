@@ -1,7 +1,7 @@
 """``appliance discover``: list the appliances announcing themselves on the LAN.
 
 Browses ``_appliance._tcp`` over mDNS for a while and prints what answered, as a table or
-(``--json``) a JSON list of :meth:`appliance.dnssd.Appliance.to_json` objects. Finding none
+(``--json``) a JSON list of :meth:`appliance.protocol.dnssd.Appliance.to_json` objects. Finding none
 is not an error: the list is empty and the exit status 0.
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from appliance.dnssd import Appliance, parse_interface_list
+from appliance.protocol.dnssd import Appliance, parse_interface_list
 
 ENV_INTERFACES = "APPLIANCE_MDNS__INTERFACES"
 

@@ -3,7 +3,7 @@
 A lifecycle unit started once the HTTP socket is bound (so the real port is known). It
 registers two services under the device's name, our own ``_appliance._tcp`` for clients
 that look for appliances and ``_http._tcp`` for anything that lists web services, both
-carrying the TXT record of :mod:`appliance.dnssd`. The record is rebuilt when model states
+carrying the TXT record of :mod:`appliance.protocol.dnssd`. The record is rebuilt when model states
 change (debounced, so a burst of loads is one update), the interfaces are rescanned every
 ``mdns.rescan_interval`` seconds (a box that boots before DHCP answers still gets announced,
 a new address is re-announced), a name taken by another device is replaced by a unique one
@@ -36,7 +36,7 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.core.service import Core
 from appliance.core.types import ModelState
-from appliance.dnssd import (
+from appliance.protocol.dnssd import (
     HTTP_SERVICE_TYPE,
     SERVICE_TYPE,
     Announcement,

@@ -9,10 +9,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from appliance.core import oip_msgpack
 from appliance.core.sampling import check_sampling
 from appliance.core.types import DATATYPES, SamplingParams
 from appliance.errors import RequestError
+from appliance.protocol import oip_msgpack
 
 NUMERIC = [name for name in DATATYPES if name != "BYTES"]
 

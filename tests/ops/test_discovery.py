@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from appliance import __version__
-from appliance.dnssd import HTTP_SERVICE_TYPE, SERVICE_TYPE
+from appliance.protocol.dnssd import HTTP_SERVICE_TYPE, SERVICE_TYPE
 from tests.conftest import DEFAULT_MODELS, STORIES, DaemonProcess
 from tests.ops.netns import (
     Netns,

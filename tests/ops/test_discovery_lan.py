@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from appliance.dnssd import SERVICE_TYPE
+from appliance.protocol.dnssd import SERVICE_TYPE
 from tests.conftest import DEFAULT_MODELS
 from tests.ops.netns import (
     Lan,

@@ -9,7 +9,9 @@ from zeroconf import ServiceInfo
 
 from appliance import config as config_mod
 from appliance.client import AppliancePool, NoApplianceAvailable
-from appliance.dnssd import (
+from appliance.errors import ConfigError
+from appliance.ops.discover_cli import table
+from appliance.protocol.dnssd import (
     MAX_TXT_RECORD,
     MAX_TXT_STRING,
     SERVICE_TYPE,
@@ -21,8 +23,6 @@ from appliance.dnssd import (
     parse_interface_list,
     resolve_interfaces,
 )
-from appliance.errors import ConfigError
-from appliance.ops.discover_cli import table
 
 
 def _txt_size(txt: dict[str, str]) -> int:

@@ -191,7 +191,7 @@ def test_hub_ready_and_stopping(systemd: FakeSystemd, tmp_path: Path) -> None:
 def test_journald_lines_carry_priority_and_no_timestamp(tmp_path: Path) -> None:
     """With stderr being the journal stream systemd connected, lines start with <N>."""
     log = tmp_path / "stderr"
-    code = ("import logging; from appliance import logs; logs.setup('info'); "
+    code = ("import logging; from appliance.ops import logs; logs.setup('info'); "
             "logging.getLogger('t').warning('w'); logging.getLogger('t').info('i'); "
             "logging.getLogger('t').debug('d')")
     with log.open("w") as err:

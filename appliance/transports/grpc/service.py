@@ -1,6 +1,6 @@
 """The ``inference.GRPCInferenceService`` servicer: translate messages, call the core.
 
-Tensors are decoded by the same Open Inference Protocol decoder as HTTP (``core/oip.py``):
+Tensors are decoded by the same Open Inference Protocol decoder as HTTP (``protocol/oip.py``):
 ``raw_input_contents`` becomes the binary tensor data extension's form and typed
 ``contents`` become its ``data`` lists, so every check and message is shared. Outputs
 always go back in ``raw_output_contents``, as Triton answers.
@@ -22,8 +22,6 @@ from typing import Any, TypeVar
 import grpc
 
 from appliance import __version__
-from appliance.core import oip
-from appliance.core.oip import DecodedRequest
 from appliance.core.service import Core
 from appliance.core.types import ModelInfo, ModelState
 from appliance.errors import (
@@ -37,6 +35,8 @@ from appliance.errors import (
     ShuttingDown,
     Unauthenticated,
 )
+from appliance.protocol import oip
+from appliance.protocol.oip import DecodedRequest
 from appliance.security.access import AccessPolicy
 from appliance.transports.grpc import grpc_service_pb2 as pb
 from appliance.transports.http.scopes import scope_of

@@ -14,7 +14,6 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.core import oip_msgpack
 from appliance.errors import (
     Forbidden,
     ModelNotFound,
@@ -27,7 +26,7 @@ from appliance.errors import (
     ShuttingDown,
     Unauthenticated,
 )
-from appliance.transports import strictjson
+from appliance.protocol import oip_msgpack, strictjson
 from appliance.transports.http.keys import CONFIG
 from appliance.transports.http.negotiation import answers_msgpack
 
@@ -142,7 +141,7 @@ async def read_json(request: web.Request) -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
-    """``raw`` parsed by the strict reader (``appliance.transports.strictjson``)."""
+    """``raw`` parsed by the strict reader (``appliance.protocol.strictjson``)."""
     if not raw:
         raise RequestError("the request body is empty; a JSON object is expected", param="body")
     return strictjson.loads(raw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from appliance.core.oip_msgpack import CONTENT_TYPES
+from appliance.protocol.oip_msgpack import CONTENT_TYPES
 
 
 def msgpack_request(request: web.Request) -> bool:

@@ -13,10 +13,10 @@ from typing import Any
 from aiohttp import web
 
 from appliance import __version__
-from appliance.core import oip_msgpack
-from appliance.core.oip import PLATFORMS, decode_request, encode_outputs
 from appliance.core.types import Array, Capability, ModelInfo, ModelState
 from appliance.errors import ModelUnavailable, RequestError, UnsupportedOperation
+from appliance.protocol import oip_msgpack
+from appliance.protocol.oip import PLATFORMS, decode_request, encode_outputs
 from appliance.transports.http.errors import error_response, parse_json
 from appliance.transports.http.keys import CORE, MODEL
 from appliance.transports.http.negotiation import answers_msgpack, msgpack_request

@@ -22,7 +22,6 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from appliance.core import oip_msgpack
 from appliance.errors import (
     ModelNotFound,
     ModelUnavailable,
@@ -31,6 +30,7 @@ from appliance.errors import (
     RequestError,
     ShuttingDown,
 )
+from appliance.protocol import oip_msgpack
 
 log = logging.getLogger(__name__)
 

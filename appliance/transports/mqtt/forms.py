@@ -2,7 +2,7 @@
 
 - Open Inference Protocol v2: ``{"inputs": [{"name", "datatype", "shape", "data"}], ...}``.
   In MessagePack a tensor's ``data`` may also be raw little-endian bytes, and numeric
-  output tensors come back as raw bytes (``core/oip_msgpack.py``, as over HTTP).
+  output tensors come back as raw bytes (``protocol/oip_msgpack.py``, as over HTTP).
 - Simple tensor form: ``{"data": [...]}`` (or a bare array) for a single-input model, or
   ``{"inputs": {"<name>": [...]}}``; nested lists take the input's datatype, and a missing
   batch dimension is added (and taken off the outputs again).
@@ -24,8 +24,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from appliance.core import oip_msgpack
-from appliance.core.oip import decode_request, encode_outputs
 from appliance.core.tools import conversation, tool_use
 from appliance.core.types import (
     DATATYPES,
@@ -39,6 +37,8 @@ from appliance.core.types import (
     TensorSpec,
 )
 from appliance.errors import ModelUnavailable, RequestError
+from appliance.protocol import oip_msgpack
+from appliance.protocol.oip import decode_request, encode_outputs
 
 ENVELOPE_KEYS = ("id", "reply_to")
 MAX_STOP = 4

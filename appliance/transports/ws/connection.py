@@ -19,9 +19,9 @@ import msgpack
 from aiohttp import WSMsgType, web
 
 from appliance.config import WebSocketConfig
-from appliance.core import oip, oip_msgpack
 from appliance.core.service import Core
 from appliance.core.toolcalls import CallCollector
+from appliance.protocol import oip, oip_msgpack
 from appliance.transports.ws import protocol
 from appliance.transports.ws.errors import error_message, reply
 from appliance.transports.ws.protocol import BadMessage, Cancel, Embed, Generate, Infer, Ping

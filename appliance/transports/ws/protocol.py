@@ -1,7 +1,7 @@
 """The messages of the WebSocket protocol, separate from the connection that carries them.
 
 Every message is a JSON object in a text frame, or the same object as MessagePack in a
-binary frame (tensor ``data`` may then be raw bytes; see ``core/oip_msgpack.py``). Replies
+binary frame (tensor ``data`` may then be raw bytes; see ``protocol/oip_msgpack.py``). Replies
 go back in the kind of frame their request came in. Every request carries an ``id`` (a
 string or an integer) that its replies echo, so one connection can carry many requests at
 once; replies of different requests interleave.
@@ -31,12 +31,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
 
-from appliance.core import oip_msgpack
 from appliance.core.sampling import sampling_params
 from appliance.core.tools import conversation, tool_use
 from appliance.core.types import GenerateRequest, ToolCall, ToolCallDelta
 from appliance.errors import RequestError
-from appliance.transports import strictjson
+from appliance.protocol import oip_msgpack, strictjson
 
 # Strict: true is not the id 1, and 1 is not the id "1"; replies echo the id as sent.
 RequestId = Annotated[str, Field(min_length=1, max_length=128)] | StrictInt

@@ -32,8 +32,10 @@ from appliance.core.metrics import Metrics
 from appliance.core.models import ModelManager
 from appliance.core.service import Core
 from appliance.server import Server
-from appliance.transports.http import build_app, openapi, openapi_parts, openapi_routes
-from appliance.transports.http.docs_page import DEFAULT_BASE
+from appliance.transports.http import build_app, openapi
+from appliance.transports.http.openapi import parts as openapi_parts
+from appliance.transports.http.openapi import routes as openapi_routes
+from appliance.transports.http.openapi.docs_page import DEFAULT_BASE
 from tests.conftest import base_url, make_config, serving
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,7 +1,7 @@
 """The pieces the route documentation is built from: tags, the API description, request
 examples, shared parameters and responses, and helpers that shape one operation.
 
-``openapi_routes.py`` puts them together into one OpenAPI operation per route.
+``routes.py`` puts them together into one OpenAPI operation per route.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from appliance.transports.http.openapi_schemas import ref
+from appliance.transports.http.openapi.schemas import ref
 
 OPENAI = "OpenAI-compatible"
 OIP = "Open Inference Protocol v2"

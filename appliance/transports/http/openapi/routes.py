@@ -3,10 +3,10 @@
 :data:`OPERATIONS` holds one OpenAPI operation per ``(method, path template)``; the
 builder in ``openapi.py`` looks every route of the router up here, so a new route needs an
 entry (the tests fail without one). Path parameters are described once in
-:data:`PATH_PARAMETERS` (``openapi_parts.py``, with the examples and helpers) and added from
+:data:`PATH_PARAMETERS` (``parts.py``, with the examples and helpers) and added from
 the template. Error responses name the shapes the one error mapper (``errors.py``)
 produces. Bodies come from the pydantic models that validate them (:data:`PYDANTIC_MODELS`)
-or from ``openapi_schemas.py``.
+or from ``schemas.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode
 
 from appliance.transports.http import ollama_schema, openai_schema
-from appliance.transports.http.openapi_parts import (
+from appliance.transports.http.openapi.parts import (
     CHAT_EXAMPLE,
     COMPLETION_EXAMPLE,
     EMBEDDING_EXAMPLE,
@@ -41,7 +41,7 @@ from appliance.transports.http.openapi_parts import (
     openai_body,
     sse,
 )
-from appliance.transports.http.openapi_schemas import ref
+from appliance.transports.http.openapi.schemas import ref
 
 # -------------------------------------------------------------- the documented routes
 

@@ -21,10 +21,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from appliance.core import oip
-from appliance.core.oip import DecodedRequest, encode_outputs
 from appliance.core.types import Array
 from appliance.errors import RequestError
+from appliance.protocol import oip
+from appliance.protocol.oip import DecodedRequest, encode_outputs
 
 CONTENT_TYPE = "application/msgpack"
 # Names clients use for the same thing; the IANA registration is application/msgpack

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 description of every route, built once per application.
 
-The documentation of each route is data in ``openapi_routes.py`` (``OPERATIONS``, keyed by
+The documentation of each route is data in ``routes.py`` (``OPERATIONS``, keyed by
 method and path template). :func:`build` walks the application's router and looks every
 route up there, so a route added without documentation cannot go unnoticed: in strict mode
 (the tests) it raises :class:`UndocumentedRoute`; at start-up the daemon logs it and still
@@ -8,7 +8,7 @@ serves, because missing docs are no reason to take a box off the LAN.
 
 Request and response bodies of the OpenAI- and Ollama-compatible routes come from the
 pydantic models that validate them; the rest are hand-written JSON Schemas
-(``openapi_schemas.py``). The document and the docs page (``docs_page.py``) are rendered
+(``schemas.py``). The document and the docs page (``docs_page.py``) are rendered
 once, in an ``on_startup`` hook, and served from the application's state.
 """
 
@@ -26,10 +26,10 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from appliance import __version__
-from appliance.transports.http import docs_page
-from appliance.transports.http.openapi_parts import DESCRIPTION, PATH_PARAMETERS, TAGS
-from appliance.transports.http.openapi_routes import OPERATIONS, PYDANTIC_MODELS
-from appliance.transports.http.openapi_schemas import REF, SCHEMAS
+from appliance.transports.http.openapi import docs_page
+from appliance.transports.http.openapi.parts import DESCRIPTION, PATH_PARAMETERS, TAGS
+from appliance.transports.http.openapi.routes import OPERATIONS, PYDANTIC_MODELS
+from appliance.transports.http.openapi.schemas import REF, SCHEMAS
 from appliance.transports.http.scopes import scope_of
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class UndocumentedRoute(LookupError):
         listed = ", ".join(f"{method} {path}" for method, path in routes)
         super().__init__(
             f"routes without documentation: {listed}; describe them in "
-            "appliance/transports/http/openapi_routes.py (OPERATIONS)"
+            "appliance/transports/http/openapi/routes.py (OPERATIONS)"
         )
         self.routes = routes
 
@@ -103,7 +103,7 @@ def build(router: web.UrlDispatcher, *, strict: bool = True) -> dict[str, Any]:
         if (method, path) in OPERATIONS:
             operation = copy.deepcopy(OPERATIONS[(method, path)])
         else:
-            log.warning("route %s %s has no documentation in openapi_routes.OPERATIONS",
+            log.warning("route %s %s has no documentation in openapi.routes.OPERATIONS",
                         method, path)
             operation = _undocumented(router, method, path)
         names = re.findall(r"{(\w+)(?::[^}]*)?}", path)
@@ -154,7 +154,7 @@ def _path_parameter(name: str, *, strict: bool) -> dict[str, Any]:
     if details is None:
         if strict:
             raise LookupError(
-                f"path parameter {{{name}}} is not described in openapi_routes.PATH_PARAMETERS"
+                f"path parameter {{{name}}} is not described in openapi.parts.PATH_PARAMETERS"
             )
         details = {"schema": {"type": "string"}}
     return {"name": name, "in": "path", "required": True, **copy.deepcopy(details)}

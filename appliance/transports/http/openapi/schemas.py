@@ -3,7 +3,7 @@
 The OpenAI-compatible bodies are described by the pydantic models in `openai_schema.py`;
 everything else is built from dicts by the handlers, so its shape is written down here:
 Open Inference Protocol v2 tensors and metadata, the `/health` body and both error shapes.
-Keep these in step with `oip.py`, `ops.py`, `errors.py` and `core/oip.py`: the tests
+Keep these in step with `../oip.py`, `../ops.py`, `../errors.py` and `protocol/oip.py`: the tests
 validate real responses of the daemon against them.
 """
 

@@ -1,8 +1,8 @@
 """The human docs page: the OpenAPI document rendered as one self-contained HTML page.
 
 Server-rendered, so it works without JavaScript and on a box with no internet: no web
-fonts, no CDN; the CSS is inline, and the one script is the "Try it" forms'
-(:mod:`.docs_try`). Every value from the document goes through
+fonts, no CDN; the CSS (``docs.css`` beside this module) is inlined into the page, and the
+one script is the "Try it" forms' (:mod:`.docs_try`). Every value from the document goes through
 ``html.escape``. The page is rendered once per application; only the base URL of the curl
 examples is filled in per request, so they work when pasted on the reader's machine.
 """
@@ -15,10 +15,11 @@ import html
 import json
 import re
 from collections.abc import Iterable, Mapping
+from importlib import resources
 from typing import Any
 
-from appliance.transports.http import docs_try
-from appliance.transports.http.openapi_schemas import REF
+from appliance.transports.http.openapi import docs_try
+from appliance.transports.http.openapi.schemas import REF
 
 # Placeholders for the base URLs; they survive html.escape and cannot come from data.
 _BASE = "\x00base-url\x00"
@@ -26,67 +27,8 @@ _WS_BASE = "\x00ws-base-url\x00"
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 DEFAULT_BASE = "http://appliance.local:8080"
 
-CSS = """
-:root { --fg:#1d2430; --muted:#5b6472; --bg:#fff; --panel:#f6f8fa; --line:#d8dee4;
-  --link:#0b5cad; --get:#1f6feb; --post:#1a7f37; --put:#9a6700; --delete:#cf222e; }
-@media (prefers-color-scheme: dark) {
-  :root { --fg:#e6edf3; --muted:#9aa4b1; --bg:#0d1117; --panel:#161b22; --line:#30363d;
-    --link:#58a6ff; --get:#388bfd; --post:#3fb950; --put:#d29922; --delete:#f85149; } }
-* { box-sizing: border-box; }
-body { margin:0; color:var(--fg); background:var(--bg); line-height:1.5;
-  font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","DejaVu Sans",sans-serif; }
-a { color:var(--link); text-decoration:none; } a:hover { text-decoration:underline; }
-code, pre { font-family: ui-monospace,"SFMono-Regular",Menlo,Consolas,"DejaVu Sans Mono",
-  monospace; font-size:0.9em; }
-code { background:var(--panel); padding:0.1em 0.3em; border-radius:4px; }
-pre { background:var(--panel); border:1px solid var(--line); border-radius:6px;
-  padding:0.8em 1em; overflow-x:auto; line-height:1.4; }
-pre code { background:none; padding:0; }
-header { border-bottom:1px solid var(--line); padding:1.5em 2em 1em; }
-header h1 { margin:0 0 0.3em; font-size:1.8em; }
-.version { font-size:0.55em; color:var(--muted); font-weight:normal; margin-left:0.4em; }
-.layout { display:flex; align-items:flex-start; }
-nav { position:sticky; top:0; max-height:100vh; overflow-y:auto; flex:0 0 21em;
-  padding:1em 1em 2em 2em; border-right:1px solid var(--line); font-size:0.9em; }
-nav h2 { font-size:1em; margin:1.2em 0 0.4em; }
-nav ul { list-style:none; margin:0; padding:0; }
-nav li { margin:0.3em 0; }
-nav li a { display:flex; gap:0.4em; align-items:baseline; }
-nav li .method { flex:none; }
-nav li code { font-size:0.85em; overflow-wrap:break-word; }
-main { flex:1; min-width:0; padding:1em 2em 4em; max-width:72em; }
-main > section > h2 { font-size:1.5em; border-bottom:1px solid var(--line);
-  padding-bottom:0.2em; margin-top:1.5em; }
-article.op { border:1px solid var(--line); border-radius:8px; padding:0 1.2em 0.6em;
-  margin:1.2em 0; }
-article.op > h3 { font-size:1.1em; margin:0.9em 0 0.2em; display:flex; gap:0.6em;
-  align-items:center; flex-wrap:wrap; }
-article.op > h3 code { background:none; padding:0; font-size:1em; }
-.summary { font-weight:600; margin:0.2em 0 0.5em; }
-h4 { font-size:0.95em; margin:1.1em 0 0.4em; text-transform:uppercase; letter-spacing:0.04em;
-  color:var(--muted); }
-.method { display:inline-block; min-width:4.2em; text-align:center; color:#fff;
-  font:700 0.75em/1.9 ui-monospace,"DejaVu Sans Mono",monospace; border-radius:4px;
-  padding:0 0.5em; }
-.get { background:var(--get); } .post { background:var(--post); }
-.put, .patch { background:var(--put); } .delete { background:var(--delete); }
-.head, .options, .other { background:var(--muted); }
-table { border-collapse:collapse; width:100%; font-size:0.92em; margin:0.3em 0; }
-th, td { border:1px solid var(--line); padding:0.35em 0.6em; text-align:left;
-  vertical-align:top; }
-th { background:var(--panel); font-weight:600; }
-td.name { white-space:nowrap; } td.name code { font-weight:600; }
-.req { color:var(--delete); font-size:0.8em; margin-left:0.3em; }
-.muted { color:var(--muted); }
-.status { font-weight:700; font-family:ui-monospace,"DejaVu Sans Mono",monospace; }
-details { margin:0.3em 0; } summary { cursor:pointer; color:var(--link); }
-section.schema { border-top:1px solid var(--line); padding-top:0.2em; }
-section.schema h3 { font-family:ui-monospace,"DejaVu Sans Mono",monospace; font-size:1.05em; }
-@media (max-width: 900px) { .layout { display:block; }
-  nav { position:static; max-height:none; border-right:none;
-    border-bottom:1px solid var(--line); padding:0.5em 1.2em; }
-  main, header { padding-left:1.2em; padding-right:1.2em; } }
-"""
+# The page's own style sheet, a file beside this module so it can be edited as CSS.
+CSS = (resources.files("appliance.transports.http.openapi") / "docs.css").read_text("utf-8")
 
 
 class Page:
