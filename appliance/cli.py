@@ -32,18 +32,26 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve models over HTTP (the daemon)")
     _config_flags(run)
     _listen_flags(run)
-    run.add_argument("--config-error", type=Path, metavar="FILE",
-                     help="a configuration problem found before this start, if the file "
-                          "exists (the device image's first boot writes one for a rejected "
-                          "boot-partition appliance.toml): logged and shown in /health")
+    run.add_argument(
+        "--config-error",
+        type=Path,
+        metavar="FILE",
+        help="a configuration problem found before this start, if the file "
+        "exists (the device image's first boot writes one for a rejected "
+        "boot-partition appliance.toml): logged and shown in /health",
+    )
 
     check = sub.add_parser("config", help="validate the configuration and print it resolved")
     _config_flags(check)
     shown = check.add_mutually_exclusive_group()
-    shown.add_argument("--toml", action="store_true",
-                       help="print TOML that can be saved as appliance.toml (default: JSON)")
-    shown.add_argument("--reference", action="store_true",
-                       help="print the Markdown reference of every key instead")
+    shown.add_argument(
+        "--toml",
+        action="store_true",
+        help="print TOML that can be saved as appliance.toml (default: JSON)",
+    )
+    shown.add_argument(
+        "--reference", action="store_true", help="print the Markdown reference of every key instead"
+    )
 
     models = sub.add_parser("models", help="list the models the configuration would serve")
     _config_flags(models)
@@ -57,14 +65,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="appliance.toml (default: $APPLIANCE_CONFIG)")
-    parser.add_argument("--models-dir", type=Path, metavar="DIR",
-                        help="model repository (models.dir)")
-    parser.add_argument("--model", type=Path, action="append", metavar="FILE", default=None,
-                        help="serve this .gguf or .onnx file directly; repeatable (models.files)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="logging.level")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="appliance.toml (default: $APPLIANCE_CONFIG)"
+    )
+    parser.add_argument(
+        "--models-dir", type=Path, metavar="DIR", help="model repository (models.dir)"
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        default=None,
+        help="serve this .gguf or .onnx file directly; repeatable (models.files)",
+    )
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="logging.level"
+    )
 
 
 def _listen_flags(parser: argparse.ArgumentParser) -> None:
@@ -119,10 +136,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     if args.command == "config":
-        header = ("# appliance.toml: the resolved configuration (appliance config --toml);\n"
-                  "# keep the keys you want to pin, delete the rest to follow the defaults.")
-        print(config_mod.to_toml(cfg, header=header) if args.toml
-              else json.dumps(cfg.model_dump(mode="json"), indent=2))
+        header = (
+            "# appliance.toml: the resolved configuration (appliance config --toml);\n"
+            "# keep the keys you want to pin, delete the rest to follow the defaults."
+        )
+        print(
+            config_mod.to_toml(cfg, header=header)
+            if args.toml
+            else json.dumps(cfg.model_dump(mode="json"), indent=2)
+        )
         return 0
     if args.command == "models":
         return _list_models(cfg, as_json=args.json)
@@ -136,9 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One daemon per state directory: it holds the outbox, the key and the MQTT session.
         with instance.StateLock(instance.state_directory(os.environ)):
             # SIGHUP reads the configuration again, from the same sources, for the API keys.
-            return server.run(cfg, load_config=lambda: config_mod.load(
-                path=args.config, env=os.environ, overrides=_overrides(args)),
-                config_error=config_error)
+            return server.run(
+                cfg,
+                load_config=lambda: config_mod.load(
+                    path=args.config, env=os.environ, overrides=_overrides(args)
+                ),
+                config_error=config_error,
+            )
     except instance.AlreadyRunning as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 1
@@ -184,8 +210,15 @@ def _list_models(cfg: Config, *, as_json: bool) -> int:
 
     specs = collect(cfg.models.dir, cfg.models.files)
     rows: list[dict[str, Any]] = [
-        {"name": s.name, "version": s.version, "runtime": s.runtime, "file": str(s.path),
-         "size_bytes": _size(s.path), "description": s.description, "problem": s.problem}
+        {
+            "name": s.name,
+            "version": s.version,
+            "runtime": s.runtime,
+            "file": str(s.path),
+            "size_bytes": _size(s.path),
+            "description": s.description,
+            "problem": s.problem,
+        }
         for s in specs
     ]
     if as_json:
@@ -198,8 +231,9 @@ def _list_models(cfg: Config, *, as_json: bool) -> int:
     print(f"{'NAME':<{width}}{'RUNTIME':<9}{'VERSION':<9}{'SIZE':>9}  FILE")
     for row in rows:
         size = _human(row["size_bytes"]) if row["size_bytes"] is not None else "-"
-        print(f"{row['name']:<{width}}{row['runtime']:<9}{row['version']:<9}{size:>9}  "
-              f"{row['file']}")
+        print(
+            f"{row['name']:<{width}}{row['runtime']:<9}{row['version']:<9}{size:>9}  {row['file']}"
+        )
         if row["problem"]:
             print(f"{'':<{width}}INVALID: {row['problem']}")
     return 1 if any(r["problem"] for r in rows) else 0

@@ -58,8 +58,13 @@ class Server:
     ``units.config.error``.
     """
 
-    def __init__(self, config: Config, *, load_config: Callable[[], Config] | None = None,
-                 config_error: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        load_config: Callable[[], Config] | None = None,
+        config_error: str | None = None,
+    ) -> None:
         self.config = config
         self._load_config = load_config
         # A configuration rejected before the start (this one is the fallback): in /health.
@@ -106,13 +111,15 @@ class Server:
         # in Redis are sealed with the data key, when one is configured.
         cipher = None
         if config.cache.backend == "redis":
-            cipher = await asyncio.to_thread(load_cipher, config.security.data_key_file,
-                                             os.environ)
+            cipher = await asyncio.to_thread(load_cipher, config.security.data_key_file, os.environ)
         cache = ResultCache(config.cache, cipher=cipher)
         self._stack.push_async_callback(cache.close)
         # The core, built whole: execution, canary routing, pipelines, repository re-reads.
         self.core = core = Core(
-            models, self.metrics, cache=cache, canary=config.canary,
+            models,
+            self.metrics,
+            cache=cache,
+            canary=config.canary,
             pipelines=config.pipelines.chain,
             rescan=lambda: collect(config.models.dir, config.models.files),
         )
@@ -138,18 +145,32 @@ class Server:
         self._stack.push_async_callback(runner.cleanup)
         self._stack.callback(core.begin_shutdown)  # runs first on the way down
         http = config.http
-        self.tls = None if http.tls_cert_file is None else await asyncio.to_thread(
-            server_context, http.tls_cert_file, http.tls_key_file, http.tls_min_version,
-            client_ca=http.tls_client_ca, client_auth=http.tls_client_auth)
+        self.tls = (
+            None
+            if http.tls_cert_file is None
+            else await asyncio.to_thread(
+                server_context,
+                http.tls_cert_file,
+                http.tls_key_file,
+                http.tls_min_version,
+                client_ca=http.tls_client_ca,
+                client_auth=http.tls_client_auth,
+            )
+        )
         if self.tls is not None:  # SIGHUP re-reads the certificate (a renewal, no restart)
             self.reload_hooks.insert(1, self.reload_tls)
-        site = web.TCPSite(runner, http.host, http.port, reuse_address=True,
-                           ssl_context=self.tls)
+        site = web.TCPSite(runner, http.host, http.port, reuse_address=True, ssl_context=self.tls)
         await site.start()
         self.addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
         for host, port in self.addresses:
-            log.info("appliance %s (device %s) listening on %s://%s:%d", __version__,
-                     config.device.id, self.scheme, _url_host(host), port)
+            log.info(
+                "appliance %s (device %s) listening on %s://%s:%d",
+                __version__,
+                config.device.id,
+                self.scheme,
+                _url_host(host),
+                port,
+            )
         # Models load after the socket is bound so /health can answer "loading" meanwhile.
         await models.start()
         for unit in self._units(core):
@@ -167,10 +188,14 @@ class Server:
             from appliance.transports.mqtt import MqttTransport
 
             health = self.health
-            units.append(MqttTransport(
-                core, self.config, http_url=self.http_url,
-                health=lambda: health.latest.to_dict() if health and health.latest else None,
-            ))
+            units.append(
+                MqttTransport(
+                    core,
+                    self.config,
+                    http_url=self.http_url,
+                    health=lambda: health.latest.to_dict() if health and health.latest else None,
+                )
+            )
         if self.config.grpc.enabled:  # grpcio is an optional extra: import only when asked
             from appliance.transports.grpc.server import GrpcServer
 
@@ -178,8 +203,15 @@ class Server:
         if self.config.mdns.enabled:  # last in, first out: the goodbye goes out first
             from appliance.ops.discovery import Announcer
 
-            units.append(Announcer(self.config, core, self.addresses, started=units,
-                                   api_key_required=bool(self.access and self.access.required)))
+            units.append(
+                Announcer(
+                    self.config,
+                    core,
+                    self.addresses,
+                    started=units,
+                    api_key_required=bool(self.access and self.access.required),
+                )
+            )
         units.append(self._systemd_unit(core))  # last: READY=1 once all else runs; STOPPING=1 first
         return units
 
@@ -187,8 +219,9 @@ class Server:
         """sd_notify: READY=1 after the listeners are bound and every model loaded or failed."""
         from appliance.ops.systemd import SystemdNotify
 
-        self.systemd = unit = SystemdNotify(wait_ready=core.wait_loaded,
-                                            status=lambda: self.status_line(core))
+        self.systemd = unit = SystemdNotify(
+            wait_ready=core.wait_loaded, status=lambda: self.status_line(core)
+        )
         core.add_model_listener(unit.refresh_status)
         self.reload_observers.append(unit.reloading)
         return unit
@@ -226,8 +259,9 @@ class Server:
         """Read http.tls_cert_file and its key again; new connections get the new
         certificate (SIGHUP). Files that do not load leave the certificate in use."""
         http = self.config.http
-        await async_reload_certificate(self.tls, http.tls_cert_file, http.tls_key_file,
-                                       http.tls_min_version)
+        await async_reload_certificate(
+            self.tls, http.tls_cert_file, http.tls_key_file, http.tls_min_version
+        )
 
     async def reload(self) -> None:
         """Run the reload hooks (what SIGHUP does); observers hear the start and the end."""
@@ -283,8 +317,12 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def run(config: Config, *, load_config: Callable[[], Config] | None = None,
-        config_error: str | None = None) -> int:
+def run(
+    config: Config,
+    *,
+    load_config: Callable[[], Config] | None = None,
+    config_error: str | None = None,
+) -> int:
     """Serve until stopped; the exit status for the CLI. ``load_config``, ``config_error``:
     see :class:`Server`."""
     server = Server(config, load_config=load_config, config_error=config_error)

@@ -43,16 +43,33 @@ def main() -> None:
     }
     big = build_gguf(STORIES, work / "random-llama-25m.gguf")
     steps: list[tuple[str, str, Callable[[], Any]]] = [
-        ("llm", "benchmark 1+2: 25.8M random GGUF", lambda: llm.run(big, args.threads,
-                                                                   work / "big")),
-        ("llm-small", "benchmark 1+2: stories260K", lambda: llm.run(STORIES, args.threads,
-                                                                  work / "small")),
-        ("onnx", "benchmark 3: ONNX over HTTP", lambda: onnx_http.run(
-            build_mlp(work / "mlp.onnx"), args.threads, work, args.seconds)),
-        ("mqtt", "benchmark 4: MQTT round trip", lambda: mqtt_rr.run(
-            work, args.threads, seconds=args.seconds)),
-        ("start", "benchmark 5: start and idle RSS", lambda: start.run(
-            work / "big" / "llm-models" if (work / "big" / "llm-models").is_dir() else None)),
+        (
+            "llm",
+            "benchmark 1+2: 25.8M random GGUF",
+            lambda: llm.run(big, args.threads, work / "big"),
+        ),
+        (
+            "llm-small",
+            "benchmark 1+2: stories260K",
+            lambda: llm.run(STORIES, args.threads, work / "small"),
+        ),
+        (
+            "onnx",
+            "benchmark 3: ONNX over HTTP",
+            lambda: onnx_http.run(build_mlp(work / "mlp.onnx"), args.threads, work, args.seconds),
+        ),
+        (
+            "mqtt",
+            "benchmark 4: MQTT round trip",
+            lambda: mqtt_rr.run(work, args.threads, seconds=args.seconds),
+        ),
+        (
+            "start",
+            "benchmark 5: start and idle RSS",
+            lambda: start.run(
+                work / "big" / "llm-models" if (work / "big" / "llm-models").is_dir() else None
+            ),
+        ),
     ]
     for key, title, step in steps:
         if key not in args.only:

@@ -46,14 +46,31 @@ class Daemon:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-        full_env.update({"APPLIANCE_MDNS__ENABLED": "false", "APPLIANCE_MQTT__ENABLED": "false",
-                         "APPLIANCE_LOGGING__LEVEL": "warning"})
+        full_env.update(
+            {
+                "APPLIANCE_MDNS__ENABLED": "false",
+                "APPLIANCE_MQTT__ENABLED": "false",
+                "APPLIANCE_LOGGING__LEVEL": "warning",
+            }
+        )
         full_env.update(env or {})
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "run", "--host", "127.0.0.1", "--port",
-             str(self.port), *args],
-            cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_http(self.url + "/health", proc=self.proc)
         self.ready_after = time.perf_counter() - self.started

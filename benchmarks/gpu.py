@@ -40,8 +40,13 @@ LEVELS = [8]
 
 
 def smi(*query: str) -> list[list[str]]:
-    out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=True, timeout=30).stdout
+    out = subprocess.run(
+        ["nvidia-smi", *query, "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     return [[cell.strip() for cell in line.split(",")] for line in out.splitlines() if line]
 
 
@@ -53,16 +58,22 @@ def gpu_memory_of(pid: int) -> int:
 
 def gpu_metrics(url: str) -> list[str]:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return [line for line in text.splitlines()
-            if line.startswith("appliance_gpu_utilization_percent{")]
+    return [
+        line for line in text.splitlines() if line.startswith("appliance_gpu_utilization_percent{")
+    ]
 
 
 def measure(model: Path, work: Path, threads: int, gpu_layers: int) -> dict[str, Any]:
-    repo = llm.model_repo(model, work / f"gpu-models-{gpu_layers}", threads, max(LEVELS),
-                          gpu_layers)
-    daemon = Daemon(env={"APPLIANCE_MODELS__DIR": str(repo),
-                         "APPLIANCE_MODELS__QUEUE_SIZE": "64",
-                         "APPLIANCE_HEALTH__INTERVAL": "1"})
+    repo = llm.model_repo(
+        model, work / f"gpu-models-{gpu_layers}", threads, max(LEVELS), gpu_layers
+    )
+    daemon = Daemon(
+        env={
+            "APPLIANCE_MODELS__DIR": str(repo),
+            "APPLIANCE_MODELS__QUEUE_SIZE": "64",
+            "APPLIANCE_HEALTH__INTERVAL": "1",
+        }
+    )
     try:
         result = asyncio.run(llm.single_and_concurrent(daemon.url, LEVELS, 200, 100))
         result["gpu_memory_mib"] = gpu_memory_of(daemon.proc.pid)
@@ -80,8 +91,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if shutil.which("nvidia-smi") is None:
-        print("benchmarks.gpu: nvidia-smi is not here; this benchmark needs an NVIDIA GPU",
-              file=sys.stderr)
+        print(
+            "benchmarks.gpu: nvidia-smi is not here; this benchmark needs an NVIDIA GPU",
+            file=sys.stderr,
+        )
         return 2
     work = RESULTS / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -93,24 +106,46 @@ def main() -> int:
     checks = {
         "offloaded daemon holds GPU memory": gpu["gpu_memory_mib"] > cpu["gpu_memory_mib"],
         "health sensors report the GPU": any(
-            any(name in line for name in names) for line in gpu["gpu_metrics"]),
+            any(name in line for name in names) for line in gpu["gpu_metrics"]
+        ),
     }
     rows = [
-        [label, r["single_tps"], r["8"]["aggregate_tps"], r["8"]["ttft_p50_ms"],
-         r["gpu_memory_mib"]]
+        [
+            label,
+            r["single_tps"],
+            r["8"]["aggregate_tps"],
+            r["8"]["ttft_p50_ms"],
+            r["gpu_memory_mib"],
+        ]
         for label, r in (("CPU (n_gpu_layers 0)", cpu), ("GPU (n_gpu_layers -1)", gpu))
     ]
     print(f"GPU: {', '.join(names)}; {args.threads} CPU threads; model {model.name}\n")
-    print(table(["placement", "1 stream tok/s", "8 streams tok/s", "TTFT p50 at 8 ms",
-                 "daemon GPU MiB"], rows))
-    print(f"\nGPU vs CPU: {gpu['single_tps'] / cpu['single_tps']:.2f}x one stream, "
-          f"{gpu['8']['aggregate_tps'] / cpu['8']['aggregate_tps']:.2f}x at 8 streams")
+    print(
+        table(
+            [
+                "placement",
+                "1 stream tok/s",
+                "8 streams tok/s",
+                "TTFT p50 at 8 ms",
+                "daemon GPU MiB",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\nGPU vs CPU: {gpu['single_tps'] / cpu['single_tps']:.2f}x one stream, "
+        f"{gpu['8']['aggregate_tps'] / cpu['8']['aggregate_tps']:.2f}x at 8 streams"
+    )
     for check, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {check}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"gpus": names, "threads": args.threads, "cpu": cpu, "gpu": gpu,
-                               "checks": checks}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"gpus": names, "threads": args.threads, "cpu": cpu, "gpu": gpu, "checks": checks},
+            indent=2,
+        )
+    )
     return 0 if all(checks.values()) else 1
 
 

@@ -47,13 +47,33 @@ def status(pid: int) -> dict[str, int]:
 
 def run(grpc: bool, requests: int) -> dict[str, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update({"APPLIANCE_MQTT__ENABLED": "false", "APPLIANCE_MDNS__ENABLED": "false",
-                "APPLIANCE_GRPC__ENABLED": "true" if grpc else "false",
-                "APPLIANCE_GRPC__HOST": "127.0.0.1", "APPLIANCE_GRPC__PORT": "0"})
+    env.update(
+        {
+            "APPLIANCE_MQTT__ENABLED": "false",
+            "APPLIANCE_MDNS__ENABLED": "false",
+            "APPLIANCE_GRPC__ENABLED": "true" if grpc else "false",
+            "APPLIANCE_GRPC__HOST": "127.0.0.1",
+            "APPLIANCE_GRPC__PORT": "0",
+        }
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "run", "--host", "127.0.0.1", "--port", "0",
-         "--models-dir", str(ROOT / "models")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--models-dir",
+            str(ROOT / "models"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
@@ -79,12 +99,24 @@ def run(grpc: bool, requests: int) -> dict[str, int]:
             except OSError:
                 time.sleep(0.1)
         window = np.full((1, 32, 3), [21.0, 45.0, 0.02], dtype=np.float32)
-        body = json.dumps({"inputs": [{"name": "window", "datatype": "FP32",
-                                       "shape": [1, 32, 3],
-                                       "data": window.reshape(-1).tolist()}]}).encode()
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "window",
+                        "datatype": "FP32",
+                        "shape": [1, 32, 3],
+                        "data": window.reshape(-1).tolist(),
+                    }
+                ]
+            }
+        ).encode()
         for _ in range(requests):
-            request = urllib.request.Request(f"{base}/v2/models/{MODEL}/infer", data=body,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"{base}/v2/models/{MODEL}/infer",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(request, timeout=10) as response:
                 response.read()
         if grpc:
@@ -119,15 +151,23 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name in ("off", "on"):
         m = med[name]
-        print(f"| {name} | {m['VmRSS'] / 1024:.1f} MiB | {m['VmHWM'] / 1024:.1f} MiB "
-              f"| {m['Threads']:.0f} |")
+        print(
+            f"| {name} | {m['VmRSS'] / 1024:.1f} MiB | {m['VmHWM'] / 1024:.1f} MiB "
+            f"| {m['Threads']:.0f} |"
+        )
     diff = {key: med["on"][key] - med["off"][key] for key in med["on"]}
-    print(f"| cost | +{diff['VmRSS'] / 1024:.1f} MiB | +{diff['VmHWM'] / 1024:.1f} MiB "
-          f"| +{diff['Threads']:.0f} |")
+    print(
+        f"| cost | +{diff['VmRSS'] / 1024:.1f} MiB | +{diff['VmHWM'] / 1024:.1f} MiB "
+        f"| +{diff['Threads']:.0f} |"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "grpc_rss.json"
-    record: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
-                              "samples": samples, "median": med}
+    record: dict[str, Any] = {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "samples": samples,
+        "median": med,
+    }
     out.write_text(json.dumps(record, indent=2), encoding="utf-8")
     print(f"\nsaved {out.relative_to(ROOT)}")
 

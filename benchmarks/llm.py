@@ -81,14 +81,16 @@ def llama_python(model: Path, threads: int, tokens: int) -> tuple[float, float]:
     """``Llama.__call__`` decode tokens/s without and with ``stream=True``."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        str(model), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
     llm(PROMPT, max_tokens=8, temperature=0)  # warm up
     started = time.perf_counter()
     result: Any = llm(PROMPT, max_tokens=tokens, temperature=0)
     whole = result["usage"]["completion_tokens"] / (time.perf_counter() - started)
-    times = [time.perf_counter() for _ in llm(PROMPT, max_tokens=tokens, temperature=0,
-                                              stream=True)]
+    times = [
+        time.perf_counter() for _ in llm(PROMPT, max_tokens=tokens, temperature=0, stream=True)
+    ]
     streamed = (len(times) - 1) / (times[-1] - times[0])
     llm.close()
     return whole, streamed
@@ -114,8 +116,13 @@ def model_repo(model: Path, root: Path, threads: int, slots: int, gpu_layers: in
 
 async def stream(http: aiohttp.ClientSession, url: str, tokens: int) -> tuple[float, list[float]]:
     """One streamed completion: (time to first token, arrival time of each token)."""
-    body = {"model": "bench", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": "bench",
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     started = time.perf_counter()
     arrivals: list[float] = []
     async with http.post(url + "/v1/completions", json=body) as resp:
@@ -127,12 +134,14 @@ async def stream(http: aiohttp.ClientSession, url: str, tokens: int) -> tuple[fl
     return arrivals[0] - started, arrivals
 
 
-async def single_and_concurrent(url: str, levels: list[int], single_tokens: int,
-                                tokens: int) -> dict[str, Any]:
+async def single_and_concurrent(
+    url: str, levels: list[int], single_tokens: int, tokens: int
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout,
-                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
+    ) as http:
         await stream(http, url, 8)  # warm up
         _, arrivals = await stream(http, url, single_tokens)
         out["single_tps"] = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
@@ -143,19 +152,40 @@ async def single_and_concurrent(url: str, levels: list[int], single_tokens: int,
             ttfts = [r[0] for r in results]
             out[str(level)] = {
                 "aggregate_tps": sum(len(r[1]) for r in results) / wall,
-                "ttft_p50_ms": pct(ttfts, 50) * 1000, "ttft_p99_ms": pct(ttfts, 99) * 1000,
+                "ttft_p50_ms": pct(ttfts, 50) * 1000,
+                "ttft_p99_ms": pct(ttfts, 99) * 1000,
             }
     return out
 
 
-def llama_cpp_server(model: Path, threads: int, levels: list[int], single_tokens: int,
-                     tokens: int) -> dict[str, Any]:
+def llama_cpp_server(
+    model: Path, threads: int, levels: list[int], single_tokens: int, tokens: int
+) -> dict[str, Any]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-         "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-         "--n_ctx", str(N_CTX), "--model_alias", "bench", "--interrupt_requests", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            "--n_ctx",
+            str(N_CTX),
+            "--model_alias",
+            "bench",
+            "--interrupt_requests",
+            "False",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -165,26 +195,40 @@ def llama_cpp_server(model: Path, threads: int, levels: list[int], single_tokens
         stop(proc)
 
 
-def appliance(model: Path, threads: int, levels: list[int], single_tokens: int,
-              tokens: int, work: Path) -> dict[str, Any]:
+def appliance(
+    model: Path, threads: int, levels: list[int], single_tokens: int, tokens: int, work: Path
+) -> dict[str, Any]:
     repo = model_repo(model, work / "llm-models", threads, max(levels))
-    daemon = Daemon(env={"APPLIANCE_MODELS__DIR": str(repo),
-                         "APPLIANCE_MODELS__QUEUE_SIZE": "64"})
+    daemon = Daemon(env={"APPLIANCE_MODELS__DIR": str(repo), "APPLIANCE_MODELS__QUEUE_SIZE": "64"})
     try:
         return asyncio.run(single_and_concurrent(daemon.url, levels, single_tokens, tokens))
     finally:
         daemon.stop()
 
 
-def run(model: Path, threads: int, work: Path, *, single_tokens: int = 200, tokens: int = 100,
-        levels: tuple[int, ...] = (1, 4, 8, 16)) -> dict[str, Any]:
-    result: dict[str, Any] = {"model": model.name, "threads": threads,
-                              "single_tokens": single_tokens, "tokens": tokens}
-    result["engine_limit_tps"] = median([engine_limit(model, threads, single_tokens)
-                                         for _ in range(3)])
+def run(
+    model: Path,
+    threads: int,
+    work: Path,
+    *,
+    single_tokens: int = 200,
+    tokens: int = 100,
+    levels: tuple[int, ...] = (1, 4, 8, 16),
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "model": model.name,
+        "threads": threads,
+        "single_tokens": single_tokens,
+        "tokens": tokens,
+    }
+    result["engine_limit_tps"] = median(
+        [engine_limit(model, threads, single_tokens) for _ in range(3)]
+    )
     result["llama_call_tps"], result["llama_call_stream_tps"] = llama_python(
-        model, threads, single_tokens)
+        model, threads, single_tokens
+    )
     result["appliance"] = appliance(model, threads, list(levels), single_tokens, tokens, work)
-    result["llama_cpp_server"] = llama_cpp_server(model, threads, list(levels), single_tokens,
-                                                  tokens)
+    result["llama_cpp_server"] = llama_cpp_server(
+        model, threads, list(levels), single_tokens, tokens
+    )
     return result

@@ -24,12 +24,18 @@ def build_gguf(stories: Path, out: Path) -> Path:
     import gguf
 
     reader = gguf.GGUFReader(str(stories))
-    tokens = [bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode("utf-8")
-              for i in reader.fields["tokenizer.ggml.tokens"].data]
-    scores = [float(reader.fields["tokenizer.ggml.scores"].parts[i][0])
-              for i in reader.fields["tokenizer.ggml.scores"].data]
-    types = [int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
-             for i in reader.fields["tokenizer.ggml.token_type"].data]
+    tokens = [
+        bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode("utf-8")
+        for i in reader.fields["tokenizer.ggml.tokens"].data
+    ]
+    scores = [
+        float(reader.fields["tokenizer.ggml.scores"].parts[i][0])
+        for i in reader.fields["tokenizer.ggml.scores"].data
+    ]
+    types = [
+        int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
+        for i in reader.fields["tokenizer.ggml.token_type"].data
+    ]
     vocab = len(tokens)
     tmp = out.with_suffix(".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
@@ -97,7 +103,8 @@ def build_mlp(out: Path) -> Path:
             prev = f"r{i}"
     nodes.append(helper.make_node("Identity", [prev], ["y"]))
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
         initializer=inits,

@@ -33,16 +33,25 @@ def run(work: Path, threads: int, seconds: float = 3.0, in_flight: int = 16) -> 
     # set_tcp_nodelay: Mosquitto leaves Nagle's algorithm on by default, which holds small
     # replies back for the peer's delayed ACK (~40 ms on Linux) — set it on any broker
     # serving request/response traffic.
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "set_tcp_nodelay true\n")
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "set_tcp_nodelay true\n"
+    )
+    broker = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     daemon = None
     try:
         time.sleep(0.3)
-        daemon = Daemon(env={"APPLIANCE_MQTT__ENABLED": "true", "APPLIANCE_MQTT__HOST": "127.0.0.1",
-                             "APPLIANCE_MQTT__PORT": str(port), "APPLIANCE_DEVICE__ID": "bench",
-                             "APPLIANCE_MODELS__QUEUE_SIZE": "64"})
+        daemon = Daemon(
+            env={
+                "APPLIANCE_MQTT__ENABLED": "true",
+                "APPLIANCE_MQTT__HOST": "127.0.0.1",
+                "APPLIANCE_MQTT__PORT": str(port),
+                "APPLIANCE_DEVICE__ID": "bench",
+                "APPLIANCE_MODELS__QUEUE_SIZE": "64",
+            }
+        )
         topic = "appliance/bench/infer/sensor-anomaly"
         reply_topic = "bench/replies"
         payload = json.dumps({"data": [[21.5, 45.0, 0.6]] * 32}).encode()
@@ -66,8 +75,11 @@ def run(work: Path, threads: int, seconds: float = 3.0, in_flight: int = 16) -> 
                     done[cid] = now - pending.pop(cid)
                     lock.notify_all()
 
-        client.on_connect, client.on_subscribe, client.on_message = (on_connect, on_subscribe,
-                                                                     on_message)
+        client.on_connect, client.on_subscribe, client.on_message = (
+            on_connect,
+            on_subscribe,
+            on_message,
+        )
         client.connect("127.0.0.1", port)
         client.loop_start()
         if not connected.wait(10):
@@ -111,9 +123,13 @@ def run(work: Path, threads: int, seconds: float = 3.0, in_flight: int = 16) -> 
         answered = len(done)
         client.loop_stop()
         client.disconnect()
-        return {"requests": REQUESTS, "p50_ms": pct(round_trips, 50) * 1000,
-                "p99_ms": pct(round_trips, 99) * 1000, "in_flight": in_flight,
-                "messages_per_s": answered / wall}
+        return {
+            "requests": REQUESTS,
+            "p50_ms": pct(round_trips, 50) * 1000,
+            "p99_ms": pct(round_trips, 99) * 1000,
+            "in_flight": in_flight,
+            "messages_per_s": answered / wall,
+        }
     finally:
         if daemon is not None:
             daemon.stop()

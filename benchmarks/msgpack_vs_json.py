@@ -49,8 +49,16 @@ def tensor(batch: int) -> np.ndarray[Any, np.dtype[np.float32]]:
 
 
 def json_encode(values: np.ndarray[Any, Any]) -> tuple[bytes, dict[str, str]]:
-    body = {"inputs": [{"name": "window", "datatype": "FP32", "shape": list(values.shape),
-                        "data": values.reshape(-1).tolist()}]}
+    body = {
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": list(values.shape),
+                "data": values.reshape(-1).tolist(),
+            }
+        ]
+    }
     return json.dumps(body).encode(), {"Content-Type": "application/json"}
 
 
@@ -60,13 +68,20 @@ def json_decode(body: bytes, headers: dict[str, str]) -> oip.DecodedRequest:
 
 def binary_encode(values: np.ndarray[Any, Any]) -> tuple[bytes, dict[str, str]]:
     raw = values.astype("<f4").tobytes()
-    header = json.dumps({
-        "inputs": [{"name": "window", "datatype": "FP32", "shape": list(values.shape),
-                    "parameters": {"binary_data_size": len(raw)}}],
-        "parameters": {"binary_data_output": True},
-    }).encode()
-    return header + raw, {"Content-Type": "application/octet-stream",
-                          HEADER: str(len(header))}
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "window",
+                    "datatype": "FP32",
+                    "shape": list(values.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return header + raw, {"Content-Type": "application/octet-stream", HEADER: str(len(header))}
 
 
 def binary_decode(body: bytes, headers: dict[str, str]) -> oip.DecodedRequest:
@@ -75,8 +90,16 @@ def binary_decode(body: bytes, headers: dict[str, str]) -> oip.DecodedRequest:
 
 
 def msgpack_encode(values: np.ndarray[Any, Any]) -> tuple[bytes, dict[str, str]]:
-    body = {"inputs": [{"name": "window", "datatype": "FP32", "shape": list(values.shape),
-                        "data": values.astype("<f4").tobytes()}]}
+    body = {
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": list(values.shape),
+                "data": values.astype("<f4").tobytes(),
+            }
+        ]
+    }
     return msgpack.packb(body), {"Content-Type": oip_msgpack.CONTENT_TYPE}
 
 
@@ -84,8 +107,13 @@ def msgpack_decode(body: bytes, headers: dict[str, str]) -> oip.DecodedRequest:
     return oip_msgpack.decode_request(oip_msgpack.unpack(body))
 
 
-ENCODINGS: dict[str, tuple[Callable[..., tuple[bytes, dict[str, str]]],
-                           Callable[[bytes, dict[str, str]], oip.DecodedRequest]]] = {
+ENCODINGS: dict[
+    str,
+    tuple[
+        Callable[..., tuple[bytes, dict[str, str]]],
+        Callable[[bytes, dict[str, str]], oip.DecodedRequest],
+    ],
+] = {
     "JSON": (json_encode, json_decode),
     "JSON + binary extension": (binary_encode, binary_decode),
     "MessagePack": (msgpack_encode, msgpack_decode),
@@ -101,7 +129,7 @@ def read_answer(name: str, raw: bytes, headers: Any) -> np.ndarray[Any, Any]:
         return np.asarray(json.loads(raw)["outputs"][0]["data"], dtype=np.float32)
     split = int(headers[HEADER])
     outputs = json.loads(raw[:split])["outputs"]
-    return np.frombuffer(raw[split:split + outputs[0]["parameters"]["binary_data_size"]], "<f4")
+    return np.frombuffer(raw[split : split + outputs[0]["parameters"]["binary_data_size"]], "<f4")
 
 
 def best_of(fn: Callable[[], object], rounds: int) -> float:
@@ -115,8 +143,7 @@ def best_of(fn: Callable[[], object], rounds: int) -> float:
     return statistics.median(samples)
 
 
-async def round_trips(url: str, name: str, values: np.ndarray[Any, Any],
-                      rounds: int) -> float:
+async def round_trips(url: str, name: str, values: np.ndarray[Any, Any], rounds: int) -> float:
     encode, _ = ENCODINGS[name]
     samples = []
     async with aiohttp.ClientSession() as session:
@@ -134,11 +161,15 @@ async def round_trips(url: str, name: str, values: np.ndarray[Any, Any],
 
 
 async def measure(batches: list[int], rounds: int) -> list[dict[str, Any]]:
-    config = config_mod.load(env={}, overrides={
-        "http": {"host": "127.0.0.1", "port": 0, "max_body_bytes": 256 * 1024 * 1024},
-        "models": {"dir": str(ROOT / "models")},
-        "mqtt": {"enabled": False}, "mdns": {"enabled": False},
-    })
+    config = config_mod.load(
+        env={},
+        overrides={
+            "http": {"host": "127.0.0.1", "port": 0, "max_body_bytes": 256 * 1024 * 1024},
+            "models": {"dir": str(ROOT / "models")},
+            "mqtt": {"enabled": False},
+            "mdns": {"enabled": False},
+        },
+    )
     server = Server(config)
     await server.startup()
     rows = []
@@ -151,16 +182,18 @@ async def measure(batches: list[int], rounds: int) -> list[dict[str, Any]]:
             n = max(5, rounds // max(1, batch // 64))
             for name, (encode, decode) in ENCODINGS.items():
                 body, headers = encode(values)
-                rows.append({
-                    "batch": batch,
-                    "shape": list(values.shape),
-                    "raw_bytes": values.nbytes,
-                    "encoding": name,
-                    "body_bytes": len(body),
-                    "encode_s": best_of(functools.partial(encode, values), n),
-                    "decode_s": best_of(functools.partial(decode, body, headers), n),
-                    "round_trip_s": await round_trips(url, name, values, n),
-                })
+                rows.append(
+                    {
+                        "batch": batch,
+                        "shape": list(values.shape),
+                        "raw_bytes": values.nbytes,
+                        "encoding": name,
+                        "body_bytes": len(body),
+                        "encode_s": best_of(functools.partial(encode, values), n),
+                        "decode_s": best_of(functools.partial(decode, body, headers), n),
+                        "round_trip_s": await round_trips(url, name, values, n),
+                    }
+                )
     finally:
         await server.shutdown()
     return rows
@@ -172,6 +205,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| × JSON | HTTP round trip | × JSON |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
     def x(value: float, ref: float) -> str:
         return f"{value / ref:.2g}"
 
@@ -197,11 +231,20 @@ def main() -> None:
     print(table(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "msgpack_vs_json.json"
-    out.write_text(json.dumps({
-        "machine": {"python": platform.python_version(), "machine": platform.machine(),
-                    "processor": platform.processor() or platform.machine()},
-        "rows": rows,
-    }, indent=2), encoding="utf-8")
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "python": platform.python_version(),
+                    "machine": platform.machine(),
+                    "processor": platform.processor() or platform.machine(),
+                },
+                "rows": rows,
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
     print(f"\nsaved {out.relative_to(ROOT)}")
 
 

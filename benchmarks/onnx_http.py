@@ -38,8 +38,16 @@ def payloads() -> dict[str, tuple[str, list[int], Any]]:
 
 def body(model: str) -> dict[str, Any]:
     name, shape, data = payloads()[model]
-    return {"inputs": [{"name": name, "shape": shape, "datatype": "FP32",
-                        "data": data.astype(np.float32).reshape(-1).tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": name,
+                "shape": shape,
+                "datatype": "FP32",
+                "data": data.astype(np.float32).reshape(-1).tolist(),
+            }
+        ]
+    }
 
 
 def repo(root: Path, mlp: Path, threads: int) -> Path:
@@ -72,13 +80,15 @@ def in_process(path: Path, model: str, threads: int, seconds: float) -> float:
     return count / (time.perf_counter() - started)
 
 
-async def load(url: str, model: str, request: dict[str, Any], clients: int,
-               seconds: float) -> dict[str, float]:
+async def load(
+    url: str, model: str, request: dict[str, Any], clients: int, seconds: float
+) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(timeout=timeout,
-                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
+    ) as http:
         target = f"{url}/v2/models/{model}/infer"
 
         async def client(until: float, record: bool) -> None:
@@ -96,21 +106,27 @@ async def load(url: str, model: str, request: dict[str, Any], clients: int,
         started = time.perf_counter()
         await asyncio.gather(*(client(started + seconds, True) for _ in range(clients)))
         wall = time.perf_counter() - started
-    return {"rps": len(latencies) / wall, "p50_ms": pct(latencies, 50) * 1000,
-            "p99_ms": pct(latencies, 99) * 1000, "errors": errors}
+    return {
+        "rps": len(latencies) / wall,
+        "p50_ms": pct(latencies, 50) * 1000,
+        "p99_ms": pct(latencies, 99) * 1000,
+        "errors": errors,
+    }
 
 
 def run(mlp: Path, threads: int, work: Path, seconds: float = 2.0) -> dict[str, Any]:
     models_dir = repo(work / "onnx-models", mlp, threads)
     result: dict[str, Any] = {"threads": threads, "seconds": seconds, "models": {}}
-    daemon = Daemon(env={"APPLIANCE_MODELS__DIR": str(models_dir),
-                         "APPLIANCE_MODELS__QUEUE_SIZE": "128"})
+    daemon = Daemon(
+        env={"APPLIANCE_MODELS__DIR": str(models_dir), "APPLIANCE_MODELS__QUEUE_SIZE": "128"}
+    )
     try:
         for model in ("sensor-anomaly", "mlp"):
             request = body(model)
             entry: dict[str, Any] = {
-                "in_process_rps": in_process(models_dir / model / "model.onnx", model, threads,
-                                             seconds),
+                "in_process_rps": in_process(
+                    models_dir / model / "model.onnx", model, threads, seconds
+                ),
             }
             for variant in ("", "-batched"):
                 entry["appliance" + variant] = {
@@ -118,8 +134,9 @@ def run(mlp: Path, threads: int, work: Path, seconds: float = 2.0) -> dict[str, 
                     for n in LEVELS
                 }
             # The canned response is the appliance's own answer to this request.
-            req = urllib.request.Request(f"{daemon.url}/v2/models/{model}/infer",
-                                         data=json.dumps(request).encode())
+            req = urllib.request.Request(
+                f"{daemon.url}/v2/models/{model}/infer", data=json.dumps(request).encode()
+            )
             with urllib.request.urlopen(req) as resp:
                 canned_body = resp.read()
             entry["canned"] = canned(canned_body, request, model, seconds, work)
@@ -130,13 +147,18 @@ def run(mlp: Path, threads: int, work: Path, seconds: float = 2.0) -> dict[str, 
     return result
 
 
-def canned(answer: bytes, request: dict[str, Any], model: str, seconds: float,
-           work: Path) -> dict[str, Any]:
+def canned(
+    answer: bytes, request: dict[str, Any], model: str, seconds: float, work: Path
+) -> dict[str, Any]:
     path = work / f"canned-{model}.json"
     path.write_bytes(answer)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.canned", str(port), str(path)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.canned", str(port), str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc=proc)

@@ -20,8 +20,12 @@ def run(llm_repo: Path | None) -> dict[str, Any]:
     helps = []
     for _ in range(5):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "appliance", "--help"], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "appliance", "--help"],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         helps.append(time.perf_counter() - started)
     result: dict[str, Any] = {"help_s_median": median(helps), "help_s_min": min(helps)}
     setups: dict[str, dict[str, str]] = {"default models": {}}

@@ -55,10 +55,32 @@ ROOMS = {
     "kids_room": ["kids room", "nursery"],
     "dining_room": ["dining room"],
 }
-INTENTS = ["turn_on", "turn_off", "set_brightness", "set_temperature", "set_volume",
-           "open", "close", "lock", "unlock", "get_temperature", "get_state"]
-DEVICES = ["light", "fan", "heater", "thermostat", "speaker", "tv", "blinds", "door",
-           "window", "sensor", "plug"]
+INTENTS = [
+    "turn_on",
+    "turn_off",
+    "set_brightness",
+    "set_temperature",
+    "set_volume",
+    "open",
+    "close",
+    "lock",
+    "unlock",
+    "get_temperature",
+    "get_state",
+]
+DEVICES = [
+    "light",
+    "fan",
+    "heater",
+    "thermostat",
+    "speaker",
+    "tv",
+    "blinds",
+    "door",
+    "window",
+    "sensor",
+    "plug",
+]
 
 SCHEMA: dict[str, Any] = {
     "title": "Smart-home intent",
@@ -73,9 +95,14 @@ SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
-_SWITCHABLE = {"light": ["light", "lights", "lamp"], "fan": ["fan"], "heater": ["heater"],
-               "tv": ["tv", "television"], "plug": ["plug", "socket"],
-               "speaker": ["speaker", "music"]}
+_SWITCHABLE = {
+    "light": ["light", "lights", "lamp"],
+    "fan": ["fan"],
+    "heater": ["heater"],
+    "tv": ["tv", "television"],
+    "plug": ["plug", "socket"],
+    "speaker": ["speaker", "music"],
+}
 _PLEASE = ["", "please ", "could you ", "can you "]
 _TAIL = ["", " please", " now"]
 
@@ -100,20 +127,35 @@ def make_example(rng: random.Random) -> tuple[str, dict[str, Any]]:
     elif kind == 2:
         device, value, intent = "light", rng.randrange(0, 101, 5), "set_brightness"
         word = rng.choice(["light", "lights", "lamp"])
-        text = rng.choice([f"dim the {said} {word} to {value}%",
-                           f"set the {word} in the {said} to {value} percent",
-                           f"{said} {word} brightness {value}"])
+        text = rng.choice(
+            [
+                f"dim the {said} {word} to {value}%",
+                f"set the {word} in the {said} to {value} percent",
+                f"{said} {word} brightness {value}",
+            ]
+        )
     elif kind == 3:
-        device, value, intent = rng.choice(["thermostat", "heater"]), rng.randrange(15, 29), \
-            "set_temperature"
-        text = rng.choice([f"set the {said} {device} to {value} degrees",
-                           f"make the {said} {value} degrees",
-                           f"heat the {said} to {value}"])
+        device, value, intent = (
+            rng.choice(["thermostat", "heater"]),
+            rng.randrange(15, 29),
+            "set_temperature",
+        )
+        text = rng.choice(
+            [
+                f"set the {said} {device} to {value} degrees",
+                f"make the {said} {value} degrees",
+                f"heat the {said} to {value}",
+            ]
+        )
     elif kind == 4:
-        device, value, intent = rng.choice(["speaker", "tv"]), rng.randrange(0, 101, 10), \
-            "set_volume"
-        text = rng.choice([f"set the {said} {device} volume to {value}",
-                           f"{device} volume {value} in the {said}"])
+        device, value, intent = (
+            rng.choice(["speaker", "tv"]),
+            rng.randrange(0, 101, 10),
+            "set_volume",
+        )
+        text = rng.choice(
+            [f"set the {said} {device} volume to {value}", f"{device} volume {value} in the {said}"]
+        )
     elif kind == 5:
         device = rng.choice(["blinds", "door", "window"])
         intent = rng.choice(["open", "close"])
@@ -123,8 +165,13 @@ def make_example(rng: random.Random) -> tuple[str, dict[str, Any]]:
         text = rng.choice([f"{intent} the {said} door", f"{intent} the door to the {said}"])
     elif kind == 7:
         device, intent = rng.choice(["sensor", "thermostat"]), "get_temperature"
-        text = rng.choice([f"what is the temperature in the {said}",
-                           f"how warm is the {said}", f"{said} temperature"])
+        text = rng.choice(
+            [
+                f"what is the temperature in the {said}",
+                f"how warm is the {said}",
+                f"{said} temperature",
+            ]
+        )
     else:
         device = rng.choice(list(_SWITCHABLE))
         word, intent = rng.choice(_SWITCHABLE[device]), "get_state"
@@ -144,33 +191,145 @@ def answer_text(intent: dict[str, Any]) -> str:
 
 # Area names people give rooms; arguments copy them as said (Home Assistant matches area
 # names and aliases case-insensitively, so "lounge" only works where it is an alias).
-AREAS = ["kitchen", "living room", "lounge", "bedroom", "master bedroom", "guest room",
-         "bathroom", "office", "study", "garage", "hallway", "hall", "garden", "backyard",
-         "kids room", "nursery", "dining room", "basement", "attic", "porch", "patio",
-         "laundry room", "playroom", "den", "library", "entrance", "upstairs", "downstairs",
-         "front yard", "workshop"]
+AREAS = [
+    "kitchen",
+    "living room",
+    "lounge",
+    "bedroom",
+    "master bedroom",
+    "guest room",
+    "bathroom",
+    "office",
+    "study",
+    "garage",
+    "hallway",
+    "hall",
+    "garden",
+    "backyard",
+    "kids room",
+    "nursery",
+    "dining room",
+    "basement",
+    "attic",
+    "porch",
+    "patio",
+    "laundry room",
+    "playroom",
+    "den",
+    "library",
+    "entrance",
+    "upstairs",
+    "downstairs",
+    "front yard",
+    "workshop",
+]
 # Device words and the Home Assistant domain each means.
-DOMAIN_WORDS = {"light": ["light", "lights", "lamp", "lamps"], "fan": ["fan", "fans"],
-                "switch": ["switch", "plug", "socket"],
-                "media_player": ["tv", "television", "speaker"],
-                "cover": ["blinds", "shades", "curtains", "shutters"]}
+DOMAIN_WORDS = {
+    "light": ["light", "lights", "lamp", "lamps"],
+    "fan": ["fan", "fans"],
+    "switch": ["switch", "plug", "socket"],
+    "media_player": ["tv", "television", "speaker"],
+    "cover": ["blinds", "shades", "curtains", "shutters"],
+}
 # First and second words of device names (never an area word, so "the X Y" is a name).
-_NAME_FIRST = ["desk", "ceiling", "reading", "floor", "corner", "bedside", "christmas",
-               "coffee", "window", "accent", "left", "right", "big", "small", "blue", "red",
-               "wall", "table", "cabinet", "bookshelf", "sofa", "bed", "mirror", "tree",
-               "counter", "pool", "fountain", "aquarium", "star", "moon", "kettle", "heater",
-               "air", "water", "stair", "closet", "balcony", "shed", "driveway", "front",
-               "back", "side", "gaming", "tv", "piano", "nightstand", "vanity", "oven"]
-_NAME_SECOND = {"light": ["lamp", "light", "lights", "strip", "bulb", "spotlight"],
-                "fan": ["fan"], "switch": ["plug", "switch", "socket", "heater", "pump",
-                                           "purifier", "maker", "machine", "kettle"],
-                "cover": ["blinds", "shade", "curtain"]}
-_SOLO_NAMES = ["christmas tree", "coffee maker", "kettle", "aquarium", "fountain",
-               "dehumidifier", "air purifier", "washing machine", "dishwasher", "nightlight",
-               "tv", "heater", "boiler", "router", "printer", "sprinkler", "pool pump"]
+_NAME_FIRST = [
+    "desk",
+    "ceiling",
+    "reading",
+    "floor",
+    "corner",
+    "bedside",
+    "christmas",
+    "coffee",
+    "window",
+    "accent",
+    "left",
+    "right",
+    "big",
+    "small",
+    "blue",
+    "red",
+    "wall",
+    "table",
+    "cabinet",
+    "bookshelf",
+    "sofa",
+    "bed",
+    "mirror",
+    "tree",
+    "counter",
+    "pool",
+    "fountain",
+    "aquarium",
+    "star",
+    "moon",
+    "kettle",
+    "heater",
+    "air",
+    "water",
+    "stair",
+    "closet",
+    "balcony",
+    "shed",
+    "driveway",
+    "front",
+    "back",
+    "side",
+    "gaming",
+    "tv",
+    "piano",
+    "nightstand",
+    "vanity",
+    "oven",
+]
+_NAME_SECOND = {
+    "light": ["lamp", "light", "lights", "strip", "bulb", "spotlight"],
+    "fan": ["fan"],
+    "switch": [
+        "plug",
+        "switch",
+        "socket",
+        "heater",
+        "pump",
+        "purifier",
+        "maker",
+        "machine",
+        "kettle",
+    ],
+    "cover": ["blinds", "shade", "curtain"],
+}
+_SOLO_NAMES = [
+    "christmas tree",
+    "coffee maker",
+    "kettle",
+    "aquarium",
+    "fountain",
+    "dehumidifier",
+    "air purifier",
+    "washing machine",
+    "dishwasher",
+    "nightlight",
+    "tv",
+    "heater",
+    "boiler",
+    "router",
+    "printer",
+    "sprinkler",
+    "pool pump",
+]
 _LOCKS = ["front door", "back door", "garage door", "side door", "gate", "patio door"]
-_COLORS = ["red", "green", "blue", "white", "warm white", "yellow", "orange", "purple",
-           "pink", "cyan"]
+_COLORS = [
+    "red",
+    "green",
+    "blue",
+    "white",
+    "warm white",
+    "yellow",
+    "orange",
+    "purple",
+    "pink",
+    "cyan",
+]
 _ON = ["turn on", "switch on", "put on"]
 _OFF = ["turn off", "switch off", "shut off"]
 
@@ -189,17 +348,31 @@ _PERCENT = {"type": "integer", "minimum": 0, "maximum": 100}
 HA_TOOLS: dict[str, dict[str, Any]] = {
     "HassTurnOn": {"type": "object", "properties": _TARGET},
     "HassTurnOff": {"type": "object", "properties": _TARGET},
-    "HassLightSet": {"type": "object", "properties": {
-        **_string("name", "area", "floor"), "domain": _LIST, "color": {"type": "string"},
-        "temperature": {"type": "integer", "minimum": 0}, "brightness": _PERCENT}},
-    "HassClimateSetTemperature": {"type": "object", "properties": {
-        "temperature": {"type": "number"}, **_string("area", "name", "floor")},
-        "required": ["temperature"]},
-    "HassSetVolume": {"type": "object", "properties": {
-        **_TARGET, "volume_level": _PERCENT}, "required": ["volume_level"]},
-    "HassFanSetSpeed": {"type": "object", "properties": {
-        **_string("name", "area", "floor"), "percentage": _PERCENT},
-        "required": ["percentage"]},
+    "HassLightSet": {
+        "type": "object",
+        "properties": {
+            **_string("name", "area", "floor"),
+            "domain": _LIST,
+            "color": {"type": "string"},
+            "temperature": {"type": "integer", "minimum": 0},
+            "brightness": _PERCENT,
+        },
+    },
+    "HassClimateSetTemperature": {
+        "type": "object",
+        "properties": {"temperature": {"type": "number"}, **_string("area", "name", "floor")},
+        "required": ["temperature"],
+    },
+    "HassSetVolume": {
+        "type": "object",
+        "properties": {**_TARGET, "volume_level": _PERCENT},
+        "required": ["volume_level"],
+    },
+    "HassFanSetSpeed": {
+        "type": "object",
+        "properties": {**_string("name", "area", "floor"), "percentage": _PERCENT},
+        "required": ["percentage"],
+    },
     "HassMediaPause": {"type": "object", "properties": _TARGET},
     "HassMediaUnpause": {"type": "object", "properties": _TARGET},
     "HassMediaNext": {"type": "object", "properties": _TARGET},
@@ -242,10 +415,14 @@ def make_tool_example(rng: random.Random) -> tuple[str, list[tuple[str, dict[str
         verb = rng.choice(_ON if on else _OFF)
         domain = rng.choice(["light", "light", "light", "fan", "switch", "media_player"])
         word = rng.choice(DOMAIN_WORDS[domain])
-        text = rng.choice([f"{verb} the {area} {word}", f"{verb} the {word} in the {area}",
-                           f"{verb} all the {word} in the {area}"])
-        return text, [("HassTurnOn" if on else "HassTurnOff",
-                       {"area": area, "domain": [domain]})]
+        text = rng.choice(
+            [
+                f"{verb} the {area} {word}",
+                f"{verb} the {word} in the {area}",
+                f"{verb} all the {word} in the {area}",
+            ]
+        )
+        return text, [("HassTurnOn" if on else "HassTurnOff", {"area": area, "domain": [domain]})]
     if kind <= 4:  # on/off by name
         on = rng.random() < 0.5
         name, domain = _device_name(rng)
@@ -260,30 +437,40 @@ def make_tool_example(rng: random.Random) -> tuple[str, list[tuple[str, dict[str
             word = rng.choice(DOMAIN_WORDS["cover"])
             verb = "open" if opening else "close"
             text = rng.choice([f"{verb} the {area} {word}", f"{verb} the {word} in the {area}"])
-            return text, [("HassTurnOn" if opening else "HassTurnOff",
-                           {"area": area, "domain": ["cover"]})]
+            return text, [
+                ("HassTurnOn" if opening else "HassTurnOff", {"area": area, "domain": ["cover"]})
+            ]
         locking = rng.random() < 0.5
         door = rng.choice(_LOCKS)
         text = f"{'lock' if locking else 'unlock'} the {door}"
-        return text, [("HassTurnOn" if locking else "HassTurnOff",
-                       {"name": door, "domain": ["lock"]})]
+        return text, [
+            ("HassTurnOn" if locking else "HassTurnOff", {"name": door, "domain": ["lock"]})
+        ]
     if kind == 6:  # brightness and colour
         value = rng.randrange(0, 101, 5)
         by_name = rng.random() < 0.35
         name = f"{rng.choice(_NAME_FIRST)} {rng.choice(_NAME_SECOND['light'])}"
         word = rng.choice(["light", "lights", "lamp"])
         target = {"name": name} if by_name else {"area": area}
-        thing = f"the {name}" if by_name else rng.choice(
-            [f"the {area} {word}", f"the {word} in the {area}"])
+        thing = (
+            f"the {name}"
+            if by_name
+            else rng.choice([f"the {area} {word}", f"the {word} in the {area}"])
+        )
         if rng.random() < 0.7:
-            text = rng.choice([f"dim {thing} to {_percent(rng, value)}",
-                               f"set {thing} to {_percent(rng, value)}",
-                               f"set {thing} brightness to {_percent(rng, value)}",
-                               f"brighten {thing} to {_percent(rng, value)}"])
+            text = rng.choice(
+                [
+                    f"dim {thing} to {_percent(rng, value)}",
+                    f"set {thing} to {_percent(rng, value)}",
+                    f"set {thing} brightness to {_percent(rng, value)}",
+                    f"brighten {thing} to {_percent(rng, value)}",
+                ]
+            )
             return text, [("HassLightSet", {**target, "brightness": value})]
         color = rng.choice(_COLORS)
-        text = rng.choice([f"make {thing} {color}", f"turn {thing} {color}",
-                           f"set {thing} to {color}"])
+        text = rng.choice(
+            [f"make {thing} {color}", f"turn {thing} {color}", f"set {thing} to {color}"]
+        )
         return text, [("HassLightSet", {**target, "color": color})]
     if kind == 7:  # temperature
         degrees: float = rng.randrange(15, 29)
@@ -291,13 +478,22 @@ def make_tool_example(rng: random.Random) -> tuple[str, list[tuple[str, dict[str
             degrees += 0.5
         said = f"{degrees:g}"
         if rng.random() < 0.25:
-            text = rng.choice([f"set the thermostat to {said} degrees",
-                               f"set the temperature to {said}", f"make it {said} degrees"])
+            text = rng.choice(
+                [
+                    f"set the thermostat to {said} degrees",
+                    f"set the temperature to {said}",
+                    f"make it {said} degrees",
+                ]
+            )
             return text, [("HassClimateSetTemperature", {"temperature": degrees})]
-        text = rng.choice([f"set the {area} to {said} degrees",
-                           f"set the {area} thermostat to {said}",
-                           f"heat the {area} to {said} degrees",
-                           f"set the temperature in the {area} to {said}"])
+        text = rng.choice(
+            [
+                f"set the {area} to {said} degrees",
+                f"set the {area} thermostat to {said}",
+                f"heat the {area} to {said} degrees",
+                f"set the temperature in the {area} to {said}",
+            ]
+        )
         return text, [("HassClimateSetTemperature", {"temperature": degrees, "area": area})]
     if kind == 8:  # volume
         value = rng.randrange(0, 101, 5)
@@ -305,37 +501,55 @@ def make_tool_example(rng: random.Random) -> tuple[str, list[tuple[str, dict[str
             text = rng.choice([f"set the volume to {value}", f"volume {value}"])
             return text, [("HassSetVolume", {"volume_level": value})]
         word = rng.choice(["speaker", "tv", "music"])
-        text = rng.choice([f"set the {area} {word} volume to {_percent(rng, value)}",
-                           f"set the volume in the {area} to {_percent(rng, value)}",
-                           f"turn the {area} {word} to volume {value}"])
+        text = rng.choice(
+            [
+                f"set the {area} {word} volume to {_percent(rng, value)}",
+                f"set the volume in the {area} to {_percent(rng, value)}",
+                f"turn the {area} {word} to volume {value}",
+            ]
+        )
         return text, [("HassSetVolume", {"volume_level": value, "area": area})]
     if kind == 9:  # media
-        tool, phrases = rng.choice([
-            ("HassMediaPause", ["pause the music", "pause the tv", "stop the music", "pause"]),
-            ("HassMediaUnpause", ["resume the music", "play the music again", "unpause",
-                                  "resume"]),
-            ("HassMediaNext", ["next song", "skip this song", "next track", "skip"]),
-            ("HassMediaPrevious", ["previous song", "previous track", "go back a song"]),
-        ])
+        tool, phrases = rng.choice(
+            [
+                ("HassMediaPause", ["pause the music", "pause the tv", "stop the music", "pause"]),
+                (
+                    "HassMediaUnpause",
+                    ["resume the music", "play the music again", "unpause", "resume"],
+                ),
+                ("HassMediaNext", ["next song", "skip this song", "next track", "skip"]),
+                ("HassMediaPrevious", ["previous song", "previous track", "go back a song"]),
+            ]
+        )
         text = rng.choice(phrases)
         if rng.random() < 0.4 and " " in text:
             return f"{text} in the {area}", [(tool, {"area": area})]
         return text, [(tool, {})]
     if kind == 10:  # fan speed
         value = rng.randrange(0, 101, 10)
-        text = rng.choice([f"set the {area} fan to {_percent(rng, value)}",
-                           f"set the fan speed in the {area} to {_percent(rng, value)}"])
+        text = rng.choice(
+            [
+                f"set the {area} fan to {_percent(rng, value)}",
+                f"set the fan speed in the {area} to {_percent(rng, value)}",
+            ]
+        )
         return text, [("HassFanSetSpeed", {"percentage": value, "area": area})]
     # two areas at once: parallel calls
     on = rng.random() < 0.5
     other = rng.choice([a for a in AREAS if a != area])
     word = rng.choice(["light", "lights"])
     verb = rng.choice(_ON if on else _OFF)
-    text = rng.choice([f"{verb} the {area} {word} and the {other} {word}",
-                       f"{verb} the {word} in the {area} and the {other}"])
+    text = rng.choice(
+        [
+            f"{verb} the {area} {word} and the {other} {word}",
+            f"{verb} the {word} in the {area} and the {other}",
+        ]
+    )
     tool = "HassTurnOn" if on else "HassTurnOff"
-    return text, [(tool, {"area": area, "domain": ["light"]}),
-                  (tool, {"area": other, "domain": ["light"]})]
+    return text, [
+        (tool, {"area": area, "domain": ["light"]}),
+        (tool, {"area": other, "domain": ["light"]}),
+    ]
 
 
 # What a tool result is answered with: Home Assistant's results say "action_done" (or
@@ -343,9 +557,18 @@ def make_tool_example(rng: random.Random) -> tuple[str, list[tuple[str, dict[str
 DONE = "Done."
 FAILED = "Sorry, that did not work."
 NO_TOOL = "Sorry, I can only control devices."
-_QUESTIONS = ["what is the weather like", "tell me a joke", "who are you", "what time is it",
-              "how are you", "what can you do", "hello", "thank you", "what is the capital "
-              "of france", "good morning"]
+_QUESTIONS = [
+    "what is the weather like",
+    "tell me a joke",
+    "who are you",
+    "what time is it",
+    "how are you",
+    "what can you do",
+    "hello",
+    "thank you",
+    "what is the capital of france",
+    "good morning",
+]
 TOOL_RESULT_CHARS = 160  # the chat template shows the model this much of a tool result
 
 
@@ -355,17 +578,32 @@ def tool_result(rng: random.Random, name: str, arguments: dict[str, Any]) -> tup
     kind = "entity" if "name" in arguments else "area"
     if rng.random() < 0.75:
         result: dict[str, Any] = {
-            "speech": {}, "response_type": "action_done",
-            "data": {"targets": [], "success": [
-                {"name": str(target).title(), "type": kind,
-                 "id": str(target).replace(" ", "_")}], "failed": []}}
+            "speech": {},
+            "response_type": "action_done",
+            "data": {
+                "targets": [],
+                "success": [
+                    {"name": str(target).title(), "type": kind, "id": str(target).replace(" ", "_")}
+                ],
+                "failed": [],
+            },
+        }
         answer = DONE
     else:
-        error = rng.choice(["MatchFailedError", "NoStatesMatchedError", "IntentHandleError",
-                            "HomeAssistantError"])
-        result = {"error": error, "error_text": rng.choice([
-            f"No device named {target}", f"No area named {target}",
-            "Service light.turn_on not found", f"{name} failed"])}
+        error = rng.choice(
+            ["MatchFailedError", "NoStatesMatchedError", "IntentHandleError", "HomeAssistantError"]
+        )
+        result = {
+            "error": error,
+            "error_text": rng.choice(
+                [
+                    f"No device named {target}",
+                    f"No area named {target}",
+                    "Service light.turn_on not found",
+                    f"{name} failed",
+                ]
+            ),
+        }
         answer = FAILED
     if rng.random() < 0.5:  # newer integrations wrap the result in data/error
         if "error" in result:
@@ -393,9 +631,16 @@ def make_chat(rng: random.Random) -> tuple[list[dict[str, Any]], bool, str]:
     messages: list[dict[str, Any]] = [{"role": "user", "content": command}]
     answer = "".join(call_text(name, ordered(name, args)) for name, args in calls)
     if roll < 0.3:  # the round after Home Assistant ran the calls
-        messages.append({"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": name, "arguments": ordered(name, args)}}
-            for name, args in calls]})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"function": {"name": name, "arguments": ordered(name, args)}}
+                    for name, args in calls
+                ],
+            }
+        )
         answers = []
         for name, args in calls:
             content, said = tool_result(rng, name, args)
@@ -411,8 +656,12 @@ UNK, BOS, EOS, USER, ASSISTANT = 0, 1, 2, 3, 4
 SPECIAL = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
 # User-defined tokens (llama.cpp splits them out of any text and prints them as text, so the
 # tool-call parser sees them): tools offered, a tool result, and a call's delimiters.
-TOOLS_MARK, TOOL_RESULT, CALL_OPEN, CALL_CLOSE = "<|tools|>", "<|tool|>", "<tool_call>", \
-    "</tool_call>"
+TOOLS_MARK, TOOL_RESULT, CALL_OPEN, CALL_CLOSE = (
+    "<|tools|>",
+    "<|tool|>",
+    "<tool_call>",
+    "</tool_call>",
+)
 USER_DEFINED = [TOOLS_MARK, TOOL_RESULT, CALL_OPEN, CALL_CLOSE]
 SPACE = "▁"  # SentencePiece's visible space
 # Only the conversation from the last user message on is shown: earlier rounds (Home
@@ -435,6 +684,8 @@ CHAT_TEMPLATE = (
     "{{ (message['content'] or '')[:160] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
 @dataclass(frozen=True)
 class Vocab:
     """A character vocabulary in SentencePiece's form, with byte fallback for the rest.
@@ -480,6 +731,7 @@ class Vocab:
 
 
 # ---------------------------------------------------------------------------- model
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -575,11 +827,21 @@ def _template() -> Any:
 
 def render(messages: list[dict[str, Any]], tools: bool) -> str:
     """The prompt as llama-cpp-python's Jinja formatter renders the chat template."""
-    offered = [{"type": "function", "function": {"name": n, "parameters": p}}
-               for n, p in HA_TOOLS.items()] if tools else None
+    offered = (
+        [
+            {"type": "function", "function": {"name": n, "parameters": p}}
+            for n, p in HA_TOOLS.items()
+        ]
+        if tools
+        else None
+    )
     return _template().render(
-        messages=messages, tools=offered, bos_token=SPECIAL[BOS], eos_token=SPECIAL[EOS],
-        add_generation_prompt=True)
+        messages=messages,
+        tools=offered,
+        bos_token=SPECIAL[BOS],
+        eos_token=SPECIAL[EOS],
+        add_generation_prompt=True,
+    )
 
 
 def encode_prompt(vocab: Vocab, text: str) -> list[int]:
@@ -594,8 +856,9 @@ def encode_prompt(vocab: Vocab, text: str) -> list[int]:
     return out
 
 
-def sequence(vocab: Vocab, messages: list[dict[str, Any]], tools: bool,
-             answer: str) -> tuple[list[int], int]:
+def sequence(
+    vocab: Vocab, messages: list[dict[str, Any]], tools: bool, answer: str
+) -> tuple[list[int], int]:
     """Token ids of one conversation as the chat template renders it, then the answer; and
     where the answer starts."""
     prompt = encode_prompt(vocab, render(messages, tools))
@@ -613,8 +876,11 @@ def train(vocab: Vocab, shape: Shape, steps: int, log: Any, device: str = "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.01, betas=(0.9, 0.98))
     batch = 64
     for step in range(steps):
-        lr = peak * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(
-            math.pi * step / steps)))
+        lr = (
+            peak
+            * min(1.0, (step + 1) / 200)
+            * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         seqs = [sequence(vocab, *make_chat(rng)) for _ in range(batch)]
@@ -627,8 +893,9 @@ def train(vocab: Vocab, shape: Shape, steps: int, log: Any, device: str = "cpu")
             # Learn only the answer: the conversation is given, never predicted.
             target[i, start - 1 : len(s) - 1] = torch.tensor(s[start:])
         logits = model(ids.to(device))
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, shape.vocab),
-                                                 target.to(device).view(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.view(-1, shape.vocab), target.to(device).view(-1)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -640,6 +907,7 @@ def train(vocab: Vocab, shape: Shape, steps: int, log: Any, device: str = "cpu")
 
 # ----------------------------------------------------------------------------- GGUF
 
+
 def write_gguf(weights: dict[str, Any], vocab: Vocab, shape: Shape, path: Path) -> None:
     """Write the trained weights (numpy arrays by state-dict name) as a llama GGUF."""
     import gguf
@@ -647,8 +915,10 @@ def write_gguf(weights: dict[str, Any], vocab: Vocab, shape: Shape, path: Path) 
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(NAME)
-    writer.add_description("Smart-home commands to Home Assistant intent tool calls and "
-                           "JSON intents; trained by models/build_intent_llm.py")
+    writer.add_description(
+        "Smart-home commands to Home Assistant intent tool calls and "
+        "JSON intents; trained by models/build_intent_llm.py"
+    )
     writer.add_license("Apache-2.0")
     writer.add_context_length(shape.context)
     writer.add_embedding_length(shape.dim)
@@ -678,9 +948,17 @@ def write_gguf(weights: dict[str, Any], vocab: Vocab, shape: Shape, path: Path) 
 
     put("token_embd.weight", "embed.weight")
     for i in range(shape.layers):
-        for ours, theirs in (("attn_norm", "attn_norm"), ("q", "attn_q"), ("k", "attn_k"),
-                             ("v", "attn_v"), ("o", "attn_output"), ("ffn_norm", "ffn_norm"),
-                             ("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
+        for ours, theirs in (
+            ("attn_norm", "attn_norm"),
+            ("q", "attn_q"),
+            ("k", "attn_k"),
+            ("v", "attn_v"),
+            ("o", "attn_output"),
+            ("ffn_norm", "ffn_norm"),
+            ("gate", "ffn_gate"),
+            ("up", "ffn_up"),
+            ("down", "ffn_down"),
+        ):
             put(f"blk.{i}.{theirs}.weight", f"blocks.{i}.{ours}.weight")
     put("output_norm.weight", "norm.weight")
     put("output.weight", "out.weight")
@@ -692,6 +970,7 @@ def write_gguf(weights: dict[str, Any], vocab: Vocab, shape: Shape, path: Path) 
 
 # ------------------------------------------------------------------------ evaluation
 
+
 def evaluate(path: Path, count: int, seed: int) -> dict[str, float]:
     """Share of held-out commands the GGUF (through llama.cpp, schema-constrained) gets right
     as JSON intents, with no tools offered."""
@@ -699,16 +978,20 @@ def evaluate(path: Path, count: int, seed: int) -> dict[str, float]:
 
     from appliance.runtimes.llama_open import open_llama
 
-    llm = open_llama(cpu_repack=False, model_path=str(path), n_ctx=256, n_threads=2,
-                     verbose=False, seed=0)
+    llm = open_llama(
+        cpu_repack=False, model_path=str(path), n_ctx=256, n_threads=2, verbose=False, seed=0
+    )
     grammar = LlamaGrammar.from_json_schema(json.dumps(SCHEMA), verbose=False)
     rng = random.Random(seed)
     exact = valid = 0
     for _ in range(count):
         command, intent = make_example(rng)
         out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": command}], grammar=grammar,
-            temperature=0, max_tokens=200)
+            messages=[{"role": "user", "content": command}],
+            grammar=grammar,
+            temperature=0,
+            max_tokens=200,
+        )
         text = out["choices"][0]["message"]["content"] or ""
         try:
             got = json.loads(text)
@@ -732,19 +1015,30 @@ def evaluate_tools(path: Path, count: int, seed: int) -> dict[str, float]:
     from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
     from appliance.runtimes.gguf import GgufOptions, GgufRuntime
 
-    use = tool_use([{"type": "function", "function": {"name": n, "parameters": p}}
-                    for n, p in HA_TOOLS.items()])
+    use = tool_use(
+        [
+            {"type": "function", "function": {"name": n, "parameters": p}}
+            for n, p in HA_TOOLS.items()
+        ]
+    )
     assert use is not None
-    runtime = GgufRuntime(NAME, path, GgufOptions(threads=2, n_ctx=Shape.context,
-                                                  cpu_repack=False), 1)
+    runtime = GgufRuntime(
+        NAME, path, GgufOptions(threads=2, n_ctx=Shape.context, cpu_repack=False), 1
+    )
     runtime.load_blocking()
 
     async def answer(messages: list[dict[str, Any]]) -> tuple[str, list[Any]]:
-        turns = tuple(ChatMessage(role=m["role"], content=m["content"],
-                                  tool_calls=tool_calls_of(m.get("tool_calls"), "tool_calls"))
-                      for m in messages)
-        request = GenerateRequest(messages=turns, tools=use,
-                                  params=SamplingParams(temperature=0, max_tokens=300))
+        turns = tuple(
+            ChatMessage(
+                role=m["role"],
+                content=m["content"],
+                tool_calls=tool_calls_of(m.get("tool_calls"), "tool_calls"),
+            )
+            for m in messages
+        )
+        request = GenerateRequest(
+            messages=turns, tools=use, params=SamplingParams(temperature=0, max_tokens=300)
+        )
         parser_out = [c async for c in with_tool_calls(runtime.generate(request), use)]
         text = "".join(c.text for c in parser_out)
         calls: dict[int, list[str]] = {}
@@ -770,8 +1064,12 @@ def evaluate_tools(path: Path, count: int, seed: int) -> dict[str, float]:
             follow += 1
             text, _ = await answer(messages)
             follow_right += text.strip() == said
-        return {"right_tool": tool / count, "right_arguments": exact / count,
-                "follow_ups": follow, "follow_up_right": follow_right / max(follow, 1)}
+        return {
+            "right_tool": tool / count,
+            "right_arguments": exact / count,
+            "follow_ups": follow,
+            "follow_up_right": follow_right / max(follow, 1),
+        }
 
     try:
         return asyncio.run(run())
@@ -789,17 +1087,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / NAME)
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--retrain", action="store_true",
-                        help="train even if weights of an earlier run are cached")
+    parser.add_argument(
+        "--retrain", action="store_true", help="train even if weights of an earlier run are cached"
+    )
     parser.add_argument("--quant", default="q8_0", help="llama.cpp type of the committed file")
     parser.add_argument("--eval", type=int, default=200, help="held-out commands to check")
     parser.add_argument("--device", default="cpu", help="torch device to train on (cuda: a GPU)")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="trained weights to use or (with --train-only) to write; default "
-                        "a file in the temporary directory")
-    parser.add_argument("--train-only", action="store_true",
-                        help="train and save the weights, nothing else (needs only torch "
-                        "and jinja2, e.g. on a GPU machine)")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="trained weights to use or (with --train-only) to write; default "
+        "a file in the temporary directory",
+    )
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train and save the weights, nothing else (needs only torch "
+        "and jinja2, e.g. on a GPU machine)",
+    )
     args = parser.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -810,8 +1116,9 @@ def main(argv: list[str] | None = None) -> int:
     # Trained weights are kept (outside the repository, as safetensors) so a failure after
     # training, or a re-run with other output options, does not train again; --retrain
     # ignores them. Only training needs torch: the rest reads them with numpy.
-    cache = args.weights or (Path(tempfile.gettempdir())
-                             / f"{NAME}-{MODEL_VERSION}-{args.steps}.safetensors")
+    cache = args.weights or (
+        Path(tempfile.gettempdir()) / f"{NAME}-{MODEL_VERSION}-{args.steps}.safetensors"
+    )
     started = time.monotonic()
     if cache.is_file() and not args.retrain and not args.train_only:
         log(f"using the weights trained before ({cache})")
@@ -837,8 +1144,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / f"{NAME}-f32.gguf"
         write_gguf(weights, vocab, shape, f32)
-        report = quantize_gguf(f32, target, args.quant, eval_text=_eval_text(), threads=2,
-                               cpu_repack=False)
+        report = quantize_gguf(
+            f32, target, args.quant, eval_text=_eval_text(), threads=2, cpu_repack=False
+        )
         log(report.text())
         before = evaluate(f32, args.eval, SEED + 1) if args.eval else {}
     after = evaluate(target, args.eval, SEED + 1) if args.eval else {}
@@ -851,7 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
         f'name = "{NAME}"\nruntime = "gguf"\nfile = "{target.name}"\n'
         f'version = "{MODEL_VERSION}"\nsha256 = "{sha256(target)}"\n'
         f'description = "Tiny Llama-architecture model turning smart-home commands into Home '
-        f'Assistant intent tool calls or JSON intents ({params // 1000}K parameters, '
+        f"Assistant intent tool calls or JSON intents ({params // 1000}K parameters, "
         f'{args.quant.upper()})"\n\n'
         f"[options]\nthreads = 1\nn_ctx = {shape.context}\nembeddings = false\n"
         f"# Four requests decode together in one batch; each slot's cache is only "

@@ -61,8 +61,9 @@ class Page:
         await self.wait_for("document.readyState === 'complete'")
 
     async def evaluate(self, expression: str) -> Any:
-        result = await self.send("Runtime.evaluate", expression=expression,
-                                 awaitPromise=True, returnByValue=True)
+        result = await self.send(
+            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -84,18 +85,31 @@ class Page:
 
     async def press_enter(self) -> None:
         for kind in ("keyDown", "keyUp"):
-            await self.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
-                            windowsVirtualKeyCode=13, text="\r" if kind == "keyDown" else "")
+            await self.send(
+                "Input.dispatchKeyEvent",
+                type=kind,
+                key="Enter",
+                code="Enter",
+                windowsVirtualKeyCode=13,
+                text="\r" if kind == "keyDown" else "",
+            )
 
     async def click(self, selector: str) -> None:
         """A real mouse click in the middle of the element."""
         box = await self.evaluate(
             f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
             "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
-            "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+            "return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
         for kind in ("mousePressed", "mouseReleased"):
-            await self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1],
-                            button="left", clickCount=1)
+            await self.send(
+                "Input.dispatchMouseEvent",
+                type=kind,
+                x=box[0],
+                y=box[1],
+                button="left",
+                clickCount=1,
+            )
 
     async def screenshot(self, path: Path, *, full_page: bool = True) -> bytes:
         params: dict[str, Any] = {"format": "png", "captureBeyondViewport": full_page}
@@ -105,18 +119,31 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def browser(profile: Path, *, width: int = 1400, height: int = 1000
-                  ) -> AsyncIterator[Page]:
+async def browser(profile: Path, *, width: int = 1400, height: int = 1000) -> AsyncIterator[Page]:
     """A fresh headless Chromium with one tab; closed on exit."""
     assert CHROMIUM is not None, "chromium is not installed"
     await asyncio.to_thread(profile.mkdir, parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
-        CHROMIUM, *["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-         f"--window-size={width},{height}", "about:blank"],
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        CHROMIUM,
+        *[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
@@ -133,8 +160,13 @@ async def browser(profile: Path, *, width: int = 1400, height: int = 1000
                 page = Page(ws)
                 try:
                     await page.send("Page.enable")
-                    await page.send("Emulation.setDeviceMetricsOverride", width=width,
-                                    height=height, deviceScaleFactor=1, mobile=False)
+                    await page.send(
+                        "Emulation.setDeviceMetricsOverride",
+                        width=width,
+                        height=height,
+                        deviceScaleFactor=1,
+                        mobile=False,
+                    )
                     yield page
                 finally:
                     await page.close()

@@ -161,8 +161,9 @@ def start_daemon(*args: str, env: dict[str, str] | None = None) -> DaemonProcess
 
 
 @contextmanager
-def daemon(*args: str, env: dict[str, str] | None = None, ready: bool = True,
-           timeout: float = 60) -> Iterator[DaemonProcess]:
+def daemon(
+    *args: str, env: dict[str, str] | None = None, ready: bool = True, timeout: float = 60
+) -> Iterator[DaemonProcess]:
     """A daemon subprocess that is listening (and, with ``ready``, healthy); stopped on exit."""
     handle = start_daemon(*args, env=env)
     deadline = time.monotonic() + timeout

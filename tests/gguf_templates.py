@@ -22,8 +22,13 @@ def with_chat_template(source: Path, target: Path, template: str) -> Path:
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
     writer.add_chat_template(template)
     for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype,
-                               tensor.data.nbytes, tensor.tensor_type)
+        writer.add_tensor_info(
+            tensor.name,
+            tensor.data.shape,
+            tensor.data.dtype,
+            tensor.data.nbytes,
+            tensor.tensor_type,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

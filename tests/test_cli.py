@@ -49,7 +49,7 @@ def test_config_toml_is_a_file_that_loads_to_the_same_configuration(tmp_path: Pa
     printed = appliance("config", "--toml", env=env)
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.startswith("# appliance.toml")
-    assert "[http]\nhost = \"0.0.0.0\"\nport = 9000\n" in printed.stdout
+    assert '[http]\nhost = "0.0.0.0"\nport = 9000\n' in printed.stdout
     file = tmp_path / "appliance.toml"
     file.write_text(printed.stdout, encoding="utf-8")
     again = appliance("config", "--config", str(file))
@@ -59,16 +59,25 @@ def test_config_toml_is_a_file_that_loads_to_the_same_configuration(tmp_path: Pa
     assert as_json["mqtt"]["base_topic"] == "site/box-1"
 
 
-def test_quantize_takes_json_like_models_and_the_old_spelling_still_works(
-        tmp_path: Path) -> None:
+def test_quantize_takes_json_like_models_and_the_old_spelling_still_works(tmp_path: Path) -> None:
     helped = appliance("models", "quantize", "--help").stdout
     assert "--json" in helped and "--as-json" not in helped
     source = ROOT / "models" / "home-intent" / "home-intent-q8_0.gguf"
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     for flag in ("--json", "--as-json"):
-        result = appliance("models", "quantize", str(source), str(tmp_path / f"q{flag}.gguf"),
-                           "--type", "q4_0", "--threads", "1", "--no-cpu-repack", flag,
-                           timeout=300)
+        result = appliance(
+            "models",
+            "quantize",
+            str(source),
+            str(tmp_path / f"q{flag}.gguf"),
+            "--type",
+            "q4_0",
+            "--threads",
+            "1",
+            "--no-cpu-repack",
+            flag,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["kind"] == "gguf-q4_0"
         assert "[   1/" not in result.stderr  # llama.cpp's per-tensor lines stay away
@@ -79,9 +88,26 @@ def test_quantize_on_a_terminal_draws_a_bar_then_the_report(tmp_path: Path) -> N
     source = ROOT / "models" / "home-intent" / "home-intent-q8_0.gguf"
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "models", "quantize", str(source),
-         str(tmp_path / "q4.gguf"), "--type", "q4_0", "--threads", "1", "--no-cpu-repack"],
-        stdin=secondary, stdout=secondary, stderr=secondary, cwd=ROOT, env=clean_env())
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "models",
+            "quantize",
+            str(source),
+            str(tmp_path / "q4.gguf"),
+            "--type",
+            "q4_0",
+            "--threads",
+            "1",
+            "--no-cpu-repack",
+        ],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        cwd=ROOT,
+        env=clean_env(),
+    )
     os.close(secondary)
     seen = b""
     deadline = time.monotonic() + 300
@@ -100,16 +126,24 @@ def test_quantize_on_a_terminal_draws_a_bar_then_the_report(tmp_path: Path) -> N
     assert "\rquantizing to q4_0 [" in text, text[-2000:]
     assert re.search(r"\b(\d+)/\1 tensors", text), text[-2000:]
     assert "converting to" not in text and "llama_model_loader" not in text, text[-2000:]
-    report = text[text.rindex("measuring before and after..."):]
+    report = text[text.rindex("measuring before and after...") :]
     assert "gguf-q4_0:" in report and "size" in report and "perplexity" in report
 
 
 def test_hub_key_warning_names_the_hubs_own_command(tmp_path: Path) -> None:
-    env = hub_env(f"sqlite:///{tmp_path / 'hub.db'}", APPLIANCE_HUB_SECURITY__AUTH="on",
-                  STATE_DIRECTORY=str(tmp_path))
+    env = hub_env(
+        f"sqlite:///{tmp_path / 'hub.db'}",
+        APPLIANCE_HUB_SECURITY__AUTH="on",
+        STATE_DIRECTORY=str(tmp_path),
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "hub", "run", "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     try:
         assert proc.stdout is not None
         lines = []
@@ -126,7 +160,23 @@ def test_hub_key_warning_names_the_hubs_own_command(tmp_path: Path) -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     created = subprocess.run(
-        [sys.executable, "-m", "appliance", "hub", "keys", "create", "dashboard", "--scope",
-         "read"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60, check=True)
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "hub",
+            "keys",
+            "create",
+            "dashboard",
+            "--scope",
+            "read",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=True,
+    )
     assert created.stdout.startswith("apk_")
     assert "in hub.toml:" in created.stderr and 'scopes = ["read"]' in created.stderr

@@ -10,8 +10,19 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("numpy", "pydantic", "onnxruntime", "llama_cpp", "aiohttp", "prometheus_client",
-         "grpc", "cryptography", "zeroconf", "aiomqtt", "psutil")
+HEAVY = (
+    "numpy",
+    "pydantic",
+    "onnxruntime",
+    "llama_cpp",
+    "aiohttp",
+    "prometheus_client",
+    "grpc",
+    "cryptography",
+    "zeroconf",
+    "aiomqtt",
+    "psutil",
+)
 
 
 def _loaded_after(argv: list[str]) -> set[str]:
@@ -24,8 +35,9 @@ def _loaded_after(argv: list[str]) -> set[str]:
         "    pass\n"
         "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)), file=sys.stderr)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
     return set(json.loads(done.stderr.strip().splitlines()[-1]))
 
 

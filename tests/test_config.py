@@ -58,8 +58,7 @@ def test_models_dir_defaults_to_the_shipped_models() -> None:
 def test_models_dir_is_not_defaulted_when_files_are_given(tmp_path: Path) -> None:
     only_files = load(env={}, overrides={"models": {"files": [tmp_path / "a.gguf"]}})
     assert only_files.models.dir is None
-    both = load(env={}, overrides={"models": {"files": [tmp_path / "a.gguf"],
-                                              "dir": tmp_path}})
+    both = load(env={}, overrides={"models": {"files": [tmp_path / "a.gguf"], "dir": tmp_path}})
     assert both.models.dir == tmp_path
 
 
@@ -101,8 +100,9 @@ def test_precedence_defaults_file_env_flags(
 
 def test_layers_merge_key_by_key(tmp_path: Path) -> None:
     path = toml(tmp_path, '[http]\nhost = "127.0.0.9"\nport = 1000\n[models]\nqueue_size = 3\n')
-    config = load(path=path, env={"APPLIANCE_HTTP__PORT": "2000"},
-                  overrides={"logging": {"level": "debug"}})
+    config = load(
+        path=path, env={"APPLIANCE_HTTP__PORT": "2000"}, overrides={"logging": {"level": "debug"}}
+    )
     assert config.http.host == "127.0.0.9"  # file only
     assert config.http.port == 2000  # environment over file
     assert config.models.queue_size == 3  # file only, other section
@@ -137,12 +137,14 @@ def test_list_values_from_env_are_comma_separated(value: str, files: list[str]) 
 
 
 def test_env_values_are_converted_to_the_field_type() -> None:
-    config = load(env={
-        "APPLIANCE_HTTP__PORT": "0",
-        "APPLIANCE_LOGGING__LOG_PAYLOADS": "true",
-        "APPLIANCE_MODELS__RETRY_AFTER": "2.5",
-        "APPLIANCE_LOGGING__LEVEL": "warning",
-    })
+    config = load(
+        env={
+            "APPLIANCE_HTTP__PORT": "0",
+            "APPLIANCE_LOGGING__LOG_PAYLOADS": "true",
+            "APPLIANCE_MODELS__RETRY_AFTER": "2.5",
+            "APPLIANCE_LOGGING__LEVEL": "warning",
+        }
+    )
     assert config.http.port == 0
     assert config.logging.log_payloads is True
     assert config.models.retry_after == 2.5
@@ -150,8 +152,15 @@ def test_env_values_are_converted_to_the_field_type() -> None:
 
 
 def test_env_ignores_variables_that_are_not_settings() -> None:
-    config = load(env={"PATH": "/usr/bin", "HTTP__PORT": "1", "APPLIANCE_DEBUG": "1",
-                       "APPLIANCE_CONFIG": "", "appliance_http__port": "2"})
+    config = load(
+        env={
+            "PATH": "/usr/bin",
+            "HTTP__PORT": "1",
+            "APPLIANCE_DEBUG": "1",
+            "APPLIANCE_CONFIG": "",
+            "appliance_http__port": "2",
+        }
+    )
     assert config.http.port == 8080
 
 
@@ -161,43 +170,103 @@ def test_env_ignores_variables_that_are_not_settings() -> None:
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ({"env": {"APPLIANCE_HTTP__PORT": "abc"}},
-         ["http.port = 'abc'", "(from environment variable APPLIANCE_HTTP__PORT)",
-          "allowed: integer (>= 0, <= 65535)"]),
-        ({"file": '[http]\nport = "x"\n'},
-         ["http.port = 'x'", "(from {file})", "allowed: integer (>= 0, <= 65535)"]),
-        ({"overrides": {"http": {"port": 70000}}},
-         ["http.port = 70000", "(from command line)", "less than or equal to 65535",
-          "allowed: integer (>= 0, <= 65535)"]),
-        ({"file": "[models]\nretry_after = nan\n"},
-         ["models.retry_after = nan", "(from {file})", "finite number", "allowed: number"]),
-        ({"env": {"APPLIANCE_MODELS__QUEUE_SIZE": "-1"}},
-         ["models.queue_size = '-1'", "APPLIANCE_MODELS__QUEUE_SIZE", ">= 0"]),
-        ({"env": {"APPLIANCE_LOGGING__LEVEL": "loud"}},
-         ["logging.level = 'loud'", "APPLIANCE_LOGGING__LEVEL",
-          "allowed: 'debug' | 'info' | 'warning' | 'error'"]),
-        ({"env": {"APPLIANCE_DEVICE__ID": "Shed_Pi"}},
-         ["device.id = 'Shed_Pi'", "APPLIANCE_DEVICE__ID", "matching"]),
-        ({"file": "[http]\nportt = 8080\n"},
-         ["http.portt = 8080", "(from {file})", "unknown key",
-          "allowed keys: host, port, max_body_bytes, shutdown_timeout"]),
-        ({"overrides": {"models": {"queue": 3}}},
-         ["models.queue = 3", "(from command line)", "unknown key", "allowed keys: dir, files"]),
-        ({"env": {"APPLIANCE_HTTP__PROT": "1"}},
-         ["environment variable APPLIANCE_HTTP__PROT", "unknown key 'prot' in [http]",
-          "allowed keys: host, port"]),
-        ({"env": {"APPLIANCE_HTPP__PORT": "1"}},
-         ["environment variable APPLIANCE_HTPP__PORT", "unknown section 'htpp'",
-          "allowed sections: device, http, models, logging"]),
-        ({"file": "[htpp]\nport = 1\n"},
-         ["config file {file}", "unknown section 'htpp'",
-          "allowed sections: device, http, models, logging"]),
+        (
+            {"env": {"APPLIANCE_HTTP__PORT": "abc"}},
+            [
+                "http.port = 'abc'",
+                "(from environment variable APPLIANCE_HTTP__PORT)",
+                "allowed: integer (>= 0, <= 65535)",
+            ],
+        ),
+        (
+            {"file": '[http]\nport = "x"\n'},
+            ["http.port = 'x'", "(from {file})", "allowed: integer (>= 0, <= 65535)"],
+        ),
+        (
+            {"overrides": {"http": {"port": 70000}}},
+            [
+                "http.port = 70000",
+                "(from command line)",
+                "less than or equal to 65535",
+                "allowed: integer (>= 0, <= 65535)",
+            ],
+        ),
+        (
+            {"file": "[models]\nretry_after = nan\n"},
+            ["models.retry_after = nan", "(from {file})", "finite number", "allowed: number"],
+        ),
+        (
+            {"env": {"APPLIANCE_MODELS__QUEUE_SIZE": "-1"}},
+            ["models.queue_size = '-1'", "APPLIANCE_MODELS__QUEUE_SIZE", ">= 0"],
+        ),
+        (
+            {"env": {"APPLIANCE_LOGGING__LEVEL": "loud"}},
+            [
+                "logging.level = 'loud'",
+                "APPLIANCE_LOGGING__LEVEL",
+                "allowed: 'debug' | 'info' | 'warning' | 'error'",
+            ],
+        ),
+        (
+            {"env": {"APPLIANCE_DEVICE__ID": "Shed_Pi"}},
+            ["device.id = 'Shed_Pi'", "APPLIANCE_DEVICE__ID", "matching"],
+        ),
+        (
+            {"file": "[http]\nportt = 8080\n"},
+            [
+                "http.portt = 8080",
+                "(from {file})",
+                "unknown key",
+                "allowed keys: host, port, max_body_bytes, shutdown_timeout",
+            ],
+        ),
+        (
+            {"overrides": {"models": {"queue": 3}}},
+            ["models.queue = 3", "(from command line)", "unknown key", "allowed keys: dir, files"],
+        ),
+        (
+            {"env": {"APPLIANCE_HTTP__PROT": "1"}},
+            [
+                "environment variable APPLIANCE_HTTP__PROT",
+                "unknown key 'prot' in [http]",
+                "allowed keys: host, port",
+            ],
+        ),
+        (
+            {"env": {"APPLIANCE_HTPP__PORT": "1"}},
+            [
+                "environment variable APPLIANCE_HTPP__PORT",
+                "unknown section 'htpp'",
+                "allowed sections: device, http, models, logging",
+            ],
+        ),
+        (
+            {"file": "[htpp]\nport = 1\n"},
+            [
+                "config file {file}",
+                "unknown section 'htpp'",
+                "allowed sections: device, http, models, logging",
+            ],
+        ),
         ({"file": "http = 5\n"}, ["config file {file}", "'http' must be a [http] table"]),
         ({"file": "[http\n"}, ["config file {file} is not valid TOML"]),
     ],
-    ids=["env-type", "file-type", "flag-range", "file-nan", "env-range", "env-enum",
-         "env-pattern", "file-unknown-key", "flag-unknown-key", "env-unknown-key",
-         "env-unknown-section", "file-unknown-section", "file-not-a-table", "file-not-toml"],
+    ids=[
+        "env-type",
+        "file-type",
+        "flag-range",
+        "file-nan",
+        "env-range",
+        "env-enum",
+        "env-pattern",
+        "file-unknown-key",
+        "flag-unknown-key",
+        "env-unknown-key",
+        "env-unknown-section",
+        "file-unknown-section",
+        "file-not-a-table",
+        "file-not-toml",
+    ],
 )
 def test_errors_name_key_value_source_and_what_is_allowed(
     tmp_path: Path, source: dict[str, Any], expected: list[str]
@@ -255,7 +324,8 @@ def test_device_id_is_derived_stably_from_the_machine_id(tmp_path: Path) -> None
 def test_different_machines_get_different_device_ids(tmp_path: Path) -> None:
     other = MACHINE_ID[:-1] + "5"
     assert default_device_id(toml(tmp_path, MACHINE_ID, "a")) != default_device_id(
-        toml(tmp_path, other, "b"))
+        toml(tmp_path, other, "b")
+    )
 
 
 @pytest.mark.parametrize("content", [None, "", "\n"], ids=["missing", "empty", "blank"])
@@ -272,8 +342,7 @@ def test_device_id_falls_back_to_the_hostname(tmp_path: Path, content: str | Non
 
 @pytest.mark.parametrize(
     "hostname",
-    ["Café-Box", "ÜBER.local", "-edge_box-", "日本", "x" * 80, "",
-     "a" * 62 + "-b"],
+    ["Café-Box", "ÜBER.local", "-edge_box-", "日本", "x" * 80, "", "a" * 62 + "-b"],
 )
 def test_hostname_fallback_is_always_a_valid_device_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hostname: str

@@ -39,11 +39,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def appliance(*args: str, env: dict[str, str] | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def appliance(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance", *args],
-        capture_output=True, text=True, env=env or clean_env(), cwd=ROOT, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=env or clean_env(),
+        cwd=ROOT,
+        timeout=timeout,
         check=False,
     )
 
@@ -58,8 +63,12 @@ def get(url: str) -> tuple[int, Any]:
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -99,7 +108,8 @@ def test_a_llama_cpp_that_cannot_load_fails_its_models_not_the_daemon(tmp_path: 
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(
         "raise RuntimeError(\"Failed to load shared library 'libllama.so': libgomp.so.1: "
-        "cannot open shared object file\")\n")
+        'cannot open shared object file")\n'
+    )
     env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
     with daemon(env=env) as proc:
         status, health = get(proc.url + "/health")
@@ -110,8 +120,9 @@ def test_a_llama_cpp_that_cannot_load_fails_its_models_not_the_daemon(tmp_path: 
         assert proc.stop() == 0
 
 
-def test_model_files_are_served_under_their_stem(tmp_path: Path, stories_gguf: Path,
-                                                 default_models: Path) -> None:
+def test_model_files_are_served_under_their_stem(
+    tmp_path: Path, stories_gguf: Path, default_models: Path
+) -> None:
     story = tmp_path / "bedtime-tales.gguf"
     story.symlink_to(stories_gguf)
     sensor = tmp_path / "vibration-check.onnx"
@@ -121,13 +132,18 @@ def test_model_files_are_served_under_their_stem(tmp_path: Path, stories_gguf: P
         assert status == 200
         # Only the files: --model replaces the default model directory.
         assert sorted(m["id"] for m in models["data"]) == ["bedtime-tales", "vibration-check"]
-        status, completion = post(proc.url + "/v1/completions",
-                                  {"model": "bedtime-tales", "prompt": "Once upon a time",
-                                   "max_tokens": 12, "temperature": 0})
+        status, completion = post(
+            proc.url + "/v1/completions",
+            {
+                "model": "bedtime-tales",
+                "prompt": "Once upon a time",
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+        )
         assert status == 200
         assert completion["choices"][0]["text"].startswith(", there was a little girl named")
-        status, answer = post(proc.url + "/v2/models/vibration-check/infer",
-                              {"inputs": [WINDOW]})
+        status, answer = post(proc.url + "/v2/models/vibration-check/infer", {"inputs": [WINDOW]})
         assert status == 200
         assert answer["model_name"] == "vibration-check"
         status, meta = get(proc.url + "/v2/models/bedtime-tales")
@@ -149,8 +165,12 @@ class StreamReader(threading.Thread):
         assert parts.hostname is not None
         assert parts.port is not None
         self._conn = HTTPConnection(parts.hostname, parts.port, timeout=60)
-        self._conn.request("POST", "/v1/completions", body=json.dumps(body),
-                           headers={"Content-Type": "application/json"})
+        self._conn.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
         response = self._conn.getresponse()
         assert response.status == 200
         assert response.getheader("Content-Type", "").startswith("text/event-stream")
@@ -187,9 +207,15 @@ def refused(url: str) -> bool:
 def test_sigterm_finishes_the_stream_in_flight_and_refuses_new_connections(
     stories_gguf: Path,
 ) -> None:
-    body = {"model": "stories260K", "prompt": "Once upon a time", "max_tokens": MAX_TOKENS,
-            "temperature": 0, "logit_bias": {str(EOS): -100}, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "stories260K",
+        "prompt": "Once upon a time",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "logit_bias": {str(EOS): -100},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     # A generous shutdown timeout: this box may be slow, and the stream must not be cut.
     env = {"APPLIANCE_HTTP__SHUTDOWN_TIMEOUT": "120"}
     with daemon("--model", str(stories_gguf), env=env) as proc:
@@ -244,42 +270,74 @@ class BadConfig:
 BAD_CONFIGS = {
     "env-port-not-a-number": BadConfig(
         env={"APPLIANCE_HTTP__PORT": "abc"},
-        expected=["http.port", "'abc'", "environment variable APPLIANCE_HTTP__PORT",
-                  "allowed: integer (>= 0, <= 65535)"]),
+        expected=[
+            "http.port",
+            "'abc'",
+            "environment variable APPLIANCE_HTTP__PORT",
+            "allowed: integer (>= 0, <= 65535)",
+        ],
+    ),
     "env-level-not-allowed": BadConfig(
         env={"APPLIANCE_LOGGING__LEVEL": "loud"},
-        expected=["logging.level", "'loud'", "APPLIANCE_LOGGING__LEVEL",
-                  "'debug' | 'info' | 'warning' | 'error'"]),
+        expected=[
+            "logging.level",
+            "'loud'",
+            "APPLIANCE_LOGGING__LEVEL",
+            "'debug' | 'info' | 'warning' | 'error'",
+        ],
+    ),
     "env-unknown-key": BadConfig(
         env={"APPLIANCE_HTTP__PROT": "8080"},
-        expected=["APPLIANCE_HTTP__PROT", "unknown key 'prot'", "allowed keys: host, port"]),
+        expected=["APPLIANCE_HTTP__PROT", "unknown key 'prot'", "allowed keys: host, port"],
+    ),
     "env-unknown-section": BadConfig(
         env={"APPLIANCE_HTPP__PORT": "8080"},
-        expected=["APPLIANCE_HTPP__PORT", "unknown section 'htpp'",
-                  "allowed sections: device, http, models, logging"]),
+        expected=[
+            "APPLIANCE_HTPP__PORT",
+            "unknown section 'htpp'",
+            "allowed sections: device, http, models, logging",
+        ],
+    ),
     "file-unknown-key": BadConfig(
-        args=["--config", "{file}"], file="[http]\nportt = 8080\n",
-        expected=["http.portt = 8080", "{file}", "unknown key",
-                  "allowed keys: host, port, max_body_bytes, shutdown_timeout"]),
+        args=["--config", "{file}"],
+        file="[http]\nportt = 8080\n",
+        expected=[
+            "http.portt = 8080",
+            "{file}",
+            "unknown key",
+            "allowed keys: host, port, max_body_bytes, shutdown_timeout",
+        ],
+    ),
     "file-unknown-section": BadConfig(
-        args=["--config", "{file}"], file="[htpp]\nport = 8080\n",
-        expected=["{file}", "unknown section 'htpp'",
-                  "allowed sections: device, http, models, logging"]),
+        args=["--config", "{file}"],
+        file="[htpp]\nport = 8080\n",
+        expected=[
+            "{file}",
+            "unknown section 'htpp'",
+            "allowed sections: device, http, models, logging",
+        ],
+    ),
     "file-bad-value": BadConfig(
-        args=["--config", "{file}"], file="[models]\nqueue_size = -1\n",
-        expected=["models.queue_size = -1", "{file}", ">= 0"]),
+        args=["--config", "{file}"],
+        file="[models]\nqueue_size = -1\n",
+        expected=["models.queue_size = -1", "{file}", ">= 0"],
+    ),
     "file-named-by-environment": BadConfig(
-        env={"APPLIANCE_CONFIG": "{file}"}, file="[models]\nqueue_size = -1\n",
-        expected=["models.queue_size = -1", "{file}", ">= 0"]),
+        env={"APPLIANCE_CONFIG": "{file}"},
+        file="[models]\nqueue_size = -1\n",
+        expected=["models.queue_size = -1", "{file}", ">= 0"],
+    ),
     "file-not-toml": BadConfig(
-        args=["--config", "{file}"], file="[http\nport = 1\n",
-        expected=["{file}", "is not valid TOML"]),
+        args=["--config", "{file}"],
+        file="[http\nport = 1\n",
+        expected=["{file}", "is not valid TOML"],
+    ),
     "file-missing": BadConfig(
-        args=["--config", "{file}.absent"],
-        expected=["cannot read config file", "{file}.absent"]),
+        args=["--config", "{file}.absent"], expected=["cannot read config file", "{file}.absent"]
+    ),
     "flag-port-out-of-range": BadConfig(
-        args=["--port", "70000"],
-        expected=["http.port = 70000", "command line", "<= 65535"]),
+        args=["--port", "70000"], expected=["http.port = 70000", "command line", "<= 65535"]
+    ),
 }
 
 
@@ -317,13 +375,18 @@ def test_config_prints_the_resolved_configuration_with_the_environment_applied()
 
 
 def test_config_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
-    file = write(tmp_path / "appliance.toml",
-                 '[http]\nport = 7000\nhost = "127.0.0.2"\n[models]\nqueue_size = 3\n')
+    file = write(
+        tmp_path / "appliance.toml",
+        '[http]\nport = 7000\nhost = "127.0.0.2"\n[models]\nqueue_size = 3\n',
+    )
     env = clean_env(APPLIANCE_CONFIG=str(file), APPLIANCE_HTTP__PORT="9000")
     from_env = json.loads(appliance("config", env=env).stdout)
     assert from_env["http"] == {**from_env["http"], "port": 9000, "host": "127.0.0.2"}
     assert from_env["models"]["queue_size"] == 3
-    from_flags = json.loads(appliance("config", "--log-level", "debug",
-                                      env={**env, "APPLIANCE_LOGGING__LEVEL": "error"}).stdout)
+    from_flags = json.loads(
+        appliance(
+            "config", "--log-level", "debug", env={**env, "APPLIANCE_LOGGING__LEVEL": "error"}
+        ).stdout
+    )
     assert from_flags["logging"]["level"] == "debug"
     assert from_flags["http"]["host"] == "127.0.0.2"

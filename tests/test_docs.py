@@ -9,8 +9,7 @@ from tests.conftest import ROOT
 def test_configuration_reference_is_current() -> None:
     on_disk = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert on_disk == config.reference(), (
-        "docs/configuration.md is stale: run `appliance config --reference > "
-        "docs/configuration.md`"
+        "docs/configuration.md is stale: run `appliance config --reference > docs/configuration.md`"
     )
 
 

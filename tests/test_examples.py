@@ -29,39 +29,72 @@ def test_examples_against_a_real_daemon_and_broker(tmp_path: Path) -> None:
     broker = Broker(tmp_path)
     broker.start()
     # No configuration: the default stream rule (sensors/+/telemetry) scores the readings.
-    env = {"APPLIANCE_DEVICE__ID": DEVICE, "APPLIANCE_MQTT__ENABLED": "true",
-           "APPLIANCE_MQTT__HOST": broker.host, "APPLIANCE_MQTT__PORT": str(broker.port)}
+    env = {
+        "APPLIANCE_DEVICE__ID": DEVICE,
+        "APPLIANCE_MQTT__ENABLED": "true",
+        "APPLIANCE_MQTT__HOST": broker.host,
+        "APPLIANCE_MQTT__PORT": str(broker.port),
+    }
     try:
         with daemon(env=env) as box:
             # The README's curl line, with the shipped body.
             curl = subprocess.run(
-                ["curl", "-sS", "--fail-with-body", "-H", "Content-Type: application/json",
-                 f"{box.url}/v2/models/sensor-anomaly/infer",
-                 "-d", f"@{EXAMPLES / 'request.json'}"],
-                capture_output=True, text=True, timeout=30, check=False)
+                [
+                    "curl",
+                    "-sS",
+                    "--fail-with-body",
+                    "-H",
+                    "Content-Type: application/json",
+                    f"{box.url}/v2/models/sensor-anomaly/infer",
+                    "-d",
+                    f"@{EXAMPLES / 'request.json'}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
             assert curl.returncode == 0, curl.stdout + curl.stderr
             outputs = {o["name"]: o["data"] for o in json.loads(curl.stdout)["outputs"]}
             assert outputs["is_anomaly"] == [False]  # the example readings are normal
 
-            publisher = [sys.executable, str(EXAMPLES / "mqtt_publisher.py"), "--host",
-                         broker.host, "--port", str(broker.port), "--device", DEVICE,
-                         "--wait", "60"]
-            readings = subprocess.run([*publisher, "--sensor", "greenhouse", "--interval",
-                                       "0.01"],
-                                      capture_output=True, text=True, timeout=90, check=False)
+            publisher = [
+                sys.executable,
+                str(EXAMPLES / "mqtt_publisher.py"),
+                "--host",
+                broker.host,
+                "--port",
+                str(broker.port),
+                "--device",
+                DEVICE,
+                "--wait",
+                "60",
+            ]
+            readings = subprocess.run(
+                [*publisher, "--sensor", "greenhouse", "--interval", "0.01"],
+                capture_output=True,
+                text=True,
+                timeout=90,
+                check=False,
+            )
             assert readings.returncode == 0, readings.stderr
             topic, _, payload = readings.stdout.strip().partition(" ")
             result = json.loads(payload)
             assert result["rule"] == "sensors" and result["readings"] == 32
             assert isinstance(result["outputs"]["score"], float) and not result["anomaly"]
-            spiked = subprocess.run([*publisher, "--sensor", "greenhouse", "--interval",
-                                     "0.01", "--spike"],
-                                    capture_output=True, text=True, timeout=90, check=False)
+            spiked = subprocess.run(
+                [*publisher, "--sensor", "greenhouse", "--interval", "0.01", "--spike"],
+                capture_output=True,
+                text=True,
+                timeout=90,
+                check=False,
+            )
             assert spiked.returncode == 0, spiked.stderr
             assert json.loads(spiked.stdout.partition(" ")[2])["anomaly"] is True
 
-            reply = subprocess.run([*publisher, "--request"], capture_output=True, text=True,
-                                   timeout=90, check=False)
+            reply = subprocess.run(
+                [*publisher, "--request"], capture_output=True, text=True, timeout=90, check=False
+            )
             assert reply.returncode == 0, reply.stderr
             answer = json.loads(reply.stdout)
             assert answer.get("status", "ok") == "ok", answer

@@ -32,9 +32,15 @@ class Run:
     """``scripts/run`` in its own process group, its output collected line by line."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([str(ROOT / "scripts" / "run"), *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(ROOT / "scripts" / "run"), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -70,19 +76,24 @@ class Run:
 
 
 def _listeners(port: int) -> set[str]:
-    return {c.laddr.ip for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    return {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
 
 
 def test_scripts_run_from_first_start_to_second(tmp_path: Path) -> None:
     broker, hub, http = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update({
-        "STATE_DIRECTORY": str(tmp_path / "state"),
-        "APPLIANCE_RUN_DIR": str(tmp_path / "run"),
-        "APPLIANCE_MDNS__ENABLED": "false",
-        "APPLIANCE_DEVICE__NAME": "Greenhouse 3",
-    })
+    env.update(
+        {
+            "STATE_DIRECTORY": str(tmp_path / "state"),
+            "APPLIANCE_RUN_DIR": str(tmp_path / "run"),
+            "APPLIANCE_MDNS__ENABLED": "false",
+            "APPLIANCE_DEVICE__NAME": "Greenhouse 3",
+        }
+    )
     args = ["--broker-port", str(broker), "--hub-port", str(hub), "--port", str(http)]
     first = Run(args, env)
     try:
@@ -100,7 +111,8 @@ def test_scripts_run_from_first_start_to_second(tmp_path: Path) -> None:
         # Enrolled under device.name, not the host name, and the key opens the fleet API.
         request = urllib.request.Request(
             f"http://127.0.0.1:{hub}/api/v1/devices",
-            headers={"Authorization": f"Bearer {hub_key.read_text().strip()}"})
+            headers={"Authorization": f"Bearer {hub_key.read_text().strip()}"},
+        )
         with urllib.request.urlopen(request, timeout=10) as resp:
             devices = json.loads(resp.read())["devices"]
         assert [d["name"] for d in devices] == ["Greenhouse 3"]
@@ -108,7 +120,8 @@ def test_scripts_run_from_first_start_to_second(tmp_path: Path) -> None:
         # The appliance's key opens the appliance.
         request = urllib.request.Request(
             f"http://127.0.0.1:{http}/v1/models",
-            headers={"Authorization": f"Bearer {box_key.read_text().strip()}"})
+            headers={"Authorization": f"Bearer {box_key.read_text().strip()}"},
+        )
         with urllib.request.urlopen(request, timeout=10) as resp:
             assert resp.status == 200
     finally:

@@ -119,17 +119,21 @@ class AsyncApplianceBrowser(_PoolFront):
             found = await asyncio.to_thread(resolve_interfaces, self._interfaces)
             if found.missing:
                 raise InterfaceNotFound(
-                    f"no IPv4 address on interface(s) {', '.join(found.missing)}")
+                    f"no IPv4 address on interface(s) {', '.join(found.missing)}"
+                )
             if not found.addresses:
-                raise InterfaceNotFound("no non-loopback interface with an IPv4 address to "
-                                        "browse on; name one (e.g. lo) explicitly")
-            self._zc = AsyncZeroconf(interfaces=list(found.addresses),
-                                     ip_version=IPVersion.V4Only)
+                raise InterfaceNotFound(
+                    "no non-loopback interface with an IPv4 address to "
+                    "browse on; name one (e.g. lo) explicitly"
+                )
+            self._zc = AsyncZeroconf(interfaces=list(found.addresses), ip_version=IPVersion.V4Only)
         # Multicast (QM) questions only: a unicast answer to a QU question goes to port 5353
         # of this host, which avahi or another appliance may share, and only one socket on
         # the port gets it. Multicast answers reach every listener (and refresh their caches).
         self._browser = AsyncServiceBrowser(
-            self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_state_change],
+            self._zc.zeroconf,
+            SERVICE_TYPE,
+            handlers=[self._on_state_change],
             question_type=DNSQuestionType.QM,
         )
 
@@ -163,9 +167,7 @@ class AsyncApplianceBrowser(_PoolFront):
         try:
             return await asyncio.wait_for(until(), timeout)
         except asyncio.TimeoutError:
-            raise DiscoveryTimeout(
-                f"the appliances seen did not match within {timeout}s"
-            ) from None
+            raise DiscoveryTimeout(f"the appliances seen did not match within {timeout}s") from None
 
     async def wait_for(
         self, model: str | None = None, *, count: int = 1, timeout: float = 10.0
@@ -216,8 +218,9 @@ class AsyncApplianceBrowser(_PoolFront):
             assert self._zc is not None
             for _ in range(RESOLVE_ATTEMPTS):
                 info = AsyncServiceInfo(SERVICE_TYPE, name)
-                if await info.async_request(self._zc.zeroconf, self._resolve_ms,
-                                            question_type=DNSQuestionType.QM):
+                if await info.async_request(
+                    self._zc.zeroconf, self._resolve_ms, question_type=DNSQuestionType.QM
+                ):
                     break
             else:
                 log.warning("appliance %s did not answer with its address and TXT record", name)
@@ -239,17 +242,18 @@ class AsyncApplianceBrowser(_PoolFront):
 
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         try:
-            async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._resolve_ms / 1000)
-            ) as session, session.get(appliance.openai_base_url + "/models",
-                                      headers=headers) as resp:
+            async with (
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=self._resolve_ms / 1000)
+                ) as session,
+                session.get(appliance.openai_base_url + "/models", headers=headers) as resp,
+            ):
                 resp.raise_for_status()
                 body: Any = await resp.json()
             ready = tuple(
                 str(card["id"]) for card in body["data"] if card.get("state", "ready") == "ready"
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError,
-                TypeError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
             log.info("appliance %s: cannot read its full model list: %s", appliance.name, exc)
             return appliance
         return dataclasses.replace(appliance, models=ready, model_count=len(ready))
@@ -274,7 +278,8 @@ class ApplianceBrowser(_PoolFront):
         api_key: str | None = None,
     ) -> None:
         self._options: dict[str, Any] = {
-            "interfaces": list(interfaces), "resolve_timeout": resolve_timeout,
+            "interfaces": list(interfaces),
+            "resolve_timeout": resolve_timeout,
             "api_key": api_key,
         }
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -345,9 +350,7 @@ class ApplianceBrowser(_PoolFront):
         return self.pool.candidates(model)
 
 
-async def discover(
-    *, timeout: float = 3.0, interfaces: Sequence[str] = ()
-) -> list[Appliance]:
+async def discover(*, timeout: float = 3.0, interfaces: Sequence[str] = ()) -> list[Appliance]:
     """Browse for ``timeout`` seconds and return the appliances found (a snapshot)."""
     async with AsyncApplianceBrowser(interfaces=interfaces) as browser:
         await asyncio.sleep(timeout)

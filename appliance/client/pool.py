@@ -70,8 +70,7 @@ class AppliancePool:
         """Ready appliances (serving ``model``, if given), ones marked down last."""
         now = time.monotonic()
         with self._cond:
-            ready = [a for a in self.appliances() if a.ready and (model is None or
-                                                                 a.serves(model))]
+            ready = [a for a in self.appliances() if a.ready and (model is None or a.serves(model))]
             up = [a for a in ready if self._down_until.get(a.service, 0) <= now]
             return up or ready
 
@@ -100,7 +99,8 @@ class AppliancePool:
                 what = f" serving model {model!r}" if model else ""
                 raise NoApplianceAvailable(
                     f"no ready appliance{what} found ({len(self._items)} appliance(s) seen)",
-                    model=model)
+                    model=model,
+                )
             least = min(self._outstanding.get(a.service, 0) for a in found)
             tied = [a for a in found if self._outstanding.get(a.service, 0) == least]
             choice = tied[self._turn % len(tied)]

@@ -93,7 +93,6 @@ def load(
     return _resolve(load_model(Config, path=path, env=env, overrides=overrides))
 
 
-
 _HUB_SERVICE_VARIABLE = re.compile(r"^APPLIANCE_HUB_(?!_)")
 
 
@@ -128,9 +127,9 @@ def default_device_id(machine_id_file: Path = Path("/etc/machine-id")) -> str:
         digest = hashlib.sha256(b"appliance-device-id:" + machine_id.encode()).hexdigest()
         return f"appliance-{digest[:12]}"
     # ASCII only: str.isalnum() accepts "é" or "日", which the device id pattern does not.
-    cleaned = "".join(
-        c if c.isascii() and c.isalnum() else "-" for c in _hostname().lower()
-    ).strip("-")
+    cleaned = "".join(c if c.isascii() and c.isalnum() else "-" for c in _hostname().lower()).strip(
+        "-"
+    )
     return (cleaned or "appliance")[:63]
 
 
@@ -144,8 +143,6 @@ def default_models_dir() -> Path:
 
 
 # -------------------------------------------------------------------------- reference
-
-
 
 
 def reference(

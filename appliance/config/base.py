@@ -31,6 +31,7 @@ ENV_CONFIG_FILE = "APPLIANCE_CONFIG"
 
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
+
 class Section(BaseModel):
     """Base of every config section: immutable, and unknown keys are errors."""
 
@@ -56,11 +57,10 @@ class TlsFilesSection(Section):
     @classmethod
     def _client_ca_needs_tls(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is not None and info.data.get("tls_cert_file") is None:
-            raise ValueError("tls_client_ca needs tls_cert_file: client certificates are "
-                             "part of a TLS handshake")
+            raise ValueError(
+                "tls_client_ca needs tls_cert_file: client certificates are part of a TLS handshake"
+            )
         return value
-
-
 
 
 RootT = TypeVar("RootT", bound=BaseModel)
@@ -255,8 +255,6 @@ def _allowed_values(root: type[BaseModel], loc: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- resolving
-
-
 
 
 def reference(

@@ -129,7 +129,9 @@ class ModelsConfig(Section):
         "estimate); least recently used idle models are unloaded to make room. 0: no limit.",
     )
     max_loaded: int = Field(
-        default=0, ge=0, le=1024,
+        default=0,
+        ge=0,
+        le=1024,
         description="Models (versions) loaded at once; beyond it the least recently used idle "
         "one is unloaded. 0: no limit.",
     )
@@ -175,25 +177,39 @@ class CanaryConfig(Section):
         "retried on stable); shadow: stable answers all, a copy runs on the canary.",
     )
     share: float = Field(
-        default=0.1, gt=0, le=1, allow_inf_nan=False,
+        default=0.1,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
         description="Share of requests (0-1] routed to the canary in split mode.",
     )
     window: float = Field(
-        default=300.0, gt=0, le=7 * 86_400, allow_inf_nan=False,
+        default=300.0,
+        gt=0,
+        le=7 * 86_400,
+        allow_inf_nan=False,
         description="Seconds over which canary and stable are compared; a canary that holds "
         "for a whole window is promoted.",
     )
     min_requests: int = Field(
-        default=20, ge=1, le=1_000_000,
+        default=20,
+        ge=1,
+        le=1_000_000,
         description="Canary requests in the window before it is judged.",
     )
     max_error_rate_increase: float = Field(
-        default=0.02, ge=0, le=1, allow_inf_nan=False,
+        default=0.02,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
         description="Roll back when the canary's error rate exceeds stable's by more than "
         "this (0-1).",
     )
     max_latency_ratio: float = Field(
-        default=1.5, ge=1, le=1000, allow_inf_nan=False,
+        default=1.5,
+        ge=1,
+        le=1000,
+        allow_inf_nan=False,
         description="Roll back when the canary's mean latency exceeds stable's by this factor.",
     )
     auto_promote: bool = Field(
@@ -209,18 +225,21 @@ class PipelineStep(Section):
 
     model: str = Field(min_length=1, max_length=128, description="Model this step runs.")
     prompt: str = Field(
-        default="", max_length=4000,
+        default="",
+        max_length=4000,
         description="For a language model: the prompt, with {output_name} placeholders "
         "filled from the previous step's outputs. Empty: a tensor step fed the inputs.",
     )
     when: str = Field(
-        default="", max_length=128,
+        default="",
+        max_length=128,
         description="Run this step only when this BOOL output of the previous step is true "
         "for some element. Empty: always.",
     )
     max_tokens: int = Field(default=96, ge=1, le=4096, description="Language steps: tokens.")
     output: str = Field(
-        default="text", max_length=128,
+        default="text",
+        max_length=128,
         description="Language steps: name of the BYTES output tensor holding the answer.",
     )
 
@@ -228,18 +247,22 @@ class PipelineStep(Section):
 class Pipeline(Section):
     """A declarative chain of models served as one tensor model of its own name."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                      description="Name clients use (like a model name).")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Name clients use (like a model name).",
+    )
     description: str = Field(default="", max_length=500, description="One line.")
-    steps: list[PipelineStep] = Field(min_length=1, max_length=16,
-                                      description="Steps, first to last.")
+    steps: list[PipelineStep] = Field(
+        min_length=1, max_length=16, description="Steps, first to last."
+    )
 
 
 class PipelinesConfig(Section):
     """Pipelines: ``[[pipelines.chain]]`` tables, each served as a model (docs/models.md)."""
 
     chain: list[Pipeline] = Field(
-        default_factory=list, max_length=64,
+        default_factory=list,
+        max_length=64,
         description="The pipelines; each is addressed like a tensor model: "
         "POST /v2/models/<name>/infer, or an MQTT stream rule's model.",
     )
@@ -257,8 +280,6 @@ class LoggingConfig(Section):
     )
 
 
-
-
 class CacheConfig(Section):
     """The result cache: repeated identical requests answered without running the model.
 
@@ -268,7 +289,8 @@ class CacheConfig(Section):
     """
 
     models: list[str] = Field(
-        default_factory=list, max_length=256,
+        default_factory=list,
+        max_length=256,
         description="Models cached besides those whose manifest sets cache = true (models "
         "served with --model have no manifest).",
     )
@@ -281,27 +303,38 @@ class CacheConfig(Section):
         default=1024, ge=1, le=10_000_000, description="Most results kept (memory backend)."
     )
     max_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024 * 1024,
+        default=64 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024 * 1024,
         description="Most bytes of results kept (memory backend); the least recently used "
         "go first.",
     )
     max_entry_bytes: int = Field(
-        default=1024 * 1024, ge=64, le=512 * 1024 * 1024,
+        default=1024 * 1024,
+        ge=64,
+        le=512 * 1024 * 1024,
         description="Results larger than this are not cached.",
     )
     ttl: float = Field(
-        default=300.0, gt=0, le=30 * 86_400, allow_inf_nan=False,
+        default=300.0,
+        gt=0,
+        le=30 * 86_400,
+        allow_inf_nan=False,
         description="Seconds a result stays valid (a model's cache_ttl option overrides).",
     )
     redis_url: str = Field(
-        default="", max_length=2048,
+        default="",
+        max_length=2048,
         description="redis://[user:password@]host:port/db or unix:///path (redis backend).",
     )
     redis_prefix: str = Field(
         default="appliance:cache:", max_length=128, description="Prefix of every Redis key."
     )
     redis_timeout: float = Field(
-        default=0.25, gt=0, le=60, allow_inf_nan=False,
+        default=0.25,
+        gt=0,
+        le=60,
+        allow_inf_nan=False,
         description="Seconds a Redis call may take; a slow or absent Redis counts as a miss "
         "and never fails a request.",
     )

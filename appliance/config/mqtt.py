@@ -82,11 +82,14 @@ class StreamRule(Section):
         "e.g. 'sensors/+/telemetry'. Every matching topic is a source with its own window.",
     )
     model: str = Field(
-        default="sensor-anomaly", min_length=1, max_length=128,
+        default="sensor-anomaly",
+        min_length=1,
+        max_length=128,
         description="Model each window is run through (a tensor model).",
     )
     input: str = Field(
-        default="", max_length=128,
+        default="",
+        max_length=128,
         description="Input tensor the window is fed to. Empty: the model's only input.",
     )
     fields: list[str] = Field(
@@ -99,13 +102,16 @@ class StreamRule(Section):
         default=32, ge=1, le=4096, description="Readings in one window (per source topic)."
     )
     hop: int = Field(
-        default=0, ge=0, le=4096,
+        default=0,
+        ge=0,
+        le=4096,
         description="Run the model every this many new readings once the window is full; "
         "0 means every full, non-overlapping window (hop = window).",
     )
     output: str = Field(
         default="{base}/rules/{rule}/{source}",
-        min_length=1, max_length=1024,
+        min_length=1,
+        max_length=1024,
         description="Topic template for every result; placeholders {base}, {rule}, "
         "{source}, {device_id}, {model} and {0}, {1} ... (levels of the source topic).",
     )
@@ -116,11 +122,14 @@ class StreamRule(Section):
         "true); same placeholders. Empty: no separate anomaly events.",
     )
     anomaly_tensor: str = Field(
-        default="is_anomaly", max_length=128,
+        default="is_anomaly",
+        max_length=128,
         description="BOOL output that marks a window anomalous. Empty: none does.",
     )
     max_sources: int = Field(
-        default=1000, ge=1, le=1_000_000,
+        default=1000,
+        ge=1,
+        le=1_000_000,
         description="Source topics windowed at once; the least recently heard is dropped "
         "beyond that.",
     )
@@ -163,7 +172,9 @@ class MqttConfig(TlsFilesSection):
 
     enabled: bool = Field(default=True, description="Connect to the broker at all.")
     host: str = Field(
-        default="localhost", min_length=1, max_length=253,
+        default="localhost",
+        min_length=1,
+        max_length=253,
         description="Broker host name or address.",
     )
     port: int = Field(
@@ -180,7 +191,9 @@ class MqttConfig(TlsFilesSection):
         default="5", description="MQTT protocol version the appliance speaks to the broker."
     )
     keepalive: int = Field(
-        default=30, ge=5, le=65535,
+        default=30,
+        ge=5,
+        le=65535,
         description="Seconds between keepalive pings; the broker declares the appliance gone "
         "(and publishes its last will) after 1.5 times this without traffic.",
     )
@@ -229,37 +242,57 @@ class MqttConfig(TlsFilesSection):
         "$share/<group>/<fleet_topic>/infer/#. Empty: no fleet subscription.",
     )
     session_expiry: int = Field(
-        default=86_400, ge=0, le=4_294_967_295,
+        default=86_400,
+        ge=0,
+        le=4_294_967_295,
         description="Seconds the broker keeps this session (subscriptions and queued requests) "
         "while the appliance is away (MQTT 5; 3.1.1 sessions last as the broker decides).",
     )
     reconnect_min: float = Field(
-        default=1.0, gt=0, le=3600, allow_inf_nan=False,
+        default=1.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
         description="Seconds before the first reconnect attempt; doubles per failure.",
     )
     reconnect_max: float = Field(
-        default=60.0, gt=0, le=86_400, allow_inf_nan=False,
+        default=60.0,
+        gt=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Longest wait between reconnect attempts (each wait is jittered).",
     )
     timeout: float = Field(
-        default=10.0, gt=0, le=600, allow_inf_nan=False,
+        default=10.0,
+        gt=0,
+        le=600,
+        allow_inf_nan=False,
         description="Seconds to wait for the broker to acknowledge a connect or a publish.",
     )
     max_payload_bytes: int = Field(
-        default=1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        default=1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
         description="Largest request or reading accepted; larger ones get a 'too_large' error.",
     )
     max_inflight: int = Field(
-        default=64, ge=1, le=10_000,
+        default=64,
+        ge=1,
+        le=10_000,
         description="MQTT requests handled at once; more get a 'busy' reply.",
     )
     reply_queue_size: int = Field(
-        default=1000, ge=1, le=1_000_000,
+        default=1000,
+        ge=1,
+        le=1_000_000,
         description="Messages (replies, results) held while the broker is away; beyond it the "
         "oldest are dropped and counted.",
     )
     dedup_ttl: float = Field(
-        default=300.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=300.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds a reply is remembered so a redelivered request (same id) is "
         "answered again instead of run twice; 0 disables.",
     )
@@ -267,7 +300,10 @@ class MqttConfig(TlsFilesSection):
         default=1000, ge=1, le=1_000_000, description="Replies remembered at most."
     )
     stats_interval: float = Field(
-        default=60.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=60.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds between retained stats documents; 0: only on changes.",
     )
     homeassistant: bool = Field(
@@ -308,7 +344,6 @@ class MqttConfig(TlsFilesSection):
     def _protocol(cls, value: Any) -> Any:
         # TOML users write `protocol = 5`; the version names are strings.
         return "5" if value == 5 and not isinstance(value, bool) else value
-
 
     @field_validator("reconnect_max")
     @classmethod

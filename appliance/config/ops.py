@@ -65,80 +65,137 @@ class AlertsConfig(Section):
         description="Requests a window must hold before latency and 5xx rates are judged.",
     )
     latency_high_threshold: float = Field(
-        default=500.0, gt=0, le=3_600_000, allow_inf_nan=False,
+        default=500.0,
+        gt=0,
+        le=3_600_000,
+        allow_inf_nan=False,
         description="Average response time per model above this many milliseconds fires.",
     )
     latency_high_window: float = Field(
-        default=60.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=60.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds the average response time is taken over.",
     )
     latency_high_for: float = Field(
-        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds the average must stay high before latency_high fires.",
     )
     qps_target: float = Field(
-        default=0.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
         description="Expected requests per second over all models; 0 disables qps_low.",
     )
     qps_low_threshold: float = Field(
-        default=80.0, gt=0, le=100, allow_inf_nan=False,
+        default=80.0,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
         description="qps_low fires when requests/s fall below this percent of qps_target.",
     )
     qps_low_window: float = Field(
-        default=60.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=60.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds requests are counted over for qps_low.",
     )
     qps_low_for: float = Field(
-        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds the rate must stay low before qps_low fires.",
     )
     gpu_busy_threshold: float = Field(
-        default=90.0, gt=0, le=100, allow_inf_nan=False,
+        default=90.0,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
         description="GPU utilisation percent (the busiest GPU) above which gpu_busy fires.",
     )
     gpu_busy_window: float = Field(
-        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds GPU utilisation is averaged over.",
     )
     gpu_busy_for: float = Field(
-        default=300.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=300.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds utilisation must stay high before gpu_busy fires.",
     )
     memory_high_threshold: float = Field(
-        default=85.0, gt=0, le=100, allow_inf_nan=False,
+        default=85.0,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
         description="System memory use in percent above which memory_high fires.",
     )
     memory_high_window: float = Field(
-        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds memory use is averaged over.",
     )
     memory_high_for: float = Field(
-        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds memory use must stay high before memory_high fires.",
     )
     http_5xx_threshold: float = Field(
-        default=1.0, gt=0, le=100, allow_inf_nan=False,
+        default=1.0,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
         description="Percent of HTTP responses with a 5xx status above which http_5xx fires; "
         "503s of a full queue (shed load, appliance_requests_shed_total) do not count.",
     )
     http_5xx_window: float = Field(
-        default=300.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=300.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds the 5xx share is counted over.",
     )
     http_5xx_for: float = Field(
-        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds the share must stay high before http_5xx fires.",
     )
     model_load_failures_threshold: float = Field(
-        default=3.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        default=3.0,
+        ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
         description="model_load_failures fires when more loads than this failed in the window.",
     )
     model_load_failures_window: float = Field(
-        default=3600.0, ge=0, le=86_400 * 7, allow_inf_nan=False,
+        default=3600.0,
+        ge=0,
+        le=86_400 * 7,
+        allow_inf_nan=False,
         description="Seconds failed model loads are counted over.",
     )
     model_load_failures_for: float = Field(
-        default=0.0, ge=0, le=86_400, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds the count must stay high before model_load_failures fires.",
     )
 
@@ -174,7 +231,10 @@ class HubSyncConfig(TlsFilesSection):
         default=None, description="Private key (PEM) of tls_cert_file; unset: inside that file."
     )
     heartbeat_interval: float = Field(
-        default=30.0, ge=0.05, le=86_400, allow_inf_nan=False,
+        default=30.0,
+        ge=0.05,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds between heartbeats (a health snapshot) queued for the hub.",
     )
     outbox_path: Path | None = Field(
@@ -183,35 +243,49 @@ class HubSyncConfig(TlsFilesSection):
         "($STATE_DIRECTORY, else /var/lib/appliance as root, else ~/.local/state/appliance).",
     )
     outbox_max_records: int = Field(
-        default=100_000, ge=10, le=100_000_000,
+        default=100_000,
+        ge=10,
+        le=100_000_000,
         description="Records the outbox holds at most; beyond it the oldest are dropped "
         "(heartbeats before alerts and events).",
     )
     outbox_max_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=4096, le=64 * 1024**3,
+        default=64 * 1024 * 1024,
+        ge=4096,
+        le=64 * 1024**3,
         description="Payload bytes the outbox holds at most; same drop policy.",
     )
     outbox_max_age: float = Field(
-        default=7 * 86_400.0, ge=1, le=365 * 86_400, allow_inf_nan=False,
+        default=7 * 86_400.0,
+        ge=1,
+        le=365 * 86_400,
+        allow_inf_nan=False,
         description="Seconds a record may wait for the hub before it is dropped.",
     )
     batch_size: int = Field(
         default=200, ge=1, le=10_000, description="Records sent to the hub per request."
     )
     backoff_initial: float = Field(
-        default=1.0, gt=0, le=3600, allow_inf_nan=False,
+        default=1.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
         description="Seconds to wait after the first failed upload; doubles per failure.",
     )
     backoff_max: float = Field(
-        default=300.0, gt=0, le=86_400, allow_inf_nan=False,
+        default=300.0,
+        gt=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Longest wait between upload attempts.",
     )
     timeout: float = Field(
-        default=15.0, gt=0, le=600, allow_inf_nan=False,
+        default=15.0,
+        gt=0,
+        le=600,
+        allow_inf_nan=False,
         description="Seconds one upload request may take.",
     )
-
-
 
 
 class MdnsConfig(Section):

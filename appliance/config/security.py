@@ -20,14 +20,17 @@ _KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 class ApiKeyEntry(Section):
     """One API key, by name: only its hash is stored (``appliance keys create`` prints both)."""
 
-    name: str = Field(pattern=_KEY_NAME_PATTERN,
-                      description="Key name (letters, digits, '_', '.', '-'); logged, never "
-                      "the key itself.")
+    name: str = Field(
+        pattern=_KEY_NAME_PATTERN,
+        description="Key name (letters, digits, '_', '.', '-'); logged, never the key itself.",
+    )
     scopes: list[Scope] = Field(
         min_length=1, description="What the key may do: read, infer, admin (admin: all)."
     )
-    hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
-                      description="'sha256:<hex>' of the key, from `appliance keys create`.")
+    hash: str = Field(
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="'sha256:<hex>' of the key, from `appliance keys create`.",
+    )
 
 
 class ClientCertEntry(Section):
@@ -35,9 +38,11 @@ class ClientCertEntry(Section):
 
     Also written ``NAME:SCOPE[+SCOPE]`` (how the environment variable lists them)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
-                      description="The certificate's common name (CN), e.g. what `appliance "
-                      "certs client NAME` put there; logged as 'cert:NAME'.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
+        description="The certificate's common name (CN), e.g. what `appliance "
+        "certs client NAME` put there; logged as 'cert:NAME'.",
+    )
     scopes: list[Scope] = Field(
         min_length=1, description="What its holder may do: read, infer, admin (admin: all)."
     )
@@ -65,7 +70,8 @@ class AccessConfig(Section):
         "without keys (logged as a warning on a LAN address).",
     )
     keys: list[ApiKeyEntry] = Field(
-        default_factory=list, max_length=1024,
+        default_factory=list,
+        max_length=1024,
         description="API keys, TOML only: [[security.keys]] tables with name, scopes, hash.",
     )
     keys_file: Path | None = Field(
@@ -76,18 +82,27 @@ class AccessConfig(Section):
     public: list[str] = Field(
         # The API reference is no secret: a browser opens /docs without a key (its "Try it"
         # forms send the key typed into the page).
-        default_factory=lambda: ["/", "/health", "/metrics", "/v2/health/live",
-                                 "/v2/health/ready", "/docs", "/openapi.json"],
+        default_factory=lambda: [
+            "/",
+            "/health",
+            "/metrics",
+            "/v2/health/live",
+            "/v2/health/ready",
+            "/docs",
+            "/openapi.json",
+        ],
         max_length=256,
         description="Paths served without a key: exact, or ending in '*' for a prefix.",
     )
     allow: list[str] = Field(
-        default_factory=list, max_length=1024,
+        default_factory=list,
+        max_length=1024,
         description="Client networks allowed at all (CIDRs, IPv4 or IPv6, e.g. "
         "192.168.1.0/24, fd00::/8); others get 403 before their body is read. Empty: any.",
     )
     trusted_proxies: list[str] = Field(
-        default_factory=list, max_length=256,
+        default_factory=list,
+        max_length=256,
         description="Reverse proxies (CIDRs) whose forwarded_header is believed: a request "
         "from one of them counts as coming from the rightmost address in that header that "
         "is not itself a trusted proxy, for the allow-list, rate limits and logs. Empty: "
@@ -100,30 +115,42 @@ class AccessConfig(Section):
         "append to it.",
     )
     allowed_hosts: list[str] = Field(
-        default_factory=list, max_length=256,
+        default_factory=list,
+        max_length=256,
         description="Host header names accepted besides the box's own names, its addresses, "
         "localhost and *.local (DNS-rebinding guard); '*.example.org' matches subdomains, "
         "'*' turns the check off.",
     )
     rate_per_client: float = Field(
-        default=0.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
         description="Requests per second one client address may make on average (token "
         "bucket); beyond it 429 with Retry-After. 0: no limit.",
     )
     burst_per_client: int = Field(
-        default=20, ge=1, le=1_000_000,
+        default=20,
+        ge=1,
+        le=1_000_000,
         description="Requests a client address may make at once before rate_per_client applies.",
     )
     rate_per_key: float = Field(
-        default=0.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
         description="Requests per second one API key may make on average; 0: no limit.",
     )
     burst_per_key: int = Field(
-        default=20, ge=1, le=1_000_000,
+        default=20,
+        ge=1,
+        le=1_000_000,
         description="Requests one API key may make at once before rate_per_key applies.",
     )
     client_certs: list[ClientCertEntry] = Field(
-        default_factory=list, max_length=1024,
+        default_factory=list,
+        max_length=1024,
         description="Client certificates accepted instead of an API key: "
         "[[security.client_certs]] tables with name (the certificate's CN) and scopes, or "
         "'NAME:SCOPE[+SCOPE]' strings (sensor-1:infer+read). Needs http.tls_client_ca; an "
@@ -144,8 +171,9 @@ class AccessConfig(Section):
     def _paths(cls, value: list[str]) -> list[str]:
         for item in value:
             if not item.startswith("/") or "*" in item[:-1]:
-                raise ValueError(f"{item!r} must be a path starting with '/', optionally "
-                                 "ending in '*'")
+                raise ValueError(
+                    f"{item!r} must be a path starting with '/', optionally ending in '*'"
+                )
         return value
 
     @field_validator("client_certs")
@@ -198,22 +226,32 @@ class LimitsConfig(Section):
     a compression bomb stops there."""
 
     max_header_bytes: int = Field(
-        default=8190, ge=1024, le=1024 * 1024,
+        default=8190,
+        ge=1024,
+        le=1024 * 1024,
         description="Longest request line or header field; longer ones get 400.",
     )
     max_headers: int = Field(
         default=100, ge=8, le=10_000, description="Most header fields in one request."
     )
     max_chunks: int = Field(
-        default=10_000, ge=1, le=10_000_000,
+        default=10_000,
+        ge=1,
+        le=10_000_000,
         description="Most chunks in one chunked request body; more get 413.",
     )
     request_timeout: float = Field(
-        default=60.0, gt=0, le=3600, allow_inf_nan=False,
+        default=60.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
         description="Seconds a client may take to send a request's body; slower gets 408.",
     )
     idle_timeout: float = Field(
-        default=30.0, gt=0, le=3600, allow_inf_nan=False,
+        default=30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
         description="Seconds a connection may stay idle, or take to send a request's "
         "headers, before it is closed (slowloris guard).",
     )

@@ -62,8 +62,9 @@ class GrpcConfig(Section):
         import importlib.util
 
         if value and importlib.util.find_spec("grpc") is None:
-            raise ValueError("gRPC needs grpcio, which is not installed: "
-                             "pip install 'appliance[grpc]'")
+            raise ValueError(
+                "gRPC needs grpcio, which is not installed: pip install 'appliance[grpc]'"
+            )
         return value
 
 

@@ -36,8 +36,9 @@ from appliance.security.crypto import DecryptionError, FieldCipher
 log = logging.getLogger(__name__)
 
 
-def request_key(model: str, version: str, inputs: Mapping[str, Array],
-                outputs: Sequence[str]) -> str:
+def request_key(
+    model: str, version: str, inputs: Mapping[str, Array], outputs: Sequence[str]
+) -> str:
     """The cache key of one tensor request."""
     digest = hashlib.blake2b(digest_size=20)
     for name in sorted(inputs):
@@ -102,8 +103,9 @@ class MemoryBackend:
             frozen[name] = copy
         self._entries[key] = (time.monotonic() + ttl, size, InferResult(outputs=frozen))
         self._bytes += size
-        while self._entries and (len(self._entries) > self._max_entries
-                                 or self._bytes > self._max_bytes):
+        while self._entries and (
+            len(self._entries) > self._max_entries or self._bytes > self._max_bytes
+        ):
             _, (_, dropped, _) = self._entries.popitem(last=False)
             self._bytes -= dropped
 
@@ -119,8 +121,9 @@ class RedisBackend:
     """Entries in Redis under ``prefix + key``, expiring through Redis' own TTL; with a
     ``cipher``, sealed and under ``prefix + "e:" + keyed hash of key`` (module docstring)."""
 
-    def __init__(self, url: str, *, prefix: str, timeout: float,
-                 cipher: FieldCipher | None = None) -> None:
+    def __init__(
+        self, url: str, *, prefix: str, timeout: float, cipher: FieldCipher | None = None
+    ) -> None:
         import redis.asyncio as aioredis  # optional: only with backend = "redis"
 
         self._client: Any = aioredis.Redis.from_url(
@@ -160,13 +163,17 @@ class RedisBackend:
         try:
             if not raw.startswith(_SEALED):
                 raise DecryptionError("the value is not sealed")
-            return self._cipher.open(raw[len(_SEALED):], self._prefix + key)
+            return self._cipher.open(raw[len(_SEALED) :], self._prefix + key)
         except DecryptionError as exc:
             self.rejected += 1
             # Once at warning (another key, or someone writing to Redis), then quietly.
             level = logging.WARNING if self.rejected == 1 else logging.DEBUG
-            log.log(level, "result cache: ignoring a Redis entry that does not open under "
-                    "the data key (%s); it counts as a miss", exc)
+            log.log(
+                level,
+                "result cache: ignoring a Redis entry that does not open under "
+                "the data key (%s); it counts as a miss",
+                exc,
+            )
             return None
 
     async def _call(self, call: Any) -> Any:
@@ -185,8 +192,10 @@ class RedisBackend:
 
     def _report(self, exc: BaseException) -> None:
         if not self._failing:
-            log.warning("result cache: Redis unavailable (%s); serving without the cache",
-                        exc or type(exc).__name__)
+            log.warning(
+                "result cache: Redis unavailable (%s); serving without the cache",
+                exc or type(exc).__name__,
+            )
             self._failing = True
 
     async def close(self) -> None:
@@ -202,8 +211,11 @@ def _encode(result: InferResult) -> bytes:
             items = [v if isinstance(v, bytes) else str(v).encode() for v in value.reshape(-1)]
             outputs[name] = ["O", list(value.shape), items]
         else:
-            outputs[name] = [value.dtype.str, list(value.shape),
-                             np.ascontiguousarray(value).tobytes()]
+            outputs[name] = [
+                value.dtype.str,
+                list(value.shape),
+                np.ascontiguousarray(value).tobytes(),
+            ]
     return bytes(msgpack.packb(outputs, use_bin_type=True))
 
 
@@ -229,18 +241,26 @@ def _decode(raw: bytes) -> InferResult | None:
 class ResultCache:
     """Which models are cached, and their entries (a lifecycle unit: close it)."""
 
-    def __init__(self, config: CacheConfig, backend: Backend | None = None, *,
-                 cipher: FieldCipher | None = None) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        backend: Backend | None = None,
+        *,
+        cipher: FieldCipher | None = None,
+    ) -> None:
         self.config = config
         self._models = frozenset(config.models)
         if backend is not None:
             self.backend = backend
         elif config.backend == "redis":
-            self.backend = RedisBackend(config.redis_url, prefix=config.redis_prefix,
-                                        timeout=config.redis_timeout, cipher=cipher)
+            self.backend = RedisBackend(
+                config.redis_url,
+                prefix=config.redis_prefix,
+                timeout=config.redis_timeout,
+                cipher=cipher,
+            )
         else:
-            self.backend = MemoryBackend(max_entries=config.max_entries,
-                                         max_bytes=config.max_bytes)
+            self.backend = MemoryBackend(max_entries=config.max_entries, max_bytes=config.max_bytes)
 
     def enabled(self, name: str, option: bool) -> bool:
         """Whether results of model ``name`` (whose ``cache`` option is ``option``) are cached."""

@@ -160,9 +160,14 @@ class CanaryController:
             return False
         self._running[stable.name] = Canary(stable, candidate)
         self._metrics.canary_active.labels(stable.name, candidate.version).set(1)
-        log.info("model %s: canary version %s starts against %s (%s, share %.0f%%)",
-                 stable.name, candidate.version, stable.version, self._config.mode,
-                 100 * self._config.share)
+        log.info(
+            "model %s: canary version %s starts against %s (%s, share %.0f%%)",
+            stable.name,
+            candidate.version,
+            stable.version,
+            self._config.mode,
+            100 * self._config.share,
+        )
         return True
 
     # -- routing ----------------------------------------------------------------------
@@ -181,8 +186,9 @@ class CanaryController:
             return  # decided meanwhile
         canary.sides[side].add(ok, seconds, self._config.window)
         version = canary.candidate.version if side == "canary" else canary.stable.version
-        self._metrics.canary_requests.labels(canary.name, version, side,
-                                             "ok" if ok else "error").inc()
+        self._metrics.canary_requests.labels(
+            canary.name, version, side, "ok" if ok else "error"
+        ).inc()
         self._judge(canary)
 
     # -- deciding ---------------------------------------------------------------------
@@ -195,21 +201,31 @@ class CanaryController:
             return
         worse = candidate["error_rate"] - stable["error_rate"]
         if worse > config.max_error_rate_increase:
-            self._decide(canary, "rolled_back",
-                         f"error rate {candidate['error_rate']:.1%} vs stable "
-                         f"{stable['error_rate']:.1%} over the last {config.window:g}s")
+            self._decide(
+                canary,
+                "rolled_back",
+                f"error rate {candidate['error_rate']:.1%} vs stable "
+                f"{stable['error_rate']:.1%} over the last {config.window:g}s",
+            )
             return
         ours, theirs = candidate["latency_avg_ms"], stable["latency_avg_ms"]
-        if ours is not None and theirs and stable["requests"] >= config.min_requests and (
-            ours > theirs * config.max_latency_ratio
+        if (
+            ours is not None
+            and theirs
+            and stable["requests"] >= config.min_requests
+            and (ours > theirs * config.max_latency_ratio)
         ):
-            self._decide(canary, "rolled_back",
-                         f"mean latency {ours:.1f} ms vs stable {theirs:.1f} ms")
+            self._decide(
+                canary, "rolled_back", f"mean latency {ours:.1f} ms vs stable {theirs:.1f} ms"
+            )
             return
         if config.auto_promote and time.monotonic() - canary.started >= config.window:
-            self._decide(canary, "promoted",
-                         f"error rate {candidate['error_rate']:.1%} (stable "
-                         f"{stable['error_rate']:.1%}) over {config.window:g}s")
+            self._decide(
+                canary,
+                "promoted",
+                f"error rate {candidate['error_rate']:.1%} (stable "
+                f"{stable['error_rate']:.1%}) over {config.window:g}s",
+            )
 
     def promote(self, name: str) -> CanaryDecision:
         """An operator's promotion of the running canary."""
@@ -223,7 +239,7 @@ class CanaryController:
         self._models.get(name)
         canary = self._running.get(name)
         if canary is None:
-                raise RequestError(f"model {name!r} has no canary running", param="name")
+            raise RequestError(f"model {name!r} has no canary running", param="name")
         return canary
 
     def _decide(self, canary: Canary, decision: Decision, reason: str) -> CanaryDecision:
@@ -232,8 +248,9 @@ class CanaryController:
         self._decided.add((name, canary.candidate.version))
         self._metrics.canary_active.labels(name, canary.candidate.version).set(0)
         self._metrics.canary_decisions.labels(name, decision).inc()
-        event = CanaryDecision(name, canary.stable.version, canary.candidate.version, decision,
-                               reason)
+        event = CanaryDecision(
+            name, canary.stable.version, canary.candidate.version, decision, reason
+        )
         if decision == "promoted":
             log.info("model %s: canary %s promoted: %s", name, event.canary, reason)
             self._models.set_stable(name, canary.candidate.version)
@@ -259,15 +276,24 @@ class CanaryController:
             "mode": self._config.mode,
             "share": self._config.share,
             "running": {
-                name: {"stable": c.stable.version, "canary": c.candidate.version,
-                       "age_s": round(time.monotonic() - c.started, 3),
-                       "stable_stats": c.sides["stable"].summary(),
-                       "canary_stats": c.sides["canary"].summary()}
+                name: {
+                    "stable": c.stable.version,
+                    "canary": c.candidate.version,
+                    "age_s": round(time.monotonic() - c.started, 3),
+                    "stable_stats": c.sides["stable"].summary(),
+                    "canary_stats": c.sides["canary"].summary(),
+                }
                 for name, c in self._running.items()
             },
             "decisions": [
-                {"model": d.model, "stable": d.stable, "canary": d.canary,
-                 "decision": d.decision, "reason": d.reason, "at": d.at}
+                {
+                    "model": d.model,
+                    "stable": d.stable,
+                    "canary": d.canary,
+                    "decision": d.decision,
+                    "reason": d.reason,
+                    "at": d.at,
+                }
                 for d in self.recent
             ],
         }

@@ -103,8 +103,7 @@ class Executor:
         for tensor in inputs:
             if tensor not in expected:
                 raise RequestError(
-                    f"unexpected input tensor {tensor!r}; the model takes: "
-                    f"{', '.join(expected)}",
+                    f"unexpected input tensor {tensor!r}; the model takes: {', '.join(expected)}",
                     param="inputs",
                 )
         for spec in signature.inputs:
@@ -232,8 +231,6 @@ class Executor:
         return ticket
 
 
-
-
 class TokenStream:
     """An admitted generation. Iterate it once; ``aclose`` (or ``async with``) frees the model.
 
@@ -320,8 +317,9 @@ class TokenStream:
                     if chunk.finish_reason is not None:
                         metrics.prompt_tokens.labels(name).inc(chunk.prompt_tokens)
                         if self._observer is not None:
-                            self._observer(True, _per_token(started, first_at,
-                                                            chunk.completion_tokens))
+                            self._observer(
+                                True, _per_token(started, first_at, chunk.completion_tokens)
+                            )
                     elif chunk.text or chunk.tool_calls:
                         # Counted as they stream so an abandoned generation shows too.
                         metrics.tokens_generated.labels(name).inc()
@@ -350,8 +348,7 @@ def _check_lengths(runtime: Runtime, texts: Sequence[str], context: int) -> None
         tokens = runtime.count_tokens(text)
         if tokens > context:
             raise RequestError(
-                f"input[{i}] is {tokens} tokens, longer than the model's context "
-                f"length {context}",
+                f"input[{i}] is {tokens} tokens, longer than the model's context length {context}",
                 param="input",
             )
 
@@ -362,8 +359,7 @@ def _per_token(started: float, first_at: float, tokens: int) -> float:
     return (now - first_at) / (tokens - 1) if tokens >= 2 else now - started
 
 
-async def _prepend(first: TokenChunk, rest: AsyncIterator[TokenChunk]
-                   ) -> AsyncIterator[TokenChunk]:
+async def _prepend(first: TokenChunk, rest: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
     yield first
     async for chunk in rest:
         yield chunk

@@ -22,12 +22,18 @@ def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
 class ModelHandle:
     """One model version: its spec, state, runtime once loaded, and request queue."""
 
-    def __init__(self, spec: ModelSpec, *, parallel: int, queue_size: int,
-                 retry_after: float) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, parallel: int, queue_size: int, retry_after: float
+    ) -> None:
         self.spec = spec
         # The queue tells its own handle when it empties (see wait_idle).
-        self.admission = Admission(spec.name, parallel=parallel, queue_size=queue_size,
-                                   retry_after=retry_after, on_change=self._queue_changed)
+        self.admission = Admission(
+            spec.name,
+            parallel=parallel,
+            queue_size=queue_size,
+            retry_after=retry_after,
+            on_change=self._queue_changed,
+        )
         self.state = ModelState.FAILED if spec.problem else ModelState.UNLOADED
         self.error: str | None = spec.problem
         self.runtime: Runtime | None = None
@@ -36,8 +42,12 @@ class ModelHandle:
         self.pinned_unloaded = False  # unloaded by an operator: no load on demand
         self.retired = False  # left routing; closed once idle
         self.idle = asyncio.Event()
-        self._known: tuple[frozenset[Capability], Signature, int | None,
-                           Mapping[str, str]] = (frozenset(), Signature(), None, {})
+        self._known: tuple[frozenset[Capability], Signature, int | None, Mapping[str, str]] = (
+            frozenset(),
+            Signature(),
+            None,
+            {},
+        )
         self.load_lock = asyncio.Lock()  # one load at a time
         try:
             stat = spec.path.stat()
@@ -76,8 +86,12 @@ class ModelHandle:
 
     def remember(self, runtime: Runtime) -> None:
         """Keep what the loaded model said about itself, for when it is unloaded again."""
-        self._known = (runtime.capabilities, runtime.signature, runtime.context_length,
-                       runtime.details)
+        self._known = (
+            runtime.capabilities,
+            runtime.signature,
+            runtime.context_length,
+            runtime.details,
+        )
 
     def info(self) -> ModelInfo:
         # An idle-unloaded model still describes itself: it loads again on the next request.

@@ -26,8 +26,9 @@ Key = tuple[str, str]  # (name, version)
 class HotSwap:
     """Applies repository scans to a :class:`VersionTable` through a :class:`Loader`."""
 
-    def __init__(self, config: ModelsConfig, table: VersionTable, loader: Loader,
-                 changed: Callable[[], None]) -> None:
+    def __init__(
+        self, config: ModelsConfig, table: VersionTable, loader: Loader, changed: Callable[[], None]
+    ) -> None:
         self._config = config
         self._table = table
         self._loader = loader
@@ -37,8 +38,11 @@ class HotSwap:
         """Serve what ``specs`` says (with ``only``, for that model alone)."""
         selected = [s for s in select(specs, self._config) if only is None or s.name == only]
         new: dict[Key, ModelSpec] = {(s.name, s.version): s for s in selected}
-        current = {(h.name, h.version): h for h in self._table.all_handles()
-                   if only is None or h.name == only}
+        current = {
+            (h.name, h.version): h
+            for h in self._table.all_handles()
+            if only is None or h.name == only
+        }
         # Load replacements before they take over; a failed one leaves the old serving.
         for handle in self._plan(new, current):
             await self._bring_in(handle, current.get((handle.name, handle.version)))
@@ -49,8 +53,9 @@ class HotSwap:
             self._table.pick_stable(name, newest=True)
         self._changed()
 
-    def _plan(self, new: Mapping[Key, ModelSpec], current: Mapping[Key, ModelHandle]
-              ) -> list[ModelHandle]:
+    def _plan(
+        self, new: Mapping[Key, ModelSpec], current: Mapping[Key, ModelHandle]
+    ) -> list[ModelHandle]:
         """The handles to load: unchanged ones that are unloaded, and new ones (a new
         version serves at once; a changed file's handle waits to replace the old one)."""
         loads: list[ModelHandle] = []
@@ -77,15 +82,20 @@ class HotSwap:
             self._table.put(handle)
             self._loader.retire(old)
         else:
-            log.error("model %s version %s: the new file failed to load (%s); the old one "
-                      "keeps serving", handle.name, handle.version, handle.error)
+            log.error(
+                "model %s version %s: the new file failed to load (%s); the old one keeps serving",
+                handle.name,
+                handle.version,
+                handle.error,
+            )
             old.error = f"reload failed: {handle.error}"
 
     def _phase_out(self, old: ModelHandle, new: Mapping[Key, ModelSpec]) -> None:
         """A version the scan no longer serves: retired, unless nothing newer is ready or
         a canary now compares the two."""
-        newer = [h for h in (self._table.find(n, v) for n, v in new if n == old.name)
-                 if h is not None]
+        newer = [
+            h for h in (self._table.find(n, v) for n, v in new if n == old.name) if h is not None
+        ]
         ready = [h for h in newer if h.state is ModelState.READY]
         if old.state is not ModelState.FAILED and not ready:
             # Every new version of this model failed: the old one keeps serving.

@@ -35,8 +35,13 @@ class Loader:
     """Loads, evicts and unloads the versions of a :class:`VersionTable`; ``changed()`` is
     called after every state change."""
 
-    def __init__(self, config: ModelsConfig, metrics: Metrics, table: VersionTable,
-                 changed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: ModelsConfig,
+        metrics: Metrics,
+        table: VersionTable,
+        changed: Callable[[], None],
+    ) -> None:
         self._config = config
         self._metrics = metrics
         self._table = table
@@ -51,17 +56,22 @@ class Loader:
         if spec.problem is None:
             limit = runtime_class(spec.runtime).max_parallel
             if limit is not None and parallel > limit:
-                log.info("model %s: %s runs %d request(s) at a time", spec.name,
-                         spec.runtime, limit)
+                log.info(
+                    "model %s: %s runs %d request(s) at a time", spec.name, spec.runtime, limit
+                )
                 parallel = limit
         queue = spec.options.queue_size
-        handle = ModelHandle(spec, parallel=parallel,
-                             queue_size=config.queue_size if queue is None else queue,
-                             retry_after=config.retry_after)
+        handle = ModelHandle(
+            spec,
+            parallel=parallel,
+            queue_size=config.queue_size if queue is None else queue,
+            retry_after=config.retry_after,
+        )
         self._metrics.model_ready.labels(spec.name).set(0)
         name, table = spec.name, self._table  # its queues: every version's, retiring too
-        self._metrics.watch_queues(name, lambda: [
-            h.admission for h in [*table.of(name), *self.retiring] if h.name == name])
+        self._metrics.watch_queues(
+            name, lambda: [h.admission for h in [*table.of(name), *self.retiring] if h.name == name]
+        )
         if spec.problem:
             self._metrics.model_load_failures.labels(spec.name).inc()
         return handle
@@ -114,8 +124,9 @@ class Loader:
         try:
             await asyncio.wait_for(asyncio.shield(task), self._config.load_wait)
         except asyncio.TimeoutError:
-            raise ModelUnavailable(handle.name, handle.state.value,
-                                   f"still loading after {self._config.load_wait:g}s") from None
+            raise ModelUnavailable(
+                handle.name, handle.state.value, f"still loading after {self._config.load_wait:g}s"
+            ) from None
         handle.ready_runtime()
         handle.last_used = time.monotonic()
         return handle
@@ -139,8 +150,11 @@ class Loader:
         limit, budget = self._config.max_loaded, self._config.memory_budget
         deadline = time.monotonic() + self._config.load_wait
         while True:
-            loaded = [h for h in [*self._table.all_handles(), *self.retiring]
-                      if h.runtime is not None and h is not handle]
+            loaded = [
+                h
+                for h in [*self._table.all_handles(), *self.retiring]
+                if h.runtime is not None and h is not handle
+            ]
             over_count = bool(limit) and len(loaded) + 1 > limit
             over_bytes = bool(budget) and sum(h.size for h in loaded) + handle.size > budget
             if not (over_count or over_bytes):
@@ -148,14 +162,19 @@ class Loader:
             idle = sorted((h for h in loaded if not h.busy), key=lambda h: h.last_used)
             if idle:
                 victim = idle[0]
-                log.info("model %s version %s: unloading (least recently used) to make room "
-                         "for %s", victim.name, victim.version, handle.name)
+                log.info(
+                    "model %s version %s: unloading (least recently used) to make room for %s",
+                    victim.name,
+                    victim.version,
+                    handle.name,
+                )
                 self._metrics.model_evictions.labels(victim.name, "lru").inc()
                 await self.unload(victim)
                 continue
             if time.monotonic() > deadline:
-                raise ModelUnavailable(handle.name, "unloaded",
-                                       "the memory budget is taken by busy models")
+                raise ModelUnavailable(
+                    handle.name, "unloaded", "the memory budget is taken by busy models"
+                )
             await asyncio.sleep(0.05)
 
     async def _load(self, handle: ModelHandle) -> None:
@@ -179,8 +198,9 @@ class Loader:
             handle.state = ModelState.FAILED
             handle.error = str(exc) or type(exc).__name__
             self._metrics.model_load_failures.labels(spec.name).inc()
-            log.error("model %s version %s failed to load: %s", spec.name, spec.version,
-                      handle.error)
+            log.error(
+                "model %s version %s failed to load: %s", spec.name, spec.version, handle.error
+            )
             if runtime is not None:
                 await runtime.close()
             return
@@ -192,8 +212,13 @@ class Loader:
         elapsed = time.monotonic() - started
         self._metrics.model_ready.labels(spec.name).set(1)
         self._metrics.model_load_seconds.labels(spec.name).set(elapsed)
-        log.info("model %s (%s, version %s) ready in %.2fs", spec.name, spec.runtime,
-                 spec.version, elapsed)
+        log.info(
+            "model %s (%s, version %s) ready in %.2fs",
+            spec.name,
+            spec.runtime,
+            spec.version,
+            elapsed,
+        )
 
     # -- unloading --------------------------------------------------------------------
 
@@ -231,13 +256,20 @@ class Loader:
             await asyncio.sleep(self._tick())
             now = time.monotonic()
             for handle in self._table.all_handles():
-                keep = handle.keep_alive if handle.keep_alive is not None else (
-                    self._config.keep_alive)
+                keep = (
+                    handle.keep_alive
+                    if handle.keep_alive is not None
+                    else (self._config.keep_alive)
+                )
                 if keep < 0 or handle.runtime is None or handle.busy:
                     continue
                 if now - handle.last_used >= keep:
-                    log.info("model %s version %s idle for %.1fs: unloading", handle.name,
-                             handle.version, now - handle.last_used)
+                    log.info(
+                        "model %s version %s idle for %.1fs: unloading",
+                        handle.name,
+                        handle.version,
+                        now - handle.last_used,
+                    )
                     self._metrics.model_evictions.labels(handle.name, "idle").inc()
                     await self.unload(handle)
 

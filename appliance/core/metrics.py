@@ -167,11 +167,15 @@ class Metrics:
             "appliance_model_ready", "1 when a model is loaded and serving.", ["model"], registry=r
         )
         self.model_load_seconds = Gauge(
-            "appliance_model_load_seconds", "How long the last load of a model took.", ["model"],
+            "appliance_model_load_seconds",
+            "How long the last load of a model took.",
+            ["model"],
             registry=r,
         )
         self.cache_hits = Counter(
-            "appliance_cache_hits", "Requests answered from the result cache.", ["model"],
+            "appliance_cache_hits",
+            "Requests answered from the result cache.",
+            ["model"],
             registry=r,
         )
         self.cache_misses = Counter(
@@ -206,8 +210,10 @@ class Metrics:
             registry=r,
         )
         self.canary_active = Gauge(
-            "appliance_canary_active", "1 while a canary version of a model runs.",
-            ["model", "version"], registry=r,
+            "appliance_canary_active",
+            "1 while a canary version of a model runs.",
+            ["model", "version"],
+            registry=r,
         )
         self.canary_requests = Counter(
             "appliance_canary_requests",
@@ -216,8 +222,10 @@ class Metrics:
             registry=r,
         )
         self.canary_decisions = Counter(
-            "appliance_canary_decisions", "Canary outcomes (promoted, rolled_back).",
-            ["model", "decision"], registry=r,
+            "appliance_canary_decisions",
+            "Canary outcomes (promoted, rolled_back).",
+            ["model", "decision"],
+            registry=r,
         )
 
     def count_request(
@@ -236,8 +244,13 @@ class Metrics:
     def totals(self) -> RequestTotals:
         """The cumulative request counts and latencies, tokens and load failures."""
         counts = [
-            RequestCount(s.labels["transport"], s.labels["route"], s.labels["model"],
-                         s.labels["status"], int(s.value))
+            RequestCount(
+                s.labels["transport"],
+                s.labels["route"],
+                s.labels["model"],
+                s.labels["status"],
+                int(s.value),
+            )
             for s in _samples(self.requests, "_total")
         ]
         latencies: dict[tuple[str, str, str], RequestLatency] = {}
@@ -249,19 +262,25 @@ class Metrics:
                 if suffix == "_sum":
                     latencies[key] = RequestLatency(*key, sample.value, row.count, row.buckets)
                 elif suffix == "_count":
-                    latencies[key] = RequestLatency(*key, row.seconds, int(sample.value),
-                                                    row.buckets)
+                    latencies[key] = RequestLatency(
+                        *key, row.seconds, int(sample.value), row.buckets
+                    )
                 else:
                     row.buckets[float(labels["le"])] = sample.value
         return RequestTotals(
             counts=counts,
             latencies=list(latencies.values()),
-            tokens={s.labels["model"]: int(s.value)
-                    for s in _samples(self.tokens_generated, "_total")},
-            load_failures={s.labels["model"]: int(s.value)
-                           for s in _samples(self.model_load_failures, "_total")},
-            shed={(s.labels["transport"], s.labels["route"]): int(s.value)
-                  for s in _samples(self.requests_shed, "_total")},
+            tokens={
+                s.labels["model"]: int(s.value) for s in _samples(self.tokens_generated, "_total")
+            },
+            load_failures={
+                s.labels["model"]: int(s.value)
+                for s in _samples(self.model_load_failures, "_total")
+            },
+            shed={
+                (s.labels["transport"], s.labels["route"]): int(s.value)
+                for s in _samples(self.requests_shed, "_total")
+            },
         )
 
     def render(self) -> bytes:
@@ -270,5 +289,9 @@ class Metrics:
 
 def _samples(metric: MetricWrapperBase, suffix: str) -> list[Sample]:
     """The samples of ``metric`` of one kind (``_total``, ``_sum``, ``_bucket``...)."""
-    return [sample for family in metric.collect() for sample in family.samples
-            if sample.name == family.name + suffix]
+    return [
+        sample
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.name == family.name + suffix
+    ]

@@ -89,8 +89,9 @@ class ModelManager:
     async def start(self) -> None:
         """Start loading the models in the background, and the idle janitor."""
         self._start_up = asyncio.create_task(self._load_all(), name="appliance-model-loader")
-        self._janitor = asyncio.create_task(self._loader.idle_loop(),
-                                            name="appliance-model-janitor")
+        self._janitor = asyncio.create_task(
+            self._loader.idle_loop(), name="appliance-model-janitor"
+        )
 
     async def _load_all(self) -> None:
         try:

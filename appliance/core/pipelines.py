@@ -42,8 +42,7 @@ log = logging.getLogger(__name__)
 class Pipelines:
     """The configured pipelines, by name; each step a routed call (a canary may answer)."""
 
-    def __init__(self, pipelines: Sequence[Pipeline], models: ModelManager, router: Router
-                 ) -> None:
+    def __init__(self, pipelines: Sequence[Pipeline], models: ModelManager, router: Router) -> None:
         self._pipelines = {p.name: p for p in pipelines}
         self._models = models
         self._router = router
@@ -86,8 +85,9 @@ class Pipelines:
             description=pipeline.description or " → ".join(s.model for s in pipeline.steps),
             error="; ".join(problems) or None,
             capabilities=frozenset({Capability.INFER}),
-            signature=Signature(inputs=first.signature.inputs if first else (),
-                                outputs=tuple(outputs)),
+            signature=Signature(
+                inputs=first.signature.inputs if first else (), outputs=tuple(outputs)
+            ),
             context_length=None,
             created=first.created if first else 0,
         )
@@ -115,26 +115,30 @@ class Pipelines:
         if outputs:
             missing = [o for o in outputs if o not in collected]
             if missing:
-                raise RequestError(f"unknown output tensor {missing[0]!r}; the pipeline "
-                                   f"returns: {', '.join(collected)}", param="outputs")
+                raise RequestError(
+                    f"unknown output tensor {missing[0]!r}; the pipeline "
+                    f"returns: {', '.join(collected)}",
+                    param="outputs",
+                )
             return InferResult(outputs={o: collected[o] for o in outputs})
         return InferResult(outputs=collected)
 
 
-async def _language_step(router: Router, step: PipelineStep, values: Mapping[str, Array]
-                         ) -> Array:
+async def _language_step(router: Router, step: PipelineStep, values: Mapping[str, Array]) -> Array:
     if step.when:
         flag = values.get(step.when)
         if flag is None:
-            raise RequestError(f"pipeline step {step.model!r}: no output {step.when!r} to "
-                               "test", param="when")
+            raise RequestError(
+                f"pipeline step {step.model!r}: no output {step.when!r} to test", param="when"
+            )
         if not bool(np.asarray(flag).any()):
             return np.array([b""], dtype=object)
     try:
         prompt = step.prompt.format_map(_Values(values))
     except (KeyError, IndexError, ValueError) as exc:
-        raise RequestError(f"pipeline step {step.model!r}: cannot fill the prompt: {exc}",
-                           param="prompt") from None
+        raise RequestError(
+            f"pipeline step {step.model!r}: cannot fill the prompt: {exc}", param="prompt"
+        ) from None
     request = GenerateRequest(
         messages=(ChatMessage(role="user", content=prompt),),
         params=SamplingParams(max_tokens=step.max_tokens, temperature=0.0, seed=0),
@@ -154,15 +158,18 @@ class _Values(dict[str, Any]):
         for key, value in values.items():
             array = np.asarray(value)
             if array.dtype == object:
-                items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-                         for v in array.ravel()]
+                items = [
+                    v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                    for v in array.ravel()
+                ]
                 self[key] = items[0] if len(items) == 1 else ", ".join(items)
             elif array.size == 1:
                 item = array.ravel()[0].item()
                 self[key] = round(item, 3) if isinstance(item, float) else item
             else:
-                self[key] = np.round(array, 3).tolist() if array.dtype.kind == "f" else (
-                    array.tolist())
+                self[key] = (
+                    np.round(array, 3).tolist() if array.dtype.kind == "f" else (array.tolist())
+                )
 
     def __missing__(self, key: str) -> Any:
         raise KeyError(f"no output named {key!r}")

@@ -116,8 +116,11 @@ def read_manifest(path: Path, *, version_dir: str | None = None) -> ModelSpec:
         if version_dir is not None:
             stated = data.setdefault("version", version_dir)
             if stated != version_dir:
-                return _broken(fallback_name, path, f"version {stated!r} does not match its "
-                               f"directory {version_dir!r}")
+                return _broken(
+                    fallback_name,
+                    path,
+                    f"version {stated!r} does not match its directory {version_dir!r}",
+                )
         manifest = Manifest.model_validate(data)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return _broken(fallback_name, path, f"cannot read manifest: {exc}")

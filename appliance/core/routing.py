@@ -41,10 +41,10 @@ class Router:
         if version is None:
             canary, to_canary = self.canary.route(name)
             if canary is not None:
-                return await canary_infer(self.executor, self.canary, canary, to_canary,
-                                          inputs, outputs)
-        return await self.executor.infer_version(name, inputs, version=version,
-                                                 outputs=outputs)
+                return await canary_infer(
+                    self.executor, self.canary, canary, to_canary, inputs, outputs
+                )
+        return await self.executor.infer_version(name, inputs, version=version, outputs=outputs)
 
     async def generate(
         self, name: str, request: GenerateRequest, *, version: str | None = None
@@ -53,8 +53,7 @@ class Router:
         if version is None:
             canary, to_canary = self.canary.route(name)
             if canary is not None:
-                return await canary_generate(self.executor, self.canary, canary, to_canary,
-                                             request)
+                return await canary_generate(self.executor, self.canary, canary, to_canary, request)
         return await self.executor.generate_version(name, request, version=version)
 
 
@@ -81,8 +80,9 @@ async def canary_infer(
         controller.spawn(_measured(executor, controller, canary, "canary", inputs, outputs))
     started = time.perf_counter()
     try:
-        result = await executor.infer_version(name, inputs, version=canary.stable.version,
-                                          outputs=outputs)
+        result = await executor.infer_version(
+            name, inputs, version=canary.stable.version, outputs=outputs
+        )
     except (RequestError, Overloaded, ModelUnavailable, ShuttingDown):
         raise
     except Exception:
@@ -103,8 +103,9 @@ async def _measured(
     """Run on the canary; its answer, or None when it failed (recorded)."""
     started = time.perf_counter()
     try:
-        result = await executor.infer_version(canary.name, inputs, version=canary.candidate.version,
-                                          outputs=outputs)
+        result = await executor.infer_version(
+            canary.name, inputs, version=canary.candidate.version, outputs=outputs
+        )
     except RequestError:
         if side == "canary":
             return None  # e.g. a changed signature: stable decides what the client hears
@@ -112,8 +113,9 @@ async def _measured(
     except (Overloaded, ModelUnavailable, ShuttingDown):
         return None  # busy or gone: not the canary's fault, not measured
     except Exception:
-        log.debug("canary %s version %s failed", canary.name, canary.candidate.version,
-                  exc_info=True)
+        log.debug(
+            "canary %s version %s failed", canary.name, canary.candidate.version, exc_info=True
+        )
         controller.record(canary, side, False, time.perf_counter() - started)
         return None
     ok = _sound(result)
@@ -139,9 +141,12 @@ async def canary_generate(
         stream: TokenStream | None = None
         refused = False
         try:
-            stream = await executor.generate_version(name, request,
-                                                 version=canary.candidate.version,
-                                                 observer=_observer(controller, canary, "canary"))
+            stream = await executor.generate_version(
+                name,
+                request,
+                version=canary.candidate.version,
+                observer=_observer(controller, canary, "canary"),
+            )
             await stream.start()
             return stream
         except RequestError:
@@ -149,8 +154,7 @@ async def canary_generate(
         except (Overloaded, ModelUnavailable, ShuttingDown):
             pass  # busy or gone: not the canary's fault, not measured
         except Exception:
-            log.debug("canary %s version %s failed", name, canary.candidate.version,
-                      exc_info=True)
+            log.debug("canary %s version %s failed", name, canary.candidate.version, exc_info=True)
             if stream is None:  # a started stream's failure was recorded by its observer
                 controller.record(canary, "canary", False, 0.0)
         except BaseException:
@@ -159,8 +163,9 @@ async def canary_generate(
             raise
         if stream is not None:
             await stream.aclose()
-        fallback = await executor.generate_version(name, request, version=stable,
-                                               observer=_observer(controller, canary, "stable"))
+        fallback = await executor.generate_version(
+            name, request, version=stable, observer=_observer(controller, canary, "stable")
+        )
         if refused:
             try:
                 await fallback.start()  # stable refusing too makes it the client's mistake
@@ -169,22 +174,31 @@ async def canary_generate(
                 raise
             controller.record(canary, "canary", False, 0.0)
         return fallback
-    answer = await executor.generate_version(name, request, version=stable,
-                                         observer=_observer(controller, canary, "stable"))
+    answer = await executor.generate_version(
+        name, request, version=stable, observer=_observer(controller, canary, "stable")
+    )
     if controller.mode == "shadow":
         controller.spawn(_shadow_generation(executor, controller, canary, request, answer))
     return answer
 
 
-async def _shadow_generation(executor: Executor, controller: CanaryController, canary: Canary,
-                             request: GenerateRequest, answer: TokenStream) -> None:
+async def _shadow_generation(
+    executor: Executor,
+    controller: CanaryController,
+    canary: Canary,
+    request: GenerateRequest,
+    answer: TokenStream,
+) -> None:
     # The copy runs once the client's answer is done: on a box of two cores, running both
     # at once would slow the client and make both sides' latencies meaningless.
     await answer.finished.wait()
     try:
-        stream = await executor.generate_version(canary.name, request,
-                                             version=canary.candidate.version,
-                                             observer=_observer(controller, canary, "canary"))
+        stream = await executor.generate_version(
+            canary.name,
+            request,
+            version=canary.candidate.version,
+            observer=_observer(controller, canary, "canary"),
+        )
     except (RequestError, Overloaded, ModelUnavailable, ShuttingDown):
         return
     except Exception:
@@ -195,8 +209,12 @@ async def _shadow_generation(executor: Executor, controller: CanaryController, c
             async for _ in stream:
                 pass
         except Exception:  # recorded by the observer; nobody waits for this answer
-            log.debug("shadow generation on %s version %s failed", canary.name,
-                      canary.candidate.version, exc_info=True)
+            log.debug(
+                "shadow generation on %s version %s failed",
+                canary.name,
+                canary.candidate.version,
+                exc_info=True,
+            )
 
 
 def _observer(controller: CanaryController, canary: Canary, side: str) -> GenerationObserver:
@@ -209,8 +227,7 @@ def _observer(controller: CanaryController, canary: Canary, side: str) -> Genera
 def _sound(result: InferResult) -> bool:
     """No NaN in any float output (infinities may be meaningful, e.g. an anomaly score)."""
     return not any(
-        value.dtype.kind == "f" and bool(np.isnan(value).any())
-        for value in result.outputs.values()
+        value.dtype.kind == "f" and bool(np.isnan(value).any()) for value in result.outputs.values()
     )
 
 

@@ -17,8 +17,12 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 100.0
 # The same limits as JSON Schema, for the transports' published request schemas.
-STOP_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": MAX_STOP_CHARS, "maxItems": MAX_STOP,
-               "items": {"minLength": 1, "maxLength": MAX_STOP_CHARS}}
+STOP_SCHEMA: dict[str, Any] = {
+    "minLength": 1,
+    "maxLength": MAX_STOP_CHARS,
+    "maxItems": MAX_STOP,
+    "items": {"minLength": 1, "maxLength": MAX_STOP_CHARS},
+}
 SEED_SCHEMA: dict[str, Any] = {"minimum": -(2**63), "maximum": 2**64 - 1}
 
 

@@ -167,13 +167,20 @@ class Core:
         block). Returns a function that removes it."""
         return self.models.add_listener(listener)
 
-    def add_canary_listener(self, listener: Callable[[CanaryDecision], None]
-                            ) -> Callable[[], None]:
+    def add_canary_listener(self, listener: Callable[[CanaryDecision], None]) -> Callable[[], None]:
         """Call ``listener(decision)`` on the loop for every canary promotion and rollback."""
         return self.canary.add_listener(listener)
 
-    def count_request(self, transport: str, route: str, model: str, status: str,
-                      seconds: float, *, shed: bool = False) -> None:
+    def count_request(
+        self,
+        transport: str,
+        route: str,
+        model: str,
+        status: str,
+        seconds: float,
+        *,
+        shed: bool = False,
+    ) -> None:
         """One finished request of any transport, in ``appliance_requests``; ``shed``: it
         was refused by a full queue (backpressure, also in ``appliance_requests_shed``).
 
@@ -245,8 +252,10 @@ class Core:
         return {
             "loaded": [f"{h.name}:{h.version}" for h in loaded],
             "loaded_bytes": sum(h.size for h in loaded),
-            "versions": {name: {h.version: h.state.value for h in models.versions(name)}
-                         for name in models.names()},
+            "versions": {
+                name: {h.version: h.state.value for h in models.versions(name)}
+                for name in models.names()
+            },
             "stable": {name: models.stable_version(name) for name in models.names()},
             "canary": self.canary.status(),
         }

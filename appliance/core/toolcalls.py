@@ -98,7 +98,7 @@ class ToolCallParser:
                 out_text.append(self._plain(pending[:at]))
                 self._call = _Call(index=self._count, id=new_call_id())
                 self._count += 1
-                pending = pending[at + len(CALL_OPEN):]
+                pending = pending[at + len(CALL_OPEN) :]
                 continue
             call = self._call
             joined = call.text + pending
@@ -106,7 +106,7 @@ class ToolCallParser:
             if close < 0:
                 call.text, pending = joined, ""
             else:
-                call.text, pending = joined[:close], joined[close + len(CALL_CLOSE):]
+                call.text, pending = joined[:close], joined[close + len(CALL_CLOSE) :]
             had_name = call.name is not None
             piece = call.scan()
             if call.name is not None and not had_name:
@@ -131,8 +131,9 @@ class ToolCallParser:
         except ValueError:
             return  # only text cut short fails here (the grammar holds the form)
         if isinstance(parsed, dict) and isinstance(parsed.get("arguments"), dict):
-            self.calls.append(ToolCall(id=call.id, name=str(parsed.get("name")),
-                                       arguments=parsed["arguments"]))
+            self.calls.append(
+                ToolCall(id=call.id, name=str(parsed.get("name")), arguments=parsed["arguments"])
+            )
 
     def finish(self) -> str:
         """Text held back at the end of the generation (an unfinished call is dropped)."""
@@ -148,8 +149,9 @@ def _prefix_overlap(text: str, marker: str) -> int:
     return 0
 
 
-async def with_tool_calls(chunks: AsyncIterator[TokenChunk], use: ToolUse
-                          ) -> AsyncIterator[TokenChunk]:
+async def with_tool_calls(
+    chunks: AsyncIterator[TokenChunk], use: ToolUse
+) -> AsyncIterator[TokenChunk]:
     """A runtime's chunks for a request with tools, its calls parsed out (see module doc)."""
     parser = ToolCallParser()
     async for chunk in chunks:

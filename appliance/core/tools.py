@@ -48,8 +48,9 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def tool_use(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = None
-             ) -> ToolUse | None:
+def tool_use(
+    tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = None
+) -> ToolUse | None:
     """The validated tools of a request, or None when it offers none or ``tool_choice`` is
     ``none`` (the model then answers in text, as without tools)."""
     if tools is None or (isinstance(tools, list) and not tools):
@@ -64,15 +65,15 @@ def tool_use(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = Non
     names = [t.name for t in parsed]
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise RequestError(f"tools: {name!r} is defined twice",
-                               param=f"tools[{i}].function.name")
+            raise RequestError(
+                f"tools: {name!r} is defined twice", param=f"tools[{i}].function.name"
+            )
     if parallel_tool_calls is None:
         parallel = True
     elif isinstance(parallel_tool_calls, bool):
         parallel = parallel_tool_calls
     else:
-        raise RequestError("parallel_tool_calls must be true or false",
-                           param="parallel_tool_calls")
+        raise RequestError("parallel_tool_calls must be true or false", param="parallel_tool_calls")
     if tool_choice is None or tool_choice == "auto":
         return ToolUse(parsed, "auto", None, parallel)
     if tool_choice == "none":
@@ -81,8 +82,9 @@ def tool_use(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = Non
         return ToolUse(parsed, "required", None, parallel)
     name = _named_choice(tool_choice)
     if name not in names:
-        raise RequestError(f"tool_choice names {name!r}, which is not one of the tools",
-                           param="tool_choice")
+        raise RequestError(
+            f"tool_choice names {name!r}, which is not one of the tools", param="tool_choice"
+        )
     return ToolUse(parsed, "function", name, False)
 
 
@@ -92,7 +94,9 @@ def _named_choice(choice: Any) -> str:
     if not isinstance(name, str) or choice.get("type", "function") != "function":
         raise RequestError(
             'tool_choice must be "auto", "none", "required" or '
-            '{"type": "function", "function": {"name": "..."}}', param="tool_choice")
+            '{"type": "function", "function": {"name": "..."}}',
+            param="tool_choice",
+        )
     return name
 
 
@@ -110,17 +114,22 @@ def _tool(raw: Any, where: str) -> Tool:
     if not _NAME.match(name):
         raise RequestError(
             f"{where}.function.name must be 1 to 64 letters, digits, '_', '-', '.' or ':', "
-            f"got {name!r}", param=f"{where}.function.name")
+            f"got {name!r}",
+            param=f"{where}.function.name",
+        )
     description = function.get("description") or ""
     if not isinstance(description, str):
-        raise RequestError(f"{where}.function.description must be a string",
-                           param=f"{where}.function.description")
+        raise RequestError(
+            f"{where}.function.description must be a string", param=f"{where}.function.description"
+        )
     parameters = function.get("parameters")
     if parameters is None:
         parameters = {"type": "object", "properties": {}}
     if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
-        raise RequestError(f"{where}.function.parameters must be a JSON schema of type object",
-                           param=f"{where}.function.parameters")
+        raise RequestError(
+            f"{where}.function.parameters must be a JSON schema of type object",
+            param=f"{where}.function.parameters",
+        )
     return Tool(name=name, description=description, parameters=parameters)
 
 
@@ -142,11 +151,13 @@ def tool_calls_of(raw: Any, where: str) -> tuple[ToolCall, ...]:
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except ValueError:
-                raise RequestError(f"{at}.function.arguments is not valid JSON",
-                                   param=f"{at}.function.arguments") from None
+                raise RequestError(
+                    f"{at}.function.arguments is not valid JSON", param=f"{at}.function.arguments"
+                ) from None
         if not isinstance(arguments, dict):
-            raise RequestError(f"{at}.function.arguments must be a JSON object",
-                               param=f"{at}.function.arguments")
+            raise RequestError(
+                f"{at}.function.arguments must be a JSON object", param=f"{at}.function.arguments"
+            )
         call_id = call.get("id") or new_call_id()
         if not isinstance(call_id, str):
             raise RequestError(f"{at}.id must be a string", param=f"{at}.id")
@@ -154,16 +165,21 @@ def tool_calls_of(raw: Any, where: str) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
-def conversation(turns: Iterable[tuple[str, str, Any, str | None]], *,
-                 ids_required: bool = False) -> tuple[ChatMessage, ...]:
+def conversation(
+    turns: Iterable[tuple[str, str, Any, str | None]], *, ids_required: bool = False
+) -> tuple[ChatMessage, ...]:
     """The chat turns of a request, each ``(role, text, raw tool_calls, tool_call_id)`` as
     a transport parsed it, with their tool calls read (:func:`tool_calls_of`) and the
     conversation checked (:func:`check_conversation`): what every transport needs."""
     messages = tuple(
-        ChatMessage(role, content,
-                    tool_calls=tool_calls_of(calls, f"messages[{i}].tool_calls"),
-                    tool_call_id=call_id)
-        for i, (role, content, calls, call_id) in enumerate(turns))
+        ChatMessage(
+            role,
+            content,
+            tool_calls=tool_calls_of(calls, f"messages[{i}].tool_calls"),
+            tool_call_id=call_id,
+        )
+        for i, (role, content, calls, call_id) in enumerate(turns)
+    )
     check_conversation(messages, ids_required=ids_required)
     return messages
 
@@ -178,22 +194,35 @@ def check_conversation(messages: Sequence[ChatMessage], *, ids_required: bool = 
             continue
         if message.tool_call_id is None:
             if ids_required:
-                raise RequestError(f"messages[{i}].tool_call_id is required for a tool message",
-                                   param=f"messages[{i}].tool_call_id")
+                raise RequestError(
+                    f"messages[{i}].tool_call_id is required for a tool message",
+                    param=f"messages[{i}].tool_call_id",
+                )
             continue
         if message.tool_call_id not in made:
             raise RequestError(
                 f"messages[{i}].tool_call_id {message.tool_call_id!r} matches no tool call of "
-                "an earlier assistant message", param=f"messages[{i}].tool_call_id")
+                "an earlier assistant message",
+                param=f"messages[{i}].tool_call_id",
+            )
 
 
 # -- for runtimes -------------------------------------------------------------------------
 
+
 def template_tools(use: ToolUse) -> list[dict[str, Any]]:
     """The tools as chat templates take them (OpenAI's shape, as Hugging Face's do)."""
-    return [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                              "parameters": dict(t.parameters)}}
-            for t in use.tools]
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description,
+                "parameters": dict(t.parameters),
+            },
+        }
+        for t in use.tools
+    ]
 
 
 def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -203,9 +232,13 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.tool_calls:
             item["tool_calls"] = [
-                {"id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": dict(c.arguments)}}
-                for c in m.tool_calls]
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": dict(c.arguments)},
+                }
+                for c in m.tool_calls
+            ]
         if m.tool_call_id is not None:
             item["tool_call_id"] = m.tool_call_id
         out.append(item)
@@ -214,15 +247,21 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
 
 def call_text(call: ToolCall) -> str:
     """One call in the syntax models answer with."""
-    return (f'{CALL_OPEN}{{"name": {json.dumps(call.name)}, '
-            f'"arguments": {json.dumps(dict(call.arguments), ensure_ascii=False)}}}{CALL_CLOSE}')
+    return (
+        f'{CALL_OPEN}{{"name": {json.dumps(call.name)}, '
+        f'"arguments": {json.dumps(dict(call.arguments), ensure_ascii=False)}}}{CALL_CLOSE}'
+    )
 
 
 def generic_system_prompt(use: ToolUse) -> str:
     """The generic format's instructions, for models whose chat template knows no tools."""
-    lines = [json.dumps({"name": t.name, "description": t.description,
-                         "parameters": dict(t.parameters)}, ensure_ascii=False)
-             for t in use.tools]
+    lines = [
+        json.dumps(
+            {"name": t.name, "description": t.description, "parameters": dict(t.parameters)},
+            ensure_ascii=False,
+        )
+        for t in use.tools
+    ]
     if use.choice == "function":
         rule = f"Answer with a call of {use.function}."
     elif use.choice == "required":
@@ -230,10 +269,12 @@ def generic_system_prompt(use: ToolUse) -> str:
     else:
         rule = "Answer in plain text when no tool is needed."
     many = " One line per call; several calls may follow each other." if use.parallel else ""
-    return ("You can call these tools:\n<tools>\n" + "\n".join(lines) + "\n</tools>\n"
-            f'To call a tool, answer {CALL_OPEN}{{"name": "<tool name>", "arguments": '
-            f"<arguments as a JSON object>}}{CALL_CLOSE}.{many} {rule} "
-            "Tool results come back in <tool_response> tags.")
+    return (
+        "You can call these tools:\n<tools>\n" + "\n".join(lines) + "\n</tools>\n"
+        f'To call a tool, answer {CALL_OPEN}{{"name": "<tool name>", "arguments": '
+        f"<arguments as a JSON object>}}{CALL_CLOSE}.{many} {rule} "
+        "Tool results come back in <tool_response> tags."
+    )
 
 
 def generic_messages(messages: Sequence[ChatMessage], use: ToolUse | None) -> list[dict[str, Any]]:
@@ -242,8 +283,9 @@ def generic_messages(messages: Sequence[ChatMessage], use: ToolUse | None) -> li
     out: list[dict[str, Any]] = []
     for m in messages:
         if m.role == "tool":
-            out.append({"role": "user", "content": f"<tool_response>\n{m.content}\n"
-                                                   "</tool_response>"})
+            out.append(
+                {"role": "user", "content": f"<tool_response>\n{m.content}\n</tool_response>"}
+            )
         elif m.tool_calls:
             text = "".join(call_text(c) for c in m.tool_calls)
             out.append({"role": m.role, "content": (m.content + "\n" + text).lstrip()})
@@ -262,10 +304,13 @@ def grammar_schema(use: ToolUse) -> dict[str, Any]:
     """The JSON schema one call must match: ``{"name": ..., "arguments": ...}`` for any of
     the tools the answer may call, with each tool's parameters made grammar-ready."""
     alternatives = [
-        {"type": "object",
-         "properties": {"name": {"const": t.name}, "arguments": _bounded(t.parameters)},
-         "required": ["name", "arguments"]}
-        for t in use.callable]
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": _bounded(t.parameters)},
+            "required": ["name", "arguments"],
+        }
+        for t in use.callable
+    ]
     return alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
 
 
@@ -277,19 +322,36 @@ def _bounded(schema: Any) -> Any:
         return [_bounded(s) for s in schema]
     if not isinstance(schema, Mapping):
         return schema
-    out = {k: _bounded(v) if k not in ("enum", "const", "default", "examples") else v
-           for k, v in schema.items()}
+    out = {
+        k: _bounded(v) if k not in ("enum", "const", "default", "examples") else v
+        for k, v in schema.items()
+    }
     kind = out.get("type")
-    if kind in ("integer", "number") and "enum" not in out and (
-            "minimum" in out or "maximum" in out or "exclusiveMinimum" in out
-            or "exclusiveMaximum" in out):
+    if (
+        kind in ("integer", "number")
+        and "enum" not in out
+        and (
+            "minimum" in out
+            or "maximum" in out
+            or "exclusiveMinimum" in out
+            or "exclusiveMaximum" in out
+        )
+    ):
         values = _range_values(out, whole=kind == "integer")
         if values is not None:
-            return {k: v for k, v in out.items() if k not in (
-                "type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")} | {
-                "enum": values}
-    if (kind == "string" and "maxLength" not in out and "enum" not in out
-            and "const" not in out and "pattern" not in out and "format" not in out):
+            return {
+                k: v
+                for k, v in out.items()
+                if k not in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+            } | {"enum": values}
+    if (
+        kind == "string"
+        and "maxLength" not in out
+        and "enum" not in out
+        and "const" not in out
+        and "pattern" not in out
+        and "format" not in out
+    ):
         out["maxLength"] = MAX_STRING
     if kind == "array" and "maxItems" not in out and "prefixItems" not in out:
         out["maxItems"] = MAX_ITEMS
@@ -321,7 +383,8 @@ def _range_values(schema: Mapping[str, Any], *, whole: bool) -> list[int | float
     for i in range(start, start + count):
         value = i * step
         if ("exclusiveMinimum" in schema and value <= low) or (
-                "exclusiveMaximum" in schema and value >= high):
+            "exclusiveMaximum" in schema and value >= high
+        ):
             continue
         values.append(int(value) if float(value).is_integer() else value)
     return values or None

@@ -99,8 +99,10 @@ class VersionTable:
             self._stable.pop(name, None)
             return
         current = self._stable.get(name)
-        if current in versions and versions[current].state is not ModelState.FAILED and (
-            not newest or self.canary.canary_version(name) is not None
+        if (
+            current in versions
+            and versions[current].state is not ModelState.FAILED
+            and (not newest or self.canary.canary_version(name) is not None)
         ):
             return
         ordered = sorted(versions, key=version_key)
@@ -111,8 +113,11 @@ class VersionTable:
         """Make the second newest version stable where several serve, so the newest can
         start as a canary (canary releases at start-up with version policy "all")."""
         for name, versions in self._versions.items():
-            usable = [v for v in sorted(versions, key=version_key)
-                      if versions[v].state is not ModelState.FAILED]
+            usable = [
+                v
+                for v in sorted(versions, key=version_key)
+                if versions[v].state is not ModelState.FAILED
+            ]
             if len(usable) >= 2:
                 self._stable[name] = usable[-2]
 

@@ -55,11 +55,18 @@ def from_exception(request: web.Request, exc: Exception) -> web.StreamResponse:
         return _error(413, "the request body is larger than http.max_body_bytes")
     if isinstance(exc, web.HTTPException):
         if exc.status == 404:
-            return _error(404, exc.text if exc.text and not exc.text.startswith("404")
-                          else f"no route for {request.method} {request.path}")
+            return _error(
+                404,
+                exc.text
+                if exc.text and not exc.text.startswith("404")
+                else f"no route for {request.method} {request.path}",
+            )
         if exc.status == 405:
-            return _error(405, f"method {request.method} is not allowed for {request.path}",
-                          {"Allow": exc.headers.get("Allow", "")})
+            return _error(
+                405,
+                f"method {request.method} is not allowed for {request.path}",
+                {"Allow": exc.headers.get("Allow", "")},
+            )
         return _error(exc.status, exc.text or exc.reason)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return _error(500, "internal error; see the hub log")
@@ -94,15 +101,15 @@ async def health(request: web.Request) -> web.Response:
         await storage.ping()
     except Exception as exc:
         log.warning("storage ping failed: %s", exc)
-        return web.json_response({**body, "status": "unavailable", "error": str(exc)},
-                                 status=503)
+        return web.json_response({**body, "status": "unavailable", "error": str(exc)}, status=503)
     return web.json_response(body)
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def _dashboard_page() -> str:
@@ -115,9 +122,11 @@ async def dashboard(request: web.Request) -> web.Response:
     return web.Response(
         text=request.app[PAGE],
         content_type="text/html",
-        headers={"Cache-Control": "no-cache",
-                 "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
-                 "script-src 'unsafe-inline'; img-src 'self' data:"},
+        headers={
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
+            "script-src 'unsafe-inline'; img-src 'self' data:",
+        },
     )
 
 
@@ -144,15 +153,18 @@ def scope_of(method: str, template: str) -> str | None:
     return ROUTE_SCOPES.get((method, template), "admin")
 
 
-def build_app(storage: Storage, config: HubConfig, metrics: HubMetrics,
-              access: AccessPolicy | None = None) -> web.Application:
+def build_app(
+    storage: Storage, config: HubConfig, metrics: HubMetrics, access: AccessPolicy | None = None
+) -> web.Application:
     """The hub's application; ``access`` defaults to the configured policy."""
     if access is None:
         access = hub_policy(config)
     app = web.Application(
         client_max_size=config.http.max_body_bytes,
-        middlewares=[_errors_and_metrics, *security.middlewares(
-            access, scope_of, config.limits, config.http.max_body_bytes)],
+        middlewares=[
+            _errors_and_metrics,
+            *security.middlewares(access, scope_of, config.limits, config.http.max_body_bytes),
+        ],
     )
     app[security.POLICY] = access
     app[STORAGE] = storage

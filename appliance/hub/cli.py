@@ -1,11 +1,11 @@
 """``appliance hub ...``: run the fleet hub and manage device enrolment. Parses and calls only.
 
-    appliance hub [run]            serve (the long-running service; SIGTERM stops gracefully)
-    appliance hub enroll DEVICE    create a device (or re-key it) and print its token once
-    appliance hub revoke DEVICE    revoke a device's token: its uploads get 401 from now on
-    appliance hub devices          list devices and their status
-    appliance hub config           print the resolved configuration (--toml, --reference)
-    appliance hub keys create NAME a new API key for the fleet API and dashboard
+appliance hub [run]            serve (the long-running service; SIGTERM stops gracefully)
+appliance hub enroll DEVICE    create a device (or re-key it) and print its token once
+appliance hub revoke DEVICE    revoke a device's token: its uploads get 401 from now on
+appliance hub devices          list devices and their status
+appliance hub config           print the resolved configuration (--toml, --reference)
+appliance hub keys create NAME a new API key for the fleet API and dashboard
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def add_parser(subparsers: Any) -> None:
     _flags(run)
     run.add_argument("--host", help="address to bind (http.host)")
     run.add_argument("--port", type=int, help="HTTP port, 0 for any free one (http.port)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                     help="logging.level")
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="logging.level"
+    )
     enroll = sub.add_parser("enroll", help="enrol a device and print its token")
     _flags(enroll)
     enroll.add_argument("device", metavar="DEVICE_ID", help="the device's [device] id")
@@ -45,22 +46,27 @@ def add_parser(subparsers: Any) -> None:
     config = sub.add_parser("config", help="validate the hub configuration and print it")
     _flags(config)
     shown = config.add_mutually_exclusive_group()
-    shown.add_argument("--toml", action="store_true",
-                       help="print TOML that can be saved as hub.toml (default: JSON)")
-    shown.add_argument("--reference", action="store_true",
-                       help="print the Markdown reference of every key instead")
+    shown.add_argument(
+        "--toml",
+        action="store_true",
+        help="print TOML that can be saved as hub.toml (default: JSON)",
+    )
+    shown.add_argument(
+        "--reference", action="store_true", help="print the Markdown reference of every key instead"
+    )
     keys = sub.add_parser("keys", help="create API keys for the fleet API and dashboard")
     from appliance.security.cli import add_create
 
-    add_create(keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND",
-                                   required=True))
+    add_create(keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True))
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="hub.toml (default: $APPLIANCE_HUB_CONFIG)")
-    parser.add_argument("--storage", metavar="URL",
-                        help="sqlite:///PATH or postgresql://... (storage.url)")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="hub.toml (default: $APPLIANCE_HUB_CONFIG)"
+    )
+    parser.add_argument(
+        "--storage", metavar="URL", help="sqlite:///PATH or postgresql://... (storage.url)"
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -85,30 +91,39 @@ def run(args: argparse.Namespace) -> int:
     if command == "keys":  # needs no configuration: it prints what goes into one
         from appliance.security.cli import create_key
 
-        return create_key(args.name, args.scope, config_file="hub.toml",
-                          command="appliance hub keys")
+        return create_key(
+            args.name, args.scope, config_file="hub.toml", command="appliance hub keys"
+        )
     if command == "config" and args.reference:
         print(hub_config.hub_reference(), end="")
         return 0
     try:
-        cfg = hub_config.load(path=getattr(args, "config", None), env=os.environ,
-                              overrides=_overrides(args))
+        cfg = hub_config.load(
+            path=getattr(args, "config", None), env=os.environ, overrides=_overrides(args)
+        )
     except ConfigError as exc:
         print(f"appliance hub: {exc}", file=sys.stderr)
         return 2
     if command == "config":
         from appliance.config import to_toml
 
-        print(to_toml(cfg, header="# hub.toml: the resolved hub configuration") if args.toml
-              else json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(
+            to_toml(cfg, header="# hub.toml: the resolved hub configuration")
+            if args.toml
+            else json.dumps(cfg.model_dump(mode="json"), indent=2)
+        )
         return 0
     if command == "run":
         from appliance.hub import server
         from appliance.ops import logs
 
         logs.setup(cfg.logging.level)
-        return server.run(cfg, load_config=lambda: hub_config.load(
-            path=getattr(args, "config", None), env=os.environ, overrides=_overrides(args)))
+        return server.run(
+            cfg,
+            load_config=lambda: hub_config.load(
+                path=getattr(args, "config", None), env=os.environ, overrides=_overrides(args)
+            ),
+        )
     try:
         return asyncio.run(_manage(command, args, cfg))
     except (ConfigError, OSError) as exc:
@@ -123,10 +138,14 @@ async def _manage(command: str, args: argparse.Namespace, cfg: Any) -> int:
     from appliance.hub.storage import from_url
     from appliance.hub.tokens import hash_token, new_token
 
-    if command in ("enroll", "revoke") and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}",
-                                                            args.device):
-        print(f"appliance hub: device id {args.device!r} is not valid: lower-case letters, "
-              "digits and '-', at most 63 characters", file=sys.stderr)
+    if command in ("enroll", "revoke") and not re.fullmatch(
+        r"[a-z0-9][a-z0-9-]{0,62}", args.device
+    ):
+        print(
+            f"appliance hub: device id {args.device!r} is not valid: lower-case letters, "
+            "digits and '-', at most 63 characters",
+            file=sys.stderr,
+        )
         return 2
     storage = from_url(storage_url(cfg), pool_size=2)
     await storage.open()
@@ -135,9 +154,11 @@ async def _manage(command: str, args: argparse.Namespace, cfg: Any) -> int:
             token = new_token()
             await storage.enroll(args.device, args.name, hash_token(token), time.time())
             print(token)
-            print(f"enrolled {args.device}; give the device this token as hub.token, "
-                  "hub.token_file or the systemd credential 'hub-token' (it is shown once)",
-                  file=sys.stderr)
+            print(
+                f"enrolled {args.device}; give the device this token as hub.token, "
+                "hub.token_file or the systemd credential 'hub-token' (it is shown once)",
+                file=sys.stderr,
+            )
             return 0
         if command == "revoke":
             if not await storage.revoke(args.device, time.time()):
@@ -150,8 +171,11 @@ async def _manage(command: str, args: argparse.Namespace, cfg: Any) -> int:
             print(json.dumps([d.to_dict() for d in rows], indent=2))
         else:
             for d in rows:
-                seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.last_seen)) \
-                    if d.last_seen else "-"
+                seen = (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.last_seen))
+                    if d.last_seen
+                    else "-"
+                )
                 print(f"{d.id:<32} {d.status():<10} last seen {seen}  {d.name}")
         return 0
     finally:

@@ -26,11 +26,16 @@ class HubHttpConfig(TlsFilesSection):
     host: str = Field(default="0.0.0.0", min_length=1, description="Address to bind.")
     port: int = Field(default=8090, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     max_body_bytes: int = Field(
-        default=8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        default=8 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
         description="Largest accepted request (an ingest batch) in bytes; larger get 413.",
     )
     shutdown_timeout: float = Field(
-        default=10.0, ge=0, le=600, allow_inf_nan=False,
+        default=10.0,
+        ge=0,
+        le=600,
+        allow_inf_nan=False,
         description="Seconds in-flight requests may run after SIGTERM.",
     )
     tls_cert_file: Path | None = Field(
@@ -77,12 +82,18 @@ class FleetConfig(Section):
     """When a device counts as offline."""
 
     offline_after: float = Field(
-        default=90.0, ge=0.1, le=7 * 86_400, allow_inf_nan=False,
+        default=90.0,
+        ge=0.1,
+        le=7 * 86_400,
+        allow_inf_nan=False,
         description="Seconds without an upload after which a device is offline (and a "
         "device_offline alert fires). Set it to a few heartbeat intervals.",
     )
     check_interval: float = Field(
-        default=10.0, ge=0.05, le=3600, allow_inf_nan=False,
+        default=10.0,
+        ge=0.05,
+        le=3600,
+        allow_inf_nan=False,
         description="Seconds between offline checks.",
     )
 
@@ -91,20 +102,32 @@ class RetentionConfig(Section):
     """How long history is kept, and at what resolution."""
 
     raw: float = Field(
-        default=2 * 86_400.0, ge=60, le=3650 * 86_400, allow_inf_nan=False,
+        default=2 * 86_400.0,
+        ge=60,
+        le=3650 * 86_400,
+        allow_inf_nan=False,
         description="Seconds heartbeats and records are kept as received; older heartbeats "
         "are downsampled into buckets, older records deleted.",
     )
     keep: float = Field(
-        default=90 * 86_400.0, ge=60, le=3650 * 86_400, allow_inf_nan=False,
+        default=90 * 86_400.0,
+        ge=60,
+        le=3650 * 86_400,
+        allow_inf_nan=False,
         description="Seconds downsampled heartbeats and resolved alerts are kept.",
     )
     bucket: float = Field(
-        default=3600.0, ge=1, le=86_400, allow_inf_nan=False,
+        default=3600.0,
+        ge=1,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds one downsampled heartbeat averages.",
     )
     interval: float = Field(
-        default=3600.0, ge=1, le=86_400, allow_inf_nan=False,
+        default=3600.0,
+        ge=1,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds between retention runs.",
     )
 
@@ -153,8 +176,12 @@ def load(
         # APPLIANCE_HUB__<KEY> (two underscores) is the daemon's [hub] section, not ours.
         env = {k: v for k, v in env.items() if not k.startswith("APPLIANCE_HUB__")}
     return load_model(
-        HubConfig, path=path, env=env, overrides=overrides,
-        env_prefix=ENV_PREFIX, env_config_file=ENV_CONFIG_FILE,
+        HubConfig,
+        path=path,
+        env=env,
+        overrides=overrides,
+        env_prefix=ENV_PREFIX,
+        env_config_file=ENV_CONFIG_FILE,
     )
 
 

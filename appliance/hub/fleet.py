@@ -15,8 +15,9 @@ MAX_POINTS = 5000
 MAX_ROWS = 5000
 
 
-def _number(request: web.Request, name: str, default: float, *, low: float = 0,
-            high: float = float("inf")) -> float:
+def _number(
+    request: web.Request, name: str, default: float, *, low: float = 0, high: float = float("inf")
+) -> float:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -40,11 +41,13 @@ async def _device_or_404(request: web.Request) -> str:
 async def devices(request: web.Request) -> web.Response:
     """Every enrolled device with its status, last-seen time and newest heartbeat."""
     rows = await request.app[STORAGE].devices()
-    return web.json_response({
-        "now": time.time(),
-        "offline_after": request.app[CONFIG].fleet.offline_after,
-        "devices": [d.to_dict() for d in rows],
-    })
+    return web.json_response(
+        {
+            "now": time.time(),
+            "offline_after": request.app[CONFIG].fleet.offline_after,
+            "devices": [d.to_dict() for d in rows],
+        }
+    )
 
 
 @routes.get("/api/v1/devices/{device}")
@@ -77,11 +80,13 @@ async def records(request: web.Request) -> web.Response:
     after = int(_number(request, "after", 0))
     limit = int(_number(request, "limit", 1000, low=1, high=MAX_ROWS))
     rows = await request.app[STORAGE].records(device_id, after, limit)
-    return web.json_response({
-        "device": device_id,
-        "records": [r.to_dict() for r in rows],
-        "next": rows[-1].id if rows else after,
-    })
+    return web.json_response(
+        {
+            "device": device_id,
+            "records": [r.to_dict() for r in rows],
+            "next": rows[-1].id if rows else after,
+        }
+    )
 
 
 @routes.get("/api/v1/alerts")

@@ -76,11 +76,13 @@ class OfflineMonitor(_Periodic):
     async def tick(self) -> None:
         now = time.time()
         if now - self._started >= self._offline_after:
-            gone = await self._storage.mark_offline(now - self._offline_after, now,
-                                                    self._offline_after)
+            gone = await self._storage.mark_offline(
+                now - self._offline_after, now, self._offline_after
+            )
             for device_id in gone:
-                log.warning("device %s is offline (no upload for %.0fs)", device_id,
-                            self._offline_after)
+                log.warning(
+                    "device %s is offline (no upload for %.0fs)", device_id, self._offline_after
+                )
             self._metrics.offline_marked.inc(len(gone))
         devices = await self._storage.devices()
         counts: dict[str, int] = {}

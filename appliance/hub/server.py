@@ -40,8 +40,9 @@ class HubServer:
     certificate files, as the daemon does.
     """
 
-    def __init__(self, config: HubConfig, *,
-                 load_config: Callable[[], HubConfig] | None = None) -> None:
+    def __init__(
+        self, config: HubConfig, *, load_config: Callable[[], HubConfig] | None = None
+    ) -> None:
         self.config = config
         self._load_config = load_config
         self.metrics = HubMetrics()
@@ -89,21 +90,29 @@ class HubServer:
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         self.tls = tls = await asyncio.to_thread(_tls_context, config)
-        site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True,
-                           ssl_context=tls)
+        site = web.TCPSite(
+            runner, config.http.host, config.http.port, reuse_address=True, ssl_context=tls
+        )
         await site.start()
         self.addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
         scheme = "https" if tls else "http"
         for host, port in self.addresses:
             shown = f"[{host}]" if ":" in host else host
-            log.info("appliance hub %s (%s storage) listening on %s://%s:%d", __version__,
-                     storage.kind, scheme, shown, port)
+            log.info(
+                "appliance hub %s (%s storage) listening on %s://%s:%d",
+                __version__,
+                storage.kind,
+                scheme,
+                shown,
+                port,
+            )
         await self._stack.enter_async_context(OfflineMonitor(storage, config, self.metrics))
         await self._stack.enter_async_context(Retention(storage, config, self.metrics))
         # Last in: READY=1 once storage and listeners are up; STOPPING=1 first on the way down.
         status = f"{storage.kind} storage; listening on {scheme}://{config.http.host}:{self.port}"
         await self._stack.enter_async_context(
-            SystemdNotify(wait_ready=_nothing_to_wait_for, status=lambda: status))
+            SystemdNotify(wait_ready=_nothing_to_wait_for, status=lambda: status)
+        )
 
     async def shutdown(self) -> None:
         log.info("hub shutting down")
@@ -124,8 +133,9 @@ class HubServer:
             except ConfigError as exc:
                 log.error("API keys NOT reloaded, the previous keys stay in use: %s", exc)
         http = self.config.http
-        await async_reload_certificate(self.tls, http.tls_cert_file, http.tls_key_file,
-                                       http.tls_min_version)
+        await async_reload_certificate(
+            self.tls, http.tls_cert_file, http.tls_key_file, http.tls_min_version
+        )
 
 
 async def _nothing_to_wait_for() -> None:
@@ -136,8 +146,13 @@ def _tls_context(config: HubConfig) -> ssl.SSLContext | None:
     http = config.http
     if http.tls_cert_file is None:
         return None
-    return server_context(http.tls_cert_file, http.tls_key_file, http.tls_min_version,
-                          client_ca=http.tls_client_ca, client_auth=http.tls_client_auth)
+    return server_context(
+        http.tls_cert_file,
+        http.tls_key_file,
+        http.tls_min_version,
+        client_ca=http.tls_client_ca,
+        client_auth=http.tls_client_auth,
+    )
 
 
 def redact(url: str) -> str:

@@ -185,22 +185,76 @@ def build_rules(config: AlertsConfig) -> list[Rule]:
     """The rules the configuration enables."""
     c = config
     rules = [
-        Rule("latency_high", "warning", True, c.latency_high_threshold, c.latency_high_window,
-             c.latency_high_for, _latency(c.min_requests), "ms", "average response time"),
-        Rule("gpu_busy", "warning", True, c.gpu_busy_threshold, c.gpu_busy_window,
-             c.gpu_busy_for, _gauge(lambda s: s.system.max_gpu_percent), "%",
-             "GPU utilisation"),
-        Rule("memory_high", "critical", True, c.memory_high_threshold, c.memory_high_window,
-             c.memory_high_for, _gauge(lambda s: s.system.memory_percent), "%", "memory use"),
-        Rule("http_5xx", "critical", True, c.http_5xx_threshold, c.http_5xx_window,
-             c.http_5xx_for, _http_5xx(c.min_requests), "%", "HTTP 5xx share"),
-        Rule("model_load_failures", "warning", True, c.model_load_failures_threshold,
-             c.model_load_failures_window, c.model_load_failures_for, _load_failures, "",
-             "failed model loads"),
+        Rule(
+            "latency_high",
+            "warning",
+            True,
+            c.latency_high_threshold,
+            c.latency_high_window,
+            c.latency_high_for,
+            _latency(c.min_requests),
+            "ms",
+            "average response time",
+        ),
+        Rule(
+            "gpu_busy",
+            "warning",
+            True,
+            c.gpu_busy_threshold,
+            c.gpu_busy_window,
+            c.gpu_busy_for,
+            _gauge(lambda s: s.system.max_gpu_percent),
+            "%",
+            "GPU utilisation",
+        ),
+        Rule(
+            "memory_high",
+            "critical",
+            True,
+            c.memory_high_threshold,
+            c.memory_high_window,
+            c.memory_high_for,
+            _gauge(lambda s: s.system.memory_percent),
+            "%",
+            "memory use",
+        ),
+        Rule(
+            "http_5xx",
+            "critical",
+            True,
+            c.http_5xx_threshold,
+            c.http_5xx_window,
+            c.http_5xx_for,
+            _http_5xx(c.min_requests),
+            "%",
+            "HTTP 5xx share",
+        ),
+        Rule(
+            "model_load_failures",
+            "warning",
+            True,
+            c.model_load_failures_threshold,
+            c.model_load_failures_window,
+            c.model_load_failures_for,
+            _load_failures,
+            "",
+            "failed model loads",
+        ),
     ]
     if c.qps_target > 0:
-        rules.append(Rule("qps_low", "warning", False, c.qps_target * c.qps_low_threshold / 100,
-                          c.qps_low_window, c.qps_low_for, _qps, "req/s", "request rate"))
+        rules.append(
+            Rule(
+                "qps_low",
+                "warning",
+                False,
+                c.qps_target * c.qps_low_threshold / 100,
+                c.qps_low_window,
+                c.qps_low_for,
+                _qps,
+                "req/s",
+                "request rate",
+            )
+        )
     return [r for r in rules if r.name not in c.disabled]
 
 
@@ -264,14 +318,22 @@ class AlertEngine:
 
     def _collector_core_status(self) -> Callable[[], None]:
         core = self._collector.core
-        return core.add_status("alerts", lambda: {
-            "rules": [r.name for r in self.rules],
-            "firing": [
-                {"rule": e.rule, "subject": e.subject, "severity": e.severity,
-                 "value": e.value, "message": e.message}
-                for e in self.active()
-            ],
-        })
+        return core.add_status(
+            "alerts",
+            lambda: {
+                "rules": [r.name for r in self.rules],
+                "firing": [
+                    {
+                        "rule": e.rule,
+                        "subject": e.subject,
+                        "severity": e.severity,
+                        "value": e.value,
+                        "message": e.message,
+                    }
+                    for e in self.active()
+                ],
+            },
+        )
 
     def _on_snapshot(self, snap: HealthSnapshot) -> None:
         self.evaluate(snap)
@@ -354,17 +416,43 @@ class AlertEngine:
         key = ("canary_rollback", decision.model)
         now = time.time()
         if decision.decision == "rolled_back":
-            message = (f"model {decision.model}: canary version {decision.canary} rolled back "
-                       f"to {decision.stable}: {decision.reason}")
+            message = (
+                f"model {decision.model}: canary version {decision.canary} rolled back "
+                f"to {decision.stable}: {decision.reason}"
+            )
             self._external[key] = now
-            self._publish(AlertEvent("canary_rollback", decision.model, "firing", "warning",
-                                     1.0, 0.0, message, now, now))
+            self._publish(
+                AlertEvent(
+                    "canary_rollback",
+                    decision.model,
+                    "firing",
+                    "warning",
+                    1.0,
+                    0.0,
+                    message,
+                    now,
+                    now,
+                )
+            )
         elif key in self._external:
             started = self._external.pop(key)
-            message = (f"model {decision.model}: canary version {decision.canary} promoted: "
-                       f"{decision.reason}")
-            self._publish(AlertEvent("canary_rollback", decision.model, "resolved", "warning",
-                                     0.0, 0.0, message, started, now))
+            message = (
+                f"model {decision.model}: canary version {decision.canary} promoted: "
+                f"{decision.reason}"
+            )
+            self._publish(
+                AlertEvent(
+                    "canary_rollback",
+                    decision.model,
+                    "resolved",
+                    "warning",
+                    0.0,
+                    0.0,
+                    message,
+                    started,
+                    now,
+                )
+            )
 
     def _publish(self, event: AlertEvent) -> None:
         gauge = self._metrics.alert_firing.labels(event.rule, event.subject, event.severity)

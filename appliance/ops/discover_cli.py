@@ -22,11 +22,15 @@ ENV_INTERFACES = "APPLIANCE_MDNS__INTERFACES"
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("discover", help="find appliances on the LAN (mDNS/DNS-SD)")
-    parser.add_argument("--timeout", type=_seconds, default=3.0, metavar="S",
-                        help="seconds to browse (default: 3)")
-    parser.add_argument("--interfaces", metavar="LIST",
-                        help="comma-separated interface names or IPv4 addresses to browse on "
-                        f"(default: ${ENV_INTERFACES}, else every non-loopback interface)")
+    parser.add_argument(
+        "--timeout", type=_seconds, default=3.0, metavar="S", help="seconds to browse (default: 3)"
+    )
+    parser.add_argument(
+        "--interfaces",
+        metavar="LIST",
+        help="comma-separated interface names or IPv4 addresses to browse on "
+        f"(default: ${ENV_INTERFACES}, else every non-loopback interface)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list")
 
 
@@ -68,8 +72,16 @@ def table(appliances: Sequence[Appliance]) -> str:
     for a in appliances:
         host = f"[{a.address}]" if ":" in a.address else a.address
         models = ",".join(a.models) + ("" if a.models_complete else ",…")
-        rows.append([a.name, a.device_id, f"{host}:{a.port}", a.version,
-                     "yes" if a.ready else "no", models or "-"])
+        rows.append(
+            [
+                a.name,
+                a.device_id,
+                f"{host}:{a.port}",
+                a.version,
+                "yes" if a.ready else "no",
+                models or "-",
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]

@@ -147,11 +147,16 @@ class Announcer:
 
     async def _run(self) -> None:
         interval = self._config.mdns.rescan_interval
-        if self._bound and not self._interfaces_loopback_only() and all(
-            _is_loopback(host) for host in self._bound
+        if (
+            self._bound
+            and not self._interfaces_loopback_only()
+            and all(_is_loopback(host) for host in self._bound)
         ):
-            log.warning("mDNS: HTTP listens on %s only; LAN clients that find this appliance "
-                        "cannot reach it (set http.host)", ", ".join(self._bound))
+            log.warning(
+                "mDNS: HTTP listens on %s only; LAN clients that find this appliance "
+                "cannot reach it (set http.host)",
+                ", ".join(self._bound),
+            )
         while True:
             try:
                 await self._scan_interfaces()
@@ -177,19 +182,18 @@ class Announcer:
         previous, self._interfaces = self._interfaces, found
         first, self._scanned = not self._scanned, True
         if found.missing and found.missing != previous.missing:
-            log.warning("mDNS: interface(s) %s have no IPv4 address (yet)",
-                        ", ".join(found.missing))
+            log.warning(
+                "mDNS: interface(s) %s have no IPv4 address (yet)", ", ".join(found.missing)
+            )
         if not found.addresses:
             if first or previous.addresses:
                 what = ", ".join(wanted) if wanted else "any non-loopback interface"
-                log.warning("mDNS: no IPv4 address on %s yet; announcing once there is one",
-                            what)
+                log.warning("mDNS: no IPv4 address on %s yet; announcing once there is one", what)
             return
         if found.addresses == previous.addresses and self._zc is not None:
             return
         if self._zc is None:
-            self._zc = AsyncZeroconf(interfaces=list(found.addresses),
-                                     ip_version=IPVersion.V4Only)
+            self._zc = AsyncZeroconf(interfaces=list(found.addresses), ip_version=IPVersion.V4Only)
             self._zc.zeroconf.async_add_listener(self._watch, None)
         else:
             await self._zc.async_update_interfaces(list(found.addresses))
@@ -220,7 +224,8 @@ class Announcer:
             grpc_port=self._grpc_port() if self._grpc_port is not None else None,
             # The MQTT transport's rule for its base topic (transports/mqtt/transport.py).
             mqtt_topic_base=(mqtt.base_topic or f"appliance/{config.device.id}")
-            if mqtt.enabled else None,
+            if mqtt.enabled
+            else None,
         )
 
     def _on_service_record(self, record: DNSService) -> None:
@@ -233,9 +238,13 @@ class Announcer:
             if theirs == ours:
                 continue  # our own announcement, looped back
             lost = ours < theirs
-            log.warning("mDNS: %s (port %d) also claims %r; %s", record.server, record.port,
-                        _instance_of(info.name, type_),
-                        "choosing a new name" if lost else "keeping it (it must yield)")
+            log.warning(
+                "mDNS: %s (port %d) also claims %r; %s",
+                record.server,
+                record.port,
+                _instance_of(info.name, type_),
+                "choosing a new name" if lost else "keeping it (it must yield)",
+            )
             (self._lost if lost else self._won).add(type_)
             self._dirty.set()
 
@@ -257,8 +266,10 @@ class Announcer:
         txt = build_txt(self.announcement())
         addresses = sorted(self._service_addresses())
         results = await asyncio.gather(
-            *(self._publish_one(zc, type_, txt, addresses)
-              for type_ in (SERVICE_TYPE, HTTP_SERVICE_TYPE)),
+            *(
+                self._publish_one(zc, type_, txt, addresses)
+                for type_ in (SERVICE_TYPE, HTTP_SERVICE_TYPE)
+            ),
             return_exceptions=True,
         )
         for result in results:
@@ -272,8 +283,14 @@ class Announcer:
             return
         old = self._infos.get(type_)
         requested = old.name if old is not None else f"{self._instance}.{type_}"
-        info = AsyncServiceInfo(type_, requested, port=self._port, properties=txt,
-                                server=self._server, parsed_addresses=addresses)
+        info = AsyncServiceInfo(
+            type_,
+            requested,
+            port=self._port,
+            properties=txt,
+            server=self._server,
+            parsed_addresses=addresses,
+        )
         if old is None:
             # Probing takes about a second; with allow_name_change a name another device
             # holds becomes "<name>-2" (and so on) instead of an error.
@@ -281,15 +298,27 @@ class Announcer:
             # Registered (and answering) from here on: a stop now must send goodbyes.
             self._infos[type_] = info
             if info.name != requested:
-                log.warning("mDNS: the name %r is taken on the network; announcing as %r",
-                            _instance_of(requested, type_), _instance_of(info.name, type_))
-            log.info("mDNS: announcing %s on port %d (ready=%s, models=%s)", info.name,
-                     self._port, txt["ready"], txt["models"] or "none")
+                log.warning(
+                    "mDNS: the name %r is taken on the network; announcing as %r",
+                    _instance_of(requested, type_),
+                    _instance_of(info.name, type_),
+                )
+            log.info(
+                "mDNS: announcing %s on port %d (ready=%s, models=%s)",
+                info.name,
+                self._port,
+                txt["ready"],
+                txt["models"] or "none",
+            )
         else:
             announcing = await zc.async_update_service(info)
             self._infos[type_] = info
-            log.info("mDNS: updated %s (ready=%s, models=%s)", info.name, txt["ready"],
-                     txt["models"] or "none")
+            log.info(
+                "mDNS: updated %s (ready=%s, models=%s)",
+                info.name,
+                txt["ready"],
+                txt["models"] or "none",
+            )
         await announcing
         self._published[type_] = (txt, addresses)
 

@@ -269,8 +269,12 @@ class HealthCollector:
     def _export(self, snap: HealthSnapshot) -> None:
         system = snap.system
         self._core.unit_metrics(SystemMetrics).export(
-            system.cpu_percent, system.memory_percent, system.process_rss_bytes,
-            system.temperatures_c, {gpu.name: gpu.utilization_percent for gpu in system.gpus})
+            system.cpu_percent,
+            system.memory_percent,
+            system.process_rss_bytes,
+            system.temperatures_c,
+            {gpu.name: gpu.utilization_percent for gpu in system.gpus},
+        )
 
     def _build(self, system: sensors.Reading) -> HealthSnapshot:
         now_mono = time.monotonic()

@@ -71,8 +71,9 @@ def resolve_token(config: Config, env: Mapping[str, str]) -> str:
         try:
             token = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"{where} = {str(path)!r}: cannot read the hub token: "
-                              f"{exc.strerror or exc}") from None
+            raise ConfigError(
+                f"{where} = {str(path)!r}: cannot read the hub token: {exc.strerror or exc}"
+            ) from None
         if token:
             return token
         raise ConfigError(f"{where} = {str(path)!r}: the file is empty")
@@ -134,13 +135,17 @@ class HubSync:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._tls()),
                 timeout=aiohttp.ClientTimeout(total=self._hub.timeout),
-                headers={"Authorization": f"Bearer {self._token}",
-                         "User-Agent": f"appliance/{__version__}"},
+                headers={
+                    "Authorization": f"Bearer {self._token}",
+                    "User-Agent": f"appliance/{__version__}",
+                },
             )
             for moved in self.outbox.recovered:
                 self._put("event", {"type": "outbox_corrupt", "moved_to": str(moved)})
-            self._put("event", {"type": "started", "version": __version__,
-                                "name": self._config.device.name})
+            self._put(
+                "event",
+                {"type": "started", "version": __version__, "name": self._config.device.name},
+            )
             self._unsubscribe = [
                 self._collector.add_listener(self._on_snapshot),
                 self._core.add_model_listener(self._on_models),
@@ -159,8 +164,13 @@ class HubSync:
         except BaseException:
             await self._close()
             raise
-        log.info("hub sync to %s (outbox %s, stream %s, %d record(s) queued)",
-                 self._hub.url, self.outbox.path, self.outbox.stream, self.outbox.records)
+        log.info(
+            "hub sync to %s (outbox %s, stream %s, %d record(s) queued)",
+            self._hub.url,
+            self.outbox.path,
+            self.outbox.stream,
+            self.outbox.records,
+        )
         return self
 
     def _tls(self) -> ssl.SSLContext | bool:
@@ -171,16 +181,20 @@ class HubSync:
             return True
         try:
             context = ssl.create_default_context(
-                cafile=str(hub.tls_ca_file) if hub.tls_ca_file else None)
+                cafile=str(hub.tls_ca_file) if hub.tls_ca_file else None
+            )
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"hub.tls_ca_file = {str(hub.tls_ca_file)!r}: {exc}") from None
         if hub.tls_cert_file is not None:
             try:
-                context.load_cert_chain(str(hub.tls_cert_file),
-                                        str(hub.tls_key_file) if hub.tls_key_file else None)
+                context.load_cert_chain(
+                    str(hub.tls_cert_file), str(hub.tls_key_file) if hub.tls_key_file else None
+                )
             except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"hub.tls_cert_file = {str(hub.tls_cert_file)!r}: cannot "
-                                  f"load the certificate and key: {exc}") from None
+                raise ConfigError(
+                    f"hub.tls_cert_file = {str(hub.tls_cert_file)!r}: cannot "
+                    f"load the certificate and key: {exc}"
+                ) from None
         return context
 
     async def __aexit__(
@@ -287,8 +301,12 @@ class HubSync:
                 result = f"http_{exc.status}" if isinstance(exc, HubRejected) else "error"
                 self._core.unit_metrics(HubMetrics).hub_uploads.labels(result).inc()
                 delay = self._backoff(unauthorised=getattr(exc, "status", 0) in (401, 403))
-                log.warning("hub upload of %d record(s) failed (%s); retrying in %.1fs",
-                            len(batch), self.last_error, delay)
+                log.warning(
+                    "hub upload of %d record(s) failed (%s); retrying in %.1fs",
+                    len(batch),
+                    self.last_error,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             await self.outbox.ack(batch[-1].seq)
@@ -304,8 +322,10 @@ class HubSync:
     def _backoff(self, *, unauthorised: bool = False) -> float:
         """Capped exponential backoff with jitter (half to the whole of the step)."""
         hub = self._hub
-        step = hub.backoff_max if unauthorised else min(
-            hub.backoff_max, hub.backoff_initial * 2 ** min(self.failures - 1, 30)
+        step = (
+            hub.backoff_max
+            if unauthorised
+            else min(hub.backoff_max, hub.backoff_initial * 2 ** min(self.failures - 1, 30))
         )
         return random.uniform(step / 2, step)
 

@@ -63,8 +63,9 @@ class StateLock:
             # A state directory that cannot be written fails later where it is needed (hub
             # outbox, generated key) with its own message; the lock alone is no reason to
             # refuse to serve.
-            log.warning("cannot lock the state directory %s: %s", self.path.parent,
-                        exc.strerror or exc)
+            log.warning(
+                "cannot lock the state directory %s: %s", self.path.parent, exc.strerror or exc
+            )
             return self
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

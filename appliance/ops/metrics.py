@@ -34,8 +34,14 @@ class SystemMetrics:
             "appliance_process_resident_memory_bytes", "The daemon's resident memory.", registry=r
         )
 
-    def export(self, cpu_percent: float, memory_percent: float, rss_bytes: int,
-               temperatures: Mapping[str, float], gpus: Mapping[str, float]) -> None:
+    def export(
+        self,
+        cpu_percent: float,
+        memory_percent: float,
+        rss_bytes: int,
+        temperatures: Mapping[str, float],
+        gpus: Mapping[str, float],
+    ) -> None:
         """Set the gauges from one health reading (GPU utilisation by GPU name)."""
         self.system_cpu_percent.set(cpu_percent)
         self.system_memory_percent.set(memory_percent)

@@ -266,8 +266,12 @@ class Outbox:
             src = self.path.with_name(self.path.name + suffix)
             if src.exists():
                 src.rename(target.with_name(target.name + suffix))
-        log.error("outbox %s is corrupt (%s); moved it to %s and started a new one",
-                  self.path, exc, target)
+        log.error(
+            "outbox %s is corrupt (%s); moved it to %s and started a new one",
+            self.path,
+            exc,
+            target,
+        )
         self.recovered.append(target)
         if self._metrics is not None:
             self._metrics.outbox_corrupt.inc()
@@ -315,13 +319,16 @@ class Outbox:
         while self.records > self.max_records or self.bytes > self.max_bytes:
             over_n = self.records - self.max_records
             # Heartbeats first, then anything; never the record being appended.
-            victims = db.execute(
-                "SELECT seq, size FROM records WHERE kind = ? AND seq < ? ORDER BY seq LIMIT ?",
-                (HEARTBEAT, newest, max(over_n, 1) + 16),
-            ).fetchall() or db.execute(
-                "SELECT seq, size FROM records WHERE seq < ? ORDER BY seq LIMIT ?",
-                (newest, max(over_n, 1) + 16),
-            ).fetchall()
+            victims = (
+                db.execute(
+                    "SELECT seq, size FROM records WHERE kind = ? AND seq < ? ORDER BY seq LIMIT ?",
+                    (HEARTBEAT, newest, max(over_n, 1) + 16),
+                ).fetchall()
+                or db.execute(
+                    "SELECT seq, size FROM records WHERE seq < ? ORDER BY seq LIMIT ?",
+                    (newest, max(over_n, 1) + 16),
+                ).fetchall()
+            )
             if not victims:
                 break
             chosen = []
@@ -388,8 +395,9 @@ class Outbox:
         if not is_encrypted(body):
             return body
         if self._cipher is None:
-            raise DecryptionError("the record is encrypted and no data key is configured "
-                                  "(security.data_key_file)")
+            raise DecryptionError(
+                "the record is encrypted and no data key is configured (security.data_key_file)"
+            )
         return self._cipher.decrypt(body, f"{self.stream}:{kind}")
 
     def _ack(self, upto: int) -> int:
@@ -403,9 +411,9 @@ class Outbox:
         return int(n)
 
     def _recount(self) -> None:
-        count, size = self._db().execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM records"
-        ).fetchone()
+        count, size = (
+            self._db().execute("SELECT count(*), coalesce(sum(size), 0) FROM records").fetchone()
+        )
         self.records, self.bytes = int(count), int(size)
         self.dropped = _drops({r: int(self._meta(f"dropped_{r}")) for r in _DROP_REASONS})
 
@@ -420,8 +428,11 @@ class Outbox:
 
 def _drops(counts: Mapping[str, int]) -> dict[str, int]:
     """Drop counters: size and age always, key (undecryptable) only once it happened."""
-    return {"size": counts.get("size", 0), "age": counts.get("age", 0),
-            **({"key": counts["key"]} if counts.get("key") else {})}
+    return {
+        "size": counts.get("size", 0),
+        "age": counts.get("age", 0),
+        **({"key": counts["key"]} if counts.get("key") else {}),
+    }
 
 
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:

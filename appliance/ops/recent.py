@@ -63,13 +63,18 @@ class Recent:
                 weighted += stats.requests_per_s * stats.latency_avg_ms
                 weight += stats.requests_per_s
         system = snap.system
-        self._points.append(Point(
-            time=snap.time, cpu=system.cpu_percent, memory=system.memory_percent,
-            temperature=system.max_temperature_c, gpu=system.max_gpu_percent,
-            latency_ms=round(weighted / weight, 3) if weight else None,
-            rps=round(snap.requests_per_s, 4),
-            tokens_s=round(tokens, 3),
-        ))
+        self._points.append(
+            Point(
+                time=snap.time,
+                cpu=system.cpu_percent,
+                memory=system.memory_percent,
+                temperature=system.max_temperature_c,
+                gpu=system.max_gpu_percent,
+                latency_ms=round(weighted / weight, 3) if weight else None,
+                rps=round(snap.requests_per_s, 4),
+                tokens_s=round(tokens, 3),
+            )
+        )
 
     def history(self) -> dict[str, Any]:
         return {"interval_s": self._interval, "points": [asdict(p) for p in self._points]}
@@ -78,8 +83,10 @@ class Recent:
         engine = self._alerts
         if engine is None:
             return {"firing": [], "recent": []}
-        return {"firing": [e.to_dict() for e in engine.active()],
-                "recent": [e.to_dict() for e in reversed(engine.recent)]}
+        return {
+            "firing": [e.to_dict() for e in engine.active()],
+            "recent": [e.to_dict() for e in reversed(engine.recent)],
+        }
 
 
 __all__ = ["MAX_POINTS", "WINDOW_S", "Point", "Recent"]

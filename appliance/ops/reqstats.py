@@ -69,8 +69,11 @@ def read_counters(core: Core) -> Counters:
             per[le] = per.get(le, 0.0) + value
     out.tokens = {m: n for m, n in totals.tokens.items() if m}
     out.load_failures = {m: n for m, n in totals.load_failures.items() if m}
-    out.http_shed = sum(n for (transport, route), n in totals.shed.items()
-                        if transport == "http" and not _is_probe(route))
+    out.http_shed = sum(
+        n
+        for (transport, route), n in totals.shed.items()
+        if transport == "http" and not _is_probe(route)
+    )
     # Shed load is answered 503 (and counted so in appliance_requests) but is no failure.
     out.http_5xx = max(0, out.http_5xx - out.http_shed)
     return out

@@ -199,7 +199,10 @@ class SystemProbe:
         try:
             result = subprocess.run(
                 [self._nvidia_smi, _NVIDIA_QUERY, "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             log.debug("nvidia-smi failed: %s", exc)
@@ -219,12 +222,14 @@ def parse_nvidia_smi(text: str) -> list[GpuReading]:
             utilization = float(util)
         except ValueError:
             continue  # "[N/A]": the card does not report it
-        out.append(GpuReading(
-            name=f"{i}: {name}",
-            utilization=utilization,
-            memory_used=_mib(used),
-            memory_total=_mib(total),
-        ))
+        out.append(
+            GpuReading(
+                name=f"{i}: {name}",
+                utilization=utilization,
+                memory_used=_mib(used),
+                memory_total=_mib(total),
+            )
+        )
     return out
 
 

@@ -38,17 +38,23 @@ class Service:
 
 
 APPLIANCE = Service(
-    unit="appliance.service", user="appliance", config_dir="/etc/appliance",
-    config_file="appliance.toml", state_dir="/var/lib/appliance",
+    unit="appliance.service",
+    user="appliance",
+    config_dir="/etc/appliance",
+    config_file="appliance.toml",
+    state_dir="/var/lib/appliance",
     starter="# The appliance's configuration; every key: `appliance config --reference`.\n"
-            "# Secrets: /etc/credstore/hub-token and /etc/credstore/mqtt-password (0600).\n"
-            "# Apply changes with `systemctl restart appliance`.\n\n[device]\nname = \"\"\n",
+    "# Secrets: /etc/credstore/hub-token and /etc/credstore/mqtt-password (0600).\n"
+    '# Apply changes with `systemctl restart appliance`.\n\n[device]\nname = ""\n',
 )
 HUB = Service(
-    unit="appliance-hub.service", user="appliance-hub", config_dir="/etc/appliance-hub",
-    config_file="hub.toml", state_dir="/var/lib/appliance-hub",
+    unit="appliance-hub.service",
+    user="appliance-hub",
+    config_dir="/etc/appliance-hub",
+    config_file="hub.toml",
+    state_dir="/var/lib/appliance-hub",
     starter="# The fleet hub's configuration; every key: `appliance hub config --reference`.\n"
-            "# Apply changes with `systemctl restart appliance-hub`.\n\n[http]\nport = 8090\n",
+    "# Apply changes with `systemctl restart appliance-hub`.\n\n[http]\nport = 8090\n",
 )
 
 
@@ -60,21 +66,34 @@ def add_parser(subparsers: Any) -> None:
     """Add ``service`` to the ``appliance`` command."""
     service = subparsers.add_parser("service", help="install or remove the systemd service")
     sub = service.add_subparsers(dest="service_command", metavar="ACTION", required=True)
-    for name, text in (("install", "install, create user and directories, enable and start"),
-                       ("uninstall", "stop, disable and remove the unit"),
-                       ("status", "systemctl status of the unit")):
+    for name, text in (
+        ("install", "install, create user and directories, enable and start"),
+        ("uninstall", "stop, disable and remove the unit"),
+        ("status", "systemctl status of the unit"),
+    ):
         action = sub.add_parser(name, help=text)
-        action.add_argument("--hub", action="store_true",
-                            help="the fleet hub's unit (appliance-hub) instead of the appliance")
+        action.add_argument(
+            "--hub",
+            action="store_true",
+            help="the fleet hub's unit (appliance-hub) instead of the appliance",
+        )
         if name != "status":
-            action.add_argument("--root", type=Path, metavar="DIR",
-                                help="act on this offline root file system (image builds)")
+            action.add_argument(
+                "--root",
+                type=Path,
+                metavar="DIR",
+                help="act on this offline root file system (image builds)",
+            )
     install = sub.choices["install"]
     install.add_argument("--no-start", action="store_true", help="enable, but do not start")
-    install.add_argument("--force", action="store_true",
-                         help="install even if the executable is where the unit cannot see it")
+    install.add_argument(
+        "--force",
+        action="store_true",
+        help="install even if the executable is where the unit cannot see it",
+    )
     sub.choices["uninstall"].add_argument(
-        "--purge", action="store_true", help="also delete configuration, state and the user")
+        "--purge", action="store_true", help="also delete configuration, state and the user"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,8 +139,9 @@ def current_executable() -> str:
     return str(Path(found).absolute())
 
 
-def install(service: Service, *, root: Path | None = None, start: bool = True,
-            force: bool = False) -> None:
+def install(
+    service: Service, *, root: Path | None = None, start: bool = True, force: bool = False
+) -> None:
     offline = root is not None or not Path("/run/systemd/system").is_dir()
     base = root or Path("/")
     executable = IMAGE_EXECUTABLE if root is not None else current_executable()
@@ -164,7 +184,8 @@ def check_visible(executable: str) -> None:
             f"{executable} is under /home, /root or /tmp, which the hardened unit cannot see "
             "(ProtectHome=, PrivateTmp=); install into /opt/appliance "
             "(APPLIANCE_VENV=/opt/appliance scripts/setup), or pass --force and relax "
-            "ProtectHome= in a drop-in")
+            "ProtectHome= in a drop-in"
+        )
 
 
 def uninstall(service: Service, *, root: Path | None = None, purge: bool = False) -> None:
@@ -191,8 +212,20 @@ def uninstall(service: Service, *, root: Path | None = None, purge: bool = False
 def _ensure_user(user: str, home: str, *, root: Path | None) -> None:
     if _user_exists(user, root):
         return
-    _call("useradd", *_prefix(root), "--system", "--user-group", "--home-dir", home,
-          "--no-create-home", "--shell", "/usr/sbin/nologin", "--comment", "Appliance", user)
+    _call(
+        "useradd",
+        *_prefix(root),
+        "--system",
+        "--user-group",
+        "--home-dir",
+        home,
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        "--comment",
+        "Appliance",
+        user,
+    )
 
 
 def _user_exists(user: str, root: Path | None) -> bool:
@@ -204,15 +237,22 @@ def _user_exists(user: str, root: Path | None) -> bool:
         return True
     passwd = root / "etc/passwd"
     return passwd.is_file() and any(
-        line.split(":", 1)[0] == user for line in passwd.read_text().splitlines())
+        line.split(":", 1)[0] == user for line in passwd.read_text().splitlines()
+    )
 
 
 def _chown(path: Path, user: str, group: str, *, root: Path | None) -> None:
     if root is None:
         shutil.chown(path, user, grp.getgrnam(group).gr_name)
         return
-    gid = next((int(line.split(":")[2]) for line in (root / "etc/group").read_text().splitlines()
-                if line.split(":", 1)[0] == group), None)
+    gid = next(
+        (
+            int(line.split(":")[2])
+            for line in (root / "etc/group").read_text().splitlines()
+            if line.split(":", 1)[0] == group
+        ),
+        None,
+    )
     if gid is not None:
         os.chown(path, 0, gid)
 

@@ -62,8 +62,9 @@ class Notifier:
 
     def send(self, *assignments: str) -> bool:
         """Send ``KEY=VALUE`` lines as one message; ``False`` if it could not be sent."""
-        message = "\n".join(a.replace("\n", " ") if a.startswith("STATUS=") else a
-                            for a in assignments)
+        message = "\n".join(
+            a.replace("\n", " ") if a.startswith("STATUS=") else a for a in assignments
+        )
         try:
             self._sock.send(message.encode())
         except OSError as exc:  # full queue (EAGAIN) or manager gone: never fatal
@@ -117,15 +118,19 @@ class SystemdNotify:
         self._notifier.send("STATUS=starting")
         interval = watchdog_interval(self._env, os.getpid())
         if interval is not None:
-            self._tasks.append(asyncio.create_task(self._watchdog(interval),
-                                                   name="appliance-sd-watchdog"))
-        self._tasks.append(asyncio.create_task(self._announce_ready(),
-                                               name="appliance-sd-ready"))
+            self._tasks.append(
+                asyncio.create_task(self._watchdog(interval), name="appliance-sd-watchdog")
+            )
+        self._tasks.append(asyncio.create_task(self._announce_ready(), name="appliance-sd-ready"))
         log.debug("sd_notify on %s (watchdog every %ss)", self._notifier.address, interval)
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         notifier, self._notifier = self._notifier, None
         if notifier is None:
             return

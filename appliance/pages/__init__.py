@@ -20,5 +20,4 @@ def read_page(package: str, path: str) -> str:
     files): call it at import or start-up, not on the event loop."""
     text = resources.files(package).joinpath(path).read_text("utf-8")
     shared = resources.files(__name__)
-    return _INCLUDE.sub(lambda m: shared.joinpath(m.group(1)).read_text("utf-8").rstrip("\n"),
-                        text)
+    return _INCLUDE.sub(lambda m: shared.joinpath(m.group(1)).read_text("utf-8").rstrip("\n"), text)

@@ -75,9 +75,11 @@ class Announcement:
 def build_txt(announcement: Announcement) -> dict[str, str]:
     """TXT entries for ``announcement``, the model list trimmed to the size limits."""
     a = announcement
-    optional = {"ws": WS_PATH if a.websocket else None,
-                "grpc": str(a.grpc_port) if a.grpc_port else None,
-                "mqtt": a.mqtt_topic_base or None}
+    optional = {
+        "ws": WS_PATH if a.websocket else None,
+        "grpc": str(a.grpc_port) if a.grpc_port else None,
+        "mqtt": a.mqtt_topic_base or None,
+    }
     offered = {key: value for key, value in optional.items() if value}
     txt = {
         "txtvers": TXT_VERSION,
@@ -245,8 +247,11 @@ def appliance_from_info(info: ServiceInfo) -> Appliance | None:
         tls=txt.get("tls") == "1",
         auth=txt.get("auth", "none"),
         mqtt_topic_base=txt.get("mqtt") or None,
-        paths={k: txt[k] for k in ("openai", "oip", "ollama", "ws", "health", "path")
-               if txt.get(k, "").startswith("/")},
+        paths={
+            k: txt[k]
+            for k in ("openai", "oip", "ollama", "ws", "health", "path")
+            if txt.get(k, "").startswith("/")
+        },
         grpc_port=int(grpc) if grpc.isdigit() and 0 < int(grpc) < 65536 else None,
         txt=txt,
     )

@@ -100,9 +100,8 @@ def _decode_tensor(index: int, raw: Any, binary: bytes, offset: int) -> tuple[st
             param="inputs",
         )
     shape = raw.get("shape")
-    if (
-        not isinstance(shape, list)
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise RequestError(
             f"{label}: 'shape' must be a list of non-negative integers, got {shape!r}",

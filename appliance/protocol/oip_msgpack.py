@@ -35,19 +35,18 @@ CONTENT_TYPES = frozenset({CONTENT_TYPE, "application/x-msgpack", "application/v
 def unpack(raw: bytes) -> Any:
     """One MessagePack document, or a :class:`RequestError` saying why it is not one."""
     if not raw:
-        raise RequestError("the request body is empty; a MessagePack map is expected",
-                           param="body")
+        raise RequestError("the request body is empty; a MessagePack map is expected", param="body")
     try:
         # strict_map_key: only str/bytes keys; the max_*_len limits default to the body size.
         return msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except msgpack.ExtraData:
-        raise RequestError("the body holds data after the MessagePack document",
-                           param="body") from None
+        raise RequestError(
+            "the body holds data after the MessagePack document", param="body"
+        ) from None
     except UnicodeDecodeError:
         raise RequestError("a MessagePack string is not valid UTF-8", param="body") from None
     except msgpack.StackError:
-        raise RequestError("the MessagePack document is nested too deeply",
-                           param="body") from None
+        raise RequestError("the MessagePack document is nested too deeply", param="body") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise RequestError(f"the body is not valid MessagePack: {exc}", param="body") from None
 
@@ -90,8 +89,9 @@ def _binary_form(tensor: dict[str, Any], blobs: list[bytes]) -> dict[str, Any]:
     ):
         if not all(isinstance(item, (bytes, bytearray, str)) for item in data):
             name = tensor.get("name")
-            raise RequestError(f"input tensor {name!r}: BYTES data must be strings or bin",
-                               param="inputs")
+            raise RequestError(
+                f"input tensor {name!r}: BYTES data must be strings or bin", param="inputs"
+            )
         blob = b"".join(_length_prefixed(item) for item in data)
     else:
         return tensor

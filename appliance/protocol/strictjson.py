@@ -23,8 +23,7 @@ _SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def loads(data: str | bytes, *, what: str = "the request body", param: str | None = "body"
-          ) -> Any:
+def loads(data: str | bytes, *, what: str = "the request body", param: str | None = "body") -> Any:
     """``data`` parsed as JSON, or a :class:`RequestError` naming what is wrong with it.
 
     ``what`` names the document in messages ("the request body", "the message"); ``param``

@@ -87,7 +87,10 @@ class RuntimeOptions(BaseModel):
         "inference, and greedy generation); see the [cache] section of the daemon config.",
     )
     cache_ttl: float | None = Field(
-        default=None, gt=0, le=30 * 86_400, allow_inf_nan=False,
+        default=None,
+        gt=0,
+        le=30 * 86_400,
+        allow_inf_nan=False,
         description="Seconds a cached result of this model stays valid (default: [cache].ttl).",
     )
 

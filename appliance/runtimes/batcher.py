@@ -44,8 +44,9 @@ class _Request:
 class Batcher:
     """Stacks concurrent :meth:`infer` calls of one model into shared runs."""
 
-    def __init__(self, name: str, run: Run, *, max_batch: int, delay: float,
-                 stats: RuntimeStats) -> None:
+    def __init__(
+        self, name: str, run: Run, *, max_batch: int, delay: float, stats: RuntimeStats
+    ) -> None:
         self.name = name
         self._run = run
         self._max_batch = max_batch
@@ -69,8 +70,11 @@ class Batcher:
         self._waiting.append(request)
         self._arrived.set()
         full = self._full
-        if (full is not None and not full.done()
-                and _fill(self._waiting, self._waiting[0]) >= self._max_batch):
+        if (
+            full is not None
+            and not full.done()
+            and _fill(self._waiting, self._waiting[0]) >= self._max_batch
+        ):
             full.set_result(None)
         try:
             # Not shielded: a batch skips the futures of callers that left (done()).
@@ -100,8 +104,11 @@ class Batcher:
                 await self._arrived.wait()
             # Wait for company only under concurrency (the last run was shared): a lone
             # client never pays the delay, a busy model fills its batches.
-            if (self._delay > 0 and self._last_size > 1
-                    and _fill(self._waiting, self._waiting[0]) < self._max_batch):
+            if (
+                self._delay > 0
+                and self._last_size > 1
+                and _fill(self._waiting, self._waiting[0]) < self._max_batch
+            ):
                 await self._gather_more()
                 if not self._waiting:  # every caller left meanwhile
                     continue
@@ -151,8 +158,10 @@ class Batcher:
         if len(batch) == 1:
             feed = first.inputs
         else:
-            feed = {name: np.concatenate([r.inputs[name] for r in batch], axis=0)
-                    for name in first.inputs}
+            feed = {
+                name: np.concatenate([r.inputs[name] for r in batch], axis=0)
+                for name in first.inputs
+            }
         try:
             results = await self._run(feed, first.outputs)
         except Exception as exc:
@@ -163,8 +172,9 @@ class Batcher:
         total = sum(r.rows for r in batch)
         if len(batch) > 1 and any(v.shape[:1] != (total,) for v in results.values()):
             # An output that is not per row cannot be split: run the requests one by one.
-            log.warning("model %s: outputs do not follow the batch dimension; batching off",
-                        self.name)
+            log.warning(
+                "model %s: outputs do not follow the batch dimension; batching off", self.name
+            )
             self._max_batch = 1
             for request in batch:
                 await self._run_batch([request])
@@ -172,9 +182,11 @@ class Batcher:
         start = 0
         for request in batch:
             end = start + request.rows
-            part = results if len(batch) == 1 else {
-                name: value[start:end] for name, value in results.items()
-            }
+            part = (
+                results
+                if len(batch) == 1
+                else {name: value[start:end] for name, value in results.items()}
+            )
             start = end
             if not request.future.done():
                 request.future.set_result(part)

@@ -52,7 +52,9 @@ class GgufOptions(RuntimeOptions):
         "0 means the model's own, capped to its training context either way.",
     )
     n_batch: int = Field(
-        default=512, ge=1, le=1 << 16,
+        default=512,
+        ge=1,
+        le=1 << 16,
         description="Most tokens decoded in one step (prompt chunks of joining requests plus "
         "one token per running stream).",
     )
@@ -74,7 +76,9 @@ class GgufOptions(RuntimeOptions):
     )
     seed: int | None = Field(default=None, description="Default sampling seed.")
     max_tokens: int = Field(
-        default=512, ge=0, le=1_000_000,
+        default=512,
+        ge=0,
+        le=1_000_000,
         description="Tokens generated for a request that sets no limit (OpenAI max_tokens, "
         "Ollama num_predict, MQTT/WebSocket max_tokens); 0: until the context is full.",
     )
@@ -125,22 +129,27 @@ class GgufRuntime(Runtime):
         # the file loads, losing every log line of the daemon meanwhile; llama.cpp's own
         # output goes through its log callback, which the level above filters.
         try:
-            self._model = _internals.LlamaModel(path_model=str(self.path), params=params,
-                                                verbose=True)
+            self._model = _internals.LlamaModel(
+                path_model=str(self.path), params=params, verbose=True
+            )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {self.path.name}: {exc}") from exc
         self._metadata = self._model.metadata()
-        self._details = file_details(self._metadata, self._model.desc(),
-                                     self._model.n_params())
+        self._details = file_details(self._metadata, self._model.desc(), self._model.n_params())
         trained = self._model.n_ctx_train()
         per_slot = min(opts.n_ctx or trained, trained) if trained > 0 else (opts.n_ctx or 2048)
         cpus = os.cpu_count() or 1
         vocab = self._model.vocab
         try:
             self._engine = BatchEngine(
-                self._model.model, vocab, name=self.name, slots=self.slots,
-                ctx_per_slot=per_slot, n_batch=opts.n_batch,
-                threads=opts.threads or max(1, cpus // 2), threads_batch=opts.threads or cpus,
+                self._model.model,
+                vocab,
+                name=self.name,
+                slots=self.slots,
+                ctx_per_slot=per_slot,
+                n_batch=opts.n_batch,
+                threads=opts.threads or max(1, cpus // 2),
+                threads_batch=opts.threads or cpus,
                 is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
                 stats=self.stats,
             )
@@ -149,8 +158,10 @@ class GgufRuntime(Runtime):
         self._formatter = self._chat_formatter()
         self._native_tools = bool(self._template()) and knows_tools(self._formatter)
         log.info(
-            "model %s: %d slot(s) of %d tokens, chat format %s, tools %s", self.name,
-            self.slots, self._engine.ctx_per_slot,
+            "model %s: %d slot(s) of %d tokens, chat format %s, tools %s",
+            self.name,
+            self.slots,
+            self._engine.ctx_per_slot,
             "template from file" if self._template() else self._format_name(),
             "through its template" if self._native_tools else "in the generic format",
         )
@@ -181,8 +192,9 @@ class GgufRuntime(Runtime):
                 stop_token_ids=[eos] if eos != -1 else None,
             )
         name = self._format_name()
-        formatter = getattr(llama_chat_format, "format_" + name.replace("-", "").replace("_", ""),
-                            None)
+        formatter = getattr(
+            llama_chat_format, "format_" + name.replace("-", "").replace("_", ""), None
+        )
         if formatter is None:
             raise ModelLoadError(f"unknown chat_format {name!r}")
         return formatter
@@ -262,16 +274,19 @@ class GgufRuntime(Runtime):
         stop_ids: frozenset[int] = frozenset()
         use = request.tools
         if use is not None and (params.json_schema is not None or params.json_object):
-            raise RequestError("response_format (Ollama: format) cannot be combined with tools",
-                               param="response_format")
+            raise RequestError(
+                "response_format (Ollama: format) cannot be combined with tools",
+                param="response_format",
+            )
         if request.messages is not None:
             messages, tools = chat_messages(request.messages, use, native=self._native_tools)
             extra = {"tools": tools} if tools is not None else {}
             try:
                 rendered = self._formatter(messages=messages, **extra)
             except Exception as exc:  # a template may raise anything, e.g. on role order
-                raise RequestError(f"the model's chat template rejected the messages: {exc}",
-                                   param="messages") from None
+                raise RequestError(
+                    f"the model's chat template rejected the messages: {exc}", param="messages"
+                ) from None
             tokens = model.tokenize(
                 rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
             )
@@ -280,8 +295,9 @@ class GgufRuntime(Runtime):
             if rendered.stopping_criteria is not None:
                 stop_ids = self._stop_ids
         else:
-            tokens = model.tokenize((request.prompt or "").encode("utf-8"), add_bos=True,
-                                    special=False)
+            tokens = model.tokenize(
+                (request.prompt or "").encode("utf-8"), add_bos=True, special=False
+            )
         where = "messages" if request.messages is not None else "prompt"
         context = engine.ctx_per_slot
         if not tokens:
@@ -300,18 +316,25 @@ class GgufRuntime(Runtime):
                     param="logit_bias",
                 )
         sampler = build_sampler(
-            model.vocab, n_vocab, params,
+            model.vocab,
+            n_vocab,
+            params,
             seed=params.seed if params.seed is not None else self._opts.seed,
-            prompt=tokens, grammar=grammar_text(params),
+            prompt=tokens,
+            grammar=grammar_text(params),
             tools=tool_grammar(use) if use is not None else None,
         )
         room = context - len(tokens)
         # No limit asked: the model's default (max_tokens option), not the whole context.
         limit = params.max_tokens or self._opts.max_tokens or room
         return Generation(
-            prompt=tokens, sampler=sampler,
+            prompt=tokens,
+            sampler=sampler,
             max_tokens=min(limit, room),
-            stops=stops, stop_ids=stop_ids, loop=loop, queue=queue,
+            stops=stops,
+            stop_ids=stop_ids,
+            loop=loop,
+            queue=queue,
         )
 
     # -- embeddings -------------------------------------------------------------------
@@ -323,8 +346,9 @@ class GgufRuntime(Runtime):
         if self._embedder is None:
             self._embedder = self._open_embedder()
         vectors, count = self._embedder.embed(texts, normalize=True, return_count=True)
-        return EmbeddingResult(vectors=[list(map(float, v)) for v in vectors],
-                               prompt_tokens=int(count))
+        return EmbeddingResult(
+            vectors=[list(map(float, v)) for v in vectors], prompt_tokens=int(count)
+        )
 
     def _open_embedder(self) -> Any:
         import llama_cpp
@@ -366,21 +390,28 @@ async def _until_released(queue: asyncio.Queue[Any]) -> None:
             interrupted = True
             continue
         getter = None
-        if item is RELEASED or isinstance(item, BaseException) or (
-            isinstance(item, TokenChunk) and item.finish_reason is not None
+        if (
+            item is RELEASED
+            or isinstance(item, BaseException)
+            or (isinstance(item, TokenChunk) and item.finish_reason is not None)
         ):
             break
     if interrupted:
         raise asyncio.CancelledError
 
 
-async def _prepared(runtime: GgufRuntime, request: GenerateRequest,
-                    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> Generation:
+async def _prepared(
+    runtime: GgufRuntime,
+    request: GenerateRequest,
+    loop: asyncio.AbstractEventLoop,
+    queue: asyncio.Queue[Any],
+) -> Generation:
     """``runtime._prepare`` off the loop; a sampler built for a caller that left is freed."""
     task = asyncio.ensure_future(runtime.run_blocking(runtime._prepare, request, loop, queue))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
+
         def drop(done: asyncio.Future[Generation]) -> None:
             if not done.cancelled() and done.exception() is None:
                 free_sampler(done.result().sampler)
@@ -402,13 +433,20 @@ def file_details(metadata: Mapping[str, str], desc: str, n_params: int) -> dict[
         if n_params >= scale:
             size = f"{n_params / scale:.1f}{unit}"
             break
-    names = {getattr(llama_cpp, k): k.removeprefix("LLAMA_FTYPE_MOSTLY_")
-             .removeprefix("LLAMA_FTYPE_ALL_") for k in dir(llama_cpp)
-             if k.startswith("LLAMA_FTYPE_") and k != "LLAMA_FTYPE_GUESSED"}
+    names = {
+        getattr(llama_cpp, k): k.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix(
+            "LLAMA_FTYPE_ALL_"
+        )
+        for k in dir(llama_cpp)
+        if k.startswith("LLAMA_FTYPE_") and k != "LLAMA_FTYPE_GUESSED"
+    }
     raw = metadata.get("general.file_type", "")
     words = desc.split()
     level = names.get(int(raw), "") if raw.isdigit() else ""
     if not level and len(words) >= 2:
         level = words[-1]  # llama.cpp's description ends in the type's name
-    return {"family": metadata.get("general.architecture", ""), "parameter_size": size,
-            "quantization_level": level}
+    return {
+        "family": metadata.get("general.architecture", ""),
+        "parameter_size": size,
+        "quantization_level": level,
+    }

@@ -108,8 +108,9 @@ class BatchEngine:
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
-            raise RuntimeError(f"llama.cpp cannot create a context for {slots} slot(s) of "
-                               f"{ctx_per_slot} tokens")
+            raise RuntimeError(
+                f"llama.cpp cannot create a context for {slots} slot(s) of {ctx_per_slot} tokens"
+            )
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.ctx_per_slot = min(ctx_per_slot, int(llama_cpp.llama_n_ctx_seq(self._ctx)))
         self._n_batch = int(params.n_batch)
@@ -122,8 +123,9 @@ class BatchEngine:
         self._wake = threading.Condition()
         self._stopping = False
         self._steps = 0
-        self._thread = threading.Thread(target=self._run, name=f"appliance-{name}-decode",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"appliance-{name}-decode", daemon=True
+        )
         self._thread.start()
 
     # -- called from the event loop ---------------------------------------------------
@@ -291,14 +293,24 @@ class BatchEngine:
             outbox.append((gen, TokenChunk(text=text)))
         gen.next_token = token
 
-    def _finish(self, slot: Slot, outbox: list[tuple[Generation, Any]], reason: str,
-                text: str, completion: int) -> None:
+    def _finish(
+        self,
+        slot: Slot,
+        outbox: list[tuple[Generation, Any]],
+        reason: str,
+        text: str,
+        completion: int,
+    ) -> None:
         gen = slot.generation
         assert gen is not None
         if text:
             outbox.append((gen, TokenChunk(text=text)))
-        final = TokenChunk(text="", finish_reason=reason, prompt_tokens=len(gen.prompt),
-                           completion_tokens=completion)
+        final = TokenChunk(
+            text="",
+            finish_reason=reason,
+            prompt_tokens=len(gen.prompt),
+            completion_tokens=completion,
+        )
         self._end(slot, outbox, final)
 
     def _end(self, slot: Slot, outbox: list[tuple[Generation, Any]], terminal: Any) -> None:

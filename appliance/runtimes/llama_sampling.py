@@ -60,8 +60,17 @@ def build_sampler(
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
-        _fill(llama_cpp, chain, vocab, n_vocab, params, seed=seed, prompt=prompt,
-              grammar=grammar, tools=tools)
+        _fill(
+            llama_cpp,
+            chain,
+            vocab,
+            n_vocab,
+            params,
+            seed=seed,
+            prompt=prompt,
+            grammar=grammar,
+            tools=tools,
+        )
     except BaseException:
         llama_cpp.llama_sampler_free(chain)
         raise
@@ -83,10 +92,16 @@ def _fill(
     add = llama_cpp.llama_sampler_chain_add
     if params.logit_bias:
         add(chain, _logit_bias(llama_cpp, n_vocab, params.logit_bias))
-    if (params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0
-            or params.presence_penalty != 0.0):
+    if (
+        params.repeat_penalty != 1.0
+        or params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0
+    ):
         penalties = llama_cpp.llama_sampler_init_penalties(
-            n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty,
+            n_vocab,
+            PENALTY_LAST_N,
+            params.repeat_penalty,
+            params.frequency_penalty,
             params.presence_penalty,
         )
         # The prompt counts as history, as in llama-server: a story does not repeat its
@@ -100,8 +115,9 @@ def _fill(
             vocab, text.encode("utf-8"), root.encode("utf-8")
         )
         if not sampler:
-            raise RequestError("llama.cpp cannot parse the grammar for this JSON schema",
-                               param="response_format")
+            raise RequestError(
+                "llama.cpp cannot parse the grammar for this JSON schema", param="response_format"
+            )
         add(chain, sampler)
     if tools is not None:
         add(chain, init_sampler(llama_cpp, vocab, tools))
@@ -178,7 +194,7 @@ class TextAssembler:
                 if text.endswith(stop[:k]):
                     keep = k
                     break
-        self._held = text[len(text) - keep:] if keep else ""
+        self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
 
     def flush(self) -> str:

@@ -69,8 +69,9 @@ def knows_tools(formatter: Any) -> bool:
     return bool(with_tools.prompt != without.prompt)
 
 
-def chat_messages(messages: Sequence[ChatMessage], use: ToolUse | None, *, native: bool
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def chat_messages(
+    messages: Sequence[ChatMessage], use: ToolUse | None, *, native: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The messages (and tools, for a template that takes them) to render."""
     if native:
         return template_messages(messages), template_tools(use) if use is not None else None
@@ -86,15 +87,20 @@ def tool_grammar(use: ToolUse) -> ToolGrammar:
     try:
         calls = json_schema_to_gbnf(json.dumps(grammar_schema(use)))
     except Exception as exc:  # the converter raises several unrelated types
-        raise RequestError(f"cannot build a grammar from the tools' parameters: {exc}",
-                           param="tools") from None
+        raise RequestError(
+            f"cannot build a grammar from the tools' parameters: {exc}", param="tools"
+        ) from None
     # The converter's root becomes one call; our root is the calls in their tags. Its string
     # characters admit raw control characters, which JSON does not (llama.cpp's own
     # converter excludes them): a tiny model's newline would make the arguments unparsable.
-    lines = [("tool-call ::= " + line[len("root ::= "):]) if line.startswith("root ::= ")
-             else line.replace(_ANY_CHAR, _JSON_CHAR, 1)
-             if line.startswith("char ::= ") else line
-             for line in calls.splitlines()]
+    lines = [
+        ("tool-call ::= " + line[len("root ::= ") :])
+        if line.startswith("root ::= ")
+        else line.replace(_ANY_CHAR, _JSON_CHAR, 1)
+        if line.startswith("char ::= ")
+        else line
+        for line in calls.splitlines()
+    ]
     one = f'{_literal(CALL_OPEN)} "\\n"? tool-call "\\n"? {_literal(CALL_CLOSE)}'
     more = f' ( "\\n"? {one} ){{0,{MAX_PARALLEL - 1}}}' if use.parallel else ""
     root = f"root ::= {one}{more}"
@@ -116,9 +122,11 @@ def init_sampler(llama_cpp: Any, vocab: Any, grammar: ToolGrammar) -> Any:
         import ctypes
 
         patterns = (ctypes.c_char_p * len(grammar.triggers))(
-            *(p.encode("utf-8") for p in grammar.triggers))
+            *(p.encode("utf-8") for p in grammar.triggers)
+        )
         sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-            vocab, text, root, patterns, len(grammar.triggers), None, 0)
+            vocab, text, root, patterns, len(grammar.triggers), None, 0
+        )
     if not sampler:
         raise RequestError("llama.cpp cannot parse the grammar of these tools", param="tools")
     return sampler

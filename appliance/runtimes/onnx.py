@@ -70,7 +70,10 @@ class OnnxOptions(RuntimeOptions):
         default=32, ge=1, le=4096, description="Most rows (summed batch sizes) in one run."
     )
     batch_delay_ms: float = Field(
-        default=2.0, ge=0, le=1000, allow_inf_nan=False,
+        default=2.0,
+        ge=0,
+        le=1000,
+        allow_inf_nan=False,
         description="Milliseconds a run waits for more requests to fill its batch; 0 runs "
         "what is waiting at once.",
     )
@@ -144,15 +147,25 @@ class OnnxRuntime(Runtime):
             return
         tensors = self._signature.inputs + self._signature.outputs
         if not all(spec.shape and spec.shape[0] == -1 for spec in tensors):
-            log.warning("model %s: batching is on but its first dimension is not dynamic for "
-                        "every tensor; running requests one by one", self.name)
+            log.warning(
+                "model %s: batching is on but its first dimension is not dynamic for "
+                "every tensor; running requests one by one",
+                self.name,
+            )
             return
         self._batcher = Batcher(
-            self.name, self._infer_one, max_batch=options.max_batch,
-            delay=options.batch_delay_ms / 1000, stats=self.stats,
+            self.name,
+            self._infer_one,
+            max_batch=options.max_batch,
+            delay=options.batch_delay_ms / 1000,
+            stats=self.stats,
         )
-        log.info("model %s: dynamic batching up to %d rows, %.1f ms delay", self.name,
-                 options.max_batch, options.batch_delay_ms)
+        log.info(
+            "model %s: dynamic batching up to %d rows, %.1f ms delay",
+            self.name,
+            options.max_batch,
+            options.batch_delay_ms,
+        )
 
     async def close(self) -> None:
         if self._batcher is not None:

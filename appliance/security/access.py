@@ -63,8 +63,7 @@ class KeySources:
         if state_dir is None:
             from appliance.ops.outbox import default_state_dir
 
-            state_dir = default_state_dir(self.env, is_root=os.geteuid() == 0,
-                                          home=Path.home())
+            state_dir = default_state_dir(self.env, is_root=os.geteuid() == 0, home=Path.home())
         key, path = bootstrap_key(state_dir / self.key_file)
         store.add(key)
         return path
@@ -73,8 +72,15 @@ class KeySources:
 class AccessPolicy:
     """What one server accepts. Build it with :func:`build`."""
 
-    def __init__(self, config: AccessConfig, store: KeyStore, *, required: bool,
-                 names: Iterable[str] = (), sources: KeySources | None = None) -> None:
+    def __init__(
+        self,
+        config: AccessConfig,
+        store: KeyStore,
+        *,
+        required: bool,
+        names: Iterable[str] = (),
+        sources: KeySources | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.required = required
@@ -98,8 +104,9 @@ class AccessPolicy:
     def is_public(self, path: str) -> bool:
         return path in self._exact or path.startswith(self._prefixes)
 
-    def authenticate(self, authorization: str | None, api_key: str | None,
-                     certificate: str | None = None) -> ApiKey | None:
+    def authenticate(
+        self, authorization: str | None, api_key: str | None, certificate: str | None = None
+    ) -> ApiKey | None:
         """The key the request carries; raises :class:`Unauthenticated` when keys are
         required and none valid came. Without required keys, credentials are ignored.
 
@@ -122,10 +129,15 @@ class AccessPolicy:
         elif api_key is not None:
             presented = api_key.strip()
         else:
-            unmapped = (f" (client certificate {certificate!r} is not in security.client_certs)"
-                        if certificate is not None else "")
-            raise Unauthenticated("an API key is required: send 'Authorization: Bearer <key>' "
-                                  f"or 'X-API-Key: <key>'{unmapped}")
+            unmapped = (
+                f" (client certificate {certificate!r} is not in security.client_certs)"
+                if certificate is not None
+                else ""
+            )
+            raise Unauthenticated(
+                "an API key is required: send 'Authorization: Bearer <key>' "
+                f"or 'X-API-Key: <key>'{unmapped}"
+            )
         key = store.verify(presented)
         if key is None:
             raise Unauthenticated("the API key is not valid")
@@ -135,8 +147,10 @@ class AccessPolicy:
     def authorize(key: ApiKey | None, scope: str) -> None:
         """Raise :class:`Forbidden` if ``key`` lacks ``scope`` (None: keys are off)."""
         if key is not None and not key.allows(scope):
-            raise Forbidden(f"API key {key.name!r} lacks the {scope!r} scope this needs "
-                            f"(it has: {', '.join(sorted(key.scopes))})")
+            raise Forbidden(
+                f"API key {key.name!r} lacks the {scope!r} scope this needs "
+                f"(it has: {', '.join(sorted(key.scopes))})"
+            )
 
     def limit(self, peer: str | None, key: ApiKey | None) -> None:
         """Take a token from the client's and the key's bucket; :class:`RateLimited` if empty."""
@@ -147,8 +161,7 @@ class AccessPolicy:
         if key is not None:
             wait = self.per_key.take(key.name)
             if wait:
-                raise RateLimited(f"too many requests with API key {key.name!r}; retry later",
-                                  wait)
+                raise RateLimited(f"too many requests with API key {key.name!r}; retry later", wait)
 
     # -- reloading --------------------------------------------------------------------
 
@@ -163,16 +176,23 @@ class AccessPolicy:
         store = self.sources.load(config, certs)
         if self.required and not store:
             path = self.sources.bootstrap(store)
-            log.warning("the reloaded configuration has no API key: requests need the "
-                        "generated admin key in %s", path)
+            log.warning(
+                "the reloaded configuration has no API key: requests need the "
+                "generated admin key in %s",
+                path,
+            )
         old, new = self.store.summary(), store.summary()
         self.store = store
         added = sorted(new.keys() - old.keys())
         removed = sorted(old.keys() - new.keys())
         changed = sorted(n for n in new.keys() & old.keys() if new[n] != old[n])
-        log.info("API keys reloaded: %d in use; added: %s; removed: %s; changed: %s",
-                 len(store), ", ".join(added) or "none", ", ".join(removed) or "none",
-                 ", ".join(changed) or "none")
+        log.info(
+            "API keys reloaded: %d in use; added: %s; removed: %s; changed: %s",
+            len(store),
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+            ", ".join(changed) or "none",
+        )
 
 
 def keys_required(config: AccessConfig, binds: Iterable[str], store: KeyStore) -> bool:
@@ -182,11 +202,18 @@ def keys_required(config: AccessConfig, binds: Iterable[str], store: KeyStore) -
     return bool(store) or not all(is_loopback(h) for h in binds)
 
 
-def build(config: AccessConfig, *, binds: Iterable[str], names: Iterable[str] = (),
-          env: Mapping[str, str] | None = None, state_dir: Path | None = None,
-          what: str = "the appliance", key_file: str = BOOTSTRAP_FILE,
-          certs: Iterable[ClientCertEntry] = (),
-          create_command: str = "appliance keys create NAME") -> AccessPolicy:
+def build(
+    config: AccessConfig,
+    *,
+    binds: Iterable[str],
+    names: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    state_dir: Path | None = None,
+    what: str = "the appliance",
+    key_file: str = BOOTSTRAP_FILE,
+    certs: Iterable[ClientCertEntry] = (),
+    create_command: str = "appliance keys create NAME",
+) -> AccessPolicy:
     """Load the keys, decide whether they are required, generate one if none exists.
 
     Blocking (reads files): call it off the loop. Raises ConfigError for unreadable or
@@ -203,26 +230,36 @@ def build(config: AccessConfig, *, binds: Iterable[str], names: Iterable[str] = 
             "no API key is configured and %s serves %s: requests need the generated admin "
             "key in %s (send it as a bearer token or in X-API-Key). Create your own with "
             "'%s' and delete that file (docs/security.md)",
-            what, ", ".join(lan) or "with security.auth = on", path, create_command)
+            what,
+            ", ".join(lan) or "with security.auth = on",
+            path,
+            create_command,
+        )
     elif not required and lan:
         log.warning(
             "SECURITY: %s serves %s WITHOUT API keys (security.auth = off): anyone on the "
             "network can use every route. Configure keys (docs/security.md)",
-            what, ", ".join(lan))
+            what,
+            ", ".join(lan),
+        )
     elif required:
-        log.info("API keys required (%d keys, %d client certificates configured)",
-                 len(store.keys), len(store.certs))
+        log.info(
+            "API keys required (%d keys, %d client certificates configured)",
+            len(store.keys),
+            len(store.certs),
+        )
     return AccessPolicy(config, store, required=required, names=names, sources=sources)
 
 
-def client_certs(security: AccessConfig, http: HttpConfig | HubHttpConfig
-                 ) -> list[ClientCertEntry]:
+def client_certs(security: AccessConfig, http: HttpConfig | HubHttpConfig) -> list[ClientCertEntry]:
     """``security.client_certs``, checked against the listener: they need a client CA."""
     certs = security.client_certs
     if certs and http.tls_client_ca is None:
-        raise ConfigError("security.client_certs names client certificates, but "
-                          "http.tls_client_ca is not set, so no client sends one; set it "
-                          "(see docs/security.md) or remove them")
+        raise ConfigError(
+            "security.client_certs names client certificates, but "
+            "http.tls_client_ca is not set, so no client sends one; set it "
+            "(see docs/security.md) or remove them"
+        )
     return list(certs)
 
 
@@ -231,8 +268,13 @@ def daemon_policy(config: Config, env: Mapping[str, str] | None = None) -> Acces
     required on both as soon as either serves the LAN."""
     binds = [config.http.host] + ([config.grpc.host] if config.grpc.enabled else [])
     names = own_names(config.device.id, config.security.allowed_hosts)
-    return build(config.security, binds=binds, names=names, env=env,
-                 certs=client_certs(config.security, config.http))
+    return build(
+        config.security,
+        binds=binds,
+        names=names,
+        env=env,
+        certs=client_certs(config.security, config.http),
+    )
 
 
 def reload_daemon_keys(policy: AccessPolicy, config: Config, running: Config) -> None:
@@ -244,10 +286,16 @@ def reload_daemon_keys(policy: AccessPolicy, config: Config, running: Config) ->
 def hub_policy(config: HubConfig, env: Mapping[str, str] | None = None) -> AccessPolicy:
     """The fleet hub's policy (device uploads authenticate with their own tokens)."""
     names = own_names("", config.security.allowed_hosts)
-    return build(config.security, binds=[config.http.host], names=names, env=env,
-                 what="the hub", key_file="hub-api-key",
-                 certs=client_certs(config.security, config.http),
-                 create_command="appliance hub keys create NAME")
+    return build(
+        config.security,
+        binds=[config.http.host],
+        names=names,
+        env=env,
+        what="the hub",
+        key_file="hub-api-key",
+        certs=client_certs(config.security, config.http),
+        create_command="appliance hub keys create NAME",
+    )
 
 
 def reload_hub_keys(policy: AccessPolicy, config: HubConfig, running: HubConfig) -> None:
@@ -256,5 +304,14 @@ def reload_hub_keys(policy: AccessPolicy, config: HubConfig, running: HubConfig)
     policy.reload_keys(config.security, client_certs(config.security, running.http))
 
 
-__all__ = ["AccessPolicy", "KeySources", "build", "client_certs", "daemon_policy", "hub_policy",
-           "keys_required", "reload_daemon_keys", "reload_hub_keys"]
+__all__ = [
+    "AccessPolicy",
+    "KeySources",
+    "build",
+    "client_certs",
+    "daemon_policy",
+    "hub_policy",
+    "keys_required",
+    "reload_daemon_keys",
+    "reload_hub_keys",
+]

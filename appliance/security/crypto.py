@@ -61,15 +61,16 @@ class FieldCipher:
         try:
             return self._aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], context.encode("utf-8"))
         except (InvalidTag, ValueError) as exc:
-            raise DecryptionError("cannot decrypt a stored value: another data key, or "
-                                  "it was altered") from exc
+            raise DecryptionError(
+                "cannot decrypt a stored value: another data key, or it was altered"
+            ) from exc
 
     def encrypt(self, text: str, context: str) -> str:
         return MARK + base64.b64encode(self.seal(text.encode("utf-8"), context)).decode("ascii")
 
     def decrypt(self, stored: str, context: str) -> str:
         try:
-            raw = base64.b64decode(stored[len(MARK):], validate=True)
+            raw = base64.b64decode(stored[len(MARK) :], validate=True)
         except ValueError as exc:
             raise DecryptionError("a stored value is not valid base64") from exc
         return self.open(raw, context).decode("utf-8")

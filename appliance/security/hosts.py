@@ -56,8 +56,7 @@ class AllowList:
         address = client_address(peer)
         if address is not None and any(address in net for net in self.networks):
             return
-        raise Forbidden(f"client address {peer or 'unknown'} is not allowed "
-                        "(security.allow)")
+        raise Forbidden(f"client address {peer or 'unknown'} is not allowed (security.allow)")
 
 
 def is_loopback(host: str) -> bool:
@@ -116,13 +115,17 @@ class HostGuard:
         # HTTP/1.0 clients may send no Host: no browser does.
         if host_header and not self.accepts(_strip_port(host_header)):
             # The header is not echoed: it is the attacker's text.
-            raise Forbidden("the Host header does not name this appliance; add the name to "
-                            "security.allowed_hosts to use it")
+            raise Forbidden(
+                "the Host header does not name this appliance; add the name to "
+                "security.allowed_hosts to use it"
+            )
         if origin is not None:
             parts = urlsplit(origin)
             if origin == "null" or not parts.hostname or not self.accepts(parts.hostname):
-                raise Forbidden("requests from pages of other sites (Origin) are not "
-                                "accepted; add the site's host to security.allowed_hosts")
+                raise Forbidden(
+                    "requests from pages of other sites (Origin) are not "
+                    "accepted; add the site's host to security.allowed_hosts"
+                )
 
 
 def _strip_port(host: str) -> str:

@@ -106,15 +106,20 @@ class KeyStore:
 
 def _entry(name: str, scopes: Sequence[str], stored: str, where: str) -> ApiKey:
     if not _NAME.match(name):
-        raise ConfigError(f"{where}: key name {name!r} is not valid (letters, digits, "
-                          "'_', '.', '-', at most 64)")
+        raise ConfigError(
+            f"{where}: key name {name!r} is not valid (letters, digits, '_', '.', '-', at most 64)"
+        )
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:
-        raise ConfigError(f"{where}: key {name!r} scopes {','.join(scopes)!r}: allowed "
-                          f"scopes are {', '.join(SCOPES)}")
+        raise ConfigError(
+            f"{where}: key {name!r} scopes {','.join(scopes)!r}: allowed "
+            f"scopes are {', '.join(SCOPES)}"
+        )
     if not _DIGEST.match(stored):
-        raise ConfigError(f"{where}: key {name!r}: expected 'sha256:<64 hex digits>' (from "
-                          "`appliance keys create`), not the key itself")
+        raise ConfigError(
+            f"{where}: key {name!r}: expected 'sha256:<64 hex digits>' (from "
+            "`appliance keys create`), not the key itself"
+        )
     return ApiKey(name, frozenset(scopes), bytes.fromhex(stored.removeprefix("sha256:")))
 
 
@@ -127,15 +132,15 @@ def parse_key_file(text: str, where: str) -> list[ApiKey]:
             continue
         parts = line.split()
         if len(parts) != 3:
-            raise ConfigError(f"{where} line {number}: expected 'NAME SCOPE[,SCOPE] "
-                              "sha256:HEX'")
+            raise ConfigError(f"{where} line {number}: expected 'NAME SCOPE[,SCOPE] sha256:HEX'")
         name, scopes, stored = parts
         keys.append(_entry(name, scopes.split(","), stored, f"{where} line {number}"))
     return keys
 
 
-def load_store(config: AccessConfig, env: Mapping[str, str],
-               certs: Iterable[ClientCertEntry] = ()) -> KeyStore:
+def load_store(
+    config: AccessConfig, env: Mapping[str, str], certs: Iterable[ClientCertEntry] = ()
+) -> KeyStore:
     """Every configured key: the config's, the key file's and the systemd credential's;
     and the client certificate identities ``certs``. Blocking (reads files); raises
     :class:`ConfigError` naming the file and line of a malformed entry."""
@@ -182,11 +187,23 @@ def bootstrap_key(path: Path) -> tuple[ApiKey, Path]:
             with os.fdopen(fd, "w", encoding="ascii") as out:
                 out.write(value + "\n")
         except OSError as exc:
-            raise ConfigError(f"cannot write a generated API key to {path}: "
-                              f"{exc.strerror or exc}; configure [[security.keys]]") from None
+            raise ConfigError(
+                f"cannot write a generated API key to {path}: "
+                f"{exc.strerror or exc}; configure [[security.keys]]"
+            ) from None
     digest = hashlib.sha256(value.encode()).digest()
     return ApiKey(BOOTSTRAP_NAME, frozenset({"admin"}), digest), path
 
 
-__all__ = ["CERT_PREFIX", "PREFIX", "SCOPES", "ApiKey", "KeyStore", "bootstrap_key", "hash_key",
-           "load_store", "new_key", "parse_key_file"]
+__all__ = [
+    "CERT_PREFIX",
+    "PREFIX",
+    "SCOPES",
+    "ApiKey",
+    "KeyStore",
+    "bootstrap_key",
+    "hash_key",
+    "load_store",
+    "new_key",
+    "parse_key_file",
+]

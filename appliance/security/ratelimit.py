@@ -24,8 +24,14 @@ class _Bucket:
 class RateLimiter:
     """Buckets keyed by any string; ``rate`` 0 means no limit."""
 
-    def __init__(self, rate: float, burst: int, *, max_buckets: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        max_buckets: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.rate = rate
         self.burst = burst
         self.max_buckets = max_buckets

@@ -27,14 +27,20 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     # Authorization: Bearer/Basic <credentials>
     (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=-]{6,}"), r"\1 " + REDACTED),
     # key=value and "key": "value" for secret-looking names (query strings, JSON, headers).
-    (re.compile(r"(?i)([\"']?\b[\w-]*(?:key|token|secret|password|passwd|"
-                r"authorization|credential)[\w-]*[\"']?\s*[:=]\s*)(\"[^\"]*\"|'[^']*'|[^\s&,;}]+)"),
-     r"\1" + REDACTED),
+    (
+        re.compile(
+            r"(?i)([\"']?\b[\w-]*(?:key|token|secret|password|passwd|"
+            r"authorization|credential)[\w-]*[\"']?\s*[:=]\s*)(\"[^\"]*\"|'[^']*'|[^\s&,;}]+)"
+        ),
+        r"\1" + REDACTED,
+    ),
     # Passwords in URLs: scheme://user:password@host
     (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@"), r"\1" + REDACTED + "@"),
     # E-mail addresses.
-    (re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
-     REDACTED),
+    (
+        re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+        REDACTED,
+    ),
     # Phone numbers: international (+CC ...) or grouped national forms (555-123-4567).
     (re.compile(r"(?<![\w.])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{2,4}\)?){2,5}(?![\w.])"), REDACTED),
     (re.compile(r"(?<![\w.:-])\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?![\w.:-])"), REDACTED),
@@ -57,8 +63,9 @@ def neutralise(text: str) -> str:
 
 def _escape(match: re.Match[str]) -> str:
     char = match.group()
-    return {"\n": "\\n", "\r": "\\r"}.get(char, f"\\x{ord(char):02x}" if ord(char) < 256
-                                         else f"\\u{ord(char):04x}")
+    return {"\n": "\\n", "\r": "\\r"}.get(
+        char, f"\\x{ord(char):02x}" if ord(char) < 256 else f"\\u{ord(char):04x}"
+    )
 
 
 def clean(text: str) -> str:
@@ -93,12 +100,20 @@ def _indent(text: str) -> str:
     return "\n".join("    " + _CONTROL.sub(_escape, line) for line in lines)
 
 
-def install(handler: logging.Handler, fmt: str, formatter: type[SafeFormatter] = SafeFormatter
-            ) -> None:
+def install(
+    handler: logging.Handler, fmt: str, formatter: type[SafeFormatter] = SafeFormatter
+) -> None:
     """Put the filter and a safe formatter on ``handler``."""
     handler.addFilter(RedactingFilter())
     handler.setFormatter(formatter(fmt))
 
 
-__all__ = ["REDACTED", "RedactingFilter", "SafeFormatter", "clean", "install", "neutralise",
-           "redact"]
+__all__ = [
+    "REDACTED",
+    "RedactingFilter",
+    "SafeFormatter",
+    "clean",
+    "install",
+    "neutralise",
+    "redact",
+]

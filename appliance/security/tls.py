@@ -36,9 +36,15 @@ _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
-def server_context(cert_file: Path, key_file: Path | None, min_version: str,
-                   *, key: str = "http", client_ca: Path | None = None,
-                   client_auth: str = "required") -> ssl.SSLContext:
+def server_context(
+    cert_file: Path,
+    key_file: Path | None,
+    min_version: str,
+    *,
+    key: str = "http",
+    client_ca: Path | None = None,
+    client_auth: str = "required",
+) -> ssl.SSLContext:
     """A server-side context with the certificate loaded and old protocol versions off.
 
     With ``client_ca``, clients are asked for a certificate signed by it (and nothing
@@ -52,21 +58,28 @@ def server_context(cert_file: Path, key_file: Path | None, min_version: str,
     try:
         context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{key}.tls_cert_file = {str(cert_file)!r}: cannot load the "
-                          f"certificate and key: {exc}") from None
+        raise ConfigError(
+            f"{key}.tls_cert_file = {str(cert_file)!r}: cannot load the certificate and key: {exc}"
+        ) from None
     if client_ca is not None:
         try:
             context.load_verify_locations(cafile=str(client_ca))
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{key}.tls_client_ca = {str(client_ca)!r}: cannot load the "
-                              f"CA certificate: {exc}") from None
-        context.verify_mode = (ssl.CERT_REQUIRED if client_auth == "required"
-                               else ssl.CERT_OPTIONAL)
+            raise ConfigError(
+                f"{key}.tls_client_ca = {str(client_ca)!r}: cannot load the CA certificate: {exc}"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
     return context
 
 
-def reload_certificate(context: ssl.SSLContext, cert_file: Path, key_file: Path | None,
-                       min_version: str, *, key: str = "http") -> None:
+def reload_certificate(
+    context: ssl.SSLContext,
+    cert_file: Path,
+    key_file: Path | None,
+    min_version: str,
+    *,
+    key: str = "http",
+) -> None:
     """Read the certificate and key files again into the serving ``context`` (SIGHUP).
 
     New TLS connections get the new certificate; open ones keep theirs (OpenSSL copies the
@@ -79,12 +92,14 @@ def reload_certificate(context: ssl.SSLContext, cert_file: Path, key_file: Path 
     try:
         context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
     except (OSError, ssl.SSLError) as exc:  # the files changed again in between
-        raise ConfigError(f"{key}.tls_cert_file = {str(cert_file)!r}: cannot load the "
-                          f"certificate and key: {exc}") from None
+        raise ConfigError(
+            f"{key}.tls_cert_file = {str(cert_file)!r}: cannot load the certificate and key: {exc}"
+        ) from None
 
 
-async def async_reload_certificate(context: ssl.SSLContext | None, cert_file: Path | None,
-                                   key_file: Path | None, min_version: str) -> None:
+async def async_reload_certificate(
+    context: ssl.SSLContext | None, cert_file: Path | None, key_file: Path | None, min_version: str
+) -> None:
     """SIGHUP for a TLS-serving process: :func:`reload_certificate` off the loop, logged. A
     process serving plain HTTP (no context or no certificate) has nothing to do; files that
     do not load leave the certificate in use and log why."""
@@ -125,8 +140,9 @@ CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
 
 
-def init_ca(directory: Path, *, name: str = "Appliance local CA", days: int = 3650,
-            force: bool = False) -> Issued:
+def init_ca(
+    directory: Path, *, name: str = "Appliance local CA", days: int = 3650, force: bool = False
+) -> Issued:
     """Create a CA key and self-signed certificate in ``directory``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
@@ -140,18 +156,28 @@ def init_ca(directory: Path, *, name: str = "Appliance local CA", days: int = 36
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True,
-            content_commitment=False, key_encipherment=False, data_encipherment=False,
-            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
@@ -160,8 +186,15 @@ def init_ca(directory: Path, *, name: str = "Appliance local CA", days: int = 36
     return Issued(cert_path, key_path)
 
 
-def issue(ca_dir: Path, out_dir: Path, *, name: str, hosts: list[str], days: int = 730,
-          force: bool = False) -> Issued:
+def issue(
+    ca_dir: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    hosts: list[str],
+    days: int = 730,
+    force: bool = False,
+) -> Issued:
     """A certificate for ``hosts`` (DNS names and IP addresses) signed by the CA in
     ``ca_dir``; written as ``<name>.pem`` and ``<name>-key.pem`` in ``out_dir``."""
     from cryptography import x509
@@ -175,30 +208,45 @@ def issue(ca_dir: Path, out_dir: Path, *, name: str, hosts: list[str], days: int
             alt.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             alt.append(x509.DNSName(host))
-    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                   ExtendedKeyUsageOID.CLIENT_AUTH])
-    return _sign(ca_dir, out_dir, stem=name, subject=hosts[0], alt=alt, usage=usage,
-                 days=days, force=force)
+    usage = x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    return _sign(
+        ca_dir, out_dir, stem=name, subject=hosts[0], alt=alt, usage=usage, days=days, force=force
+    )
 
 
-def issue_client(ca_dir: Path, out_dir: Path, *, name: str, days: int = 730,
-                 force: bool = False) -> Issued:
+def issue_client(
+    ca_dir: Path, out_dir: Path, *, name: str, days: int = 730, force: bool = False
+) -> Issued:
     """A client certificate with common name ``name`` (``clientAuth`` only, so it cannot
     serve HTTPS), signed by the CA in ``ca_dir``; ``<name>.pem``, ``<name>-key.pem``."""
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     if not CLIENT_NAME.match(name):
-        raise ConfigError(f"client name {name!r} is not valid: letters, digits, '_', '.', "
-                          "'@', '-', at most 64 (it becomes the certificate's CN and the "
-                          "file name)")
+        raise ConfigError(
+            f"client name {name!r} is not valid: letters, digits, '_', '.', "
+            "'@', '-', at most 64 (it becomes the certificate's CN and the "
+            "file name)"
+        )
     usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
-    return _sign(ca_dir, out_dir, stem=name, subject=name, alt=[], usage=usage, days=days,
-                 force=force)
+    return _sign(
+        ca_dir, out_dir, stem=name, subject=name, alt=[], usage=usage, days=days, force=force
+    )
 
 
-def _sign(ca_dir: Path, out_dir: Path, *, stem: str, subject: str, alt: list[GeneralName],
-          usage: ExtendedKeyUsage, days: int, force: bool) -> Issued:
+def _sign(
+    ca_dir: Path,
+    out_dir: Path,
+    *,
+    stem: str,
+    subject: str,
+    alt: list[GeneralName],
+    usage: ExtendedKeyUsage,
+    days: int,
+    force: bool,
+) -> Issued:
     """A fresh key and a certificate for it signed by the CA in ``ca_dir``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -209,8 +257,10 @@ def _sign(ca_dir: Path, out_dir: Path, *, stem: str, subject: str, alt: list[Gen
         ca_cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), None)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the CA in {ca_dir} ({CA_CERT}, {CA_KEY}): {exc}; "
-                          "create it with 'appliance certs init'") from None
+        raise ConfigError(
+            f"cannot read the CA in {ca_dir} ({CA_CERT}, {CA_KEY}): {exc}; "
+            "create it with 'appliance certs init'"
+        ) from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{ca_dir / CA_KEY} is not an EC key made by 'appliance certs init'")
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}-key.pem"
@@ -227,12 +277,23 @@ def _sign(ca_dir: Path, out_dir: Path, *, stem: str, subject: str, alt: list[Gen
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(usage, critical=False)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_encipherment=False, key_cert_sign=False,
-            crl_sign=False, content_commitment=False, data_encipherment=False,
-            key_agreement=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
     )
     if alt:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
@@ -252,8 +313,9 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> None:
 def _write_key(path: Path, key: EllipticCurvePrivateKey) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    data = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
@@ -265,5 +327,14 @@ def _write_cert(path: Path, cert: Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-__all__ = ["CA_CERT", "CA_KEY", "Issued", "common_name", "init_ca", "issue", "issue_client",
-           "reload_certificate", "server_context"]
+__all__ = [
+    "CA_CERT",
+    "CA_KEY",
+    "Issued",
+    "common_name",
+    "init_ca",
+    "issue",
+    "issue_client",
+    "reload_certificate",
+    "server_context",
+]

@@ -29,7 +29,6 @@ OnnxMode = Literal["dynamic", "static"]
 T = TypeVar("T")
 
 
-
 @dataclass(frozen=True)
 class Measure:
     """One model's numbers."""
@@ -98,22 +97,23 @@ def quantize_onnx(
         if not calibration:
             raise ValueError("static quantization needs calibration data (--calibration)")
         quantize_static(
-            str(src), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            str(src),
+            str(dst),
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
             per_channel=per_channel,
         )
     else:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                         per_channel=per_channel)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
     inputs = dict(evaluation or calibration or _random_inputs(src))
     before, out_before = _run_onnx(src, inputs)
     after, out_after = _run_onnx(dst, inputs)
     return Report(f"onnx-{mode}", before, after, compare_outputs(out_before, out_after))
 
 
-def compare_outputs(
-    reference: Mapping[str, Array], other: Mapping[str, Array]
-) -> dict[str, float]:
+def compare_outputs(reference: Mapping[str, Array], other: Mapping[str, Array]) -> dict[str, float]:
     """Largest absolute and relative float differences; agreement of discrete outputs."""
     out: dict[str, float] = {}
     for name, ref in reference.items():
@@ -189,8 +189,15 @@ Progress = Callable[[int, int], None]
 
 
 def quantize_gguf(
-    src: Path, dst: Path, qtype: str, *, eval_text: str | None = None, threads: int = 2,
-    allow_requantize: bool = True, cpu_repack: bool = True, progress: Progress | None = None,
+    src: Path,
+    dst: Path,
+    qtype: str,
+    *,
+    eval_text: str | None = None,
+    threads: int = 2,
+    allow_requantize: bool = True,
+    cpu_repack: bool = True,
+    progress: Progress | None = None,
 ) -> Report:
     """Re-quantize a GGUF file (e.g. F32/F16 → Q8_0, Q4_K_M) with llama.cpp's quantize API.
 
@@ -214,8 +221,7 @@ def quantize_gguf(
             return pool.submit(fn, *args).result()
 
     events: Any = ctx.Queue()
-    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_report_to,
-                             initargs=(events,)) as pool:
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_report_to, initargs=(events,)) as pool:
         job = pool.submit(_quantize_child, str(src), str(dst), key, threads, allow_requantize)
         while not job.done() or not events.empty():
             try:
@@ -228,8 +234,7 @@ def quantize_gguf(
     events.close()
     if code != 0 or not dst.is_file():
         detail = f": {' '.join(problems)[-500:]}" if problems else ""
-        raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype} (code {code})"
-                           f"{detail}")
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype} (code {code}){detail}")
     before = child(_measure_gguf, src, text, threads, cpu_repack)
     after = child(_measure_gguf, dst, text, threads, cpu_repack)
     return Report(f"gguf-{key}", before, after)
@@ -251,8 +256,9 @@ def _report_to(events: Any) -> None:
     _events = events
 
 
-def _quantize_child(src: str, dst: str, key: str, threads: int, requantize: bool
-                    ) -> tuple[int, list[str]]:
+def _quantize_child(
+    src: str, dst: str, key: str, threads: int, requantize: bool
+) -> tuple[int, list[str]]:
     """Quantize in this (child) process; llama.cpp's log becomes progress events, and its
     warnings and errors are returned for the caller's message."""
     import ctypes
@@ -289,8 +295,9 @@ def _measure_gguf(path: Path, text: str, threads: int, cpu_repack: bool = True) 
 
     # Logits of every position come from one token at a time: logits_all=True crashes
     # now and then in decode (llama-cpp-python 0.3.x). Speed is a separate batched pass.
-    llm: Any = open_llama(cpu_repack=cpu_repack, model_path=str(path), n_ctx=_CTX,
-                          n_threads=threads, verbose=False)
+    llm: Any = open_llama(
+        cpu_repack=cpu_repack, model_path=str(path), n_ctx=_CTX, n_threads=threads, verbose=False
+    )
     try:
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)[:_CTX]
         rows = []
@@ -309,13 +316,27 @@ def _measure_gguf(path: Path, text: str, threads: int, cpu_repack: bool = True) 
     shifted = logits[:-1] - logits[:-1].max(axis=1, keepdims=True)
     logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     nll = -logprobs[np.arange(len(tokens) - 1), tokens[1:]]
-    return Measure(str(path), path.stat().st_size, round(len(tokens) / elapsed, 1),
-                   "prompt tokens/s", perplexity=round(math.exp(float(nll.mean())), 4))
+    return Measure(
+        str(path),
+        path.stat().st_size,
+        round(len(tokens) / elapsed, 1),
+        "prompt tokens/s",
+        perplexity=round(math.exp(float(nll.mean())), 4),
+    )
 
 
 def report_json(report: Report) -> str:
     return json.dumps(report.to_dict(), indent=2)
 
 
-__all__ = ["GGUF_TYPES", "Measure", "Progress", "Report", "compare_outputs", "load_samples",
-           "quantize_gguf", "quantize_onnx", "report_json"]
+__all__ = [
+    "GGUF_TYPES",
+    "Measure",
+    "Progress",
+    "Report",
+    "compare_outputs",
+    "load_samples",
+    "quantize_gguf",
+    "quantize_onnx",
+    "report_json",
+]

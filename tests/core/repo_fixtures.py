@@ -37,8 +37,9 @@ def nan_model(path: Path) -> Path:
     return path
 
 
-def add_version(repo: Path, name: str, version: str, *, broken: bool = False,
-                corrupt: bool = False) -> Path:
+def add_version(
+    repo: Path, name: str, version: str, *, broken: bool = False, corrupt: bool = False
+) -> Path:
     """``repo/name/version/`` holding a manifest and a model file."""
     folder = repo / name / version
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,6 @@ def add_version(repo: Path, name: str, version: str, *, broken: bool = False,
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     (folder / "manifest.toml").write_text(
         f'name = "{name}"\nruntime = "onnx"\nfile = "model.onnx"\nsha256 = "{digest}"\n'
-        '[options]\nthreads = 1\n'
+        "[options]\nthreads = 1\n"
     )
     return folder

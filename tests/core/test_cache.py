@@ -38,8 +38,16 @@ def result(value: float, size: int = 4) -> InferResult:
 
 def window(seed: int) -> dict[str, Any]:
     data = np.random.default_rng(seed).normal(20, 5, size=(1, 32, 3)).astype(np.float32)
-    return {"inputs": [{"name": "window", "shape": [1, 32, 3], "datatype": "FP32",
-                        "data": data.reshape(-1).tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": "window",
+                "shape": [1, 32, 3],
+                "datatype": "FP32",
+                "data": data.reshape(-1).tolist(),
+            }
+        ]
+    }
 
 
 async def infer(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
@@ -51,8 +59,11 @@ async def infer(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> 
 async def metrics(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with http.get(url + "/metrics") as resp:
         text = await resp.text()
-    wanted = {"appliance_cache_hits_total", "appliance_cache_misses_total",
-              "appliance_inference_duration_seconds_count"}
+    wanted = {
+        "appliance_cache_hits_total",
+        "appliance_cache_misses_total",
+        "appliance_inference_duration_seconds_count",
+    }
     out = dict.fromkeys(wanted, 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -75,7 +86,8 @@ def test_keys_depend_on_model_version_inputs_and_outputs() -> None:
     assert key != request_key("m", "1", {"x": a["x"].astype(np.float64)}, ["y"])
     text = {"s": np.array([b"ab", b"c"], dtype=object)}
     assert request_key("m", "1", text, []) != request_key(
-        "m", "1", {"s": np.array([b"a", b"bc"], dtype=object)}, [])
+        "m", "1", {"s": np.array([b"a", b"bc"], dtype=object)}, []
+    )
 
 
 async def test_memory_backend_evicts_the_least_recently_used() -> None:
@@ -177,9 +189,21 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     pytest.importorskip("redis", reason="the redis package is not installed")
     port = _free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(200):
@@ -218,10 +242,12 @@ async def test_daemons_share_results_through_redis(
 async def test_redis_entries_expire_and_byte_results_round_trip(redis_url: str) -> None:
     cache = ResultCache(CacheConfig(backend="redis", redis_url=redis_url))
     try:
-        value = InferResult(outputs={
-            "score": np.arange(6, dtype=np.float32).reshape(2, 3),
-            "label": np.array([b"hot", b"cold"], dtype=object),
-        })
+        value = InferResult(
+            outputs={
+                "score": np.arange(6, dtype=np.float32).reshape(2, 3),
+                "label": np.array([b"hot", b"cold"], dtype=object),
+            }
+        )
         await cache.put("k", value, ttl=0.2)
         hit = await cache.get("k")
         assert hit is not None
@@ -235,8 +261,11 @@ async def test_redis_entries_expire_and_byte_results_round_trip(redis_url: str) 
 
 
 async def test_an_unreachable_redis_is_a_miss_not_an_error(http: aiohttp.ClientSession) -> None:
-    cache = {"models": [MODEL], "backend": "redis",
-             "redis_url": f"redis://127.0.0.1:{_free_port()}/0"}
+    cache = {
+        "models": [MODEL],
+        "backend": "redis",
+        "redis_url": f"redis://127.0.0.1:{_free_port()}/0",
+    }
     async with serving(make_config(cache=cache)) as server:
         url = base_url(server)
         assert await infer(http, url, window(1)) == await infer(http, url, window(1))

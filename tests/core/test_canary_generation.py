@@ -18,12 +18,15 @@ from tests.gguf_templates import with_chat_template
 
 pytest.importorskip("gguf", reason="the gguf package writes the refusing version")
 
-CHAT = {"model": "tales", "max_tokens": 6, "temperature": 0,
-        "messages": [{"role": "user", "content": "Tell me a story"}]}
+CHAT = {
+    "model": "tales",
+    "max_tokens": 6,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "Tell me a story"}],
+}
 
 
-def add_gguf_version(repo: Path, version: str, source: Path, template: str | None = None
-                     ) -> None:
+def add_gguf_version(repo: Path, version: str, source: Path, template: str | None = None) -> None:
     folder = repo / "tales" / version
     folder.mkdir(parents=True)
     if template is None:
@@ -52,8 +55,12 @@ async def test_refusing_canary_is_rolled_back_and_clients_never_see_it(
     stories_gguf: Path, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     add_gguf_version(tmp_path, "1", stories_gguf)
-    add_gguf_version(tmp_path, "2", stories_gguf,
-                     "{{ raise_exception('this version refuses every conversation') }}")
+    add_gguf_version(
+        tmp_path,
+        "2",
+        stories_gguf,
+        "{{ raise_exception('this version refuses every conversation') }}",
+    )
     config = make_config(
         models={"dir": tmp_path, "version_policy": "all", "queue_size": 100},
         canary={"enabled": True, "share": 0.5, "min_requests": 4, "window": 3600},
@@ -73,9 +80,12 @@ async def test_refusing_canary_is_rolled_back_and_clients_never_see_it(
         async with http.get(url + "/metrics") as response:
             text = await response.text()
         labels = ('model="tales"', 'version="2"', 'side="canary"', 'result="error"')
-        line = next(x for x in text.splitlines()
-                    if x.startswith("appliance_canary_requests_total{")
-                    and all(label in x for label in labels))
+        line = next(
+            x
+            for x in text.splitlines()
+            if x.startswith("appliance_canary_requests_total{")
+            and all(label in x for label in labels)
+        )
         assert float(line.split()[-1]) >= 4
 
 
@@ -88,8 +98,13 @@ async def test_shadowed_canary_is_measured_per_token_and_promoted(
         models={"dir": tmp_path, "version_policy": "all", "queue_size": 100},
         # The latency margin is wide: this test is about measuring and promoting, and a
         # shared two-core box times two copies of one model unevenly.
-        canary={"enabled": True, "mode": "shadow", "min_requests": 3, "window": 1.5,
-                "max_latency_ratio": 4},
+        canary={
+            "enabled": True,
+            "mode": "shadow",
+            "min_requests": 3,
+            "window": 1.5,
+            "max_latency_ratio": 4,
+        },
     )
     async with serving(config) as server:
         url = base_url(server)
@@ -113,5 +128,6 @@ async def test_shadowed_canary_is_measured_per_token_and_promoted(
         assert seen["canary_stats"]["latency_avg_ms"] is not None
         decision = canary.recent[-1]
         assert (decision.decision, decision.canary) == ("promoted", "2"), (decision, seen)
-        await wait_for(lambda: server.core is not None
-                       and server.core.models.get("tales").version == "2")
+        await wait_for(
+            lambda: server.core is not None and server.core.models.get("tales").version == "2"
+        )

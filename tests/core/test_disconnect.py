@@ -38,8 +38,13 @@ FIRST_TOKENS = "appliance_time_to_first_token_seconds_count"
 
 
 def endless(route: str, *, stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0,
-                            "logit_bias": {str(EOS): -100}, "stream": stream}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "logit_bias": {str(EOS): -100},
+        "stream": stream,
+    }
     if route == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": "Tell me a story."}]
     else:
@@ -70,8 +75,11 @@ async def stream_text(http: aiohttp.ClientSession, url: str, body: dict[str, Any
     """The non-empty text pieces of a streamed completion, which must end in [DONE]."""
     async with http.post(url + "/v1/completions", json={**body, "stream": True}) as resp:
         assert resp.status == 200, await resp.text()
-        events = [line[6:].strip() for line in (await resp.text()).splitlines()
-                  if line.startswith("data: ")]
+        events = [
+            line[6:].strip()
+            for line in (await resp.text()).splitlines()
+            if line.startswith("data: ")
+        ]
     assert events[-1] == "[DONE]"
     texts = (json.loads(event)["choices"][0]["text"] for event in events[:-1])
     return [text for text in texts if text]
@@ -93,8 +101,9 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 async def full_generation(server: Server, client: aiohttp.ClientSession) -> float:
     """Seconds the endless generation takes when nobody leaves (round trip included)."""
     started = time.monotonic()
-    async with client.post(base_url(server) + "/v1/completions",
-                           json=endless("/v1/completions", stream=False)) as resp:
+    async with client.post(
+        base_url(server) + "/v1/completions", json=endless("/v1/completions", stream=False)
+    ) as resp:
         assert resp.status == 200, await resp.text()
         body = await resp.json()
     assert body["choices"][0]["finish_reason"] == "length"
@@ -121,8 +130,9 @@ async def abandon(url: str, route: str, *, stream: bool, http: aiohttp.ClientSes
                 at_close = await metric(http, url, TOKENS)
                 resp.close()  # drop the connection mid-stream
         else:
-            request = asyncio.create_task(leaving.post(url + route,
-                                                       json=endless(route, stream=False)))
+            request = asyncio.create_task(
+                leaving.post(url + route, json=endless(route, stream=False))
+            )
 
             async def generating() -> bool:
                 return await metric(http, url, TOKENS) - before >= SEEN_BEFORE_LEAVING
@@ -141,7 +151,10 @@ async def abandon(url: str, route: str, *, stream: bool, http: aiohttp.ClientSes
     ids=["chat-stream", "completion-stream", "completion-waiting"],
 )
 async def test_disconnect_stops_the_generation(
-    server: Server, client: aiohttp.ClientSession, full_generation: float, route: str,
+    server: Server,
+    client: aiohttp.ClientSession,
+    full_generation: float,
+    route: str,
     stream: bool,
 ) -> None:
     url = base_url(server)
@@ -162,13 +175,20 @@ async def test_disconnect_stops_the_generation(
 
     # The model is free right away: this request does not wait for the abandoned one.
     asked = time.monotonic()
-    text = await stream_text(client, url, {"model": MODEL, "prompt": "Once upon a time",
-                                           "max_tokens": 8, "temperature": 0})
+    text = await stream_text(
+        client,
+        url,
+        {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0},
+    )
     answered = time.monotonic()
     assert "".join(text).startswith(", there was")
     remaining = full_generation * (MAX_TOKENS - abandoned) / MAX_TOKENS
-    timings = {"left->answered": answered - left, "asked->answered": answered - asked,
-               "remaining": remaining, "abandoned": abandoned}
+    timings = {
+        "left->answered": answered - left,
+        "asked->answered": answered - asked,
+        "remaining": remaining,
+        "abandoned": abandoned,
+    }
     assert answered - left < remaining / 4, timings
     assert answered - asked < remaining / 4, timings
 

@@ -21,12 +21,21 @@ WINDOWS = sensor_windows(8)
 
 def infer_body(i: int) -> dict[str, Any]:
     window = WINDOWS[i % len(WINDOWS)][None]
-    return {"inputs": [{"name": "window", "datatype": "FP32", "shape": list(window.shape),
-                        "data": window.ravel().tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": list(window.shape),
+                "data": window.ravel().tolist(),
+            }
+        ]
+    }
 
 
-async def infer(http: aiohttp.ClientSession, url: str, name: str, i: int,
-                version: str | None = None) -> tuple[int, dict[str, Any]]:
+async def infer(
+    http: aiohttp.ClientSession, url: str, name: str, i: int, version: str | None = None
+) -> tuple[int, dict[str, Any]]:
     path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
     async with http.post(url + path, json=infer_body(i)) as resp:
         return resp.status, await resp.json()
@@ -54,11 +63,13 @@ async def test_versions_are_addressed_by_route_and_policy(
         assert body["model_version"] == "10"  # the newest is stable
         status, _ = await infer(http, url, "anom", 0, "3")
         assert status == 404
-    config = make_config(models={"dir": tmp_path, "version_policy": "specific",
-                                 "versions": ["anom:2"]})
-    async with serving(config) as server, http.post(
-        base_url(server) + "/v2/repository/index"
-    ) as resp:
+    config = make_config(
+        models={"dir": tmp_path, "version_policy": "specific", "versions": ["anom:2"]}
+    )
+    async with (
+        serving(config) as server,
+        http.post(base_url(server) + "/v2/repository/index") as resp,
+    ):
         assert [(r["version"], r["state"]) for r in await resp.json()] == [("2", "READY")]
 
 
@@ -77,8 +88,9 @@ async def test_broken_canary_is_rolled_back_under_load_without_client_errors(
         canary, models = server.core.canary, server.core.models
         await wait_for(lambda: canary.canary_version("anom") == "2")
         counter = itertools.count()
-        answers = await asyncio.gather(*(infer(http, url, "anom", next(counter))
-                                         for _ in range(80)))
+        answers = await asyncio.gather(
+            *(infer(http, url, "anom", next(counter)) for _ in range(80))
+        )
         # Every client got a sound answer: the canary's NaN answers were retried on stable.
         assert all(status == 200 for status, _ in answers), answers
         assert all(np.isfinite(score_of(body)) for _, body in answers)
@@ -92,8 +104,9 @@ async def test_broken_canary_is_rolled_back_under_load_without_client_errors(
             health = await resp.json()
         assert health["units"]["lifecycle"]["canary"]["decisions"][0]["decision"] == "rolled_back"
         assert server.alerts is not None
-        assert any(e.rule == "canary_rollback" and e.state == "firing"
-                   for e in server.alerts.recent)
+        assert any(
+            e.rule == "canary_rollback" and e.state == "firing" for e in server.alerts.recent
+        )
         await wait_for(lambda: "2" not in {h.version for h in models.versions("anom")})
 
 
@@ -198,8 +211,13 @@ async def test_ollama_keep_alive_unloads_and_the_next_request_loads_again(
         url = base_url(server)
         assert server.core is not None
         handle = server.core.models.get("stories260K")
-        ask = {"model": "stories260K", "prompt": "Once upon a time", "stream": False,
-               "options": {"num_predict": 4, "temperature": 0}, "keep_alive": 0}
+        ask = {
+            "model": "stories260K",
+            "prompt": "Once upon a time",
+            "stream": False,
+            "options": {"num_predict": 4, "temperature": 0},
+            "keep_alive": 0,
+        }
         async with http.post(url + "/api/generate", json=ask) as resp:
             assert resp.status == 200, await resp.text()
         await wait_for(lambda: handle.state is ModelState.UNLOADED)
@@ -208,7 +226,8 @@ async def test_ollama_keep_alive_unloads_and_the_next_request_loads_again(
             assert resp.status == 200 and (await resp.json())["done"]
         assert handle.state is ModelState.READY and handle.keep_alive == 300
         # An empty prompt with keep_alive 0 is Ollama's "unload now".
-        async with http.post(url + "/api/generate",
-                             json={"model": "stories260K", "keep_alive": 0}) as resp:
+        async with http.post(
+            url + "/api/generate", json={"model": "stories260K", "keep_alive": 0}
+        ) as resp:
             assert (await resp.json())["done_reason"] == "unload"
         await wait_for(lambda: handle.state is ModelState.UNLOADED)

@@ -26,21 +26,33 @@ def test_raw_bytes_round_trip_every_numeric_datatype(datatype: str) -> None:
     dtype = DATATYPES[datatype]
     values = (np.arange(12) % 2 == 0) if datatype == "BOOL" else np.arange(12)
     array = values.astype(dtype).reshape(3, 4)
-    body = oip_msgpack.unpack(oip_msgpack.pack(request(
-        datatype=datatype, shape=[3, 4], data=array.astype(dtype.newbyteorder("<")).tobytes())))
+    body = oip_msgpack.unpack(
+        oip_msgpack.pack(
+            request(
+                datatype=datatype,
+                shape=[3, 4],
+                data=array.astype(dtype.newbyteorder("<")).tobytes(),
+            )
+        )
+    )
     decoded = oip_msgpack.decode_request(body).inputs["x"]
     assert decoded.dtype == dtype
     np.testing.assert_array_equal(decoded, array)
     (tensor,) = oip_msgpack.encode_outputs_msgpack({"y": array})
-    assert tensor == {"name": "y", "datatype": datatype, "shape": [3, 4],
-                      "data": array.astype(dtype.newbyteorder("<")).tobytes()}
+    assert tensor == {
+        "name": "y",
+        "datatype": datatype,
+        "shape": [3, 4],
+        "data": array.astype(dtype.newbyteorder("<")).tobytes(),
+    }
 
 
 def test_bytes_tensors_as_bin_lists_or_length_prefixed() -> None:
     items: list[bytes | str] = [b"\x00\xffraw", "text", b""]
     as_list = oip_msgpack.decode_request(request(datatype="BYTES", shape=[3], data=items))
-    prefixed = b"".join(struct.pack("<I", len(v)) + (v if isinstance(v, bytes) else v.encode())
-                        for v in items)
+    prefixed = b"".join(
+        struct.pack("<I", len(v)) + (v if isinstance(v, bytes) else v.encode()) for v in items
+    )
     as_blob = oip_msgpack.decode_request(request(datatype="BYTES", shape=[3], data=prefixed))
     expected = [b"\x00\xffraw", b"text", b""]
     assert as_list.inputs["x"].tolist() == expected
@@ -50,11 +62,13 @@ def test_bytes_tensors_as_bin_lists_or_length_prefixed() -> None:
 
 
 def test_number_lists_still_work_and_outputs_and_id_are_kept() -> None:
-    decoded = oip_msgpack.decode_request({
-        "id": "req-1",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.5, 2.5]}],
-        "outputs": [{"name": "y"}],
-    })
+    decoded = oip_msgpack.decode_request(
+        {
+            "id": "req-1",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.5, 2.5]}],
+            "outputs": [{"name": "y"}],
+        }
+    )
     assert decoded.id == "req-1"
     assert decoded.outputs == ["y"]
     assert decoded.inputs["x"].tolist() == [1.5, 2.5]
@@ -121,5 +135,8 @@ def test_the_core_bounds_sampling_parameters(params: dict[str, Any], message: st
 
 def test_defaults_and_edges_are_accepted() -> None:
     check_sampling(SamplingParams())
-    check_sampling(SamplingParams(temperature=0, top_p=1, top_k=0, min_p=0, seed=-(2**63),
-                                  max_tokens=1, stop=("\n",) * 16))
+    check_sampling(
+        SamplingParams(
+            temperature=0, top_p=1, top_k=0, min_p=0, seed=-(2**63), max_tokens=1, stop=("\n",) * 16
+        )
+    )

@@ -37,8 +37,14 @@ class Answer:
 
 def slow_completion(max_tokens: int, *, stream: bool = False) -> dict[str, Any]:
     """A generation that cannot end early: the end-of-story token is banned."""
-    return {"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens,
-            "temperature": 0, "logit_bias": {str(EOS): -100}, "stream": stream}
+    return {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logit_bias": {str(EOS): -100},
+        "stream": stream,
+    }
 
 
 async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Answer:
@@ -75,8 +81,14 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30) 
 async def test_surplus_is_refused_at_once_and_admitted_requests_finish(
     stories_gguf: Path, http: aiohttp.ClientSession
 ) -> None:
-    config = make_config(models={"files": [stories_gguf], "parallel": 1,
-                                 "queue_size": QUEUE_SIZE, "retry_after": RETRY_AFTER})
+    config = make_config(
+        models={
+            "files": [stories_gguf],
+            "parallel": 1,
+            "queue_size": QUEUE_SIZE,
+            "retry_after": RETRY_AFTER,
+        }
+    )
     async with serving(config) as server:
         url = base_url(server)
 
@@ -87,8 +99,9 @@ async def test_surplus_is_refused_at_once_and_admitted_requests_finish(
         # test stays quick, and only the first one's duration matters for the comparison.
         first = asyncio.create_task(send(http, url, slow_completion(1500)))
         await eventually(running)
-        queued = [asyncio.create_task(send(http, url, slow_completion(100)))
-                  for _ in range(QUEUE_SIZE)]
+        queued = [
+            asyncio.create_task(send(http, url, slow_completion(100))) for _ in range(QUEUE_SIZE)
+        ]
 
         async def all_queued() -> bool:
             return await metric(http, url, "appliance_queue_depth", model=MODEL) == QUEUE_SIZE
@@ -129,13 +142,20 @@ async def test_surplus_is_refused_at_once_and_admitted_requests_finish(
 
         assert await metric(http, url, "appliance_queue_depth", model=MODEL) == 0
         assert await metric(http, url, "appliance_requests_running", model=MODEL) == 0
-        assert await metric(http, url, "appliance_requests_total", route="/v1/completions",
-                            model=MODEL, status="503") == len(surplus)
+        assert await metric(
+            http,
+            url,
+            "appliance_requests_total",
+            route="/v1/completions",
+            model=MODEL,
+            status="503",
+        ) == len(surplus)
         # The queue is free again: a new request is admitted, not refused.
         again = await send(http, url, slow_completion(5))
         assert again.status == 200, again.body
-        assert await metric(http, url, "appliance_requests_rejected_total",
-                            model=MODEL) == len(surplus)
+        assert await metric(http, url, "appliance_requests_rejected_total", model=MODEL) == len(
+            surplus
+        )
 
 
 async def test_queue_size_zero_refuses_everything_beyond_the_running_request(
@@ -159,14 +179,17 @@ async def test_queue_size_zero_refuses_everything_beyond_the_running_request(
         assert await metric(http, url, "appliance_requests_rejected_total", model=MODEL) == 1
 
 
-async def test_shed_load_raises_no_http_5xx_alert(stories_gguf: Path,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_shed_load_raises_no_http_5xx_alert(
+    stories_gguf: Path, http: aiohttp.ClientSession
+) -> None:
     """The 503s of a full queue are documented backpressure, not server errors: they are
     counted apart (appliance_requests_shed_total) and the critical http_5xx alert, which
     fires above 1 % of real 5xx answers, stays quiet through an overload."""
-    config = make_config(models={"files": [stories_gguf], "queue_size": 0},
-                         health={"interval": 3600},  # snapshots taken by hand here
-                         alerts={"min_requests": 5, "http_5xx_window": 600})
+    config = make_config(
+        models={"files": [stories_gguf], "queue_size": 0},
+        health={"interval": 3600},  # snapshots taken by hand here
+        alerts={"min_requests": 5, "http_5xx_window": 600},
+    )
     async with serving(config) as server:
         url = base_url(server)
         assert server.health is not None and server.alerts is not None
@@ -177,8 +200,7 @@ async def test_shed_load_raises_no_http_5xx_alert(stories_gguf: Path,
             return await metric(http, url, "appliance_requests_running", model=MODEL) == 1
 
         await eventually(running)
-        refused = await asyncio.gather(*(send(http, url, slow_completion(5))
-                                         for _ in range(10)))
+        refused = await asyncio.gather(*(send(http, url, slow_completion(5)) for _ in range(10)))
         assert [a.status for a in refused] == [503] * 10
         assert (await first).status == 200
         snap = await server.health.snapshot()
@@ -188,8 +210,25 @@ async def test_shed_load_raises_no_http_5xx_alert(stories_gguf: Path,
         assert snap.http_requests_total >= 11
         assert "http_5xx" not in [e.rule for e in events]
         assert not [e for e in server.alerts.active() if e.rule == "http_5xx"]
-        assert await metric(http, url, "appliance_requests_shed_total", transport="http",
-                            route="/v1/completions") == 10
+        assert (
+            await metric(
+                http,
+                url,
+                "appliance_requests_shed_total",
+                transport="http",
+                route="/v1/completions",
+            )
+            == 10
+        )
         # Still answered and counted as the 503s they are.
-        assert await metric(http, url, "appliance_requests_total", route="/v1/completions",
-                            model=MODEL, status="503") == 10
+        assert (
+            await metric(
+                http,
+                url,
+                "appliance_requests_total",
+                route="/v1/completions",
+                model=MODEL,
+                status="503",
+            )
+            == 10
+        )

@@ -16,8 +16,12 @@ PIPELINE = {
     "name": "explained-anomaly",
     "steps": [
         {"model": "sensor-anomaly"},
-        {"model": "stories260K", "when": "is_anomaly", "max_tokens": 12,
-         "prompt": "The sensor score was {score}. Once upon a time"},
+        {
+            "model": "stories260K",
+            "when": "is_anomaly",
+            "max_tokens": 12,
+            "prompt": "The sensor score was {score}. Once upon a time",
+        },
     ],
 }
 
@@ -29,15 +33,24 @@ def anomalous_window() -> np.ndarray[Any, np.dtype[np.float32]]:
 
 
 def body(w: np.ndarray[Any, np.dtype[np.float32]]) -> dict[str, Any]:
-    return {"inputs": [{"name": "window", "datatype": "FP32", "shape": list(w.shape),
-                        "data": w.ravel().tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": list(w.shape),
+                "data": w.ravel().tolist(),
+            }
+        ]
+    }
 
 
 async def test_pipeline_runs_from_http_and_from_the_core(
     default_models: Path, stories_gguf: Path, http: aiohttp.ClientSession
 ) -> None:
-    config = make_config(models={"dir": default_models, "files": [stories_gguf]},
-                         pipelines={"chain": [PIPELINE]})
+    config = make_config(
+        models={"dir": default_models, "files": [stories_gguf]}, pipelines={"chain": [PIPELINE]}
+    )
     async with serving(config) as server:
         url = base_url(server)
         async with http.get(url + "/v2/models/explained-anomaly") as resp:
@@ -46,8 +59,9 @@ async def test_pipeline_runs_from_http_and_from_the_core(
         assert [t["name"] for t in meta["inputs"]] == ["window"]
         assert {t["name"] for t in meta["outputs"]} == {"score", "is_anomaly", "text"}
 
-        async with http.post(url + "/v2/models/explained-anomaly/infer",
-                             json=body(anomalous_window())) as resp:
+        async with http.post(
+            url + "/v2/models/explained-anomaly/infer", json=body(anomalous_window())
+        ) as resp:
             assert resp.status == 200, await resp.text()
             outputs = {o["name"]: o["data"] for o in (await resp.json())["outputs"]}
         assert outputs["is_anomaly"] == [True]

@@ -41,8 +41,7 @@ GGUF_REASON = (
 )
 
 
-def manifest(name: str, *, runtime: str = "onnx", file: str = "model.onnx",
-             extra: str = "") -> str:
+def manifest(name: str, *, runtime: str = "onnx", file: str = "model.onnx", extra: str = "") -> str:
     return f'name = "{name}"\nruntime = "{runtime}"\nfile = "{file}"\n{extra}'
 
 
@@ -99,40 +98,47 @@ BROKEN: dict[str, Broken] = {
         lambda n: manifest(n, runtime="gguf"), _good_copy, (GGUF_REASON, "model.onnx")
     ),
     "unknown-key": Broken(
-        lambda n: manifest(n, extra='colour = "red"\n'), _good_copy,
+        lambda n: manifest(n, extra='colour = "red"\n'),
+        _good_copy,
         ("invalid manifest", "colour"),
     ),
     "bad-name": Broken(
         lambda _: manifest("../../etc"), _good_copy, ("invalid manifest", "name", "../../etc")
     ),
     "unknown-runtime": Broken(
-        lambda n: manifest(n, runtime="tflite"), _good_copy,
+        lambda n: manifest(n, runtime="tflite"),
+        _good_copy,
         ("unknown runtime 'tflite'", "onnx", "gguf"),
     ),
     "bad-option": Broken(
-        lambda n: manifest(n, extra="[options]\nthreads = 0\n"), _good_copy,
+        lambda n: manifest(n, extra="[options]\nthreads = 0\n"),
+        _good_copy,
         ("invalid options", "threads", "0"),
     ),
     "unknown-option": Broken(
-        lambda n: manifest(n, extra="[options]\nturbo = true\n"), _good_copy,
+        lambda n: manifest(n, extra="[options]\nturbo = true\n"),
+        _good_copy,
         ("invalid options", "turbo"),
     ),
     "bad-toml": Broken(
         lambda n: f'name = "{n}"\nruntime = \n', _good_copy, ("cannot read manifest",)
     ),
     "dotdot-file": Broken(
-        lambda n: manifest(n, file=f"../{GOOD}/model.onnx"), _no_files,
+        lambda n: manifest(n, file=f"../{GOOD}/model.onnx"),
+        _no_files,
         ("points outside", f"../{GOOD}/model.onnx"),
     ),
     "dotdot-outside-repo": Broken(
-        lambda n: manifest(n, file="../../outside.onnx"), _no_files,
+        lambda n: manifest(n, file="../../outside.onnx"),
+        _no_files,
         ("points outside", "../../outside.onnx"),
     ),
     "absolute-file": Broken(
         lambda n: manifest(n, file="@OUTSIDE@"), _no_files, ("points outside", "outside.onnx")
     ),
     "symlink-outside": Broken(
-        manifest, lambda d: {"model.onnx": d.parent.parent / "outside.onnx"},
+        manifest,
+        lambda d: {"model.onnx": d.parent.parent / "outside.onnx"},
         ("points outside", "model.onnx"),
     ),
 }
@@ -169,8 +175,11 @@ def windows(count: int) -> np.ndarray[Any, np.dtype[np.float32]]:
 
 async def infer_ok(http: aiohttp.ClientSession, url: str, model: str = GOOD) -> Json:
     data = windows(2)
-    body = {"inputs": [{"name": "window", "datatype": "FP32", "shape": list(data.shape),
-                        "data": data.tolist()}]}
+    body = {
+        "inputs": [
+            {"name": "window", "datatype": "FP32", "shape": list(data.shape), "data": data.tolist()}
+        ]
+    }
     async with http.post(f"{url}/v2/models/{model}/infer", json=body) as resp:
         assert resp.status == 200, await resp.text()
         answer: Json = await resp.json()
@@ -249,10 +258,24 @@ def test_symlink_inside_the_directory_is_allowed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "valid"),
-    [("sensor-anomaly", True), ("Qwen2.5-0.5B_q4", True), ("a", True), ("x" * 64, True),
-     ("x" * 65, False), ("", False), ("..", False), (".hidden", False), ("../etc", False),
-     ("a/b", False), ("a\\b", False), ("a b", False), ("-flag", False), ("a\0b", False),
-     ("é", False), ("a\n", False)],
+    [
+        ("sensor-anomaly", True),
+        ("Qwen2.5-0.5B_q4", True),
+        ("a", True),
+        ("x" * 64, True),
+        ("x" * 65, False),
+        ("", False),
+        ("..", False),
+        (".hidden", False),
+        ("../etc", False),
+        ("a/b", False),
+        ("a\\b", False),
+        ("a b", False),
+        ("-flag", False),
+        ("a\0b", False),
+        ("é", False),
+        ("a\n", False),
+    ],
 )
 def test_valid_names_can_never_be_paths(name: str, valid: bool) -> None:
     assert repository.valid_name(name) is valid
@@ -269,8 +292,12 @@ def test_spec_for_file_is_named_after_the_stem(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("filename", "fragment"),
-    [("model.tflite", "unknown model file type '.tflite'"), ("my model.onnx", "'my model'"),
-     ("-x.onnx", "not a valid model name"), (".onnx", "unknown model file type ''")],
+    [
+        ("model.tflite", "unknown model file type '.tflite'"),
+        ("my model.onnx", "'my model'"),
+        ("-x.onnx", "not a valid model name"),
+        (".onnx", "unknown model file type ''"),
+    ],
 )
 def test_spec_for_a_bad_file_is_a_problem(tmp_path: Path, filename: str, fragment: str) -> None:
     spec = spec_for_file(tmp_path / filename)
@@ -365,9 +392,14 @@ async def test_each_broken_model_is_failed_with_its_reason(
     assert (meta["state"], meta["inputs"], meta["outputs"]) == ("failed", [], [])
     assert meta["error"] == entry["error"]
 
-    async with http.post(f"{url}/v2/models/{case}/infer",
-                         json={"inputs": [{"name": "window", "datatype": "FP32",
-                                           "shape": [1, 32, 3], "data": [0.0] * 96}]}) as resp:
+    async with http.post(
+        f"{url}/v2/models/{case}/infer",
+        json={
+            "inputs": [
+                {"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": [0.0] * 96}
+            ]
+        },
+    ) as resp:
         assert resp.status == 503
     await infer_ok(http, url)
 
@@ -452,10 +484,17 @@ async def test_bad_model_files_fail_beside_a_repository(
     shutil.copyfile(GOOD_FILE, files / f"{GOOD}.onnx")  # clashes with the repository's model
     shutil.copyfile(GOOD_FILE, files / "weights.tflite")
     (files / "garbage.onnx").write_bytes(junk(1000, 4))
-    config = make_config(models={"dir": repo, "files": [
-        files / f"{GOOD}.onnx", files / "weights.tflite", files / "garbage.onnx",
-        files / "absent.onnx",
-    ]})
+    config = make_config(
+        models={
+            "dir": repo,
+            "files": [
+                files / f"{GOOD}.onnx",
+                files / "weights.tflite",
+                files / "garbage.onnx",
+                files / "absent.onnx",
+            ],
+        }
+    )
     async with serving(config) as server:
         url = base_url(server)
         _, body = await health(http, url)
@@ -475,9 +514,21 @@ def test_cli_models_lists_a_model_file(tmp_path: Path) -> None:
     served = tmp_path / "greenhouse-3.onnx"
     shutil.copyfile(GOOD_FILE, served)
     result = subprocess.run(
-        [sys.executable, "-m", "appliance", "models", "--json", "--model", str(served),
-         "--model", str(tmp_path / "notes.txt")],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "models",
+            "--json",
+            "--model",
+            str(served),
+            "--model",
+            str(tmp_path / "notes.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     rows = json.loads(result.stdout)
@@ -524,9 +575,7 @@ async def test_model_names_from_urls_never_reach_the_filesystem(
         ("POST", f"/v2/models/{name}/infer"),
         ("GET", f"/v1/models/{name}"),
     ]:
-        async with http.request(
-            method, URL(url + path, encoded=True), json={"inputs": []}
-        ) as resp:
+        async with http.request(method, URL(url + path, encoded=True), json={"inputs": []}) as resp:
             raw = await resp.read()
             assert resp.status == 404, (method, path, raw)
             assert resp.content_type == "application/json"
@@ -537,8 +586,12 @@ async def test_model_names_from_urls_never_reach_the_filesystem(
 async def test_raw_dot_segments_do_not_escape_the_routes(
     repo_server: str, http: aiohttp.ClientSession
 ) -> None:
-    for path in ["/v2/models/../../etc/passwd", f"/v2/models/{GOOD}/../../../etc/passwd",
-                 f"/v2/models/{GOOD}/model.onnx", "/models/sensor-anomaly/model.onnx"]:
+    for path in [
+        "/v2/models/../../etc/passwd",
+        f"/v2/models/{GOOD}/../../../etc/passwd",
+        f"/v2/models/{GOOD}/model.onnx",
+        "/models/sensor-anomaly/model.onnx",
+    ]:
         async with http.get(URL(repo_server + path, encoded=True)) as resp:
             raw = await resp.read()
             assert resp.status == 404, (path, raw)

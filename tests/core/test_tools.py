@@ -21,10 +21,20 @@ from appliance.core.tools import (
 from appliance.core.types import ChatMessage, TokenChunk, ToolCall
 from appliance.errors import RequestError
 
-LIGHT = {"type": "function", "function": {"name": "light", "parameters": {
-    "type": "object", "properties": {"area": {"type": "string"},
-                                     "level": {"type": "integer", "minimum": 0, "maximum": 3}},
-    "required": ["area"]}}}
+LIGHT = {
+    "type": "function",
+    "function": {
+        "name": "light",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "area": {"type": "string"},
+                "level": {"type": "integer", "minimum": 0, "maximum": 3},
+            },
+            "required": ["area"],
+        },
+    },
+}
 
 
 def test_tool_use_defaults_and_choices() -> None:
@@ -38,19 +48,28 @@ def test_tool_use_defaults_and_choices() -> None:
     assert required is not None and required.choice == "required" and not required.parallel
 
 
-@pytest.mark.parametrize(("tools", "choice", "param"), [
-    ("light", None, "tools"),
-    ([{"type": "function", "function": {}}], None, "tools[0].function.name"),
-    ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
-    ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], None,
-     "tools[0].function.parameters"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], None,
-     "tools[0].function.parameters"),
-    ([LIGHT, LIGHT], None, "tools[1].function.name"),
-    ([LIGHT], {"type": "function", "function": {"name": "dark"}}, "tool_choice"),
-    ([LIGHT], "maybe", "tool_choice"),
-    (None, "required", "tool_choice"),
-])
+@pytest.mark.parametrize(
+    ("tools", "choice", "param"),
+    [
+        ("light", None, "tools"),
+        ([{"type": "function", "function": {}}], None, "tools[0].function.name"),
+        ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": "x"}}],
+            None,
+            "tools[0].function.parameters",
+        ),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+            None,
+            "tools[0].function.parameters",
+        ),
+        ([LIGHT, LIGHT], None, "tools[1].function.name"),
+        ([LIGHT], {"type": "function", "function": {"name": "dark"}}, "tool_choice"),
+        ([LIGHT], "maybe", "tool_choice"),
+        (None, "required", "tool_choice"),
+    ],
+)
 def test_bad_tools_name_the_field(tools: Any, choice: Any, param: str) -> None:
     with pytest.raises(RequestError) as caught:
         tool_use(tools, choice)
@@ -58,15 +77,20 @@ def test_bad_tools_name_the_field(tools: Any, choice: Any, param: str) -> None:
 
 
 def test_conversation_tool_results_must_answer_a_call() -> None:
-    calls = tool_calls_of([{"id": "c1", "function": {"name": "light",
-                                                     "arguments": '{"area": "hall"}'}}],
-                          "messages[1].tool_calls")
+    calls = tool_calls_of(
+        [{"id": "c1", "function": {"name": "light", "arguments": '{"area": "hall"}'}}],
+        "messages[1].tool_calls",
+    )
     assert calls == (ToolCall("c1", "light", {"area": "hall"}),)
-    ollama_style = tool_calls_of([{"function": {"name": "light", "arguments": {"area": "x"}}}],
-                                 "tc")
+    ollama_style = tool_calls_of(
+        [{"function": {"name": "light", "arguments": {"area": "x"}}}], "tc"
+    )
     assert ollama_style[0].id.startswith("call_")
-    turns = [ChatMessage("user", "hi"), ChatMessage("assistant", "", tool_calls=calls),
-             ChatMessage("tool", "{}", tool_call_id="c1")]
+    turns = [
+        ChatMessage("user", "hi"),
+        ChatMessage("assistant", "", tool_calls=calls),
+        ChatMessage("tool", "{}", tool_call_id="c1"),
+    ]
     check_conversation(turns, ids_required=True)
     with pytest.raises(RequestError) as caught:
         check_conversation([*turns, ChatMessage("tool", "{}", tool_call_id="c2")])
@@ -93,19 +117,29 @@ def test_generic_format_puts_the_tools_in_the_system_prompt() -> None:
     use = tool_use([LIGHT], "required")
     assert use is not None
     call = ToolCall("c1", "light", {"area": "hall"})
-    out = generic_messages([ChatMessage("system", "Be brief."), ChatMessage("user", "on"),
-                            ChatMessage("assistant", "", tool_calls=(call,)),
-                            ChatMessage("tool", "ok", tool_call_id="c1")], use)
+    out = generic_messages(
+        [
+            ChatMessage("system", "Be brief."),
+            ChatMessage("user", "on"),
+            ChatMessage("assistant", "", tool_calls=(call,)),
+            ChatMessage("tool", "ok", tool_call_id="c1"),
+        ],
+        use,
+    )
     assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.")
     assert '"name": "light"' in out[0]["content"] and "at least one" in out[0]["content"]
-    assert out[2]["content"] == '<tool_call>{"name": "light", "arguments": {"area": "hall"}}' \
-                                "</tool_call>"
+    assert (
+        out[2]["content"] == '<tool_call>{"name": "light", "arguments": {"area": "hall"}}'
+        "</tool_call>"
+    )
     assert out[3] == {"role": "user", "content": "<tool_response>\nok\n</tool_response>"}
 
 
-TEXT = ('Sure. <tool_call>{"name": "light", "arguments": {"area": "hall \\"x\\" }", '
-        '"level": 2}}</tool_call>\n<tool_call>\n{"name": "light", "arguments": '
-        '{"area": "den"}}\n</tool_call>')
+TEXT = (
+    'Sure. <tool_call>{"name": "light", "arguments": {"area": "hall \\"x\\" }", '
+    '"level": 2}}</tool_call>\n<tool_call>\n{"name": "light", "arguments": '
+    '{"area": "den"}}\n</tool_call>'
+)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, len(TEXT)])
@@ -114,13 +148,15 @@ def test_parser_finds_calls_however_the_text_is_split(size: int) -> None:
     text = ""
     deltas = []
     for i in range(0, len(TEXT), size):
-        piece, found = parser.feed(TEXT[i:i + size])
+        piece, found = parser.feed(TEXT[i : i + size])
         text += piece
         deltas += found
     text += parser.finish()
     assert text == "Sure. "
     assert [(c.name, dict(c.arguments)) for c in parser.calls] == [
-        ("light", {"area": 'hall "x" }', "level": 2}), ("light", {"area": "den"})]
+        ("light", {"area": 'hall "x" }', "level": 2}),
+        ("light", {"area": "den"}),
+    ]
     firsts = [d for d in deltas if d.id is not None]
     assert [(d.index, d.name) for d in firsts] == [(0, "light"), (1, "light")]
     for index, call in enumerate(parser.calls):
@@ -142,7 +178,7 @@ def test_parser_holds_back_what_may_start_a_call_only() -> None:
 async def test_stream_ends_with_tool_calls_and_collects_whole_calls() -> None:
     async def chunks() -> AsyncIterator[TokenChunk]:
         for i in range(0, len(TEXT), 5):
-            yield TokenChunk(text=TEXT[i:i + 5])
+            yield TokenChunk(text=TEXT[i : i + 5])
         yield TokenChunk(text="", finish_reason="stop", prompt_tokens=3, completion_tokens=9)
 
     use = tool_use([LIGHT])
@@ -153,6 +189,8 @@ async def test_stream_ends_with_tool_calls_and_collects_whole_calls() -> None:
     collector = CallCollector()
     for chunk in out:
         collector.add(chunk)
-    assert [c.arguments for c in collector.calls()] == [{"area": 'hall "x" }', "level": 2},
-                                                        {"area": "den"}]
+    assert [c.arguments for c in collector.calls()] == [
+        {"area": 'hall "x" }', "level": 2},
+        {"area": "den"},
+    ]
     assert "".join(c.text for c in out) == "Sure. "

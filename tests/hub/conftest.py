@@ -62,21 +62,35 @@ class HubProcess(DaemonProcess):
         self._listening.set()
 
 
-def start_hub(storage_url: str, *, port: int = 0, env: dict[str, str] | None = None
-              ) -> DaemonProcess:
+def start_hub(
+    storage_url: str, *, port: int = 0, env: dict[str, str] | None = None
+) -> DaemonProcess:
     """``python -m appliance hub run`` (the hub logs "listening on" like the daemon)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "hub", "run", "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=hub_env(storage_url, **(env or {})), cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "hub",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=hub_env(storage_url, **(env or {})),
+        cwd=ROOT,
     )
     return HubProcess(proc)
 
 
 @contextmanager
-def hub(storage_url: str, *, port: int = 0, env: dict[str, str] | None = None,
-        timeout: float = 30) -> Iterator[DaemonProcess]:
+def hub(
+    storage_url: str, *, port: int = 0, env: dict[str, str] | None = None, timeout: float = 30
+) -> Iterator[DaemonProcess]:
     """A listening hub subprocess; stopped with SIGTERM on exit."""
     handle = start_hub(storage_url, port=port, env=env)
     try:
@@ -89,7 +103,11 @@ def hub(storage_url: str, *, port: int = 0, env: dict[str, str] | None = None,
 def hub_cli(storage_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance", "hub", *args],
-        capture_output=True, text=True, env=hub_env(storage_url), cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        env=hub_env(storage_url),
+        cwd=ROOT,
+        timeout=60,
     )
 
 
@@ -156,25 +174,51 @@ def postgres_server() -> Iterator[str]:
     started = False
     try:
         subprocess.run(
-            _as_postgres(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U",
-                         "postgres", "--no-sync", "-E", "UTF8"),
-            check=True, capture_output=True, timeout=120,
+            _as_postgres(
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ),
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         subprocess.run(
-            _as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"),
-                         "-w", "-t", "60", "-o",
-                         f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off "
-                         "-c full_page_writes=off -c synchronous_commit=off", "start"),
-            check=True, capture_output=True, timeout=90,
+            _as_postgres(
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(base / "log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c full_page_writes=off -c synchronous_commit=off",
+                "start",
+            ),
+            check=True,
+            capture_output=True,
+            timeout=90,
         )
         started = True
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
         if started:
             subprocess.run(
-                _as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                             "-w", "stop"),
-                capture_output=True, timeout=60,
+                _as_postgres(
+                    str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"
+                ),
+                capture_output=True,
+                timeout=60,
             )
         shutil.rmtree(base, ignore_errors=True)
 
@@ -234,8 +278,12 @@ def no_leaked_db_threads() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
     while True:
-        alive = [t.name for t in threading.enumerate() if t.is_alive() and (
-            t.name.startswith("appliance-outbox") or "_connection_worker" in t.name)]
+        alive = [
+            t.name
+            for t in threading.enumerate()
+            if t.is_alive()
+            and (t.name.startswith("appliance-outbox") or "_connection_worker" in t.name)
+        ]
         if not alive:
             return
         if time.monotonic() > deadline:

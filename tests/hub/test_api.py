@@ -20,8 +20,9 @@ STREAM = "0123456789abcdef" * 2
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def running(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[tuple[DaemonProcess, str]]:
+def running(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[DaemonProcess, str]]:
     """One hub per backend for the module; tests use device ids of their own."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('hub') / 'hub.db'}"
@@ -32,10 +33,12 @@ def running(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield proc, url
 
 
-def call(url: str, body: Any = None, token: str | None = None,
-         method: str | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    data = None if body is None else (body if isinstance(body, bytes) else
-                                      json.dumps(body).encode())
+def call(
+    url: str, body: Any = None, token: str | None = None, method: str | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    data = (
+        None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    )
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Content-Type", "application/json")
     if token is not None:
@@ -49,12 +52,22 @@ def call(url: str, body: Any = None, token: str | None = None,
 
 def batch(device: str, *seqs: int, stream: str = STREAM) -> dict[str, Any]:
     return {
-        "device": device, "name": device.upper(), "version": "1.2.3", "stream": stream,
+        "device": device,
+        "name": device.upper(),
+        "version": "1.2.3",
+        "stream": stream,
         "dropped": {"size": 0, "age": 0},
         "records": [
-            {"seq": s, "kind": "heartbeat", "time": 1000.0 + s,
-             "body": {"system": {"cpu_percent": 10.0 + s, "memory_percent": 50.0},
-                      "requests_per_s": 1.0, "models": {}}}
+            {
+                "seq": s,
+                "kind": "heartbeat",
+                "time": 1000.0 + s,
+                "body": {
+                    "system": {"cpu_percent": 10.0 + s, "memory_percent": 50.0},
+                    "requests_per_s": 1.0,
+                    "models": {},
+                },
+            }
             for s in seqs
         ],
     }
@@ -102,8 +115,11 @@ def test_ingest_is_idempotent_over_http(running: tuple[DaemonProcess, str]) -> N
     devices = {d["id"]: d for d in get_json(proc.url + "/api/v1/devices")["devices"]}
     assert (devices["idem-a"]["status"], devices["idem-a"]["last_seq"]) == ("online", 4)
     metrics = urllib.request.urlopen(proc.url + "/metrics").read().decode()
-    duplicates = next(line for line in metrics.splitlines()
-                      if line.startswith('appliance_hub_ingest_records_total{result="duplicate"}'))
+    duplicates = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith('appliance_hub_ingest_records_total{result="duplicate"}')
+    )
     assert float(duplicates.split()[-1]) >= 2
 
 

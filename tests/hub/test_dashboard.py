@@ -29,8 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # $TEST_SCREENSHOTS: a directory to keep the screenshots in, for people to look at.
-SHOTS = Path(os.environ["TEST_SCREENSHOTS"]) if os.environ.get("TEST_SCREENSHOTS") \
-    else None
+SHOTS = Path(os.environ["TEST_SCREENSHOTS"]) if os.environ.get("TEST_SCREENSHOTS") else None
 
 
 class Dom(HTMLParser):
@@ -58,18 +57,36 @@ class Dom(HTMLParser):
 
     def find(self, tag: str, **attrs: str) -> list[tuple[dict[str, str], str]]:
         want = {k.rstrip("_").replace("_", "-"): v for k, v in attrs.items()}
-        return [(a, "".join(t)) for (g, a, t) in self.elements
-                if g == tag and all(a.get(k) == v for k, v in want.items())]
+        return [
+            (a, "".join(t))
+            for (g, a, t) in self.elements
+            if g == tag and all(a.get(k) == v for k, v in want.items())
+        ]
 
 
 def chromium(url: str, profile: Path, *extra: str) -> str:
     assert CHROMIUM is not None
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-         "--virtual-time-budget=5000", "--window-size=1400,1500", *extra, url],
-        capture_output=True, text=True, timeout=90,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            "--window-size=1400,1500",
+            *extra,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
@@ -89,9 +106,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc
     (models / "broken").mkdir()
     (models / "broken" / "model.onnx").write_bytes(b"not onnx")
     (models / "broken" / "manifest.toml").write_text(
-        'name = "broken"\nruntime = "onnx"\nfile = "model.onnx"\n', encoding="utf-8")
-    hub_env = {"APPLIANCE_HUB_FLEET__OFFLINE_AFTER": "1.0",
-               "APPLIANCE_HUB_FLEET__CHECK_INTERVAL": "0.1"}
+        'name = "broken"\nruntime = "onnx"\nfile = "model.onnx"\n', encoding="utf-8"
+    )
+    hub_env = {
+        "APPLIANCE_HUB_FLEET__OFFLINE_AFTER": "1.0",
+        "APPLIANCE_HUB_FLEET__CHECK_INTERVAL": "0.1",
+    }
     with hub(storage, env=hub_env) as h:
         _one_heartbeat(h.url, barn)
         env = {
@@ -104,19 +124,34 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc
             "APPLIANCE_ALERTS__MODEL_LOAD_FAILURES_THRESHOLD": "0",
         }
         with daemon("--models-dir", str(models), env=env) as appliance:
-            body = json.dumps({"inputs": [{"name": "window", "shape": [1, 32, 3],
-                                           "datatype": "FP32",
-                                           "data": [[21.0, 48.0, 0.2]] * 32}]}).encode()
+            body = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "window",
+                            "shape": [1, 32, 3],
+                            "datatype": "FP32",
+                            "data": [[21.0, 48.0, 0.2]] * 32,
+                        }
+                    ]
+                }
+            ).encode()
             deadline = time.monotonic() + 60
             while True:  # traffic until the hub holds enough heartbeats and the alert
-                urllib.request.urlopen(urllib.request.Request(
-                    appliance.url + "/v2/models/sensor-anomaly/infer", data=body,
-                    headers={"Content-Type": "application/json"})).read()
+                urllib.request.urlopen(
+                    urllib.request.Request(
+                        appliance.url + "/v2/models/sensor-anomaly/infer",
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                    )
+                ).read()
                 devices = {d["id"]: d for d in get_json(h.url + "/api/v1/devices")["devices"]}
                 points = get_json(h.url + "/api/v1/devices/greenhouse-3/heartbeats")["points"]
-                if (devices["greenhouse-3"]["status"] == "alerting"
-                        and devices["barn-1"]["status"] == "offline"
-                        and len([p for p in points if p["rps"]]) >= 5):
+                if (
+                    devices["greenhouse-3"]["status"] == "alerting"
+                    and devices["barn-1"]["status"] == "offline"
+                    and len([p for p in points if p["rps"]]) >= 5
+                ):
                     break
                 assert time.monotonic() < deadline, devices
                 time.sleep(0.05)
@@ -124,15 +159,28 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc
 
 
 def _one_heartbeat(hub_url: str, token: str) -> None:
-    record = {"seq": 1, "kind": "heartbeat", "time": time.time(),
-              "body": {"system": {"cpu_percent": 12.0, "memory_percent": 33.0,
-                                  "max_temperature_c": 41.5}, "requests_per_s": 0.0,
-                       "models": {}}}
-    batch = {"device": "barn-1", "name": "barn-1", "version": "0.0.9",
-             "stream": "ab" * 16, "records": [record]}
+    record = {
+        "seq": 1,
+        "kind": "heartbeat",
+        "time": time.time(),
+        "body": {
+            "system": {"cpu_percent": 12.0, "memory_percent": 33.0, "max_temperature_c": 41.5},
+            "requests_per_s": 0.0,
+            "models": {},
+        },
+    }
+    batch = {
+        "device": "barn-1",
+        "name": "barn-1",
+        "version": "0.0.9",
+        "stream": "ab" * 16,
+        "records": [record],
+    }
     request = urllib.request.Request(
-        hub_url + "/api/v1/ingest", data=json.dumps(batch).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        hub_url + "/api/v1/ingest",
+        data=json.dumps(batch).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
     with urllib.request.urlopen(request) as resp:
         assert resp.status == 200
 
@@ -141,15 +189,21 @@ def test_fleet_page_shows_every_device_and_alert(fleet: tuple[DaemonProcess, Pat
     h, tmp = fleet
     dom = Dom(chromium(h.url + "/", tmp / "profile-fleet", "--dump-dom"))
     assert dom.find("body", data_loaded="1"), "the page's script did not finish"
-    rows = {a["data-device"]: (a["data-status"], text) for a, text in dom.find("tr")
-            if "data-device" in a and "data-status" in a}
+    rows = {
+        a["data-device"]: (a["data-status"], text)
+        for a, text in dom.find("tr")
+        if "data-device" in a and "data-status" in a
+    }
     assert rows["greenhouse-3"][0] == "alerting"
     assert "Greenhouse 3" in rows["greenhouse-3"][1]
     assert rows["barn-1"][0] == "offline" and "Barn 1" in rows["barn-1"][1]
     assert "41.5 °C" in rows["barn-1"][1]
     assert rows["cellar-2"][0] == "never seen"
-    alerts = {(a["data-device"], a["data-alert"]): (a["data-state"], text)
-              for a, text in dom.find("tr") if "data-alert" in a}
+    alerts = {
+        (a["data-device"], a["data-alert"]): (a["data-state"], text)
+        for a, text in dom.find("tr")
+        if "data-alert" in a
+    }
     assert alerts[("greenhouse-3", "model_load_failures")][0] == "firing"
     assert "failed model loads" in alerts[("greenhouse-3", "model_load_failures")][1]
     assert alerts[("barn-1", "device_offline")][0] == "firing"
@@ -171,8 +225,11 @@ def test_fleet_page_shows_every_device_and_alert(fleet: tuple[DaemonProcess, Pat
     assert "stale" not in cells["greenhouse-3"].get("class", "")
     dimmed = [text for a, text in dom.find("td") if "last" in a.get("class", "").split()]
     assert "12.0 %" in dimmed and "41.5 °C" in dimmed
-    assert all(a["title"].startswith("last reported ") for a, _ in dom.find("td")
-               if "last" in a.get("class", "").split())
+    assert all(
+        a["title"].startswith("last reported ")
+        for a, _ in dom.find("td")
+        if "last" in a.get("class", "").split()
+    )
 
 
 def _row_cells(dom: Dom, device: str) -> list[str]:
@@ -222,15 +279,15 @@ def test_device_page_charts_and_screenshot(fleet: tuple[DaemonProcess, Path]) ->
 
 
 async def test_sign_in_form_and_kiosk_key_in_the_fragment(
-        fleet: tuple[DaemonProcess, Path]) -> None:
+    fleet: tuple[DaemonProcess, Path],
+) -> None:
     """A hub that needs keys: the page shows a form (no prompt()), a typed key signs in,
     a wrong one is refused in words, and a kiosk opens /#key=... without typing."""
     _, tmp = fleet
     key = "apk_dashboard-test-key-0123456789abcdef"
     keys = tmp / "hub-keys"
     keys.write_text(f"dashboard read {hash_key(key)}\n", encoding="utf-8")
-    env = {"APPLIANCE_HUB_SECURITY__AUTH": "on",
-           "APPLIANCE_HUB_SECURITY__KEYS_FILE": str(keys)}
+    env = {"APPLIANCE_HUB_SECURITY__AUTH": "on", "APPLIANCE_HUB_SECURITY__KEYS_FILE": str(keys)}
     with hub(f"sqlite:///{tmp / 'hub.db'}", env=env) as locked:
         async with browser(tmp / "profile-signin") as page:
             await page.goto(locked.url + "/")
@@ -246,8 +303,10 @@ async def test_sign_in_form_and_kiosk_key_in_the_fragment(
             await page.type("#signin-key", key)
             await page.click("#signin button[type=submit]")
             await page.wait_for("document.body.dataset.loaded === '1'")
-            rows = await page.evaluate("[...document.querySelectorAll('#fleet tr[data-device]')]"
-                                       ".map(r => r.dataset.device)")
+            rows = await page.evaluate(
+                "[...document.querySelectorAll('#fleet tr[data-device]')]"
+                ".map(r => r.dataset.device)"
+            )
             assert set(rows) == {"greenhouse-3", "barn-1", "cellar-2"}
             assert await page.evaluate("document.getElementById('signout').hidden") is False
             await page.screenshot(tmp / "signed-in.png", full_page=False)

@@ -17,26 +17,45 @@ STREAM = "ab" * 16
 
 
 def heartbeat(seq: int, t: float, cpu: float = 10.0) -> Incoming:
-    body = {"system": {"cpu_percent": cpu, "memory_percent": 40.0, "max_temperature_c": 51.5,
-                       "max_gpu_percent": None},
-            "requests_per_s": 2.0,
-            "models": {"m": {"requests_per_s": 2.0, "latency_avg_ms": 30.0,
-                             "tokens_per_s": 0.0}}}
-    return Incoming(seq=seq, kind="heartbeat", time=t, body=json.dumps(body),
-                    point=heartbeat_point(t, body))
+    body = {
+        "system": {
+            "cpu_percent": cpu,
+            "memory_percent": 40.0,
+            "max_temperature_c": 51.5,
+            "max_gpu_percent": None,
+        },
+        "requests_per_s": 2.0,
+        "models": {"m": {"requests_per_s": 2.0, "latency_avg_ms": 30.0, "tokens_per_s": 0.0}},
+    }
+    return Incoming(
+        seq=seq, kind="heartbeat", time=t, body=json.dumps(body), point=heartbeat_point(t, body)
+    )
 
 
 def alert(seq: int, t: float, state: str, rule: str = "memory_high") -> Incoming:
-    body = {"rule": rule, "subject": "", "state": state, "severity": "critical",
-            "value": 91.0, "threshold": 85.0, "message": f"memory {state}",
-            "started_at": t, "at": t}
-    return Incoming(seq=seq, kind="alert", time=t, body=json.dumps(body),
-                    alert=alert_change(body))
+    body = {
+        "rule": rule,
+        "subject": "",
+        "state": state,
+        "severity": "critical",
+        "value": 91.0,
+        "threshold": 85.0,
+        "message": f"memory {state}",
+        "started_at": t,
+        "at": t,
+    }
+    return Incoming(seq=seq, kind="alert", time=t, body=json.dumps(body), alert=alert_change(body))
 
 
 def batch(*records: Incoming, device: str = "dev-1", stream: str = STREAM) -> Batch:
-    return Batch(device=device, name="Device One", version="9.9", stream=stream,
-                 dropped={"size": 3, "age": 0}, records=list(records))
+    return Batch(
+        device=device,
+        name="Device One",
+        version="9.9",
+        stream=stream,
+        dropped={"size": 3, "age": 0},
+        records=list(records),
+    )
 
 
 async def enrolled(storage: Storage, device: str = "dev-1") -> None:
@@ -62,8 +81,9 @@ async def test_enrol_authenticate_revoke(storage: Storage) -> None:
 
 async def test_ingest_is_idempotent_and_ordered(storage: Storage) -> None:
     await enrolled(storage)
-    first = await storage.ingest(batch(heartbeat(1, 10), heartbeat(2, 20), alert(3, 25, "firing")),
-                                 now=100)
+    first = await storage.ingest(
+        batch(heartbeat(1, 10), heartbeat(2, 20), alert(3, 25, "firing")), now=100
+    )
     assert (first.accepted, first.duplicates, first.acked) == (3, 0, 3)
     # A retry of the same batch plus one new record: only the new one is stored.
     again = await storage.ingest(
@@ -72,8 +92,9 @@ async def test_ingest_is_idempotent_and_ordered(storage: Storage) -> None:
     )
     assert (again.accepted, again.duplicates, again.acked) == (1, 3, 4)
     # Out-of-order and repeated sequence numbers inside one batch.
-    mixed = await storage.ingest(batch(heartbeat(6, 60), heartbeat(5, 50), heartbeat(6, 60)),
-                                 now=102)
+    mixed = await storage.ingest(
+        batch(heartbeat(6, 60), heartbeat(5, 50), heartbeat(6, 60)), now=102
+    )
     assert (mixed.accepted, mixed.acked) == (2, 6)
     rows = await storage.records("dev-1", 0, 100)
     assert [r.seq for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -95,7 +116,10 @@ async def test_a_new_stream_starts_over_at_one(storage: Storage) -> None:
     fresh = await storage.ingest(batch(heartbeat(1, 30), stream="cd" * 16), now=101)
     assert (fresh.accepted, fresh.acked) == (1, 1)
     assert [(r.stream[:2], r.seq) for r in await storage.records("dev-1", 0, 10)] == [
-        ("ab", 1), ("ab", 2), ("cd", 1)]
+        ("ab", 1),
+        ("ab", 2),
+        ("cd", 1),
+    ]
 
 
 async def test_concurrent_uploads_of_one_batch_store_it_once(storage: Storage) -> None:
@@ -121,8 +145,10 @@ async def test_alerts_fire_update_and_resolve(storage: Storage) -> None:
     assert len(resolved) == 1 and resolved[0].resolved_at == 20
     # A resolution whose firing record never arrived is still kept.
     await storage.ingest(batch(alert(4, 30, "resolved", rule="gpu_busy")), now=102)
-    assert {a.rule for a in await storage.alerts(None, "resolved", 10)} == {"memory_high",
-                                                                           "gpu_busy"}
+    assert {a.rule for a in await storage.alerts(None, "resolved", 10)} == {
+        "memory_high",
+        "gpu_busy",
+    }
 
 
 async def test_offline_marking_and_recovery(storage: Storage) -> None:

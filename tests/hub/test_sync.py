@@ -22,8 +22,9 @@ from tests.hub.conftest import enroll, enroll_direct, free_port, get_json, hub, 
 pytestmark = pytest.mark.timeout(120)
 
 
-def appliance_env(hub_url: str, token: str, device: str, outbox: Path,
-                  **extra: str) -> dict[str, str]:
+def appliance_env(
+    hub_url: str, token: str, device: str, outbox: Path, **extra: str
+) -> dict[str, str]:
     env = {
         "APPLIANCE_DEVICE__ID": device,
         "APPLIANCE_HUB__URL": hub_url,
@@ -86,22 +87,31 @@ def test_hub_outage_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None
     first = start_hub(storage, port=port)
     first.wait_listening(30)
     try:
-        with daemon("--models-dir", str(tmp_path / "models"),
-                    env=appliance_env(hub_url, token, "dev-a", outbox)) as appliance:
-            poll("first records at the hub",
-                 lambda: get_json(f"{hub_url}/api/v1/devices/dev-a")["last_seq"] >= 5)
+        with daemon(
+            "--models-dir",
+            str(tmp_path / "models"),
+            env=appliance_env(hub_url, token, "dev-a", outbox),
+        ) as appliance:
+            poll(
+                "first records at the hub",
+                lambda: get_json(f"{hub_url}/api/v1/devices/dev-a")["last_seq"] >= 5,
+            )
             outage_started = time.time()
             assert first.stop() == 0  # SIGTERM: a graceful stop
             # The appliance keeps producing; everything waits in its outbox.
-            poll("records queued during the outage", lambda: (
-                (s := hub_sync_status(appliance))["failures"] >= 2 and s["queued"] >= 20))
+            poll(
+                "records queued during the outage",
+                lambda: (s := hub_sync_status(appliance))["failures"] >= 2 and s["queued"] >= 20,
+            )
             outage_ended = time.time()
             queued_seq = hub_sync_status(appliance)["last_seq"]
             second = start_hub(storage, port=port)
             try:
                 second.wait_listening(30)
-                poll("the backlog delivered", lambda: get_json(
-                    f"{hub_url}/api/v1/devices/dev-a")["last_seq"] >= queued_seq)
+                poll(
+                    "the backlog delivered",
+                    lambda: get_json(f"{hub_url}/api/v1/devices/dev-a")["last_seq"] >= queued_seq,
+                )
                 status = hub_sync_status(appliance)
                 assert status["failures"] == 0 and status["last_error"] is None
             except BaseException:
@@ -111,7 +121,8 @@ def test_hub_outage_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None
         with sqlite3.connect(outbox) as conn:
             left = [r[0] for r in conn.execute("SELECT seq FROM records ORDER BY seq")]
             (last,) = conn.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+                "SELECT seq FROM sqlite_sequence WHERE name = 'records'"
+            ).fetchone()
         records = hub_records(hub_url, "dev-a")
         seqs = [r["seq"] for r in records]
         assert seqs == list(range(1, len(seqs) + 1)), "in order, no gaps, no duplicates"
@@ -131,8 +142,9 @@ def test_hub_outage_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None
         # The restarted hub's own count matches what it stored.
         after_restart = len([r for r in records if r["received"] > outage_started])
         metrics = urllib.request.urlopen(hub_url + "/metrics").read().decode()
-        assert (f'appliance_hub_ingest_records_total{{result="accepted"}} {after_restart}.0'
-                in metrics)
+        assert (
+            f'appliance_hub_ingest_records_total{{result="accepted"}} {after_restart}.0' in metrics
+        )
         assert second.stop() == 0
     finally:
         first.stop()
@@ -142,8 +154,10 @@ def test_a_silent_device_goes_offline_and_comes_back(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'hub.db'}"
     token = enroll_direct(storage, "dev-b")
     (tmp_path / "models").mkdir()
-    hub_env = {"APPLIANCE_HUB_FLEET__OFFLINE_AFTER": "1.0",
-               "APPLIANCE_HUB_FLEET__CHECK_INTERVAL": "0.1"}
+    hub_env = {
+        "APPLIANCE_HUB_FLEET__OFFLINE_AFTER": "1.0",
+        "APPLIANCE_HUB_FLEET__CHECK_INTERVAL": "0.1",
+    }
     with hub(storage, env=hub_env) as h:
         env = appliance_env(h.url, token, "dev-b", tmp_path / "outbox.db")
         device_url = f"{h.url}/api/v1/devices/dev-b"
@@ -169,25 +183,40 @@ def test_a_full_outbox_drops_oldest_heartbeats_and_counts_them(tmp_path: Path) -
     token = enroll_direct(storage, "dev-c")
     port = free_port()
     (tmp_path / "models").mkdir()
-    env = appliance_env(f"http://127.0.0.1:{port}", token, "dev-c", tmp_path / "outbox.db",
-                        APPLIANCE_HUB__OUTBOX_MAX_RECORDS="10",
-                        APPLIANCE_HUB__HEARTBEAT_INTERVAL="0.05",
-                        APPLIANCE_HEALTH__INTERVAL="0.05")
+    env = appliance_env(
+        f"http://127.0.0.1:{port}",
+        token,
+        "dev-c",
+        tmp_path / "outbox.db",
+        APPLIANCE_HUB__OUTBOX_MAX_RECORDS="10",
+        APPLIANCE_HUB__HEARTBEAT_INTERVAL="0.05",
+        APPLIANCE_HEALTH__INTERVAL="0.05",
+    )
     with daemon("--models-dir", str(tmp_path / "models"), env=env) as appliance:
-        status = poll("the outbox past its bound",
-                      lambda: (s := hub_sync_status(appliance))["dropped"]["size"] >= 10 and s)
+        status = poll(
+            "the outbox past its bound",
+            lambda: (s := hub_sync_status(appliance))["dropped"]["size"] >= 10 and s,
+        )
         assert status["queued"] == 10  # the bound holds
         # Read the status before the metrics: heartbeats keep coming, so the counter
         # scraped second can only have grown.
         dropped = hub_sync_status(appliance)["dropped"]["size"]
         metrics = urllib.request.urlopen(appliance.url + "/metrics").read().decode()
-        line = next(x for x in metrics.splitlines()
-                    if x.startswith('appliance_outbox_dropped_total{reason="size"}'))
+        line = next(
+            x
+            for x in metrics.splitlines()
+            if x.startswith('appliance_outbox_dropped_total{reason="size"}')
+        )
         assert float(line.split()[-1]) >= dropped >= 10
         assert "appliance_outbox_records 10.0" in metrics
         with hub(storage, port=port):
-            poll("the rest delivered", lambda: hub_sync_status(appliance)["queued"] <= 2
-                 and hub_sync_status(appliance)["failures"] == 0)
+            poll(
+                "the rest delivered",
+                lambda: (
+                    hub_sync_status(appliance)["queued"] <= 2
+                    and hub_sync_status(appliance)["failures"] == 0
+                ),
+            )
             records = hub_records(f"http://127.0.0.1:{port}", "dev-c")
             device = get_json(f"http://127.0.0.1:{port}/api/v1/devices/dev-c")
     seqs = [r["seq"] for r in records]
@@ -208,9 +237,14 @@ def test_a_corrupt_outbox_is_moved_aside_and_reported_to_the_hub(tmp_path: Path)
     with hub(storage) as h:
         env = appliance_env(h.url, token, "dev-d", outbox)
         with daemon("--models-dir", str(tmp_path / "models"), env=env) as appliance:
-            records = poll("the report at the hub", lambda: [
-                r for r in hub_records(h.url, "dev-d")
-                if r["kind"] == "event" and r["body"].get("type") == "outbox_corrupt"])
+            records = poll(
+                "the report at the hub",
+                lambda: [
+                    r
+                    for r in hub_records(h.url, "dev-d")
+                    if r["kind"] == "event" and r["body"].get("type") == "outbox_corrupt"
+                ],
+            )
         moved = Path(records[0]["body"]["moved_to"])
         assert moved.parent == outbox.parent and moved.name.startswith("outbox.db.corrupt-")
         assert moved.read_bytes().startswith(b"\x00garbage")  # kept for inspection
@@ -225,36 +259,59 @@ def test_tls_between_appliance_and_hub(tmp_path: Path) -> None:
         pytest.skip("openssl is not installed (needed to make a test certificate)")
     cert, key = tmp_path / "hub.pem", tmp_path / "hub.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
-         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=30,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
     )
     storage = f"sqlite:///{tmp_path / 'hub.db'}"
     token = enroll_direct(storage, "dev-t")
     (tmp_path / "models").mkdir()
-    hub_env = {"APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(cert),
-               "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(key)}
+    hub_env = {
+        "APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(cert),
+        "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(key),
+    }
     with hub(storage, env=hub_env) as h:
         https = h.url
         assert https.startswith("https://127.0.0.1:")
-        env = appliance_env(https, token, "dev-t", tmp_path / "outbox.db",
-                            APPLIANCE_HUB__TLS_CA_FILE=str(cert))
+        env = appliance_env(
+            https, token, "dev-t", tmp_path / "outbox.db", APPLIANCE_HUB__TLS_CA_FILE=str(cert)
+        )
         untrusting = appliance_env(https, token, "dev-t", tmp_path / "other.db")
         import ssl
 
         context = ssl.create_default_context(cafile=str(cert))
 
         def hub_last_seq() -> int:
-            with urllib.request.urlopen(f"{https}/api/v1/devices/dev-t",
-                                        context=context) as resp:
+            with urllib.request.urlopen(f"{https}/api/v1/devices/dev-t", context=context) as resp:
                 import json
 
                 return int(json.loads(resp.read())["last_seq"])
 
         with daemon("--models-dir", str(tmp_path / "models"), env=untrusting) as appliance:
-            status = poll("a refused certificate", lambda: (
-                s := hub_sync_status(appliance))["failures"] >= 1 and s)
+            status = poll(
+                "a refused certificate",
+                lambda: (s := hub_sync_status(appliance))["failures"] >= 1 and s,
+            )
             assert "certificate" in status["last_error"].lower()
         assert hub_last_seq() == 0
         with daemon("--models-dir", str(tmp_path / "models"), env=env):

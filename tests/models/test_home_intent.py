@@ -24,8 +24,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MODEL_DIR = DEFAULT_MODELS / "home-intent"
-HA_TOOLS = json.loads((DEFAULT_MODELS.parent / "tests" / "transports" / "http" /
-                       "ha_ollama_chat.json").read_text())["tools"]
+HA_TOOLS = json.loads(
+    (DEFAULT_MODELS.parent / "tests" / "transports" / "http" / "ha_ollama_chat.json").read_text()
+)["tools"]
 # Commands phrased by hand (not by build_intent_llm.py's templates) and the tool each means.
 HAND_WRITTEN = [
     ("turn off the porch light", "HassTurnOff"),
@@ -56,16 +57,24 @@ HAND_WRITTEN = [
 SCHEMA = json.loads((MODEL_DIR / "intent.schema.json").read_text())
 COMMANDS = [
     ("turn on the kitchen lights", {"intent": "turn_on", "device": "light", "room": "kitchen"}),
-    ("Switch off the fan in the bedroom please",
-     {"intent": "turn_off", "device": "fan", "room": "bedroom"}),
-    ("set the living room thermostat to 21 degrees",
-     {"intent": "set_temperature", "device": "thermostat", "room": "living_room", "value": 21}),
-    ("dim the office lamp to 40%",
-     {"intent": "set_brightness", "device": "light", "room": "office", "value": 40}),
+    (
+        "Switch off the fan in the bedroom please",
+        {"intent": "turn_off", "device": "fan", "room": "bedroom"},
+    ),
+    (
+        "set the living room thermostat to 21 degrees",
+        {"intent": "set_temperature", "device": "thermostat", "room": "living_room", "value": 21},
+    ),
+    (
+        "dim the office lamp to 40%",
+        {"intent": "set_brightness", "device": "light", "room": "office", "value": 40},
+    ),
     ("lock the garage door", {"intent": "lock", "device": "door", "room": "garage"}),
     ("how warm is the bathroom", {"intent": "get_temperature", "room": "bathroom"}),
-    ("open the blinds in the dining room",
-     {"intent": "open", "device": "blinds", "room": "dining_room"}),
+    (
+        "open the blinds in the dining room",
+        {"intent": "open", "device": "blinds", "room": "dining_room"},
+    ),
     ("is the hallway light on", {"intent": "get_state", "device": "light", "room": "hallway"}),
 ]
 
@@ -83,8 +92,7 @@ def test_committed_file_matches_manifest_and_is_small() -> None:
 
 def test_loads_in_llama_cpp_with_its_own_tokenizer_and_template() -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(MODEL_DIR / manifest()["file"]), n_ctx=256,
-                          verbose=False)
+    llm = llama_cpp.Llama(model_path=str(MODEL_DIR / manifest()["file"]), n_ctx=256, verbose=False)
     try:
         assert llm.metadata["general.architecture"] == "llama"
         assert "<|assistant|>" in llm.metadata["tokenizer.chat_template"]
@@ -115,8 +123,10 @@ async def test_default_daemon_answers_schema_valid_intents(
                 "messages": [{"role": "user", "content": command}],
                 "temperature": 0,
                 "max_tokens": 120,
-                "response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "intent", "schema": SCHEMA}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "intent", "schema": SCHEMA},
+                },
             }
             async with http.post(url + "/v1/chat/completions", json=body) as resp:
                 assert resp.status == 200, await resp.text()
@@ -138,10 +148,16 @@ async def test_default_daemon_decodes_concurrent_intents_together(
     assert manifest()["options"]["parallel"] == 4
 
     async def ask(command: str) -> dict[str, Any]:
-        body = {"model": "home-intent", "messages": [{"role": "user", "content": command}],
-                "temperature": 0, "max_tokens": 120,
-                "response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "intent", "schema": SCHEMA}}}
+        body = {
+            "model": "home-intent",
+            "messages": [{"role": "user", "content": command}],
+            "temperature": 0,
+            "max_tokens": 120,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "intent", "schema": SCHEMA},
+            },
+        }
         async with http.post(url + "/v1/chat/completions", json=body) as resp:
             assert resp.status == 200, await resp.text()
             return dict(json.loads((await resp.json())["choices"][0]["message"]["content"]))
@@ -158,8 +174,9 @@ async def test_default_daemon_decodes_concurrent_intents_together(
         jsonschema.validate(intent, SCHEMA)
 
     def sample(prefix: str) -> float:
-        (line,) = [x for x in metrics.splitlines()
-                   if x.startswith(prefix) and 'model="home-intent"' in x]
+        (line,) = [
+            x for x in metrics.splitlines() if x.startswith(prefix) and 'model="home-intent"' in x
+        ]
         return float(line.split()[-1])
 
     steps = sample("appliance_batch_size_count")
@@ -177,14 +194,19 @@ async def test_default_daemon_answers_home_assistant_tools(http: aiohttp.ClientS
     async with serving(make_config()) as server:
         url = base_url(server)
         for command, tool in HAND_WRITTEN:
-            body = {"model": "home-intent", "temperature": 0, "tools": HA_TOOLS,
-                    "messages": [{"role": "user", "content": command}]}
+            body = {
+                "model": "home-intent",
+                "temperature": 0,
+                "tools": HA_TOOLS,
+                "messages": [{"role": "user", "content": command}],
+            }
             async with http.post(url + "/v1/chat/completions", json=body) as resp:
                 assert resp.status == 200, await resp.text()
                 message = (await resp.json())["choices"][0]["message"]
             calls = message.get("tool_calls") or []
             for call in calls:
-                jsonschema.validate(json.loads(call["function"]["arguments"]),
-                                    schemas[call["function"]["name"]])
+                jsonschema.validate(
+                    json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]]
+                )
             right += bool(calls) and calls[0]["function"]["name"] == tool
     assert right >= 20, right

@@ -53,8 +53,15 @@ class Netns:
         return ["ip", "netns", "exec", self.name, *argv]
 
     def run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(*argv), capture_output=True, text=True,
-                              timeout=timeout, check=False, env=clean_env(), cwd=ROOT)
+        return subprocess.run(
+            self.command(*argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=clean_env(),
+            cwd=ROOT,
+        )
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on a thread inside this namespace; sockets it opens (and threads it
@@ -141,8 +148,9 @@ def namespace(prefix: str) -> Iterator[Netns]:
 
 def _delete(ns: Netns) -> None:
     # Anything still running in it was started by this test: stop it first.
-    pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True,
-                          check=False).stdout.split()
+    pids = subprocess.run(
+        ["ip", "netns", "pids", ns.name], capture_output=True, text=True, check=False
+    ).stdout.split()
     for pid in pids:
         with suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
@@ -179,8 +187,18 @@ def lan(prefix: str, count: int, *, plugged: bool = True) -> Iterator[Lan]:
         addresses: list[str] = []
         for i in range(count):
             host = stack.enter_context(namespace(f"{prefix}-h{i}"))
-            switch.ip("link", "add", f"port{i}", "type", "veth", "peer", "name", "eth0",
-                      "netns", host.name)
+            switch.ip(
+                "link",
+                "add",
+                f"port{i}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                host.name,
+            )
             if plugged:
                 switch.ip("link", "set", f"port{i}", "master", "br0")
             switch.ip("link", "set", f"port{i}", "up")
@@ -195,17 +213,21 @@ def lan(prefix: str, count: int, *, plugged: bool = True) -> Iterator[Lan]:
 # ----------------------------------------------------------------------------- daemons
 
 
-def start_daemon_in(ns: Netns, *args: str, env: dict[str, str], host: str = "127.0.0.1"
-                    ) -> DaemonProcess:
+def start_daemon_in(
+    ns: Netns, *args: str, env: dict[str, str], host: str = "127.0.0.1"
+) -> DaemonProcess:
     """``python -m appliance run`` inside ``ns`` (MQTT off unless ``env`` turns it on)."""
     full_env = clean_env(**{"APPLIANCE_MQTT__ENABLED": "false", **env})
     state = None
     if "STATE_DIRECTORY" not in env:  # one daemon per state directory: each its own
         state = full_env["STATE_DIRECTORY"] = tempfile.mkdtemp(prefix="appliance-state-")
     proc = subprocess.Popen(
-        ns.command(sys.executable, "-m", "appliance", "run", "--host", host, "--port", "0",
-                   *args),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=ROOT,
+        ns.command(sys.executable, "-m", "appliance", "run", "--host", host, "--port", "0", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
     )
     handle = DaemonProcess(proc)
     handle.state_dir = state  # removed when it stops
@@ -213,8 +235,9 @@ def start_daemon_in(ns: Netns, *args: str, env: dict[str, str], host: str = "127
 
 
 @contextmanager
-def daemons_in(ns: Netns, envs: Sequence[dict[str, str]], *args: str, host: str = "127.0.0.1"
-               ) -> Iterator[list[DaemonProcess]]:
+def daemons_in(
+    ns: Netns, envs: Sequence[dict[str, str]], *args: str, host: str = "127.0.0.1"
+) -> Iterator[list[DaemonProcess]]:
     """Several daemons in ``ns``, all listening; each stopped on exit."""
     started: list[DaemonProcess] = []
     try:
@@ -238,11 +261,20 @@ def port_of(handle: DaemonProcess) -> int:
 # ---------------------------------------------------------------------------- browsers
 
 
-def discover(ns: Netns, *, interfaces: str = "lo", timeout: float = 1.5,
-             json_output: bool = True) -> subprocess.CompletedProcess[str]:
+def discover(
+    ns: Netns, *, interfaces: str = "lo", timeout: float = 1.5, json_output: bool = True
+) -> subprocess.CompletedProcess[str]:
     """``appliance discover`` as a subprocess inside ``ns``."""
-    argv = [sys.executable, "-m", "appliance", "discover", "--interfaces", interfaces,
-            "--timeout", str(timeout)]
+    argv = [
+        sys.executable,
+        "-m",
+        "appliance",
+        "discover",
+        "--interfaces",
+        interfaces,
+        "--timeout",
+        str(timeout),
+    ]
     return ns.run(*argv, *(["--json"] if json_output else []))
 
 
@@ -253,8 +285,12 @@ class ZeroconfBrowser:
     def __init__(self, ns: Netns, service_type: str, interfaces: str) -> None:
         self.proc = subprocess.Popen(
             ns.command(sys.executable, str(BROWSE_SCRIPT), service_type, interfaces),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
-            env=clean_env(), cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+            cwd=ROOT,
         )
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -270,8 +306,9 @@ class ZeroconfBrowser:
                 self._queue.put(json.loads(line))
         self._queue.put(None)
 
-    def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20
-             ) -> dict[str, Any]:
+    def wait(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20
+    ) -> dict[str, Any]:
         """The first event (seen before or after now) matching ``predicate``."""
         for event in self.events:
             if predicate(event):
@@ -292,8 +329,7 @@ class ZeroconfBrowser:
                 return event
 
     def stderr(self) -> str:
-        return self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None \
-            else ""
+        return self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -311,8 +347,9 @@ class ZeroconfBrowser:
 
 
 @contextmanager
-def zeroconf_browser(ns: Netns, service_type: str, interfaces: str = "127.0.0.1"
-                     ) -> Iterator[ZeroconfBrowser]:
+def zeroconf_browser(
+    ns: Netns, service_type: str, interfaces: str = "127.0.0.1"
+) -> Iterator[ZeroconfBrowser]:
     browser = ZeroconfBrowser(ns, service_type, interfaces)
     try:
         yield browser

@@ -29,36 +29,72 @@ class _Collector:
 
 def system(memory: float = 30.0, gpu: float | None = None) -> SystemStats:
     return SystemStats(
-        cpu_percent=5.0, cpu_count=4, load_1m=0.1, load_5m=0.1, load_15m=0.1,
-        memory_total_bytes=8 << 30, memory_available_bytes=4 << 30, memory_percent=memory,
-        swap_total_bytes=0, swap_used_bytes=0, swap_percent=0.0, disks=(), net_rx_bytes=0,
-        net_tx_bytes=0, net_rx_bytes_per_s=0.0, net_tx_bytes_per_s=0.0,
-        process_rss_bytes=100 << 20, process_cpu_percent=1.0, uptime_s=1000.0,
+        cpu_percent=5.0,
+        cpu_count=4,
+        load_1m=0.1,
+        load_5m=0.1,
+        load_15m=0.1,
+        memory_total_bytes=8 << 30,
+        memory_available_bytes=4 << 30,
+        memory_percent=memory,
+        swap_total_bytes=0,
+        swap_used_bytes=0,
+        swap_percent=0.0,
+        disks=(),
+        net_rx_bytes=0,
+        net_tx_bytes=0,
+        net_rx_bytes_per_s=0.0,
+        net_tx_bytes_per_s=0.0,
+        process_rss_bytes=100 << 20,
+        process_cpu_percent=1.0,
+        uptime_s=1000.0,
         gpus=() if gpu is None else (GpuStats("0: test", gpu),),
     )
 
 
 def model(requests: int = 0, latency_sum: float = 0.0, failures: int = 0) -> ModelStats:
     return ModelStats(
-        name="m", state="ready", requests_total=requests, errors_total=0,
-        latency_sum_s=latency_sum, latency_count=requests, tokens_total=0,
-        load_failures=failures, queue_depth=0, running=0, requests_per_s=0.0, error_rate=0.0,
-        tokens_per_s=0.0, latency_avg_ms=None, latency_p50_ms=None, latency_p95_ms=None,
+        name="m",
+        state="ready",
+        requests_total=requests,
+        errors_total=0,
+        latency_sum_s=latency_sum,
+        latency_count=requests,
+        tokens_total=0,
+        load_failures=failures,
+        queue_depth=0,
+        running=0,
+        requests_per_s=0.0,
+        error_rate=0.0,
+        tokens_per_s=0.0,
+        latency_avg_ms=None,
+        latency_p50_ms=None,
+        latency_p95_ms=None,
         latency_p99_ms=None,
     )
 
 
-def snap(t: float, *, memory: float = 30.0, gpu: float | None = None,
-         m: ModelStats | None = None, http: tuple[int, int] = (0, 0)) -> HealthSnapshot:
+def snap(
+    t: float,
+    *,
+    memory: float = 30.0,
+    gpu: float | None = None,
+    m: ModelStats | None = None,
+    http: tuple[int, int] = (0, 0),
+) -> HealthSnapshot:
     return HealthSnapshot(
-        time=1_000_000 + t, monotonic=t, interval_s=1.0, process_uptime_s=t,
-        system=system(memory, gpu), models={"m": m or model()},
-        http_requests_total=http[0], http_5xx_total=http[1],
+        time=1_000_000 + t,
+        monotonic=t,
+        interval_s=1.0,
+        process_uptime_s=t,
+        system=system(memory, gpu),
+        models={"m": m or model()},
+        http_requests_total=http[0],
+        http_5xx_total=http[1],
     )
 
 
-def engine(metrics: Metrics | None = None, **settings: Any
-           ) -> tuple[AlertEngine, list[AlertEvent]]:
+def engine(metrics: Metrics | None = None, **settings: Any) -> tuple[AlertEngine, list[AlertEvent]]:
     config = AlertsConfig(**settings)
     collector: Any = _Collector(HealthConfig().interval)
     eng = AlertEngine(collector, config, metrics or Metrics())
@@ -96,8 +132,9 @@ def test_gpu_busy_fires_only_after_five_minutes() -> None:
     assert [e.state for e in events] == ["firing", "resolved"]
     assert events[1].started_at == fired.started_at
     assert metrics.registry.get_sample_value("appliance_alert_firing", labels) == 0
-    assert metrics.registry.get_sample_value("appliance_alerts_fired_total",
-                                             {"rule": "gpu_busy"}) == 1
+    assert (
+        metrics.registry.get_sample_value("appliance_alerts_fired_total", {"rule": "gpu_busy"}) == 1
+    )
 
 
 def test_pending_resets_when_the_condition_breaks() -> None:

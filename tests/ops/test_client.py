@@ -45,8 +45,12 @@ def _no_leaked_threads() -> Iterator[None]:
 
 
 def _config(device_id: str, name: str, **models: Any) -> Config:
-    return make_config(device={"id": device_id, "name": name}, mdns={"interfaces": ["lo"]},
-                       mqtt={"enabled": False}, models=models)
+    return make_config(
+        device={"id": device_id, "name": name},
+        mdns={"interfaces": ["lo"]},
+        mqtt={"enabled": False},
+        models=models,
+    )
 
 
 def _no_tasks_left() -> None:
@@ -55,17 +59,19 @@ def _no_tasks_left() -> None:
     assert not left, f"tasks left running: {left}"
 
 
-def test_picks_ready_appliances_serving_a_model_and_spreads_requests(stories_gguf: Path
-                                                                     ) -> None:
+def test_picks_ready_appliances_serving_a_model_and_spreads_requests(stories_gguf: Path) -> None:
     async def scenario() -> None:
         async with contextlib.AsyncExitStack() as stack:
             s1 = await stack.enter_async_context(
-                serving(_config("story-1", "Story 1", files=[stories_gguf])))
+                serving(_config("story-1", "Story 1", files=[stories_gguf]))
+            )
             s2_stack = await stack.enter_async_context(contextlib.AsyncExitStack())
             s2 = await s2_stack.enter_async_context(
-                serving(_config("story-2", "Story 2", files=[stories_gguf])))
+                serving(_config("story-2", "Story 2", files=[stories_gguf]))
+            )
             s3 = await stack.enter_async_context(
-                serving(_config("sensor-3", "Sensor 3", dir=DEFAULT_MODELS)))
+                serving(_config("sensor-3", "Sensor 3", dir=DEFAULT_MODELS))
+            )
             fleet = await stack.enter_async_context(AsyncApplianceBrowser(interfaces=["lo"]))
 
             both = await fleet.wait_for("stories260K", count=2, timeout=30)
@@ -92,12 +98,17 @@ def test_picks_ready_appliances_serving_a_model_and_spreads_requests(stories_ggu
 
             # Real requests, four at once, spread over both appliances.
             async with aiohttp.ClientSession() as http:
+
                 async def complete() -> str:
                     with fleet.lease("stories260K") as appliance:
-                        async with http.post(appliance.openai_base_url + "/completions", json={
-                            "model": "stories260K", "prompt": "Once upon a time",
-                            "max_tokens": 4,
-                        }) as resp:
+                        async with http.post(
+                            appliance.openai_base_url + "/completions",
+                            json={
+                                "model": "stories260K",
+                                "prompt": "Once upon a time",
+                                "max_tokens": 4,
+                            },
+                        ) as resp:
                             assert resp.status == 200, await resp.text()
                         return appliance.device_id
 
@@ -105,18 +116,22 @@ def test_picks_ready_appliances_serving_a_model_and_spreads_requests(stories_ggu
             assert collections.Counter(served) == {"story-1": 2, "story-2": 2}
 
             # The official OpenAI client, pointed at the base URL the browser gives.
-            client = openai.AsyncOpenAI(base_url=fleet.base_url("stories260K"),
-                                        api_key="unused", max_retries=0)
+            client = openai.AsyncOpenAI(
+                base_url=fleet.base_url("stories260K"), api_key="unused", max_retries=0
+            )
             async with client:
                 chat = await client.chat.completions.create(
-                    model="stories260K", max_tokens=8,
-                    messages=[{"role": "user", "content": "Once upon a time"}])
+                    model="stories260K",
+                    max_tokens=8,
+                    messages=[{"role": "user", "content": "Once upon a time"}],
+                )
             assert chat.choices[0].message.content
 
             # One leaves (goodbye): the set follows and every pick is the other.
             await s2_stack.aclose()
-            await fleet.wait_until(lambda apps: "story-2" not in {a.device_id for a in apps},
-                                   timeout=10)
+            await fleet.wait_until(
+                lambda apps: "story-2" not in {a.device_id for a in apps}, timeout=10
+            )
             assert {fleet.pick("stories260K").device_id for _ in range(4)} == {"story-1"}
             assert fleet.base_url("stories260K") == f"http://127.0.0.1:{s1.port}/v1"
         _no_tasks_left()
@@ -133,7 +148,8 @@ def _slow_repository(root: Path) -> Path:
     with (slow / "model.onnx").open("wb") as fh:
         fh.truncate(1 << 40)
     (slow / "manifest.toml").write_text(
-        f'name = "a-slow"\nruntime = "onnx"\nfile = "model.onnx"\nsha256 = "{"0" * 64}"\n')
+        f'name = "a-slow"\nruntime = "onnx"\nfile = "model.onnx"\nsha256 = "{"0" * 64}"\n'
+    )
     shutil.copytree(DEFAULT_MODELS / "sensor-anomaly", root / "b-sensor")
     return slow / "model.onnx"
 
@@ -143,11 +159,15 @@ def test_an_appliance_is_picked_only_once_it_is_ready(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         try:
-            async with serving(_config("slow-1", "Slow", dir=tmp_path / "models"),
-                               wait_loaded=False) as server, \
-                    AsyncApplianceBrowser(interfaces=["lo"]) as fleet:
-                await fleet.wait_until(lambda apps: any(a.device_id == "slow-1"
-                                                        for a in apps), timeout=30)
+            async with (
+                serving(
+                    _config("slow-1", "Slow", dir=tmp_path / "models"), wait_loaded=False
+                ) as server,
+                AsyncApplianceBrowser(interfaces=["lo"]) as fleet,
+            ):
+                await fleet.wait_until(
+                    lambda apps: any(a.device_id == "slow-1" for a in apps), timeout=30
+                )
                 seen = fleet.get("slow-1")
                 assert seen is not None and not seen.ready and seen.models == ()
                 with pytest.raises(NoApplianceAvailable):
@@ -168,20 +188,32 @@ def test_an_appliance_is_picked_only_once_it_is_ready(tmp_path: Path) -> None:
 
 
 def test_blocking_browser_gives_the_openai_client_its_base_url(stories_gguf: Path) -> None:
-    with loopback("sync") as ns, daemons_in(ns, [{
-        "APPLIANCE_DEVICE__ID": "story-9", "APPLIANCE_DEVICE__NAME": "Story 9",
-        "APPLIANCE_MDNS__INTERFACES": "lo",
-    }], "--model", str(stories_gguf)) as (daemon,):
+    with (
+        loopback("sync") as ns,
+        daemons_in(
+            ns,
+            [
+                {
+                    "APPLIANCE_DEVICE__ID": "story-9",
+                    "APPLIANCE_DEVICE__NAME": "Story 9",
+                    "APPLIANCE_MDNS__INTERFACES": "lo",
+                }
+            ],
+            "--model",
+            str(stories_gguf),
+        ) as (daemon,),
+    ):
 
         def use() -> str:
             with ApplianceBrowser(interfaces=["lo"]) as fleet:
                 (found,) = fleet.wait_for("stories260K", timeout=30)
                 assert (found.device_id, found.port) == ("story-9", port_of(daemon))
-                with openai.OpenAI(base_url=fleet.base_url("stories260K"), api_key="unused",
-                                   max_retries=0) as client:
+                with openai.OpenAI(
+                    base_url=fleet.base_url("stories260K"), api_key="unused", max_retries=0
+                ) as client:
                     result = client.completions.create(
-                        model="stories260K", prompt="Once upon a time", max_tokens=12,
-                        temperature=0)
+                        model="stories260K", prompt="Once upon a time", max_tokens=12, temperature=0
+                    )
                 return result.choices[0].text
 
         assert ns.call(use).startswith(", there was a little girl named Lily.")
@@ -193,11 +225,14 @@ def test_a_trimmed_model_list_is_completed_over_http(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
         shutil.copy(DEFAULT_MODELS / "sensor-anomaly" / "model.onnx", tmp_path / name)
         (tmp_path / name / "manifest.toml").write_text(
-            f'name = "{name}"\nruntime = "onnx"\nfile = "model.onnx"\n')
+            f'name = "{name}"\nruntime = "onnx"\nfile = "model.onnx"\n'
+        )
 
     async def scenario() -> None:
-        async with serving(_config("many-1", "Many", dir=tmp_path)), \
-                AsyncApplianceBrowser(interfaces=["lo"]) as fleet:
+        async with (
+            serving(_config("many-1", "Many", dir=tmp_path)),
+            AsyncApplianceBrowser(interfaces=["lo"]) as fleet,
+        ):
             (found,) = await fleet.wait_for(names[-1], timeout=30)
             assert found.models == tuple(names) and found.models_complete
             assert found.txt["nmodels"] == "10"

@@ -43,12 +43,20 @@ def _no_leaked_threads() -> Iterator[None]:
 
 
 def _env(device_id: str, name: str, **extra: str) -> dict[str, str]:
-    return {"APPLIANCE_DEVICE__ID": device_id, "APPLIANCE_DEVICE__NAME": name,
-            "APPLIANCE_MDNS__INTERFACES": "lo", **extra}
+    return {
+        "APPLIANCE_DEVICE__ID": device_id,
+        "APPLIANCE_DEVICE__NAME": name,
+        "APPLIANCE_MDNS__INTERFACES": "lo",
+        **extra,
+    }
 
 
-def discover_until(ns: Netns, predicate: Callable[[list[dict[str, Any]]], bool],
-                   timeout: float = 30, interfaces: str = "lo") -> list[dict[str, Any]]:
+def discover_until(
+    ns: Netns,
+    predicate: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 30,
+    interfaces: str = "lo",
+) -> list[dict[str, Any]]:
     """Run ``appliance discover --json`` until its list satisfies ``predicate``."""
     deadline = time.monotonic() + timeout
     found: list[dict[str, Any]] = []
@@ -73,11 +81,20 @@ class Fleet:
 
 FLEET = {
     "alpha-1": ("Alpha", {}),
-    "beta-2": ("Beta", {"APPLIANCE_MQTT__ENABLED": "true",
-                        "APPLIANCE_MQTT__BASE_TOPIC": "site/beta"}),
-    "gamma-3": ("Gamma", {"APPLIANCE_GRPC__ENABLED": "true", "APPLIANCE_GRPC__PORT": "0",
-                          "APPLIANCE_GRPC__HOST": "127.0.0.1"}
-                if importlib.util.find_spec("grpc") else {}),
+    "beta-2": (
+        "Beta",
+        {"APPLIANCE_MQTT__ENABLED": "true", "APPLIANCE_MQTT__BASE_TOPIC": "site/beta"},
+    ),
+    "gamma-3": (
+        "Gamma",
+        {
+            "APPLIANCE_GRPC__ENABLED": "true",
+            "APPLIANCE_GRPC__PORT": "0",
+            "APPLIANCE_GRPC__HOST": "127.0.0.1",
+        }
+        if importlib.util.find_spec("grpc")
+        else {},
+    ),
 }
 
 
@@ -92,8 +109,9 @@ def fleet() -> Iterator[Fleet]:
             more = ("--model", str(STORIES)) if STORIES.is_file() else ()
             with daemons_in(ns, envs[2:], *extra, *more) as third:
                 daemons = dict(zip(FLEET, first + third, strict=True))
-                discover_until(ns, lambda found: all(
-                    by_id(found).get(i, {}).get("ready") for i in FLEET))
+                discover_until(
+                    ns, lambda found: all(by_id(found).get(i, {}).get("ready") for i in FLEET)
+                )
                 yield Fleet(ns, daemons)
 
 
@@ -113,13 +131,23 @@ def test_discover_json_lists_each_daemon_with_its_port_and_txt(fleet: Fleet) -> 
         assert txt["version"] == entry["version"] == __version__
         assert txt["txtvers"] == "1"
         assert (txt["openai"], txt["oip"], txt["health"], txt["path"]) == (
-            "/v1", "/v2", "/health", "/docs")
+            "/v1",
+            "/v2",
+            "/health",
+            "/docs",
+        )
         assert txt["tls"] == "0" and entry["tls"] is False
         assert txt["auth"] == "none"
         assert "sensor-anomaly" in entry["models"]
         assert txt["nmodels"] == str(len(entry["models"]))
-        assert entry["paths"] == {"openai": "/v1", "oip": "/v2", "ollama": "/api",
-                                  "ws": "/ws", "health": "/health", "path": "/docs"}
+        assert entry["paths"] == {
+            "openai": "/v1",
+            "oip": "/v2",
+            "ollama": "/api",
+            "ws": "/ws",
+            "health": "/health",
+            "path": "/docs",
+        }
     assert found["beta-2"]["protocols"] == ["openai", "oip-v2", "ollama", "ws", "mqtt"]
     assert found["beta-2"]["mqtt"] == found["beta-2"]["txt"]["mqtt"] == "site/beta"
     assert found["alpha-1"]["protocols"] == ["openai", "oip-v2", "ollama", "ws"]
@@ -156,8 +184,11 @@ def test_plain_zeroconf_browser_sees_the_same_records(fleet: Fleet) -> None:
     for service_type in (SERVICE_TYPE, HTTP_SERVICE_TYPE):
         with zeroconf_browser(fleet.ns, service_type) as browser:
             for device_id, (name, _) in FLEET.items():
-                event = browser.wait(lambda e, i=device_id: e["event"] in ("added", "updated")
-                                     and e.get("txt", {}).get("id") == i)
+                event = browser.wait(
+                    lambda e, i=device_id: (
+                        e["event"] in ("added", "updated") and e.get("txt", {}).get("id") == i
+                    )
+                )
                 assert event["name"] == f"{name}.{service_type}"
                 assert event["port"] == port_of(fleet.daemons[device_id])
                 assert event["server"] == f"{device_id}.local."
@@ -175,18 +206,21 @@ def test_plain_zeroconf_browser_sees_the_same_records(fleet: Fleet) -> None:
 
 def test_a_stopped_daemon_says_goodbye(fleet: Fleet) -> None:
     with zeroconf_browser(fleet.ns, SERVICE_TYPE) as browser:
-        leaving = start_daemon_in(fleet.ns, "--models-dir", str(DEFAULT_MODELS),
-                                  env=_env("leaving-4", "Leaving"))
+        leaving = start_daemon_in(
+            fleet.ns, "--models-dir", str(DEFAULT_MODELS), env=_env("leaving-4", "Leaving")
+        )
         try:
             leaving.wait_listening(60)
             browser.wait(lambda e: e.get("txt", {}).get("id") == "leaving-4")
         finally:
             assert leaving.stop() == 0
-        assert any("mDNS: withdrew Leaving._appliance._tcp.local." in line
-                   for line in leaving.log), "\n".join(leaving.log)
+        assert any(
+            "mDNS: withdrew Leaving._appliance._tcp.local." in line for line in leaving.log
+        ), "\n".join(leaving.log)
         # A browser that saw it drops it at once: the records' TTLs are far from expiring.
-        browser.wait(lambda e: e == {"event": "removed",
-                                     "name": f"Leaving.{SERVICE_TYPE}"}, timeout=10)
+        browser.wait(
+            lambda e: e == {"event": "removed", "name": f"Leaving.{SERVICE_TYPE}"}, timeout=10
+        )
     found = by_id(discover_until(fleet.ns, lambda f: set(FLEET) <= set(by_id(f))))
     assert "leaving-4" not in found
 
@@ -199,8 +233,7 @@ def _slow_model_repository(root: Path) -> Path:
     with (slow / "model.onnx").open("wb") as fh:
         fh.truncate(1 << 40)
     (slow / "manifest.toml").write_text(
-        'name = "a-slow"\nruntime = "onnx"\nfile = "model.onnx"\n'
-        f'sha256 = "{"0" * 64}"\n'
+        f'name = "a-slow"\nruntime = "onnx"\nfile = "model.onnx"\nsha256 = "{"0" * 64}"\n'
     )
     shutil.copytree(DEFAULT_MODELS / "sensor-anomaly", root / "b-sensor")
     return slow / "model.onnx"
@@ -217,17 +250,24 @@ def slow_models(tmp_path: Path) -> Iterator[Path]:
 
 def test_model_state_changes_update_the_txt_record(fleet: Fleet, slow_models: Path) -> None:
     big = slow_models
-    with zeroconf_browser(fleet.ns, SERVICE_TYPE) as browser, daemons_in(
-        fleet.ns, [_env("changing-5", "Changing")], "--models-dir", str(big.parent.parent)
-    ) as (daemon,):
+    with (
+        zeroconf_browser(fleet.ns, SERVICE_TYPE) as browser,
+        daemons_in(
+            fleet.ns, [_env("changing-5", "Changing")], "--models-dir", str(big.parent.parent)
+        ) as (daemon,),
+    ):
         loading = browser.wait(lambda e: e.get("txt", {}).get("id") == "changing-5")
         assert loading["txt"]["ready"] == "0"
         assert loading["txt"]["models"] == "" and loading["txt"]["nmodels"] == "0"
 
         big.write_bytes(b"")  # the checksum read ends: a-slow fails, b-sensor loads
-        ready = browser.wait(lambda e: e["event"] == "updated"
-                             and e.get("txt", {}).get("id") == "changing-5"
-                             and e["txt"]["ready"] == "1")
+        ready = browser.wait(
+            lambda e: (
+                e["event"] == "updated"
+                and e.get("txt", {}).get("id") == "changing-5"
+                and e["txt"]["ready"] == "1"
+            )
+        )
         assert ready["txt"]["models"] == "sensor-anomaly"
         assert ready["txt"]["nmodels"] == "1"
         assert ready["port"] == port_of(daemon)
@@ -243,20 +283,31 @@ def test_a_taken_name_gets_a_new_unique_one(fleet: Fleet) -> None:
         with daemons_in(fleet.ns, [_env("twin-7", "Twin")], *args) as (second,):
             # Both devices, one name each: for a moment a browser may still hold a record
             # the renamed one announced before it saw the conflict.
-            found = by_id(discover_until(fleet.ns, lambda f: sorted(
-                (e["id"], e["name"]) for e in f if e["id"].startswith("twin-")) in (
-                    [("twin-6", "Twin"), ("twin-7", "Twin-2")],
-                    [("twin-6", "Twin-2"), ("twin-7", "Twin")])))
+            found = by_id(
+                discover_until(
+                    fleet.ns,
+                    lambda f: (
+                        sorted((e["id"], e["name"]) for e in f if e["id"].startswith("twin-"))
+                        in (
+                            [("twin-6", "Twin"), ("twin-7", "Twin-2")],
+                            [("twin-6", "Twin-2"), ("twin-7", "Twin")],
+                        )
+                    ),
+                )
+            )
             assert found["twin-6"]["port"] == port_of(first)
             assert found["twin-7"]["port"] == port_of(second)
     renamed = {"twin-6": first, "twin-7": second}[
-        next(i for i in ("twin-6", "twin-7") if found[i]["name"] == "Twin-2")]
+        next(i for i in ("twin-6", "twin-7") if found[i]["name"] == "Twin-2")
+    ]
     # Mostly the newcomer's probe finds the name taken. Where several mDNS stacks share this
     # host's port 5353 (as here), the probe's unicast answer may reach another one; then
     # the conflict is seen after announcing and settled by the RFC 6762 tie-break.
-    assert any("the name 'Twin' is taken on the network; announcing as 'Twin-2'" in line
-               or "also claims 'Twin'; choosing a new name" in line
-               for line in renamed.log), "\n".join(renamed.log)
+    assert any(
+        "the name 'Twin' is taken on the network; announcing as 'Twin-2'" in line
+        or "also claims 'Twin'; choosing a new name" in line
+        for line in renamed.log
+    ), "\n".join(renamed.log)
 
 
 def test_discover_with_nothing_on_the_network_prints_an_empty_list() -> None:

@@ -42,12 +42,18 @@ def _no_leaked_threads() -> Iterator[None]:
 def _env(device_id: str, name: str, **extra: str) -> dict[str, str]:
     # These daemons serve 0.0.0.0 inside a namespace; API keys (tests/security) would make
     # them generate one into the machine's own state directory.
-    return {"APPLIANCE_DEVICE__ID": device_id, "APPLIANCE_DEVICE__NAME": name,
-            "APPLIANCE_MDNS__INTERFACES": "eth0", "APPLIANCE_SECURITY__AUTH": "off", **extra}
+    return {
+        "APPLIANCE_DEVICE__ID": device_id,
+        "APPLIANCE_DEVICE__NAME": name,
+        "APPLIANCE_MDNS__INTERFACES": "eth0",
+        "APPLIANCE_SECURITY__AUTH": "off",
+        **extra,
+    }
 
 
-def discover_until(ns: Netns, predicate: Callable[[list[dict[str, Any]]], bool],
-                   timeout: float = 30) -> list[dict[str, Any]]:
+def discover_until(
+    ns: Netns, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
+) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     found: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -66,21 +72,30 @@ def ids(found: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_appliances_on_other_hosts_are_found_with_their_lan_address() -> None:
     with lan("lan", 3) as net:
         browser_host = net.hosts[2]
-        with daemons_in(net.hosts[0], [_env("left-1", "Left")], *ARGS, host="0.0.0.0") as (
-            left,
-        ), daemons_in(net.hosts[1], [_env("right-2", "Right")], *ARGS, host="0.0.0.0") as (
-            right,
-        ), zeroconf_browser(browser_host, SERVICE_TYPE, net.addresses[2]) as plain:
-            found = ids(discover_until(browser_host, lambda f: {
-                "left-1", "right-2"} <= {e["id"] for e in f if e["ready"]}))
-            for device_id, daemon, address in (("left-1", left, net.addresses[0]),
-                                               ("right-2", right, net.addresses[1])):
+        with (
+            daemons_in(net.hosts[0], [_env("left-1", "Left")], *ARGS, host="0.0.0.0") as (left,),
+            daemons_in(net.hosts[1], [_env("right-2", "Right")], *ARGS, host="0.0.0.0") as (right,),
+            zeroconf_browser(browser_host, SERVICE_TYPE, net.addresses[2]) as plain,
+        ):
+            found = ids(
+                discover_until(
+                    browser_host,
+                    lambda f: {"left-1", "right-2"} <= {e["id"] for e in f if e["ready"]},
+                )
+            )
+            for device_id, daemon, address in (
+                ("left-1", left, net.addresses[0]),
+                ("right-2", right, net.addresses[1]),
+            ):
                 entry = found[device_id]
                 assert entry["addresses"] == [address]  # its eth0, never 127.0.0.1
                 assert entry["port"] == port_of(daemon)
                 assert entry["url"] == f"http://{address}:{port_of(daemon)}"
-                event = plain.wait(lambda e, i=device_id: e.get("txt", {}).get("id") == i
-                                   and e["txt"]["ready"] == "1")
+                event = plain.wait(
+                    lambda e, i=device_id: (
+                        e.get("txt", {}).get("id") == i and e["txt"]["ready"] == "1"
+                    )
+                )
                 assert (event["addresses"], event["port"]) == ([address], port_of(daemon))
                 assert event["txt"] == entry["txt"]
 
@@ -93,8 +108,9 @@ def test_appliances_on_other_hosts_are_found_with_their_lan_address() -> None:
                 assert browser_host.call(lambda u=entry["url"]: health(u)) == 200
 
             left.stop()
-            plain.wait(lambda e: e == {"event": "removed", "name": f"Left.{SERVICE_TYPE}"},
-                       timeout=10)
+            plain.wait(
+                lambda e: e == {"event": "removed", "name": f"Left.{SERVICE_TYPE}"}, timeout=10
+            )
             after = ids(discover_until(browser_host, lambda f: "left-1" not in ids(f)))
             assert set(after) == {"right-2"}
 
@@ -104,31 +120,44 @@ def test_two_boxes_that_booted_apart_with_one_name_settle_on_two() -> None:
     segment, the RFC 6762 tie-break renames exactly one of them."""
     with lan("twin", 3, plugged=False) as net:
         net.plug(2)  # the browser's host
-        with daemons_in(net.hosts[0], [_env("twin-a", "Twin")], *ARGS, host="0.0.0.0") as (
-            a,
-        ), daemons_in(net.hosts[1], [_env("twin-b", "Twin")], *ARGS, host="0.0.0.0") as (b,):
+        with (
+            daemons_in(net.hosts[0], [_env("twin-a", "Twin")], *ARGS, host="0.0.0.0") as (a,),
+            daemons_in(net.hosts[1], [_env("twin-b", "Twin")], *ARGS, host="0.0.0.0") as (b,),
+        ):
             for daemon in (a, b):
                 _wait_log(daemon.log, "mDNS: announcing Twin._appliance._tcp.local.")
             net.plug(0)
             net.plug(1)
-            found = ids(discover_until(net.hosts[2], lambda f: sorted(
-                e["name"] for e in f) == ["Twin", "Twin-2"] and len(ids(f)) == 2))
+            found = ids(
+                discover_until(
+                    net.hosts[2],
+                    lambda f: (
+                        sorted(e["name"] for e in f) == ["Twin", "Twin-2"] and len(ids(f)) == 2
+                    ),
+                )
+            )
             # RFC 6762 §8.2 compares the SRV data: port first, then the host name (both names
             # have one length, so as strings). The later one keeps the name.
             daemons = {"twin-a": a, "twin-b": b}
             winner, loser = sorted(daemons, key=lambda i: (port_of(daemons[i]), i), reverse=True)
             assert found[winner]["name"] == "Twin"
             assert found[loser]["name"] == "Twin-2"
-            assert any(f"{winner}.local. (port {port_of(daemons[winner])}) also claims 'Twin'; "
-                       "choosing a new name" in line for line in daemons[loser].log)
+            assert any(
+                f"{winner}.local. (port {port_of(daemons[winner])}) also claims 'Twin'; "
+                "choosing a new name" in line
+                for line in daemons[loser].log
+            )
             assert not any("choosing a new name" in line for line in daemons[winner].log)
 
 
 def test_an_address_that_comes_later_is_announced(lan_with_late_address: Lan) -> None:
     net = lan_with_late_address
-    with daemons_in(net.hosts[0], [_env("late-1", "Late",
-                                        APPLIANCE_MDNS__RESCAN_INTERVAL="0.2")],
-                    *ARGS, host="0.0.0.0") as (late,):
+    with daemons_in(
+        net.hosts[0],
+        [_env("late-1", "Late", APPLIANCE_MDNS__RESCAN_INTERVAL="0.2")],
+        *ARGS,
+        host="0.0.0.0",
+    ) as (late,):
         _wait_log(late.log, "have no IPv4 address")
         net.hosts[0].ip("addr", "add", f"{net.addresses[0]}/24", "dev", "eth0")
         found = ids(discover_until(net.hosts[1], lambda f: "late-1" in ids(f)))

@@ -30,31 +30,68 @@ def _txt_size(txt: dict[str, str]) -> int:
 
 
 def test_txt_record_carries_what_clients_need() -> None:
-    txt = build_txt(Announcement(device_id="box-1", version="1.2.3", ready=True,
-                                 models=["a", "b"], tls=True, api_key_required=True,
-                                 websocket=True, grpc_port=8081,
-                                 mqtt_topic_base="appliance/box-1"))
+    txt = build_txt(
+        Announcement(
+            device_id="box-1",
+            version="1.2.3",
+            ready=True,
+            models=["a", "b"],
+            tls=True,
+            api_key_required=True,
+            websocket=True,
+            grpc_port=8081,
+            mqtt_topic_base="appliance/box-1",
+        )
+    )
     assert txt == {
-        "txtvers": "1", "id": "box-1", "version": "1.2.3",
+        "txtvers": "1",
+        "id": "box-1",
+        "version": "1.2.3",
         "api": "openai,oip-v2,ollama,ws,grpc,mqtt",
-        "openai": "/v1", "oip": "/v2", "ollama": "/api", "ws": "/ws", "grpc": "8081",
-        "mqtt": "appliance/box-1", "health": "/health", "path": "/docs",
-        "tls": "1", "auth": "apikey", "ready": "1", "nmodels": "2", "models": "a,b",
+        "openai": "/v1",
+        "oip": "/v2",
+        "ollama": "/api",
+        "ws": "/ws",
+        "grpc": "8081",
+        "mqtt": "appliance/box-1",
+        "health": "/health",
+        "path": "/docs",
+        "tls": "1",
+        "auth": "apikey",
+        "ready": "1",
+        "nmodels": "2",
+        "models": "a,b",
     }
     plain = build_txt(Announcement(device_id="box-1", version="1", ready=False))
     assert plain["api"] == "openai,oip-v2,ollama"
     assert not {"ws", "grpc", "mqtt"} & set(plain)
     assert (plain["tls"], plain["auth"], plain["ready"], plain["models"]) == ("0", "none", "0", "")
 
-    info = ServiceInfo(SERVICE_TYPE, f"Box.{SERVICE_TYPE}", port=8080, properties=txt,
-                       server="box-1.local.", parsed_addresses=["10.0.0.2"])
+    info = ServiceInfo(
+        SERVICE_TYPE,
+        f"Box.{SERVICE_TYPE}",
+        port=8080,
+        properties=txt,
+        server="box-1.local.",
+        parsed_addresses=["10.0.0.2"],
+    )
     a = appliance_from_info(info)
     assert a is not None
     assert a.protocols == ("openai", "oip-v2", "ollama", "ws", "grpc", "mqtt")
-    assert a.paths == {"openai": "/v1", "oip": "/v2", "ollama": "/api", "ws": "/ws",
-                       "health": "/health", "path": "/docs"}
+    assert a.paths == {
+        "openai": "/v1",
+        "oip": "/v2",
+        "ollama": "/api",
+        "ws": "/ws",
+        "health": "/health",
+        "path": "/docs",
+    }
     assert (a.grpc_port, a.mqtt_topic_base, a.tls, a.auth) == (
-        8081, "appliance/box-1", True, "apikey")
+        8081,
+        "appliance/box-1",
+        True,
+        "apikey",
+    )
     assert a.url == "https://10.0.0.2:8080"
 
 
@@ -67,8 +104,14 @@ def test_a_long_model_list_is_trimmed_to_whole_names_within_the_limits() -> None
     assert _txt_size(txt) <= MAX_TXT_RECORD
     assert txt["nmodels"] == "100"
 
-    info = ServiceInfo(SERVICE_TYPE, f"Box.{SERVICE_TYPE}", port=8080, properties=txt,
-                       server="box-1.local.", parsed_addresses=["192.168.1.20"])
+    info = ServiceInfo(
+        SERVICE_TYPE,
+        f"Box.{SERVICE_TYPE}",
+        port=8080,
+        properties=txt,
+        server="box-1.local.",
+        parsed_addresses=["192.168.1.20"],
+    )
     appliance = appliance_from_info(info)
     assert appliance is not None
     assert not appliance.models_complete and appliance.model_count == 100
@@ -76,15 +119,26 @@ def test_a_long_model_list_is_trimmed_to_whole_names_within_the_limits() -> None
 
 
 def test_a_resolved_service_becomes_an_appliance() -> None:
-    txt = build_txt(Announcement(device_id="box-1", version="1.2.3", ready=True,
-                                 models=["sensor-anomaly"]))
-    info = ServiceInfo(SERVICE_TYPE, f"Green house.{SERVICE_TYPE}", port=8080, properties=txt,
-                       server="box-1.local.",
-                       parsed_addresses=["127.0.0.1", "fe80::1", "192.168.1.20"])
+    txt = build_txt(
+        Announcement(device_id="box-1", version="1.2.3", ready=True, models=["sensor-anomaly"])
+    )
+    info = ServiceInfo(
+        SERVICE_TYPE,
+        f"Green house.{SERVICE_TYPE}",
+        port=8080,
+        properties=txt,
+        server="box-1.local.",
+        parsed_addresses=["127.0.0.1", "fe80::1", "192.168.1.20"],
+    )
     a = appliance_from_info(info)
     assert a is not None
     assert (a.name, a.device_id, a.host, a.port, a.version) == (
-        "Green house", "box-1", "box-1.local.", 8080, "1.2.3")
+        "Green house",
+        "box-1",
+        "box-1.local.",
+        8080,
+        "1.2.3",
+    )
     assert a.address == "192.168.1.20"  # LAN IPv4 before loopback and link-local
     assert a.url == "http://192.168.1.20:8080"
     assert a.openai_base_url == "http://192.168.1.20:8080/v1"
@@ -94,12 +148,15 @@ def test_a_resolved_service_becomes_an_appliance() -> None:
     assert appliance_from_info(not_ours) is None
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("Greenhouse 3", "Greenhouse 3"),
-    ("  tabs\tand\nnewlines ", "tabs and newlines"),
-    ("", "appliance"),
-    ("é" * 40, "é" * 31),  # 63 bytes at most, never half a character
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Greenhouse 3", "Greenhouse 3"),
+        ("  tabs\tand\nnewlines ", "tabs and newlines"),
+        ("", "appliance"),
+        ("é" * 40, "é" * 31),  # 63 bytes at most, never half a character
+    ],
+)
 def test_instance_names_are_one_printable_label(name: str, expected: str) -> None:
     assert instance_name(name) == expected
     assert len(instance_name(name).encode()) <= 63
@@ -109,8 +166,9 @@ def test_mdns_config_defaults_environment_and_errors() -> None:
     default = config_mod.load(env={})
     assert default.mdns.enabled is True
     assert default.mdns.interfaces == []  # every non-loopback interface
-    cfg = config_mod.load(env={"APPLIANCE_MDNS__ENABLED": "false",
-                               "APPLIANCE_MDNS__INTERFACES": "lo, 127.0.0.1,eth0"})
+    cfg = config_mod.load(
+        env={"APPLIANCE_MDNS__ENABLED": "false", "APPLIANCE_MDNS__INTERFACES": "lo, 127.0.0.1,eth0"}
+    )
     assert cfg.mdns.enabled is False
     assert cfg.mdns.interfaces == ["lo", "127.0.0.1", "eth0"]
     with pytest.raises(ConfigError, match=r"mdns.interfaces = \['eth 0'\].*APPLIANCE_MDNS"):
@@ -133,20 +191,35 @@ def test_interfaces_resolve_by_name_or_address() -> None:
     assert parse_interface_list(" lo,, eth0 ") == ["lo", "eth0"]
 
 
-def _appliance(device_id: str, *, ready: bool = True, models: tuple[str, ...] = ("m",),
-               port: int = 8080) -> Appliance:
+def _appliance(
+    device_id: str, *, ready: bool = True, models: tuple[str, ...] = ("m",), port: int = 8080
+) -> Appliance:
     return Appliance(
-        name=device_id.title(), service=f"{device_id.title()}.{SERVICE_TYPE}",
-        device_id=device_id, host=f"{device_id}.local.", addresses=("10.0.0.1",), port=port,
-        version="1", ready=ready, models=models, model_count=len(models),
-        protocols=("openai", "oip-v2"), tls=False, auth="none", mqtt_topic_base=None,
+        name=device_id.title(),
+        service=f"{device_id.title()}.{SERVICE_TYPE}",
+        device_id=device_id,
+        host=f"{device_id}.local.",
+        addresses=("10.0.0.1",),
+        port=port,
+        version="1",
+        ready=ready,
+        models=models,
+        model_count=len(models),
+        protocols=("openai", "oip-v2"),
+        tls=False,
+        auth="none",
+        mqtt_topic_base=None,
     )
 
 
 def test_pool_picks_ready_servers_of_a_model_least_busy_first() -> None:
     pool = AppliancePool()
-    for a in (_appliance("a"), _appliance("b"), _appliance("c", ready=False),
-              _appliance("d", models=("other",))):
+    for a in (
+        _appliance("a"),
+        _appliance("b"),
+        _appliance("c", ready=False),
+        _appliance("d", models=("other",)),
+    ):
         pool.upsert(a)
     assert [a.device_id for a in pool.candidates("m")] == ["a", "b"]
     picks = [pool.pick("m").device_id for _ in range(4)]

@@ -26,18 +26,28 @@ def repo_with_broken_model(root: Path) -> Path:
     (repo / "broken").mkdir()
     (repo / "broken" / "model.onnx").write_bytes(b"not an onnx model")
     (repo / "broken" / "manifest.toml").write_text(
-        'name = "broken"\nruntime = "onnx"\nfile = "model.onnx"\n', encoding="utf-8")
+        'name = "broken"\nruntime = "onnx"\nfile = "model.onnx"\n', encoding="utf-8"
+    )
     return repo
 
 
 def infer_body() -> dict[str, Any]:
-    return {"inputs": [{"name": "window", "shape": [1, 32, 3], "datatype": "FP32",
-                        "data": [[20.0, 50.0, 0.1]] * 32}]}
+    return {
+        "inputs": [
+            {
+                "name": "window",
+                "shape": [1, 32, 3],
+                "datatype": "FP32",
+                "data": [[20.0, 50.0, 0.1]] * 32,
+            }
+        ]
+    }
 
 
 async def test_snapshot_of_a_serving_daemon(tmp_path: Path) -> None:
-    config = make_config(models={"dir": repo_with_broken_model(tmp_path)},
-                         health={"interval": 3600})  # snapshots taken by hand here
+    config = make_config(
+        models={"dir": repo_with_broken_model(tmp_path)}, health={"interval": 3600}
+    )  # snapshots taken by hand here
     async with serving(config) as server, aiohttp.ClientSession() as http:
         url = base_url(server)
         for _ in range(6):
@@ -98,9 +108,11 @@ async def test_periodic_snapshots_reach_listeners_and_metrics(tmp_path: Path) ->
 
 
 async def test_a_failing_model_raises_an_alert_in_metrics_and_health(tmp_path: Path) -> None:
-    config = make_config(models={"dir": repo_with_broken_model(tmp_path)},
-                         health={"interval": 0.05},
-                         alerts={"model_load_failures_threshold": 0})
+    config = make_config(
+        models={"dir": repo_with_broken_model(tmp_path)},
+        health={"interval": 0.05},
+        alerts={"model_load_failures_threshold": 0},
+    )
     async with serving(config) as server, aiohttp.ClientSession() as http:
         from tests.conftest import wait_for
 
@@ -110,8 +122,9 @@ async def test_a_failing_model_raises_an_alert_in_metrics_and_health(tmp_path: P
             text = await resp.text()
         async with http.get(base_url(server) + "/health") as resp:
             health = await resp.json()
-    assert ('appliance_alert_firing{rule="model_load_failures",severity="warning",subject=""}'
-            ' 1.0') in text
+    assert (
+        'appliance_alert_firing{rule="model_load_failures",severity="warning",subject=""} 1.0'
+    ) in text
     assert 'appliance_alerts_fired_total{rule="model_load_failures"} 1.0' in text
     (firing,) = health["units"]["alerts"]["firing"]
     assert firing["rule"] == "model_load_failures" and firing["value"] == 1
@@ -149,15 +162,21 @@ async def test_throttling_flags_are_decoded(tmp_path: Path) -> None:
     (firmware / "get_throttled").write_text("0x50005\n")
     async with serving(make_config(health={"interval": 3600})) as server:
         assert server.core is not None
-        collector = HealthCollector(server.core, HealthConfig(), sysfs=tmp_path,
-                                    nvidia_smi=None)
+        collector = HealthCollector(server.core, HealthConfig(), sysfs=tmp_path, nvidia_smi=None)
         snap = await collector.snapshot()
     t = snap.system.throttling
     assert t is not None
     assert (t.under_voltage, t.freq_capped, t.throttled, t.soft_temp_limit) == (
-        True, False, True, False)
+        True,
+        False,
+        True,
+        False,
+    )
     assert (t.under_voltage_occurred, t.throttled_occurred, t.freq_capped_occurred) == (
-        True, True, False)
+        True,
+        True,
+        False,
+    )
     assert snap.system.temperatures_c == {}  # absent sensors are omitted, not faked
     assert snap.system.max_temperature_c is None and snap.system.gpus == ()
 
@@ -167,7 +186,8 @@ def test_nvidia_smi_output() -> None:
     # --format=csv,noheader,nounits`), plus a card that does not report utilisation.
     gpus = parse_nvidia_smi("NVIDIA H200, 0, 0, 143771\nNVIDIA T4, [N/A], 10, 15360\n")
     assert [(g.name, g.utilization, g.memory_used, g.memory_total) for g in gpus] == [
-        ("0: NVIDIA H200", 0.0, 0, 143771 * 1024 * 1024)]
+        ("0: NVIDIA H200", 0.0, 0, 143771 * 1024 * 1024)
+    ]
 
 
 def test_bucket_quantile_matches_prometheus() -> None:

@@ -39,18 +39,29 @@ def test_token_sources(tmp_path: Path) -> None:
 
 def test_the_daemon_refuses_to_start_without_a_token(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
-    proc = start_daemon("--models-dir", str(tmp_path / "models"), env={
-        "APPLIANCE_HUB__URL": "http://127.0.0.1:9", "APPLIANCE_HUB__OUTBOX_PATH":
-        str(tmp_path / "outbox.db")})
+    proc = start_daemon(
+        "--models-dir",
+        str(tmp_path / "models"),
+        env={
+            "APPLIANCE_HUB__URL": "http://127.0.0.1:9",
+            "APPLIANCE_HUB__OUTBOX_PATH": str(tmp_path / "outbox.db"),
+        },
+    )
     proc.proc.wait(timeout=60)
     assert proc.stop() == 2
     assert any("is set but no device token is" in line for line in proc.log), proc.log
 
 
 async def test_backoff_is_exponential_capped_and_jittered(tmp_path: Path) -> None:
-    config = make_config(hub={"url": "http://127.0.0.1:9", "token": "t",
-                              "backoff_initial": 0.5, "backoff_max": 8,
-                              "outbox_path": tmp_path / "o.db"})
+    config = make_config(
+        hub={
+            "url": "http://127.0.0.1:9",
+            "token": "t",
+            "backoff_initial": 0.5,
+            "backoff_max": 8,
+            "outbox_path": tmp_path / "o.db",
+        }
+    )
     async with serving(config) as server:
         assert server.health is not None
         sync = HubSync(config, server.health, None)
@@ -68,11 +79,19 @@ async def test_alerts_that_fired_before_the_uploader_started_are_queued(tmp_path
     shutil.copytree(DEFAULT_MODELS / "sensor-anomaly", repo / "sensor-anomaly")
     (repo / "broken").mkdir()
     (repo / "broken" / "manifest.toml").write_text(
-        'name = "broken"\nruntime = "onnx"\nfile = "gone.onnx"\n', encoding="utf-8")
-    config = make_config(models={"dir": repo}, health={"interval": 0.05},
-                         alerts={"model_load_failures_threshold": 0})
-    hub = make_config(hub={"url": f"http://127.0.0.1:{free_port()}", "token": "t",
-                           "backoff_initial": 60, "outbox_path": tmp_path / "o.db"}).hub
+        'name = "broken"\nruntime = "onnx"\nfile = "gone.onnx"\n', encoding="utf-8"
+    )
+    config = make_config(
+        models={"dir": repo}, health={"interval": 0.05}, alerts={"model_load_failures_threshold": 0}
+    )
+    hub = make_config(
+        hub={
+            "url": f"http://127.0.0.1:{free_port()}",
+            "token": "t",
+            "backoff_initial": 60,
+            "outbox_path": tmp_path / "o.db",
+        }
+    ).hub
     async with serving(config) as server:
         engine = server.alerts
         assert server.health is not None and engine is not None
@@ -81,7 +100,9 @@ async def test_alerts_that_fired_before_the_uploader_started_are_queued(tmp_path
         late = HubSync(config.model_copy(update={"hub": hub}), server.health, engine)
         async with late:
             await wait_for(lambda: late.outbox.records >= 3)
-            kinds = [(r.kind, r.body.get("rule") or r.body.get("type"))
-                     for r in await late.outbox.peek(10)]
+            kinds = [
+                (r.kind, r.body.get("rule") or r.body.get("type"))
+                for r in await late.outbox.peek(10)
+            ]
     assert kinds[0] == ("event", "started")
     assert ("alert", "model_load_failures") in kinds

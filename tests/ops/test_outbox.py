@@ -146,10 +146,11 @@ async def test_damaged_pages_are_detected(tmp_path: Path) -> None:
 
 def test_default_state_dir() -> None:
     home = Path("/home/u")
-    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/x:/other"}, is_root=False,
-                             home=home) == Path("/var/lib/x")
+    assert default_state_dir(
+        {"STATE_DIRECTORY": "/var/lib/x:/other"}, is_root=False, home=home
+    ) == Path("/var/lib/x")
     assert default_state_dir({}, is_root=True, home=home) == Path("/var/lib/appliance")
-    assert default_state_dir({}, is_root=False, home=home) == Path(
-        "/home/u/.local/state/appliance")
+    assert default_state_dir({}, is_root=False, home=home) == Path("/home/u/.local/state/appliance")
     assert default_state_dir({"XDG_STATE_HOME": "/s"}, is_root=False, home=home) == Path(
-        "/s/appliance")
+        "/s/appliance"
+    )

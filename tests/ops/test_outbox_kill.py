@@ -52,8 +52,9 @@ def test_sigkill_during_outbox_writes_loses_no_acknowledged_record(tmp_path: Pat
     rng = random.Random(7)
     all_acked: list[int] = []
     for _ in range(4):
-        proc = start_daemon("--models-dir", str(tmp_path / "models"), "--log-level", "debug",
-                            env=env)
+        proc = start_daemon(
+            "--models-dir", str(tmp_path / "models"), "--log-level", "debug", env=env
+        )
         try:
             wait_acks(proc, rng.randint(8, 20))
             time.sleep(rng.uniform(0, 0.05))  # land anywhere in the next commit

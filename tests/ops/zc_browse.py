@@ -32,8 +32,9 @@ def main() -> int:
         event: dict[str, object] = {"event": state_change.name.lower(), "name": name}
         if state_change is not ServiceStateChange.Removed:
             # Multicast questions: other mDNS stacks on this host share port 5353.
-            info = zeroconf.get_service_info(service_type, name, timeout=3000,
-                                             question_type=DNSQuestionType.QM)
+            info = zeroconf.get_service_info(
+                service_type, name, timeout=3000, question_type=DNSQuestionType.QM
+            )
             if info is None:
                 event["unresolved"] = True
             else:
@@ -45,8 +46,9 @@ def main() -> int:
                 }
         emit(event)
 
-    browser = ServiceBrowser(zc, service_type, handlers=[on_change],
-                             question_type=DNSQuestionType.QM)
+    browser = ServiceBrowser(
+        zc, service_type, handlers=[on_change], question_type=DNSQuestionType.QM
+    )
     try:
         sys.stdin.read()  # until the test closes our stdin
     finally:

@@ -28,13 +28,17 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "stories260K"
 EOS = 2
 SLOTS = 4
-PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park",
-           "One day, a big"]
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park", "One day, a big"]
 
 
 def body(prompt: str, max_tokens: int, *, endless: bool = False, **extra: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
-                            "temperature": 0, **extra}
+    data: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
     if endless:  # cannot end before max_tokens: the end-of-story token is banned
         data["logit_bias"] = {str(EOS): -100}
     return data
@@ -63,8 +67,7 @@ async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
     return (await metric_samples(http, url, name)).get("", 0.0)
 
 
-async def eventually_metric(http: aiohttp.ClientSession, url: str, name: str,
-                            value: float) -> None:
+async def eventually_metric(http: aiohttp.ClientSession, url: str, name: str, value: float) -> None:
     for _ in range(1500):
         if await metric(http, url, name) == value:
             return
@@ -147,8 +150,9 @@ async def test_a_request_joins_a_running_batch(
     server: Server, http: aiohttp.ClientSession, alone: dict[str, str]
 ) -> None:
     url = base_url(server)
-    async with http.post(url + "/v1/completions",
-                         json=body(PROMPTS[0], 1500, endless=True, stream=True)) as resp:
+    async with http.post(
+        url + "/v1/completions", json=body(PROMPTS[0], 1500, endless=True, stream=True)
+    ) as resp:
         long = Stream(resp)
         for _ in range(10):
             assert await long.next_piece() is not None
@@ -170,8 +174,9 @@ async def test_full_slots_queue_then_refuse_and_a_leaving_client_frees_its_slot(
     streams: list[Stream] = []
     try:
         for session, prompt in zip(sessions, PROMPTS, strict=True):
-            resp = await session.post(url + "/v1/completions",
-                                      json=body(prompt, 1500, endless=True, stream=True))
+            resp = await session.post(
+                url + "/v1/completions", json=body(prompt, 1500, endless=True, stream=True)
+            )
             assert resp.status == 200
             streams.append(Stream(resp))
             assert await streams[-1].next_piece() is not None
@@ -209,8 +214,10 @@ async def test_a_repeated_prompt_prefix_is_reused_from_the_kv_cache(
 ) -> None:
     url = base_url(server)
     system = "Tell a story about a girl named Lily who likes to play in the park with her dog."
-    messages = [{"role": "system", "content": system},
-                {"role": "user", "content": "Once upon a time"}]
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Once upon a time"},
+    ]
     chat = {"model": MODEL, "messages": messages, "max_tokens": 30, "temperature": 0}
 
     async def ask() -> dict[str, Any]:

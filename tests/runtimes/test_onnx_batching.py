@@ -46,12 +46,21 @@ def repo(root: Path, default_models: Path) -> Path:
 
 def window(seed: int, rows: int = 1) -> dict[str, Any]:
     data = np.random.default_rng(seed).normal(20, 5, size=(rows, 32, 3)).astype(np.float32)
-    return {"inputs": [{"name": "window", "shape": [rows, 32, 3], "datatype": "FP32",
-                        "data": data.reshape(-1).tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": "window",
+                "shape": [rows, 32, 3],
+                "datatype": "FP32",
+                "data": data.reshape(-1).tolist(),
+            }
+        ]
+    }
 
 
-async def infer(http: aiohttp.ClientSession, url: str, model: str,
-                body: dict[str, Any]) -> dict[str, list[Any]]:
+async def infer(
+    http: aiohttp.ClientSession, url: str, model: str, body: dict[str, Any]
+) -> dict[str, list[Any]]:
     async with http.post(f"{url}/v2/models/{model}/infer", json=body) as resp:
         assert resp.status == 200, await resp.text()
         result = await resp.json()
@@ -105,8 +114,11 @@ async def test_a_bad_request_fails_alone_and_a_fixed_batch_dimension_is_not_batc
     async with serving(config) as server:
         url = base_url(server)
         good = [window(i) for i in range(6)]
-        bad = {"inputs": [{"name": "window", "shape": [1, 31, 3], "datatype": "FP32",
-                           "data": [0.0] * 93}]}
+        bad = {
+            "inputs": [
+                {"name": "window", "shape": [1, 31, 3], "datatype": "FP32", "data": [0.0] * 93}
+            ]
+        }
 
         async def post(body: dict[str, Any]) -> int:
             async with http.post(f"{url}/v2/models/batched/infer", json=body) as resp:

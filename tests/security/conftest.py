@@ -21,8 +21,10 @@ KEYS = {
 
 
 def key_entries() -> list[dict[str, Any]]:
-    return [{"name": f"{scope}-key", "scopes": [scope], "hash": hash_key(value)}
-            for scope, value in KEYS.items()]
+    return [
+        {"name": f"{scope}-key", "scopes": [scope], "hash": hash_key(value)}
+        for scope, value in KEYS.items()
+    ]
 
 
 def bearer(scope: str) -> dict[str, str]:
@@ -33,8 +35,10 @@ def keys_toml() -> str:
     """The test keys as appliance.toml tables."""
     out = []
     for entry in key_entries():
-        out.append(f'[[security.keys]]\nname = "{entry["name"]}"\n'
-                   f'scopes = ["{entry["scopes"][0]}"]\nhash = "{entry["hash"]}"\n')
+        out.append(
+            f'[[security.keys]]\nname = "{entry["name"]}"\n'
+            f'scopes = ["{entry["scopes"][0]}"]\nhash = "{entry["hash"]}"\n'
+        )
     return "\n".join(out)
 
 

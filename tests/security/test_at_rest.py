@@ -60,8 +60,13 @@ async def test_records_cannot_move_between_kinds(tmp_path: Path) -> None:
 
 
 def test_data_key_loading(tmp_path: Path) -> None:
-    made = subprocess.run([sys.executable, "-m", "appliance", "keys", "data-key"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    made = subprocess.run(
+        [sys.executable, "-m", "appliance", "keys", "data-key"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert made.returncode == 0 and len(made.stdout.strip()) == 64
     (tmp_path / "data-key").write_text(made.stdout)
     assert load_cipher(tmp_path / "data-key", {}) is not None

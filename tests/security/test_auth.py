@@ -48,12 +48,22 @@ def _wrong_scope(required: str) -> str:
     return "infer" if required in ("read", "admin") else "read"
 
 
-async def _status(http: aiohttp.ClientSession, url: str, method: str, path: str,
-                  headers: dict[str, str], query: dict[str, str] | None = None) -> int:
+async def _status(
+    http: aiohttp.ClientSession,
+    url: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    query: dict[str, str] | None = None,
+) -> int:
     body = b"{}" if method == "POST" else None
-    async with http.request(method, url + path, headers={"Content-Type": "application/json",
-                                                         **headers},
-                            params=query, data=body) as response:
+    async with http.request(
+        method,
+        url + path,
+        headers={"Content-Type": "application/json", **headers},
+        params=query,
+        data=body,
+    ) as response:
         await response.read()
         if response.status == 401:
             assert response.headers["WWW-Authenticate"].startswith('Bearer realm="appliance"')
@@ -77,8 +87,7 @@ async def test_auth_matrix_over_every_protected_route(default_models: Path) -> N
         async with serving(make_config(models={"dir": str(default_models)})) as open_server:
             url = base_url(open_server)
             for method, template in PROTECTED:
-                baseline[(method, template)] = await _status(http, url, method,
-                                                             _path(template), {})
+                baseline[(method, template)] = await _status(http, url, method, _path(template), {})
         async with serving(secured_config(default_models)) as server:
             url = base_url(server)
             basic = base64.b64encode(f"user:{KEYS['admin']}".encode()).decode()
@@ -90,12 +99,14 @@ async def test_auth_matrix_over_every_protected_route(default_models: Path) -> N
                     "wrong X-API-Key": ({"X-API-Key": "apk_wrong-" + "x" * 40}, None, 401),
                     "wrong scheme": ({"Authorization": f"Basic {basic}"}, None, 401),
                     "raw key in Authorization": ({"Authorization": KEYS["admin"]}, None, 401),
-                    "key in query": ({}, {"api_key": KEYS["admin"], "key": KEYS["admin"]},
-                                     401),
+                    "key in query": ({}, {"api_key": KEYS["admin"], "key": KEYS["admin"]}, 401),
                     "wrong scope": (bearer(_wrong_scope(required)), None, 403),
                     "right key": (bearer(required), None, baseline[(method, template)]),
-                    "right key as X-API-Key": ({"X-API-Key": KEYS[required]}, None,
-                                               baseline[(method, template)]),
+                    "right key as X-API-Key": (
+                        {"X-API-Key": KEYS[required]},
+                        None,
+                        baseline[(method, template)],
+                    ),
                     "admin key": (bearer("admin"), None, baseline[(method, template)]),
                 }
                 for case, (headers, query, expected) in cases.items():
@@ -104,7 +115,8 @@ async def test_auth_matrix_over_every_protected_route(default_models: Path) -> N
 
 
 async def test_public_routes_need_no_key_and_unknown_paths_need_one(
-        secured: Any, http: aiohttp.ClientSession) -> None:
+    secured: Any, http: aiohttp.ClientSession
+) -> None:
     url = base_url(secured)
     for path in sorted(PUBLIC):
         async with http.get(url + path) as response:
@@ -124,8 +136,9 @@ async def test_public_routes_need_no_key_and_unknown_paths_need_one(
         assert isinstance((await response.json())["error"], str)
 
 
-async def test_public_list_is_configurable(default_models: Path,
-                                           http: aiohttp.ClientSession) -> None:
+async def test_public_list_is_configurable(
+    default_models: Path, http: aiohttp.ClientSession
+) -> None:
     config = secured_config(default_models, security={"public": ["/v2/models/*"]})
     async with serving(config) as server:
         url = base_url(server)
@@ -135,8 +148,7 @@ async def test_public_list_is_configurable(default_models: Path,
             assert response.status == 401  # no longer in the list
 
 
-async def test_websocket_needs_a_key_with_infer(secured: Any,
-                                                http: aiohttp.ClientSession) -> None:
+async def test_websocket_needs_a_key_with_infer(secured: Any, http: aiohttp.ClientSession) -> None:
     url = base_url(secured)
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await http.ws_connect(url + "/ws")
@@ -162,11 +174,23 @@ def test_grpc_applies_the_same_keys(default_models: Path, tmp_path: Path) -> Non
 
     port = free_port()
     (tmp_path / "appliance.toml").write_text(keys_toml())
-    env = {"APPLIANCE_SECURITY__AUTH": "on", "APPLIANCE_GRPC__ENABLED": "true",
-           "APPLIANCE_GRPC__HOST": "127.0.0.1", "APPLIANCE_GRPC__PORT": str(port)}
-    with daemon("--config", str(tmp_path / "appliance.toml"), "--models-dir",
-                str(default_models), env=env, ready=False), \
-            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    env = {
+        "APPLIANCE_SECURITY__AUTH": "on",
+        "APPLIANCE_GRPC__ENABLED": "true",
+        "APPLIANCE_GRPC__HOST": "127.0.0.1",
+        "APPLIANCE_GRPC__PORT": str(port),
+    }
+    with (
+        daemon(
+            "--config",
+            str(tmp_path / "appliance.toml"),
+            "--models-dir",
+            str(default_models),
+            env=env,
+            ready=False,
+        ),
+        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
         grpc.channel_ready_future(channel).result(timeout=30)
         stub = rpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(pb.ServerLiveRequest()).live  # public like /v2/health/live
@@ -174,15 +198,19 @@ def test_grpc_applies_the_same_keys(default_models: Path, tmp_path: Path) -> Non
             stub.ServerMetadata(pb.ServerMetadataRequest())
         assert missing.value.code() is grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as wrong:
-            stub.ServerMetadata(pb.ServerMetadataRequest(),
-                                metadata=(("authorization", "Bearer apk_nope"),))
+            stub.ServerMetadata(
+                pb.ServerMetadataRequest(), metadata=(("authorization", "Bearer apk_nope"),)
+            )
         assert wrong.value.code() is grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as scope:
-            stub.ModelInfer(pb.ModelInferRequest(model_name="sensor-anomaly"),
-                            metadata=(("x-api-key", KEYS["read"]),))
+            stub.ModelInfer(
+                pb.ModelInferRequest(model_name="sensor-anomaly"),
+                metadata=(("x-api-key", KEYS["read"]),),
+            )
         assert scope.value.code() is grpc.StatusCode.PERMISSION_DENIED
-        answer = stub.ServerMetadata(pb.ServerMetadataRequest(),
-                                     metadata=(("authorization", f"Bearer {KEYS['read']}"),))
+        answer = stub.ServerMetadata(
+            pb.ServerMetadataRequest(), metadata=(("authorization", f"Bearer {KEYS['read']}"),)
+        )
         assert answer.name == "appliance"
 
 
@@ -203,7 +231,8 @@ def test_keys_are_off_on_loopback_and_on_for_the_lan(tmp_path: Path) -> None:
     assert again.store.verify(key) is not None
     # Configured keys on loopback turn them on there too; auth = off turns them off.
     with_keys = config_mod.SecurityConfig.model_validate(
-        {"keys": [{"name": "a", "scopes": ["read"], "hash": keys.hash_key("k" * 30)}]})
+        {"keys": [{"name": "a", "scopes": ["read"], "hash": keys.hash_key("k" * 30)}]}
+    )
     assert build(with_keys, binds=["127.0.0.1"], env={}).required
     off = config_mod.SecurityConfig(auth="off")
     assert not build(off, binds=["0.0.0.0"], env={}).required
@@ -235,8 +264,14 @@ def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"security\.allow.*CIDR"):
         config_mod.load(env={}, overrides={"security": {"allow": ["10.0.0.0/33"]}})
     with pytest.raises(ConfigError, match=r"security\.keys"):
-        config_mod.load(env={}, overrides={"security": {"keys": [
-            {"name": "x", "scopes": ["root"], "hash": "sha256:" + "0" * 64}]}})
+        config_mod.load(
+            env={},
+            overrides={
+                "security": {
+                    "keys": [{"name": "x", "scopes": ["root"], "hash": "sha256:" + "0" * 64}]
+                }
+            },
+        )
     with pytest.raises(ConfigError, match=r"http\.tls_min_version"):
         config_mod.load(env={}, overrides={"http": {"tls_min_version": "1.0"}})
     loaded = config_mod.load(env={"APPLIANCE_SECURITY__ALLOW": "10.0.0.0/8,fd00::/8"})

@@ -40,8 +40,10 @@ def _serial(port: int, ca: Path, client: tuple[Path, Path] | None = None) -> int
     context = ssl.create_default_context(cafile=str(ca))
     if client is not None:
         context.load_cert_chain(str(client[0]), str(client[1]))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname="localhost") as sock:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
         der = sock.getpeercert(binary_form=True)
     assert der is not None
     return int(x509.load_der_x509_certificate(der).serial_number)
@@ -64,8 +66,9 @@ def _install(pki: Path, live: Path, name: str) -> None:
     (live / "key.pem").write_bytes((pki / f"{name}-key.pem").read_bytes())
 
 
-def _rotate_and_check(proc: DaemonProcess, pki: Path, live: Path,
-                      client: tuple[Path, Path] | None = None) -> None:
+def _rotate_and_check(
+    proc: DaemonProcess, pki: Path, live: Path, client: tuple[Path, Path] | None = None
+) -> None:
     ca, port = pki / tls.CA_CERT, _port(proc)
     old, new = _cert_serial(pki / "old.pem"), _cert_serial(pki / "new.pem")
     assert _serial(port, ca, client) == old
@@ -93,24 +96,33 @@ def _rotate_and_check(proc: DaemonProcess, pki: Path, live: Path,
     assert proc.proc.poll() is None
 
 
-def test_daemon_reloads_its_certificate_on_sighup(pki: Path, tmp_path: Path,
-                                                  default_models: Path) -> None:
+def test_daemon_reloads_its_certificate_on_sighup(
+    pki: Path, tmp_path: Path, default_models: Path
+) -> None:
     live = tmp_path / "live"
     _install(pki, live, "old")
-    env = {"APPLIANCE_HTTP__TLS_CERT_FILE": str(live / "cert.pem"),
-           "APPLIANCE_HTTP__TLS_KEY_FILE": str(live / "key.pem")}
+    env = {
+        "APPLIANCE_HTTP__TLS_CERT_FILE": str(live / "cert.pem"),
+        "APPLIANCE_HTTP__TLS_KEY_FILE": str(live / "key.pem"),
+    }
     with daemon("--models-dir", str(default_models), env=env, ready=False) as proc:
         assert proc.url.startswith("https://")
         _rotate_and_check(proc, pki, live)
 
 
-def _hub_get(url: str, ca: Path, path: str, headers: dict[str, str] | None = None,
-             client: tuple[Path, Path] | None = None) -> int:
+def _hub_get(
+    url: str,
+    ca: Path,
+    path: str,
+    headers: dict[str, str] | None = None,
+    client: tuple[Path, Path] | None = None,
+) -> int:
     context = ssl.create_default_context(cafile=str(ca))
     if client is not None:
         context.load_cert_chain(str(client[0]), str(client[1]))
-    request = urllib.request.Request(url.replace("127.0.0.1", "localhost") + path,
-                                     headers=headers or {})
+    request = urllib.request.Request(
+        url.replace("127.0.0.1", "localhost") + path, headers=headers or {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
             return int(response.status)
@@ -124,10 +136,12 @@ def test_hub_reloads_its_certificate_and_keys_on_sighup(pki: Path, tmp_path: Pat
     before, after = new_key(), new_key()
     keys.write_text(f"dashboard read {hash_key(before)}\n")
     storage = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = {"APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(live / "cert.pem"),
-           "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(live / "key.pem"),
-           "APPLIANCE_HUB_SECURITY__AUTH": "on",
-           "APPLIANCE_HUB_SECURITY__KEYS_FILE": str(keys)}
+    env = {
+        "APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(live / "cert.pem"),
+        "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(live / "key.pem"),
+        "APPLIANCE_HUB_SECURITY__AUTH": "on",
+        "APPLIANCE_HUB_SECURITY__KEYS_FILE": str(keys),
+    }
     ca = pki / tls.CA_CERT
     with hub(storage, env=env) as process:
         assert process.url.startswith("https://")
@@ -168,15 +182,18 @@ def test_hub_asks_for_client_certificates(pki: Path, tmp_path: Path) -> None:
         context = ssl.create_default_context(cafile=str(ca))
         context.load_cert_chain(str(client[0]), str(client[1]))
         request = urllib.request.Request(
-            process.url.replace("127.0.0.1", "localhost") + "/api/v1/ingest", data=body,
-            method="POST", headers={"Authorization": f"Bearer {token}",
-                                    "Content-Type": "application/json"})
+            process.url.replace("127.0.0.1", "localhost") + "/api/v1/ingest",
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
             assert response.status == 200
 
 
 def test_a_device_uploads_to_a_hub_that_requires_client_certificates(
-        pki: Path, tmp_path: Path) -> None:
+    pki: Path, tmp_path: Path
+) -> None:
     """hub.tls_cert_file: the appliance shows its certificate to a hub whose
     tls_client_auth is required; without it, nothing arrives."""
     from tests.hub.test_sync import appliance_env, poll
@@ -197,10 +214,15 @@ def test_a_device_uploads_to_a_hub_that_requires_client_certificates(
             with urllib.request.urlopen(device_url, timeout=5, context=context) as response:
                 return bool(json.loads(response.read()).get("last_seen"))
 
-        device_env = appliance_env(url, token, "box-2", tmp_path / "outbox.db",
-                                   APPLIANCE_HUB__TLS_CA_FILE=str(ca),
-                                   APPLIANCE_HUB__TLS_CERT_FILE=str(pki / "new.pem"),
-                                   APPLIANCE_HUB__TLS_KEY_FILE=str(pki / "new-key.pem"))
+        device_env = appliance_env(
+            url,
+            token,
+            "box-2",
+            tmp_path / "outbox.db",
+            APPLIANCE_HUB__TLS_CA_FILE=str(ca),
+            APPLIANCE_HUB__TLS_CERT_FILE=str(pki / "new.pem"),
+            APPLIANCE_HUB__TLS_KEY_FILE=str(pki / "new-key.pem"),
+        )
         with daemon("--models-dir", str(tmp_path / "models"), env=device_env):
             poll("a heartbeat over mutual TLS", seen)
 
@@ -208,8 +230,10 @@ def test_a_device_uploads_to_a_hub_that_requires_client_certificates(
 def _mtls_hub_env(pki: Path) -> dict[str, str]:
     """A hub on the old certificate that requires client certificates of our CA and lets
     the reader certificate's CN stand in for a read key."""
-    return {"APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(pki / "old.pem"),
-            "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(pki / "old-key.pem"),
-            "APPLIANCE_HUB_HTTP__TLS_CLIENT_CA": str(pki / tls.CA_CERT),
-            "APPLIANCE_HUB_SECURITY__AUTH": "on",
-            "APPLIANCE_HUB_SECURITY__CLIENT_CERTS": "reader:read"}
+    return {
+        "APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(pki / "old.pem"),
+        "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(pki / "old-key.pem"),
+        "APPLIANCE_HUB_HTTP__TLS_CLIENT_CA": str(pki / tls.CA_CERT),
+        "APPLIANCE_HUB_SECURITY__AUTH": "on",
+        "APPLIANCE_HUB_SECURITY__CLIENT_CERTS": "reader:read",
+    }

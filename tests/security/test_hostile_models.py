@@ -32,9 +32,9 @@ ESCAPES = [
 ]
 
 
-async def test_hostile_chat_templates_run_no_code(stories_gguf: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_hostile_chat_templates_run_no_code(
+    stories_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, http: aiohttp.ClientSession
+) -> None:
     monkeypatch.chdir(tmp_path)  # where a relative 'touch MARKER' would land
     files = []
     for i, template in enumerate(ESCAPES):
@@ -44,8 +44,11 @@ async def test_hostile_chat_templates_run_no_code(stories_gguf: Path, tmp_path: 
     async with serving(config) as server:
         url = base_url(server)
         for i in range(len(ESCAPES)):
-            body = {"model": f"hostile{i}", "max_tokens": 4,
-                    "messages": [{"role": "user", "content": "hi"}]}
+            body = {
+                "model": f"hostile{i}",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
             async with http.post(url + "/v1/chat/completions", json=body) as response:
                 answer = await response.json()
             # Served safely: the sandbox refused (400 naming the template) or rendered
@@ -61,24 +64,33 @@ async def test_hostile_chat_templates_run_no_code(stories_gguf: Path, tmp_path: 
     assert left == sorted(f.name for f in files)  # no MARKER, nothing else written
 
 
-async def test_no_request_loads_a_model_from_a_path(default_models: Path, stories_gguf: Path,
-                                                    http: aiohttp.ClientSession) -> None:
+async def test_no_request_loads_a_model_from_a_path(
+    default_models: Path, stories_gguf: Path, http: aiohttp.ClientSession
+) -> None:
     """Model names from clients are looked up among configured models only: a path, a
     relative escape or a URL gets 404 and nothing is opened."""
     async with serving(secured_config(default_models)) as server:
         url = base_url(server)
         before = {m["id"] for m in await _models(http, url)}
-        for name in (str(stories_gguf), "../../../../etc/passwd", "file:///etc/passwd",
-                     str(stories_gguf.with_suffix("")), "stories260K"):
+        for name in (
+            str(stories_gguf),
+            "../../../../etc/passwd",
+            "file:///etc/passwd",
+            str(stories_gguf.with_suffix("")),
+            "stories260K",
+        ):
             for path, body in (
-                ("/v1/chat/completions", {"model": name, "messages": [
-                    {"role": "user", "content": "x"}]}),
+                (
+                    "/v1/chat/completions",
+                    {"model": name, "messages": [{"role": "user", "content": "x"}]},
+                ),
                 ("/v1/completions", {"model": name, "prompt": "x"}),
                 ("/api/generate", {"model": name, "prompt": "x", "stream": False}),
                 ("/api/show", {"model": name}),
             ):
-                async with http.post(url + path, data=json.dumps(body),
-                                     headers=bearer("admin")) as response:
+                async with http.post(
+                    url + path, data=json.dumps(body), headers=bearer("admin")
+                ) as response:
                     assert response.status in (400, 404), (path, name, response.status)
             quoted = name.replace("/", "%2F")
             async with http.get(f"{url}/v2/models/{quoted}", headers=bearer("admin")) as r:

@@ -29,9 +29,11 @@ def _status(url: str, key: str) -> int:
 
 
 def _config(path: Path, keys_file: Path, name: str, key: str) -> None:
-    path.write_text(f'[security]\nauth = "on"\nkeys_file = "{keys_file}"\n\n'
-                    f'[[security.keys]]\nname = "{name}"\nscopes = ["read"]\n'
-                    f'hash = "{hash_key(key)}"\n')
+    path.write_text(
+        f'[security]\nauth = "on"\nkeys_file = "{keys_file}"\n\n'
+        f'[[security.keys]]\nname = "{name}"\nscopes = ["read"]\n'
+        f'hash = "{hash_key(key)}"\n'
+    )
 
 
 def _hangup(proc: DaemonProcess, expect: str, timeout: float = 20) -> str:

@@ -24,8 +24,13 @@ from tests.security.conftest import bearer, key_entries
 
 
 def _cli(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -45,12 +50,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _client_context(pki: Path, client: str | None, *, ca_dir: str = "ca",
-                    maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+def _client_context(
+    pki: Path, client: str | None, *, ca_dir: str = "ca", maximum: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki / "ca" / tls.CA_CERT))
     if client is not None:
-        context.load_cert_chain(str(pki / ca_dir / f"{client}.pem"),
-                                str(pki / ca_dir / f"{client}-key.pem"))
+        context.load_cert_chain(
+            str(pki / ca_dir / f"{client}.pem"), str(pki / ca_dir / f"{client}-key.pem")
+        )
     if maximum is not None:
         context.maximum_version = maximum
     return context
@@ -62,10 +69,11 @@ def _get(port: int, context: ssl.SSLContext) -> bytes:
     handshake ends before the server has checked its certificate, so it sees the
     connection closed at its first read. The server's asyncio transport drops the alert.)"""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                context.wrap_socket(raw, server_hostname="localhost") as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Connection: close\r\n\r\n")
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as sock,
+        ):
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -74,47 +82,66 @@ def _get(port: int, context: ssl.SSLContext) -> bytes:
         return b""
 
 
-def _https(pki: Path, mode: str, default_models: Path, **sections: dict[str, Any]
-           ) -> config_mod.Config:
-    http = {"tls_cert_file": str(pki / "ca" / "device.pem"),
-            "tls_key_file": str(pki / "ca" / "device-key.pem"),
-            "tls_client_ca": str(pki / "ca" / tls.CA_CERT), "tls_client_auth": mode}
+def _https(
+    pki: Path, mode: str, default_models: Path, **sections: dict[str, Any]
+) -> config_mod.Config:
+    http = {
+        "tls_cert_file": str(pki / "ca" / "device.pem"),
+        "tls_key_file": str(pki / "ca" / "device-key.pem"),
+        "tls_client_ca": str(pki / "ca" / tls.CA_CERT),
+        "tls_client_auth": mode,
+    }
     return make_config(models={"dir": str(default_models)}, http=http, **sections)
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 async def test_required_refuses_clients_without_a_certificate_of_the_ca(
-        pki: Path, default_models: Path, version: ssl.TLSVersion) -> None:
+    pki: Path, default_models: Path, version: ssl.TLSVersion
+) -> None:
     async with serving(_https(pki, "required", default_models)) as server:
         port = server.port
         # The same request, the same client context but for its certificate: none, or one
         # of the same name from another CA, gets no answer; ours gets one.
-        refused = await asyncio.to_thread(_get, port, _client_context(pki, None,
-                                                                      maximum=version))
+        refused = await asyncio.to_thread(_get, port, _client_context(pki, None, maximum=version))
         assert refused == b""
-        stranger = await asyncio.to_thread(_get, port, _client_context(
-            pki, "sensor-1", ca_dir="other", maximum=version))
+        stranger = await asyncio.to_thread(
+            _get, port, _client_context(pki, "sensor-1", ca_dir="other", maximum=version)
+        )
         assert stranger == b""
-        answer = await asyncio.to_thread(_get, port, _client_context(
-            pki, "sensor-1", maximum=version))
+        answer = await asyncio.to_thread(
+            _get, port, _client_context(pki, "sensor-1", maximum=version)
+        )
         assert answer.startswith(b"HTTP/1.1 200")
-        async with aiohttp.ClientSession() as http, http.get(
-                f"https://localhost:{port}/v2", ssl=_client_context(pki, "reader")) as response:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"https://localhost:{port}/v2", ssl=_client_context(pki, "reader")
+            ) as response,
+        ):
             assert response.status == 200  # loopback, no keys configured: none needed
 
 
-async def test_a_mapped_certificate_stands_in_for_an_api_key(pki: Path,
-                                                              default_models: Path) -> None:
-    config = _https(pki, "optional", default_models, security={
-        "auth": "on", "keys": key_entries(),
-        "client_certs": [{"name": "sensor-1", "scopes": ["infer", "read"]}]})
+async def test_a_mapped_certificate_stands_in_for_an_api_key(
+    pki: Path, default_models: Path
+) -> None:
+    config = _https(
+        pki,
+        "optional",
+        default_models,
+        security={
+            "auth": "on",
+            "keys": key_entries(),
+            "client_certs": [{"name": "sensor-1", "scopes": ["infer", "read"]}],
+        },
+    )
     async with serving(config) as server, aiohttp.ClientSession() as http:
         url = f"https://localhost:{server.port}"
         no_cert = _client_context(pki, None)
         sensor, reader = _client_context(pki, "sensor-1"), _client_context(pki, "reader")
 
-        async def status(context: ssl.SSLContext, method: str, path: str,
-                         headers: dict[str, str] | None = None) -> tuple[int, str]:
+        async def status(
+            context: ssl.SSLContext, method: str, path: str, headers: dict[str, str] | None = None
+        ) -> tuple[int, str]:
             async with http.request(method, url + path, ssl=context, headers=headers) as resp:
                 return resp.status, await resp.text()
 
@@ -147,30 +174,46 @@ def test_mtls_configuration_is_checked(pki: Path, tmp_path: Path) -> None:
         daemon_policy(lonely, env={})
     (tmp_path / "ca.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match=r"http\.tls_client_ca"):
-        tls.server_context(pki / "ca" / "device.pem", pki / "ca" / "device-key.pem", "1.2",
-                           client_ca=tmp_path / "ca.pem")
-    env = config_mod.load(env={"APPLIANCE_HTTP__TLS_CERT_FILE": str(pki / "ca" / "device.pem"),
-                               "APPLIANCE_HTTP__TLS_CLIENT_CA": str(pki / "ca" / "ca.pem"),
-                               "APPLIANCE_HTTP__TLS_CLIENT_AUTH": "optional"})
+        tls.server_context(
+            pki / "ca" / "device.pem",
+            pki / "ca" / "device-key.pem",
+            "1.2",
+            client_ca=tmp_path / "ca.pem",
+        )
+    env = config_mod.load(
+        env={
+            "APPLIANCE_HTTP__TLS_CERT_FILE": str(pki / "ca" / "device.pem"),
+            "APPLIANCE_HTTP__TLS_CLIENT_CA": str(pki / "ca" / "ca.pem"),
+            "APPLIANCE_HTTP__TLS_CLIENT_AUTH": "optional",
+        }
+    )
     assert env.http.tls_client_auth == "optional"
     listed = config_mod.load(
-        env={"APPLIANCE_SECURITY__CLIENT_CERTS": "sensor-1:infer+read,ha:read"})
+        env={"APPLIANCE_SECURITY__CLIENT_CERTS": "sensor-1:infer+read,ha:read"}
+    )
     assert [(c.name, c.scopes) for c in listed.security.client_certs] == [
-        ("sensor-1", ["infer", "read"]), ("ha", ["read"])]
+        ("sensor-1", ["infer", "read"]),
+        ("ha", ["read"]),
+    ]
     with pytest.raises(ConfigError, match=r"security\.client_certs\.0.*NAME:SCOPE"):
         config_mod.load(env={"APPLIANCE_SECURITY__CLIENT_CERTS": "sensor-1"})
 
 
 def test_client_names_are_checked(pki: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "appliance", "certs", "client", "../evil",
-                           "--dir", str(pki / "ca")], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "certs", "client", "../evil", "--dir", str(pki / "ca")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert done.returncode == 1 and "not valid" in done.stderr
     assert not (pki / "evil.pem").exists()
 
 
-def test_grpc_requires_the_same_client_certificates(pki: Path, default_models: Path,
-                                                    tmp_path: Path) -> None:
+def test_grpc_requires_the_same_client_certificates(
+    pki: Path, default_models: Path, tmp_path: Path
+) -> None:
     """gRPC in a daemon subprocess (see test_auth.py for why), with tritonclient's stubs."""
     grpc = pytest.importorskip("grpc")
     from tritonclient.grpc import service_pb2 as pb
@@ -182,30 +225,41 @@ def test_grpc_requires_the_same_client_certificates(pki: Path, default_models: P
 
     ca = pki / "ca"
     (tmp_path / "appliance.toml").write_text(
-        '[[security.client_certs]]\nname = "sensor-1"\nscopes = ["read"]\n')
+        '[[security.client_certs]]\nname = "sensor-1"\nscopes = ["read"]\n'
+    )
     port = free_port()
-    env = {"APPLIANCE_SECURITY__AUTH": "on", "APPLIANCE_GRPC__ENABLED": "true",
-           "APPLIANCE_GRPC__HOST": "127.0.0.1", "APPLIANCE_GRPC__PORT": str(port),
-           "APPLIANCE_HTTP__TLS_CERT_FILE": str(ca / "device.pem"),
-           "APPLIANCE_HTTP__TLS_KEY_FILE": str(ca / "device-key.pem"),
-           "APPLIANCE_HTTP__TLS_CLIENT_CA": str(ca / tls.CA_CERT)}
+    env = {
+        "APPLIANCE_SECURITY__AUTH": "on",
+        "APPLIANCE_GRPC__ENABLED": "true",
+        "APPLIANCE_GRPC__HOST": "127.0.0.1",
+        "APPLIANCE_GRPC__PORT": str(port),
+        "APPLIANCE_HTTP__TLS_CERT_FILE": str(ca / "device.pem"),
+        "APPLIANCE_HTTP__TLS_KEY_FILE": str(ca / "device-key.pem"),
+        "APPLIANCE_HTTP__TLS_CLIENT_CA": str(ca / tls.CA_CERT),
+    }
     root = (ca / tls.CA_CERT).read_bytes()
 
     def channel(client: str | None) -> Any:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=root,
             private_key=(ca / f"{client}-key.pem").read_bytes() if client else None,
-            certificate_chain=(ca / f"{client}.pem").read_bytes() if client else None)
+            certificate_chain=(ca / f"{client}.pem").read_bytes() if client else None,
+        )
         return grpc.secure_channel(f"localhost:{port}", credentials)
 
-    with daemon("--config", str(tmp_path / "appliance.toml"), "--models-dir",
-                str(default_models), env=env, ready=False) as proc:
+    with daemon(
+        "--config",
+        str(tmp_path / "appliance.toml"),
+        "--models-dir",
+        str(default_models),
+        env=env,
+        ready=False,
+    ) as proc:
         assert proc.url.startswith("https://")
         grpc_port(proc)  # gRPC starts once the models are loaded
         with channel(None) as bare:
             with pytest.raises(grpc.RpcError) as refused:
-                rpc.GRPCInferenceServiceStub(bare).ServerLive(pb.ServerLiveRequest(),
-                                                              timeout=10)
+                rpc.GRPCInferenceServiceStub(bare).ServerLive(pb.ServerLiveRequest(), timeout=10)
             assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
         with channel("sensor-1") as mapped:
             stub = rpc.GRPCInferenceServiceStub(mapped)
@@ -216,5 +270,6 @@ def test_grpc_requires_the_same_client_certificates(pki: Path, default_models: P
             assert scope.value.code() is grpc.StatusCode.PERMISSION_DENIED
         with channel("reader") as unmapped, pytest.raises(grpc.RpcError) as missing:
             rpc.GRPCInferenceServiceStub(unmapped).ServerMetadata(
-                pb.ServerMetadataRequest(), timeout=10)
+                pb.ServerMetadataRequest(), timeout=10
+            )
         assert missing.value.code() is grpc.StatusCode.UNAUTHENTICATED

@@ -30,7 +30,8 @@ def _config(default_models: Path, **security: Any) -> Any:
 
 
 async def test_allow_list_sees_the_forwarded_client_only_behind_a_trusted_proxy(
-        default_models: Path) -> None:
+    default_models: Path,
+) -> None:
     config = _config(default_models, allow=["10.0.0.0/8"], trusted_proxies=PROXIES)
     async with serving(config) as server:
         port = server.port
@@ -58,8 +59,12 @@ async def test_allow_list_sees_the_forwarded_client_only_behind_a_trusted_proxy(
 
 
 async def test_forwarded_header_when_configured(default_models: Path) -> None:
-    config = _config(default_models, allow=["10.0.0.0/8", "fd00::/8"],
-                     trusted_proxies=PROXIES, forwarded_header="forwarded")
+    config = _config(
+        default_models,
+        allow=["10.0.0.0/8", "fd00::/8"],
+        trusted_proxies=PROXIES,
+        forwarded_header="forwarded",
+    )
     async with serving(config) as server:
         port = server.port
         cases = [
@@ -81,24 +86,35 @@ async def test_rate_limits_count_the_forwarded_client(default_models: Path) -> N
     limits = {"rate_per_client": 0.001, "burst_per_client": 1}
     async with serving(_config(default_models, trusted_proxies=PROXIES, **limits)) as server:
         port = server.port
-        statuses = [_status(await asyncio.to_thread(_get, port, f"X-Forwarded-For: {client}"))
-                    for client in ("10.0.0.1", "10.0.0.1", "10.0.0.2")]
+        statuses = [
+            _status(await asyncio.to_thread(_get, port, f"X-Forwarded-For: {client}"))
+            for client in ("10.0.0.1", "10.0.0.1", "10.0.0.2")
+        ]
         assert statuses == [200, 429, 200]  # one bucket per client, not one for the proxy
     async with serving(_config(default_models, **limits)) as server:  # no trusted proxy
         port = server.port
-        statuses = [_status(await asyncio.to_thread(_get, port, f"X-Forwarded-For: {client}"))
-                    for client in ("10.0.0.1", "10.0.0.2")]
+        statuses = [
+            _status(await asyncio.to_thread(_get, port, f"X-Forwarded-For: {client}"))
+            for client in ("10.0.0.1", "10.0.0.2")
+        ]
         assert statuses == [200, 429]  # the header is ignored: both are 127.0.0.2
 
 
-async def test_access_log_names_the_forwarded_client(default_models: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+async def test_access_log_names_the_forwarded_client(
+    default_models: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="aiohttp.access")
     async with serving(_config(default_models, trusted_proxies=PROXIES)) as server:
-        await asyncio.to_thread(_get, server.port, "X-Forwarded-For: 10.9.8.7",
-                                path="/v2/health/live")
-        await asyncio.to_thread(_get, server.port, "X-Forwarded-For: 10.9.8.6",
-                                source="127.0.0.1", path="/v2/health/ready")
+        await asyncio.to_thread(
+            _get, server.port, "X-Forwarded-For: 10.9.8.7", path="/v2/health/live"
+        )
+        await asyncio.to_thread(
+            _get,
+            server.port,
+            "X-Forwarded-For: 10.9.8.6",
+            source="127.0.0.1",
+            path="/v2/health/ready",
+        )
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
     assert any(line.startswith('10.9.8.7 "GET /v2/health/live HTTP/1.1" 200') for line in lines)
     assert any(line.startswith('127.0.0.1 "GET /v2/health/ready') for line in lines), lines
@@ -120,17 +136,21 @@ def test_client_resolution() -> None:
     assert TrustedProxies([]).client("10.0.0.1", ["203.0.113.5"]) == "10.0.0.1"
     rfc = TrustedProxies(["10.0.0.0/8"], "forwarded")
     assert rfc.header == "Forwarded"
-    assert rfc.client("10.0.0.1", ['for=192.0.2.60;proto=http;by=203.0.113.43']) == "192.0.2.60"
-    assert rfc.client("10.0.0.1", ['for="_gazonk", For="[2001:db8:cafe::17]:4711"']) \
+    assert rfc.client("10.0.0.1", ["for=192.0.2.60;proto=http;by=203.0.113.43"]) == "192.0.2.60"
+    assert (
+        rfc.client("10.0.0.1", ['for="_gazonk", For="[2001:db8:cafe::17]:4711"'])
         == "2001:db8:cafe::17"
+    )
     assert rfc.client("10.0.0.1", ['for="a,b";by=x, for=10.0.0.2']) == "unknown"
 
 
 def test_the_hub_trusts_the_same_way(tmp_path: Path) -> None:
     from tests.hub.conftest import hub
 
-    env = {"APPLIANCE_HUB_SECURITY__ALLOW": "10.0.0.0/8",
-           "APPLIANCE_HUB_SECURITY__TRUSTED_PROXIES": "127.0.0.2/32"}
+    env = {
+        "APPLIANCE_HUB_SECURITY__ALLOW": "10.0.0.0/8",
+        "APPLIANCE_HUB_SECURITY__TRUSTED_PROXIES": "127.0.0.2/32",
+    }
     with hub(f"sqlite:///{tmp_path / 'hub.db'}", env=env) as process:
         port = int(process.url.rsplit(":", 1)[1])
         forwarded = "X-Forwarded-For: 10.1.2.3"

@@ -36,15 +36,20 @@ SEMANTIC_400 = {
 
 
 @pytest.mark.timeout(900)  # every operation, twice, against a real language model
-def test_every_operation_conforms(default_models: Path, stories_gguf: Path,
-                                  tmp_path: Path) -> None:
+def test_every_operation_conforms(default_models: Path, stories_gguf: Path, tmp_path: Path) -> None:
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis import GenerationMode, checks
 
     (tmp_path / "appliance.toml").write_text(keys_toml())
     headers = {"Authorization": f"Bearer {KEYS['admin']}"}
-    args = ("--config", str(tmp_path / "appliance.toml"), "--models-dir", str(default_models),
-            "--model", str(stories_gguf))
+    args = (
+        "--config",
+        str(tmp_path / "appliance.toml"),
+        "--models-dir",
+        str(default_models),
+        "--model",
+        str(stories_gguf),
+    )
     with daemon(*args, env={"APPLIANCE_SECURITY__AUTH": "on"}, timeout=120) as proc:
         schema = schemathesis.openapi.from_url(proc.url + "/openapi.json", headers=headers)
         failures: list[str] = []
@@ -59,9 +64,14 @@ def test_every_operation_conforms(default_models: Path, stories_gguf: Path,
                 label = f"{operation.method.upper()} {operation.path} [{mode.value}]"
 
                 @given(case=strategy)
-                @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-                          derandomize=True, phases=[Phase.explicit, Phase.generate],
-                          suppress_health_check=list(HealthCheck))
+                @settings(
+                    max_examples=MAX_EXAMPLES,
+                    deadline=None,
+                    database=None,
+                    derandomize=True,
+                    phases=[Phase.explicit, Phase.generate],
+                    suppress_health_check=list(HealthCheck),
+                )
                 def check(case: schemathesis.Case) -> None:
                     case.headers = {**(case.headers or {}), **headers}
                     response = case.call(base_url=proc.url, timeout=30)
@@ -71,19 +81,27 @@ def test_every_operation_conforms(default_models: Path, stories_gguf: Path,
                             known = any(text in response.text for text in SEMANTIC_400)
                             # Binary tensor framing (a JSON header of a stated length, then
                             # raw bytes) is more than a schema of bytes or a header can say.
-                            framed = ("Inference-Header-Content-Length" in (case.headers or {})
-                                      or case.media_type == "application/octet-stream")
+                            framed = (
+                                "Inference-Header-Content-Length" in (case.headers or {})
+                                or case.media_type == "application/octet-stream"
+                            )
                             # A tensor's data must hold shape's product of elements of its
                             # datatype: JSON Schema cannot relate one field to another.
                             framed = framed or operation.path.endswith("/infer")  # noqa: B023
                             assert known or framed, (
                                 f"valid data refused: {response.text[:300]} "
-                                f"(body {str(case.body)[:300]})")
-                        case.validate_response(response, checks=[
-                            checks.not_a_server_error, checks.status_code_conformance,
-                            checks.content_type_conformance,
-                            checks.response_schema_conformance,
-                            checks.response_headers_conformance])
+                                f"(body {str(case.body)[:300]})"
+                            )
+                        case.validate_response(
+                            response,
+                            checks=[
+                                checks.not_a_server_error,
+                                checks.status_code_conformance,
+                                checks.content_type_conformance,
+                                checks.response_schema_conformance,
+                                checks.response_headers_conformance,
+                            ],
+                        )
                     except Exception as exc:  # collect, so one run lists every problem
                         failures.append(f"{label}: {exc}")  # noqa: B023 - run in this turn
                         raise

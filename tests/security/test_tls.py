@@ -19,8 +19,13 @@ from tests.conftest import ROOT, make_config, serving
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,34 +48,44 @@ def _handshake(port: int, ca: Path, *, maximum: ssl.TLSVersion | None = None) ->
     if maximum is not None:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.maximum_version = maximum
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname="localhost") as sock:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
         version = sock.version()
         assert version is not None
         return version
 
 
 @pytest.mark.parametrize("minimum", ["1.2", "1.3"])
-async def test_https_negotiates_and_refuses_older_versions(pki: Path, default_models: Path,
-                                                           minimum: str) -> None:
-    config = make_config(models={"dir": str(default_models)},
-                         http={"tls_cert_file": str(pki / "device.pem"),
-                               "tls_key_file": str(pki / "device-key.pem"),
-                               "tls_min_version": minimum})
+async def test_https_negotiates_and_refuses_older_versions(
+    pki: Path, default_models: Path, minimum: str
+) -> None:
+    config = make_config(
+        models={"dir": str(default_models)},
+        http={
+            "tls_cert_file": str(pki / "device.pem"),
+            "tls_key_file": str(pki / "device-key.pem"),
+            "tls_min_version": minimum,
+        },
+    )
     async with serving(config) as server:
         assert server.http_url.startswith("https://")
         ca = pki / tls.CA_CERT
         assert await asyncio.to_thread(_handshake, server.port, ca) == "TLSv1.3"
         if minimum == "1.3":
             with pytest.raises(ssl.SSLError):
-                await asyncio.to_thread(_handshake, server.port, ca,
-                                        maximum=ssl.TLSVersion.TLSv1_2)
+                await asyncio.to_thread(_handshake, server.port, ca, maximum=ssl.TLSVersion.TLSv1_2)
         else:
-            assert await asyncio.to_thread(_handshake, server.port, ca,
-                                           maximum=ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+            assert (
+                await asyncio.to_thread(_handshake, server.port, ca, maximum=ssl.TLSVersion.TLSv1_2)
+                == "TLSv1.2"
+            )
         context = ssl.create_default_context(cafile=str(ca))
-        async with aiohttp.ClientSession() as http, http.get(
-                f"https://localhost:{server.port}/health", ssl=context) as response:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"https://localhost:{server.port}/health", ssl=context) as response,
+        ):
             assert response.status == 200
 
 
@@ -83,9 +98,11 @@ def test_bad_certificate_is_a_config_error(tmp_path: Path) -> None:
 def test_hub_serves_tls_with_a_minimum_version(pki: Path, tmp_path: Path) -> None:
     from tests.hub.conftest import hub
 
-    env = {"APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(pki / "device.pem"),
-           "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(pki / "device-key.pem"),
-           "APPLIANCE_HUB_HTTP__TLS_MIN_VERSION": "1.3"}
+    env = {
+        "APPLIANCE_HUB_HTTP__TLS_CERT_FILE": str(pki / "device.pem"),
+        "APPLIANCE_HUB_HTTP__TLS_KEY_FILE": str(pki / "device-key.pem"),
+        "APPLIANCE_HUB_HTTP__TLS_MIN_VERSION": "1.3",
+    }
     with hub(f"sqlite:///{tmp_path / 'hub.db'}", env=env) as process:
         port = int(process.url.rsplit(":", 1)[1])
         assert process.url.startswith("https://")
@@ -99,17 +116,29 @@ async def test_mqtt_tls_uses_the_same_material(pki: Path, tmp_path: Path) -> Non
     certificates: the appliance connects with its device certificate."""
     from tests.transports.mqtt.conftest import Broker, TlsFiles, appliance, mqtt_state
 
-    broker_cert = _cli("certs", "device", "--dir", str(pki), "--name", "broker",
-                       "localhost", "127.0.0.1")
+    broker_cert = _cli(
+        "certs", "device", "--dir", str(pki), "--name", "broker", "localhost", "127.0.0.1"
+    )
     assert broker_cert.returncode == 0, broker_cert.stderr
-    files = TlsFiles(pki / tls.CA_CERT, pki / "broker.pem", pki / "broker-key.pem",
-                     pki / "device.pem", pki / "device-key.pem")
+    files = TlsFiles(
+        pki / tls.CA_CERT,
+        pki / "broker.pem",
+        pki / "broker-key.pem",
+        pki / "device.pem",
+        pki / "device-key.pem",
+    )
     broker = Broker(tmp_path, tls=files, client_certificates=True)
     broker.start()
     try:
-        async with appliance(broker, mqtt={
-                "tls": True, "tls_ca_file": str(files.ca), "tls_cert_file": str(files.client_cert),
-                "tls_key_file": str(files.client_key)}) as server:
+        async with appliance(
+            broker,
+            mqtt={
+                "tls": True,
+                "tls_ca_file": str(files.ca),
+                "tls_cert_file": str(files.client_cert),
+                "tls_key_file": str(files.client_key),
+            },
+        ) as server:
             assert mqtt_state(server) == "connected"
     finally:
         broker.stop()

@@ -31,9 +31,14 @@ SCHEMA = Path(__file__).with_name("compose_spec.json")
 BALENA_LABELS = re.compile(
     r"^io\.balena\.(features\.(balena-socket|dbus|sysfs|procfs|kernel-modules|firmware|"
     r"journal-logs|supervisor-api|balena-api|optee|gpu)|update\.(strategy|handover-timeout)|"
-    r"update\.requires-reboot)$")
-UPDATE_STRATEGIES = {"download-then-kill", "kill-then-download", "delete-then-download",
-                     "hand-over"}
+    r"update\.requires-reboot)$"
+)
+UPDATE_STRATEGIES = {
+    "download-then-kill",
+    "kill-then-download",
+    "delete-then-download",
+    "hand-over",
+}
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +100,9 @@ def test_every_appliance_variable_is_a_real_setting(compose: dict[str, Any]) -> 
     meta = yaml.safe_load((BALENA / "balena.yml").read_text())
     for item in meta["data"]["applicationEnvironmentVariables"]:
         names.update({k: str(v) for k, v in item.items()})
-    names.update({v: "x" for v in re.findall(r"APPLIANCE_[A-Z_]+", (BALENA / "entrypoint.sh")
-                                            .read_text())})
+    names.update(
+        {v: "x" for v in re.findall(r"APPLIANCE_[A-Z_]+", (BALENA / "entrypoint.sh").read_text())}
+    )
     for name, value in names.items():
         if not name.startswith("APPLIANCE_"):
             continue
@@ -104,8 +110,9 @@ def test_every_appliance_variable_is_a_real_setting(compose: dict[str, Any]) -> 
         field = config_mod.Config.model_fields.get(section)
         assert field is not None, f"{name}: no [{section}] section"
         section_model = field.annotation
-        assert section_model is not None and key in section_model.model_fields, \
+        assert section_model is not None and key in section_model.model_fields, (
             f"{name}: no key {key!r} in [{section}]"
+        )
         if value != "x":
             try:
                 config_mod.load(env={name: value, "APPLIANCE_MDNS__ENABLED": "false"})
@@ -132,8 +139,21 @@ def test_dockerfile_template_builds_from_paths_that_exist(tmp_path: Path) -> Non
     command = re.search(r"#\s+(python -m pip wheel .*)", text)
     assert command is not None
     assert command.group(1) == "python -m pip wheel --no-deps --wheel-dir balena/dist ."
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--wheel-dir", str(context / "dist"), str(ROOT)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--wheel-dir",
+            str(context / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
     for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
         assert (context / source).exists(), f"COPY {source}: not in the build context"
     assert len(list((context / "dist").glob("appliance-*.whl"))) == 1
@@ -152,8 +172,13 @@ def test_entrypoint_maps_balena_variables(tmp_path: Path) -> None:
         "APPLIANCE_MODELS__DIR": str(models),
         "STATE_DIRECTORY": str(tmp_path / "state"),
     }
-    result = subprocess.run(["sh", str(BALENA / "entrypoint.sh"), "env"], env=env,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["sh", str(BALENA / "entrypoint.sh"), "env"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     seen = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     assert seen["APPLIANCE_DEVICE__ID"] == "0123456789abcdef0123456789abcdef"
     assert seen["APPLIANCE_DEVICE__NAME"] == "Greenhouse 3"
@@ -163,6 +188,11 @@ def test_entrypoint_maps_balena_variables(tmp_path: Path) -> None:
     assert config.device.id == "0123456789abcdef0123456789abcdef"
     # A variable the fleet sets itself wins.
     env["APPLIANCE_DEVICE__ID"] = "greenhouse-3"
-    result = subprocess.run(["sh", str(BALENA / "entrypoint.sh"), "env"], env=env,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["sh", str(BALENA / "entrypoint.sh"), "env"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "APPLIANCE_DEVICE__ID=greenhouse-3" in result.stdout.splitlines()

@@ -45,8 +45,10 @@ from tests.conftest import ROOT
 pytestmark = [
     pytest.mark.image,
     pytest.mark.timeout(3600),
-    pytest.mark.skipif(os.environ.get("APPLIANCE_TEST_IMAGE") != "1",
-                       reason="image build and boot: set APPLIANCE_TEST_IMAGE=1 (.ci/run does)"),
+    pytest.mark.skipif(
+        os.environ.get("APPLIANCE_TEST_IMAGE") != "1",
+        reason="image build and boot: set APPLIANCE_TEST_IMAGE=1 (.ci/run does)",
+    ),
 ]
 
 CACHE = Path(os.environ.get("APPLIANCE_TEST_IMAGE_CACHE", "/var/cache/appliance-ci"))
@@ -57,10 +59,13 @@ CREDENTIAL_KEY = "apk_ci-credential-" + uuid.uuid4().hex  # the api-keys credent
 # TCG boot plus the daemon's first start (both models loaded): amd64 about 2 minutes,
 # arm64 (every instruction translated) several; bounded, generously.
 BOOT_TIMEOUT = {"amd64": 600, "arm64": 1500}
-WINDOW = {"name": "window", "datatype": "FP32", "shape": [1, 32, 3],
-          "data": [21.5, 45.0, 0.6] * 32}
-CHAT = {"model": "home-intent", "max_tokens": 32, "temperature": 0,
-        "messages": [{"role": "user", "content": "turn on the kitchen light"}]}
+WINDOW = {"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": [21.5, 45.0, 0.6] * 32}
+CHAT = {
+    "model": "home-intent",
+    "max_tokens": 32,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "turn on the kitchen light"}],
+}
 
 
 def free_port() -> int:
@@ -85,9 +90,20 @@ def image_dir(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     started = time.monotonic()
     with log.open("w") as sink:
         result = subprocess.run(
-            [str(ROOT / "firmware_images" / "build"), "--arch", arch, "--out", str(out),
-             "--cache", str(CACHE)], stdout=sink, stderr=subprocess.STDOUT, check=False,
-            timeout=3000)
+            [
+                str(ROOT / "firmware_images" / "build"),
+                "--arch",
+                arch,
+                "--out",
+                str(out),
+                "--cache",
+                str(CACHE),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            check=False,
+            timeout=3000,
+        )
     text = log.read_text()
     print(text[-3000:])  # the progress lines, in the test report on failure
     print(f"{arch} image built in {time.monotonic() - started:.0f}s")
@@ -95,65 +111,113 @@ def image_dir(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def qemu_command(arch: str, image_dir: Path, disk: Path, console: Path,
-                 forwards: str) -> list[str]:
+def qemu_command(arch: str, image_dir: Path, disk: Path, console: Path, forwards: str) -> list[str]:
     """The QEMU command firmware_images/README.md documents, for one image."""
     name = f"appliance-{arch}"
-    common = ["-accel", "tcg", "-smp", "2", "-m", "2048", "-display", "none", "-no-reboot",
-              "-serial", f"file:{console}",
-              "-kernel", str(image_dir / f"{name}.vmlinuz"),
-              "-initrd", str(image_dir / f"{name}.initrd"),
-              "-drive", f"file={disk},if=none,format=raw,id=disk0",
-              "-device", "virtio-blk-pci,drive=disk0",
-              "-netdev", f"user,id=n0,{forwards}", "-device", "virtio-net-pci,netdev=n0"]
+    common = [
+        "-accel",
+        "tcg",
+        "-smp",
+        "2",
+        "-m",
+        "2048",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        f"file:{console}",
+        "-kernel",
+        str(image_dir / f"{name}.vmlinuz"),
+        "-initrd",
+        str(image_dir / f"{name}.initrd"),
+        "-drive",
+        f"file={disk},if=none,format=raw,id=disk0",
+        "-device",
+        "virtio-blk-pci,drive=disk0",
+        "-netdev",
+        f"user,id=n0,{forwards}",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+    ]
     # The journal on the console too: the test reads systemd's and the daemon's lines.
     append = "root=LABEL=appliance-root rw systemd.journald.forward_to_console=1 console="
     if arch == "arm64":
-        return ["qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a72", *common,
-                "-append", append + "ttyAMA0"]
-    return ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max", *common,
-            "-append", append + "ttyS0"]
+        return [
+            "qemu-system-aarch64",
+            "-machine",
+            "virt",
+            "-cpu",
+            "cortex-a72",
+            *common,
+            "-append",
+            append + "ttyAMA0",
+        ]
+    return [
+        "qemu-system-x86_64",
+        "-machine",
+        "q35",
+        "-cpu",
+        "max",
+        *common,
+        "-append",
+        append + "ttyS0",
+    ]
 
 
 @pytest.fixture(scope="module")
-def vm(arch: str, image_dir: Path, tmp_path_factory: pytest.TempPathFactory
-       ) -> Iterator[dict[str, Any]]:
+def vm(
+    arch: str, image_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp(f"vm-{arch}")
     disk = work / "disk.img"
     shutil.copyfile(image_dir / f"appliance-{arch}.img", disk)
     subprocess.run(["qemu-img", "resize", "-q", "-f", "raw", str(disk), "+1G"], check=True)
     # What a user drops on the FAT boot partition (it starts 1 MiB into the disk).
     config = work / "appliance.toml"
-    config.write_text(f'[device]\nid = "{DEVICE_ID}"\nname = "CI image test"\n\n'
-                      f'[[security.keys]]\nname = "ci-toml"\nscopes = ["infer", "read"]\n'
-                      f'hash = "{hash_key(API_KEY)}"\n')
+    config.write_text(
+        f'[device]\nid = "{DEVICE_ID}"\nname = "CI image test"\n\n'
+        f'[[security.keys]]\nname = "ci-toml"\nscopes = ["infer", "read"]\n'
+        f'hash = "{hash_key(API_KEY)}"\n'
+    )
     token = work / "hub-token"
     token.write_text("aph_not-a-real-token\n")
     keys = work / "api-keys"  # one more key, as a systemd credential
     keys.write_text(f"ci infer,read {hash_key(CREDENTIAL_KEY)}\n")
     ssh_key = work / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh_key)],
-                   check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh_key)], check=True)
     authorized = work / "authorized_keys"
     shutil.copyfile(ssh_key.with_suffix(".pub"), authorized)
     for item in (config, token, keys, authorized):
-        subprocess.run(["mcopy", "-o", "-i", f"{disk}@@1M", str(item), f"::{item.name}"],
-                       check=True)
+        subprocess.run(
+            ["mcopy", "-o", "-i", f"{disk}@@1M", str(item), f"::{item.name}"], check=True
+        )
     http, mqtt, ssh = free_port(), free_port(), free_port()
     console = work / "console.log"
-    forwards = (f"hostfwd=tcp:127.0.0.1:{http}-:8080,hostfwd=tcp:127.0.0.1:{mqtt}-:1883,"
-                f"hostfwd=tcp:127.0.0.1:{ssh}-:22")
-    proc = subprocess.Popen(qemu_command(arch, image_dir, disk, console, forwards),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    forwards = (
+        f"hostfwd=tcp:127.0.0.1:{http}-:8080,hostfwd=tcp:127.0.0.1:{mqtt}-:1883,"
+        f"hostfwd=tcp:127.0.0.1:{ssh}-:22"
+    )
+    proc = subprocess.Popen(
+        qemu_command(arch, image_dir, disk, console, forwards),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     started = time.monotonic()
     url = f"http://127.0.0.1:{http}"
     try:
         health = wait_healthy(url, proc, console, BOOT_TIMEOUT[arch])
-        print(f"{arch}: power-on to /health 200 (models loaded) "
-              f"{time.monotonic() - started:.0f}s")
-        yield {"url": url, "mqtt": mqtt, "ssh": ssh, "ssh_key": ssh_key, "health": health,
-               "console": console, "disk": disk, "arch": arch}
+        print(f"{arch}: power-on to /health 200 (models loaded) {time.monotonic() - started:.0f}s")
+        yield {
+            "url": url,
+            "mqtt": mqtt,
+            "ssh": ssh,
+            "ssh_key": ssh_key,
+            "health": health,
+            "console": console,
+            "disk": disk,
+            "arch": arch,
+        }
     finally:
         proc.terminate()
         try:
@@ -165,8 +229,9 @@ def vm(arch: str, image_dir: Path, tmp_path_factory: pytest.TempPathFactory
             proc.stdout.close()
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], console: Path,
-                 timeout: float) -> dict[str, Any]:
+def wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], console: Path, timeout: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -180,8 +245,9 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], console: Path,
         except OSError:
             pass
         time.sleep(2)
-    raise AssertionError("no /health 200 from the image:\n"
-                         + console.read_text(errors="replace")[-8000:])
+    raise AssertionError(
+        "no /health 200 from the image:\n" + console.read_text(errors="replace")[-8000:]
+    )
 
 
 def test_boots_serving_with_the_boot_partition_config(vm: dict[str, Any]) -> None:
@@ -191,14 +257,18 @@ def test_boots_serving_with_the_boot_partition_config(vm: dict[str, Any]) -> Non
     # The image's llama.cpp (amd64: built for any x86-64; arm64: cross-compiled, its
     # ARMv8.0 variant on the emulated Cortex-A72) runs the default language model on
     # QEMU's CPU, not only on the build host's.
-    assert health["models"]["home-intent"] == {"state": "ready", "runtime": "gguf",
-                                               "version": "2"}, health["models"]
+    assert health["models"]["home-intent"] == {
+        "state": "ready",
+        "runtime": "gguf",
+        "version": "2",
+    }, health["models"]
     console = read_console(vm["console"], until="systemd[1]: Started appliance.service")
     # Type=notify: systemd logs "Started" only after the daemon sent READY=1, here with the
     # hardened unit running (LoadCredential, sandboxing, the service user).
     lines = console.splitlines()
-    started = next(i for i, line in enumerate(lines)
-                   if "systemd[1]: Started appliance.service" in line)
+    started = next(
+        i for i, line in enumerate(lines) if "systemd[1]: Started appliance.service" in line
+    )
     ready = next(i for i, line in enumerate(lines) if "model sensor-anomaly (onnx" in line)
     assert ready < started  # READY=1 waited for the model
     assert "systemd[1]: Started mosquitto.service" in console
@@ -229,8 +299,11 @@ def read_console(path: Path, *, until: str, timeout: float = 60) -> str:
 
 def test_inference_over_http(vm: dict[str, Any]) -> None:
     body = json.dumps({"inputs": [WINDOW]}).encode()
-    request = urllib.request.Request(vm["url"] + "/v2/models/sensor-anomaly/infer", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        vm["url"] + "/v2/models/sensor-anomaly/infer",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     # Secure by default: on a LAN address the daemon wants a key ...
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=60)
@@ -247,13 +320,16 @@ def test_inference_over_http(vm: dict[str, Any]) -> None:
     for _ in range(count):
         with urllib.request.urlopen(request, timeout=60) as resp:
             resp.read()
-    print(f"{vm['arch']}: sensor-anomaly {count / (time.monotonic() - started):.1f} "
-          "requests/s (sequential, one client)")
+    print(
+        f"{vm['arch']}: sensor-anomaly {count / (time.monotonic() - started):.1f} "
+        "requests/s (sequential, one client)"
+    )
 
 
 def post_json(url: str, body: dict[str, Any], key: str | None) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     if key is not None:
         request.add_header("Authorization", f"Bearer {key}")
     with urllib.request.urlopen(request, timeout=300) as resp:
@@ -274,17 +350,36 @@ def test_chat_completion_with_the_key_from_the_boot_partition_toml(vm: dict[str,
     tokens, started = 0, time.monotonic()
     for _ in range(3):
         tokens += int(post_json(url, CHAT, key=API_KEY)["usage"]["completion_tokens"])
-    print(f"{vm['arch']}: home-intent {tokens / (time.monotonic() - started):.1f} tokens/s "
-          f"({tokens} tokens, 3 sequential chat completions)")
+    print(
+        f"{vm['arch']}: home-intent {tokens / (time.monotonic() - started):.1f} tokens/s "
+        f"({tokens} tokens, 3 sequential chat completions)"
+    )
 
 
 def test_systemctl_says_the_appliance_is_active_over_ssh(vm: dict[str, Any]) -> None:
     result = subprocess.run(
-        ["ssh", "-i", str(vm["ssh_key"]), "-p", str(vm["ssh"]), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-         "-o", "ConnectTimeout=60", "root@127.0.0.1",
-         "systemctl is-active appliance mosquitto; cat /etc/appliance/appliance.toml"],
-        capture_output=True, text=True, timeout=180, check=False)
+        [
+            "ssh",
+            "-i",
+            str(vm["ssh_key"]),
+            "-p",
+            str(vm["ssh"]),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=60",
+            "root@127.0.0.1",
+            "systemctl is-active appliance mosquitto; cat /etc/appliance/appliance.toml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[:2] == ["active", "active"]
     assert f'id = "{DEVICE_ID}"' in result.stdout  # the boot partition's file, installed
@@ -317,8 +412,9 @@ def test_mqtt_request_response_through_the_image_broker(vm: dict[str, Any]) -> N
         deadline = time.monotonic() + 120
         while not got.is_set() and time.monotonic() < deadline:
             # The appliance may still be subscribing right after boot: ask again until heard.
-            client.publish(f"appliance/{DEVICE_ID}/infer/sensor-anomaly", payload, qos=1,
-                           properties=props)
+            client.publish(
+                f"appliance/{DEVICE_ID}/infer/sensor-anomaly", payload, qos=1, properties=props
+            )
             got.wait(5)
     finally:
         client.loop_stop()
@@ -332,8 +428,9 @@ def test_mqtt_request_response_through_the_image_broker(vm: dict[str, Any]) -> N
 
 
 def test_secrets_left_the_boot_partition(vm: dict[str, Any]) -> None:
-    listing = subprocess.run(["mdir", "-b", "-i", f"{vm['disk']}@@1M", "::/"],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", f"{vm['disk']}@@1M", "::/"], capture_output=True, text=True, check=True
+    ).stdout
     assert "appliance.toml" in listing.lower()
     assert "hub-token" not in listing.lower()
     assert "api-keys" not in listing.lower()

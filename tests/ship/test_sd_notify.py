@@ -155,8 +155,7 @@ def test_a_stopped_loop_sends_no_watchdog_pings(systemd: FakeSystemd) -> None:
 
 
 def test_watchdog_meant_for_another_process_is_left_alone(systemd: FakeSystemd) -> None:
-    env = {"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": str(WATCHDOG_USEC),
-           "WATCHDOG_PID": "1"}
+    env = {"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": str(WATCHDOG_USEC), "WATCHDOG_PID": "1"}
     proc = start_daemon(env=env)
     try:
         proc.wait_listening(60)
@@ -171,13 +170,29 @@ def test_hub_ready_and_stopping(systemd: FakeSystemd, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env.update(NOTIFY_SOCKET=systemd.path, WATCHDOG_USEC=str(WATCHDOG_USEC))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "hub", "run", "--host", "127.0.0.1", "--port", "0",
-         "--storage", f"sqlite:///{tmp_path / 'hub.db'}"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "hub",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--storage",
+            f"sqlite:///{tmp_path / 'hub.db'}",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         ready = systemd.wait_for("READY=1")
-        assert any(a.startswith("STATUS=sqlite storage; listening on http://127.0.0.1:")
-                   for a in ready)
+        assert any(
+            a.startswith("STATUS=sqlite storage; listening on http://127.0.0.1:") for a in ready
+        )
         systemd.wait_for("WATCHDOG=1", after=len(systemd.messages))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -191,9 +206,11 @@ def test_hub_ready_and_stopping(systemd: FakeSystemd, tmp_path: Path) -> None:
 def test_journald_lines_carry_priority_and_no_timestamp(tmp_path: Path) -> None:
     """With stderr being the journal stream systemd connected, lines start with <N>."""
     log = tmp_path / "stderr"
-    code = ("import logging; from appliance.ops import logs; logs.setup('info'); "
-            "logging.getLogger('t').warning('w'); logging.getLogger('t').info('i'); "
-            "logging.getLogger('t').debug('d')")
+    code = (
+        "import logging; from appliance.ops import logs; logs.setup('info'); "
+        "logging.getLogger('t').warning('w'); logging.getLogger('t').info('i'); "
+        "logging.getLogger('t').debug('d')"
+    )
     with log.open("w") as err:
         st = os.fstat(err.fileno())
         env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")

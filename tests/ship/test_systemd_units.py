@@ -18,7 +18,8 @@ from tests.conftest import ROOT
 UNITS = ROOT / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
-    ANALYZE is None, reason="systemd-analyze is not installed (scripts/setup test installs it)")
+    ANALYZE is None, reason="systemd-analyze is not installed (scripts/setup test installs it)"
+)
 SERVICES = [service_cli.APPLIANCE, service_cli.HUB]
 
 
@@ -45,8 +46,12 @@ def directives(path: Path) -> dict[str, list[str]]:
 @pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.unit)
 def test_unit_passes_systemd_analyze_verify(service: service_cli.Service, tmp_path: Path) -> None:
     assert ANALYZE is not None
-    result = subprocess.run([ANALYZE, "verify", str(rendered(service, tmp_path))],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [ANALYZE, "verify", str(rendered(service, tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr  # not even a warning
 
@@ -56,8 +61,18 @@ def test_unit_passes_systemd_analyze_verify(service: service_cli.Service, tmp_pa
 def test_unit_hardening_scores_at_most_2_5(service: service_cli.Service, tmp_path: Path) -> None:
     assert ANALYZE is not None
     result = subprocess.run(
-        [ANALYZE, "security", "--offline=yes", "--threshold=25", "--no-pager",
-         str(rendered(service, tmp_path))], capture_output=True, text=True, check=False)
+        [
+            ANALYZE,
+            "security",
+            "--offline=yes",
+            "--threshold=25",
+            "--no-pager",
+            str(rendered(service, tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Overall exposure level" in result.stdout
 
@@ -103,17 +118,25 @@ def offline_root(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.skipif(shutil.which("useradd") is None or shutil.which("systemctl") is None,
-                    reason="needs useradd and systemctl")
+@pytest.mark.skipif(
+    shutil.which("useradd") is None or shutil.which("systemctl") is None,
+    reason="needs useradd and systemctl",
+)
 @pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.unit)
-def test_install_and_uninstall_on_an_offline_root(service: service_cli.Service,
-                                                  tmp_path: Path) -> None:
+def test_install_and_uninstall_on_an_offline_root(
+    service: service_cli.Service, tmp_path: Path
+) -> None:
     root = offline_root(tmp_path)
     argv = ["service", "install", "--root", str(root), "--no-start"]
     if service is service_cli.HUB:
         argv.append("--hub")
-    result = subprocess.run([sys.executable, "-m", "appliance", *argv], capture_output=True,
-                            text=True, check=False, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     unit = root / "etc/systemd/system" / service.unit
     assert unit.read_text() == (UNITS / service.unit).read_text()  # the image path as shipped
@@ -125,16 +148,26 @@ def test_install_and_uninstall_on_an_offline_root(service: service_cli.Service,
     assert (root / "etc/credstore").stat().st_mode & 0o777 == 0o700
     # Installing again changes nothing and keeps an edited configuration.
     config.write_text("# mine\n")
-    again = subprocess.run([sys.executable, "-m", "appliance", *argv], capture_output=True,
-                           text=True, check=False, cwd=ROOT)
+    again = subprocess.run(
+        [sys.executable, "-m", "appliance", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert again.returncode == 0, again.stderr
     assert config.read_text() == "# mine\n"
 
     argv[1] = "uninstall"
     argv.remove("--no-start")
     argv.append("--purge")
-    gone = subprocess.run([sys.executable, "-m", "appliance", *argv], capture_output=True,
-                          text=True, check=False, cwd=ROOT)
+    gone = subprocess.run(
+        [sys.executable, "-m", "appliance", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert gone.returncode == 0, gone.stderr
     assert not unit.exists() and not wants.exists() and not config.exists()
     assert f"\n{service.user}:x:" not in (root / "etc/passwd").read_text()
@@ -158,6 +191,12 @@ def test_starter_configuration_is_valid(service: service_cli.Service, tmp_path: 
     config.write_text(service.starter)
     command = ["hub", "config"] if service is service_cli.HUB else ["config"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    result = subprocess.run([sys.executable, "-m", "appliance", *command, "--config", str(config)],
-                            capture_output=True, text=True, check=False, cwd=ROOT, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", *command, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr

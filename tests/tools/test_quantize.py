@@ -45,9 +45,12 @@ def mlp(path: Path, seed: int = 3) -> Path:
             nodes.append(helper.make_node("Relu", [add], [out]))
         current = out
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], init)
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        init,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, str(path))
@@ -60,12 +63,14 @@ def test_onnx_int8_stays_within_tolerance(tmp_path: Path, mode: str) -> None:
     rng = np.random.default_rng(11)
     calibration = {"x": rng.normal(size=(256, 32)).astype(np.float32)}
     evaluation = {"x": rng.normal(size=(256, 32)).astype(np.float32)}
-    report = quantize_onnx(src, tmp_path / f"mlp-{mode}.onnx", mode, calibration=calibration,
-                           evaluation=evaluation)
+    report = quantize_onnx(
+        src, tmp_path / f"mlp-{mode}.onnx", mode, calibration=calibration, evaluation=evaluation
+    )
     import onnxruntime as ort
 
-    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(
-        None, evaluation)[0]
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, evaluation)[
+        0
+    ]
     spread = float(ref.max() - ref.min())
     assert report.accuracy["y.mean_abs_error"] <= MEAN_TOLERANCE * spread, report.text()
     assert report.accuracy["y.max_abs_error"] <= MAX_TOLERANCE[mode] * spread, report.text()
@@ -80,13 +85,30 @@ def test_static_needs_calibration(tmp_path: Path) -> None:
 
 def test_cli_quantizes_onnx_and_reports_json(tmp_path: Path) -> None:
     src = mlp(tmp_path / "mlp.onnx")
-    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(1).normal(size=(32, 32)).astype(
-        np.float32))
+    np.savez(
+        tmp_path / "cal.npz", x=np.random.default_rng(1).normal(size=(32, 32)).astype(np.float32)
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "appliance", "models", "quantize", str(src),
-         str(tmp_path / "q.onnx"), "--scheme", "static", "--calibration",
-         str(tmp_path / "cal.npz"), "--json"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "models",
+            "quantize",
+            str(src),
+            str(tmp_path / "q.onnx"),
+            "--scheme",
+            "static",
+            "--calibration",
+            str(tmp_path / "cal.npz"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["kind"] == "onnx-static" and "y.max_abs_error" in report["accuracy"]
@@ -99,7 +121,8 @@ def test_gguf_requantization_of_an_f32_model(stories_gguf: Path, tmp_path: Path)
     assert report.after.size_bytes < 0.6 * report.before.size_bytes
     assert report.before.perplexity is not None and report.after.perplexity is not None
     assert abs(report.after.perplexity - report.before.perplexity) < 0.05 * (
-        report.before.perplexity)
+        report.before.perplexity
+    )
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(tmp_path / "stories-f16.gguf"), n_ctx=128, verbose=False)
@@ -116,10 +139,27 @@ def test_gguf_requantization_measures_without_cpu_repacking(tmp_path: Path) -> N
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     source = ROOT / "models" / "home-intent" / "home-intent-q8_0.gguf"
     out = subprocess.run(
-        [sys.executable, "-m", "appliance", "models", "quantize", str(source),
-         str(tmp_path / "q4.gguf"), "--type", "q4_0", "--threads", "1", "--no-cpu-repack",
-         "--as-json"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "models",
+            "quantize",
+            str(source),
+            str(tmp_path / "q4.gguf"),
+            "--type",
+            "q4_0",
+            "--threads",
+            "1",
+            "--no-cpu-repack",
+            "--as-json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["kind"] == "gguf-q4_0"

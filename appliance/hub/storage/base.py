@@ -118,11 +118,19 @@ class Device:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "name": self.name, "version": self.version,
-            "status": self.status(), "enrolled": self.enrolled, "revoked": self.revoked,
-            "last_seen": self.last_seen, "last_heartbeat": self.last_heartbeat,
-            "stream": self.stream, "last_seq": self.last_seq, "dropped": self.dropped,
-            "alerts_firing": self.alerts_firing, "latest": self.latest,
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "status": self.status(),
+            "enrolled": self.enrolled,
+            "revoked": self.revoked,
+            "last_seen": self.last_seen,
+            "last_heartbeat": self.last_heartbeat,
+            "stream": self.stream,
+            "last_seq": self.last_seq,
+            "dropped": self.dropped,
+            "alerts_firing": self.alerts_firing,
+            "latest": self.latest,
         }
 
 
@@ -213,9 +221,7 @@ class Storage(abc.ABC):
     async def device(self, device_id: str) -> Device | None: ...
 
     @abc.abstractmethod
-    async def points(
-        self, device_id: str, since: float, until: float, limit: int
-    ) -> list[Point]:
+    async def points(self, device_id: str, since: float, until: float, limit: int) -> list[Point]:
         """Heartbeat points in [since, until], oldest first, raw and downsampled."""
 
     @abc.abstractmethod
@@ -224,9 +230,7 @@ class Storage(abc.ABC):
         the cursor ``after`` (a record's ``id``; 0 for all)."""
 
     @abc.abstractmethod
-    async def alerts(
-        self, device_id: str | None, state: str | None, limit: int
-    ) -> list[Alert]:
+    async def alerts(self, device_id: str | None, state: str | None, limit: int) -> list[Alert]:
         """Alerts, newest first; ``state`` "firing" or "resolved" filters."""
 
     # -- monitor ----------------------------------------------------------------------

@@ -89,12 +89,18 @@ class SqlStorage(Storage):
             changed = await conn.execute(
                 "UPDATE devices SET token_hash = ?, revoked = NULL, "
                 "label = CASE WHEN ? = '' THEN label ELSE ? END WHERE id = ?",
-                token_hash, name, name, device_id,
+                token_hash,
+                name,
+                name,
+                device_id,
             )
             if not changed:
                 await conn.execute(
                     "INSERT INTO devices (id, label, token_hash, enrolled) VALUES (?, ?, ?, ?)",
-                    device_id, name, token_hash, now,
+                    device_id,
+                    name,
+                    token_hash,
+                    now,
                 )
 
     async def revoke(self, device_id: str, now: float) -> bool:
@@ -118,12 +124,14 @@ class SqlStorage(Storage):
             await conn.execute(
                 "INSERT INTO streams (device_id, stream, last_seq, first_seen) "
                 "VALUES (?, ?, 0, ?) ON CONFLICT (device_id, stream) DO NOTHING",
-                batch.device, batch.stream, now,
+                batch.device,
+                batch.stream,
+                now,
             )
             row = await conn.fetchone(
-                "SELECT last_seq FROM streams WHERE device_id = ? AND stream = ?"
-                + self.for_update,
-                batch.device, batch.stream,
+                "SELECT last_seq FROM streams WHERE device_id = ? AND stream = ?" + self.for_update,
+                batch.device,
+                batch.stream,
             )
             last = int(row[0]) if row else 0
             fresh = {r.seq: r for r in batch.records if r.seq > last}
@@ -132,8 +140,7 @@ class SqlStorage(Storage):
                 await conn.executemany(
                     "INSERT INTO records (device_id, stream, seq, kind, time, received, body) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(batch.device, batch.stream, r.seq, r.kind, r.time, now, r.body)
-                     for r in new],
+                    [(batch.device, batch.stream, r.seq, r.kind, r.time, now, r.body) for r in new],
                 )
             points = [r.point for r in new if r.point is not None]
             if points:
@@ -148,7 +155,9 @@ class SqlStorage(Storage):
             acked = max([last, *fresh])
             await conn.execute(
                 "UPDATE streams SET last_seq = ? WHERE device_id = ? AND stream = ?",
-                acked, batch.device, batch.stream,
+                acked,
+                batch.device,
+                batch.stream,
             )
             heartbeats = [r for r in new if r.point is not None]
             latest = heartbeats[-1] if heartbeats else None
@@ -157,18 +166,30 @@ class SqlStorage(Storage):
                 "last_seq = ?, dropped = ?, "
                 "latest = CASE WHEN ? THEN ? ELSE latest END, "
                 "last_heartbeat = CASE WHEN ? THEN ? ELSE last_heartbeat END WHERE id = ?",
-                batch.name, batch.version, now, batch.stream, acked, json.dumps(batch.dropped),
-                latest is not None, latest.body if latest else None,
-                latest is not None, latest.time if latest else None, batch.device,
+                batch.name,
+                batch.version,
+                now,
+                batch.stream,
+                acked,
+                json.dumps(batch.dropped),
+                latest is not None,
+                latest.body if latest else None,
+                latest is not None,
+                latest.time if latest else None,
+                batch.device,
             )
             await conn.execute(
                 "UPDATE alerts SET state = 'resolved', resolved_at = ?, updated = ?, "
                 "message = 'uploading again' WHERE device_id = ? AND rule = ? "
                 "AND state = 'firing'",
-                now, now, batch.device, OFFLINE_RULE,
+                now,
+                now,
+                batch.device,
+                OFFLINE_RULE,
             )
-        return IngestResult(accepted=len(new), duplicates=len(batch.records) - len(new),
-                            acked=acked)
+        return IngestResult(
+            accepted=len(new), duplicates=len(batch.records) - len(new), acked=acked
+        )
 
     # -- fleet view -------------------------------------------------------------------
 
@@ -184,15 +205,16 @@ class SqlStorage(Storage):
             )
         return _device(row) if row else None
 
-    async def points(
-        self, device_id: str, since: float, until: float, limit: int
-    ) -> list[Point]:
+    async def points(self, device_id: str, since: float, until: float, limit: int) -> list[Point]:
         async with self.reader() as conn:
             # The newest ``limit`` points, returned oldest first.
             rows = await conn.fetch(
                 f"SELECT time, {', '.join(POINT_FIELDS)}, resolution FROM heartbeats "
                 "WHERE device_id = ? AND time >= ? AND time <= ? ORDER BY time DESC LIMIT ?",
-                device_id, since, until, limit,
+                device_id,
+                since,
+                until,
+                limit,
             )
         return [_point(r) for r in reversed(rows)]
 
@@ -201,17 +223,24 @@ class SqlStorage(Storage):
             rows = await conn.fetch(
                 "SELECT id, stream, seq, kind, time, received, body FROM records "
                 "WHERE device_id = ? AND id > ? ORDER BY id LIMIT ?",
-                device_id, after, limit,
+                device_id,
+                after,
+                limit,
             )
         return [
-            StoredRecord(id=int(r[0]), stream=str(r[1]), seq=int(r[2]), kind=str(r[3]),
-                         time=float(r[4]), received=float(r[5]), body=loads_dict(r[6]) or {})
+            StoredRecord(
+                id=int(r[0]),
+                stream=str(r[1]),
+                seq=int(r[2]),
+                kind=str(r[3]),
+                time=float(r[4]),
+                received=float(r[5]),
+                body=loads_dict(r[6]) or {},
+            )
             for r in rows
         ]
 
-    async def alerts(
-        self, device_id: str | None, state: str | None, limit: int
-    ) -> list[Alert]:
+    async def alerts(self, device_id: str | None, state: str | None, limit: int) -> list[Alert]:
         where, args = [], []
         if device_id is not None:
             where.append("device_id = ?")
@@ -224,7 +253,8 @@ class SqlStorage(Storage):
             rows = await conn.fetch(
                 f"SELECT {_ALERT_COLUMNS} FROM alerts {clause}ORDER BY updated DESC, id DESC "
                 "LIMIT ?",
-                *args, limit,
+                *args,
+                limit,
             )
         return [_alert(r) for r in rows]
 
@@ -237,16 +267,27 @@ class SqlStorage(Storage):
                 "AND last_seen IS NOT NULL AND last_seen < ? AND NOT EXISTS ("
                 "SELECT 1 FROM alerts a WHERE a.device_id = d.id AND a.rule = ? "
                 "AND a.state = 'firing')",
-                cutoff, OFFLINE_RULE,
+                cutoff,
+                OFFLINE_RULE,
             )
             for device_id, last_seen in rows:
                 silent = now - float(last_seen)
-                await _apply_alert(conn, str(device_id), AlertChange(
-                    rule=OFFLINE_RULE, subject="", state="firing", severity="critical",
-                    value=round(silent, 3), threshold=offline_after,
-                    message=f"no upload for {silent:.0f}s (offline after {offline_after:g}s)",
-                    started_at=now, at=now,
-                ), now)
+                await _apply_alert(
+                    conn,
+                    str(device_id),
+                    AlertChange(
+                        rule=OFFLINE_RULE,
+                        subject="",
+                        state="firing",
+                        severity="critical",
+                        value=round(silent, 3),
+                        threshold=offline_after,
+                        message=f"no upload for {silent:.0f}s (offline after {offline_after:g}s)",
+                        started_at=now,
+                        at=now,
+                    ),
+                    now,
+                )
         return [str(r[0]) for r in rows]
 
     async def retention(self, raw_before: float, keep_before: float, bucket: float) -> int:
@@ -283,38 +324,74 @@ async def _apply_alert(conn: Conn, device_id: str, change: AlertChange, now: flo
         changed = await conn.execute(
             "UPDATE alerts SET value = ?, threshold = ?, message = ?, severity = ?, updated = ? "
             "WHERE device_id = ? AND rule = ? AND subject = ? AND state = 'firing'",
-            change.value, change.threshold, change.message, change.severity, now,
-            device_id, change.rule, change.subject,
+            change.value,
+            change.threshold,
+            change.message,
+            change.severity,
+            now,
+            device_id,
+            change.rule,
+            change.subject,
         )
         if changed:
             return
         await conn.execute(
             f"INSERT INTO alerts ({_ALERT_COLUMNS.removeprefix('id, ')}) "
             "VALUES (?, ?, ?, ?, 'firing', ?, ?, ?, ?, NULL, ?)",
-            device_id, change.rule, change.subject, change.severity, change.value,
-            change.threshold, change.message, change.started_at, now,
+            device_id,
+            change.rule,
+            change.subject,
+            change.severity,
+            change.value,
+            change.threshold,
+            change.message,
+            change.started_at,
+            now,
         )
         return
     changed = await conn.execute(
         "UPDATE alerts SET state = 'resolved', resolved_at = ?, value = ?, message = ?, "
         "updated = ? WHERE device_id = ? AND rule = ? AND subject = ? AND state = 'firing'",
-        change.at, change.value, change.message, now, device_id, change.rule, change.subject,
+        change.at,
+        change.value,
+        change.message,
+        now,
+        device_id,
+        change.rule,
+        change.subject,
     )
     if not changed:  # its firing record was dropped on the device: keep the resolution
         await conn.execute(
             f"INSERT INTO alerts ({_ALERT_COLUMNS.removeprefix('id, ')}) "
             "VALUES (?, ?, ?, ?, 'resolved', ?, ?, ?, ?, ?, ?)",
-            device_id, change.rule, change.subject, change.severity, change.value,
-            change.threshold, change.message, change.started_at, change.at, now,
+            device_id,
+            change.rule,
+            change.subject,
+            change.severity,
+            change.value,
+            change.threshold,
+            change.message,
+            change.started_at,
+            change.at,
+            now,
         )
 
 
 def _device(r: Row) -> Device:
     return Device(
-        id=str(r[0]), name=str(r[1]), version=str(r[2]), enrolled=float(r[3]),
-        revoked=_f(r[4]), last_seen=_f(r[5]), last_heartbeat=_f(r[6]), stream=str(r[7]),
-        last_seq=int(r[8]), dropped={k: int(v) for k, v in json.loads(r[9] or "{}").items()},
-        latest=loads_dict(r[10]), alerts_firing=int(r[11]), offline=int(r[12]) > 0,
+        id=str(r[0]),
+        name=str(r[1]),
+        version=str(r[2]),
+        enrolled=float(r[3]),
+        revoked=_f(r[4]),
+        last_seen=_f(r[5]),
+        last_heartbeat=_f(r[6]),
+        stream=str(r[7]),
+        last_seq=int(r[8]),
+        dropped={k: int(v) for k, v in json.loads(r[9] or "{}").items()},
+        latest=loads_dict(r[10]),
+        alerts_firing=int(r[11]),
+        offline=int(r[12]) > 0,
     )
 
 
@@ -325,9 +402,18 @@ def _point(r: Row) -> Point:
 
 def _alert(r: Row) -> Alert:
     return Alert(
-        id=int(r[0]), device_id=str(r[1]), rule=str(r[2]), subject=str(r[3]),
-        severity=str(r[4]), state=str(r[5]), value=_f(r[6]), threshold=_f(r[7]),
-        message=str(r[8]), started_at=float(r[9]), resolved_at=_f(r[10]), updated=float(r[11]),
+        id=int(r[0]),
+        device_id=str(r[1]),
+        rule=str(r[2]),
+        subject=str(r[3]),
+        severity=str(r[4]),
+        state=str(r[5]),
+        value=_f(r[6]),
+        threshold=_f(r[7]),
+        message=str(r[8]),
+        started_at=float(r[9]),
+        resolved_at=_f(r[10]),
+        updated=float(r[11]),
     )
 
 

@@ -39,12 +39,14 @@ class GrpcServer:
     async def __aenter__(self) -> GrpcServer:
         settings = self._config.grpc
         limit = settings.max_message_bytes
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            # One daemon per port: a second one must fail to bind, not share the port.
-            ("grpc.so_reuseport", 0),
-        ])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # One daemon per port: a second one must fail to bind, not share the port.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self._core, self._access), server
         )

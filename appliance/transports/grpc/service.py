@@ -106,14 +106,16 @@ class InferenceService:
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
     ) -> pb.ServerLiveResponse:
-        return await self._call("ServerLive", context, "",
-                                lambda: _done(pb.ServerLiveResponse(live=True)))
+        return await self._call(
+            "ServerLive", context, "", lambda: _done(pb.ServerLiveResponse(live=True))
+        )
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        return await self._call("ServerReady", context, "",
-                                lambda: _done(pb.ServerReadyResponse(ready=self.core.ready)))
+        return await self._call(
+            "ServerReady", context, "", lambda: _done(pb.ServerReadyResponse(ready=self.core.ready))
+        )
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
@@ -157,22 +159,29 @@ class InferenceService:
             name, version = request.model_name, request.model_version or None
             info = self._info(name, version)  # NOT_FOUND before decoding tensors
             decoded = decode_infer_request(request)
-            result = await self.core.infer(name, decoded.inputs, version=version,
-                                           outputs=decoded.outputs)
+            result = await self.core.infer(
+                name, decoded.inputs, version=version, outputs=decoded.outputs
+            )
             tensors, blobs = oip.encode_outputs(result.outputs, set(result.outputs))
-            answer = pb.ModelInferResponse(model_name=info.name, model_version=info.version,
-                                           id=request.id, raw_output_contents=blobs)
+            answer = pb.ModelInferResponse(
+                model_name=info.name,
+                model_version=info.version,
+                id=request.id,
+                raw_output_contents=blobs,
+            )
             for tensor in tensors:
-                answer.outputs.add(name=tensor["name"], datatype=tensor["datatype"],
-                                   shape=tensor["shape"])
+                answer.outputs.add(
+                    name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"]
+                )
             return answer
 
         return await self._call("ModelInfer", context, request.model_name, work)
 
     # -- the one entry point ----------------------------------------------------------
 
-    async def _call(self, method: str, context: Context, model: str,
-                    work: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self, method: str, context: Context, model: str, work: Callable[[], Awaitable[T]]
+    ) -> T:
         """Run one RPC: access checks, then the work; errors become status codes here and
         nowhere else."""
         started = time.perf_counter()
@@ -202,10 +211,14 @@ class InferenceService:
         http_method, template = HTTP_EQUIVALENT[method]
         key = None
         if not access.is_public(template):
-            metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())
-                        if isinstance(v, str)}
-            key = access.authenticate(metadata.get("authorization"), metadata.get("x-api-key"),
-                                      _certificate(context) if access.store.certs else None)
+            metadata = {
+                k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
+            }
+            key = access.authenticate(
+                metadata.get("authorization"),
+                metadata.get("x-api-key"),
+                _certificate(context) if access.store.certs else None,
+            )
             access.authorize(key, scope_of(http_method, template))
         access.limit(peer, key)
 
@@ -230,27 +243,35 @@ def decode_infer_request(request: pb.ModelInferRequest) -> DecodedRequest:
     inputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for index, tensor in enumerate(request.inputs):
-        item: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
-                                "shape": list(tensor.shape)}
+        item: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
         if raw:
             blob: bytes | None = raw[index]
         elif tensor.datatype == "BYTES":
-            blob = b"".join(len(v).to_bytes(4, "little") + v
-                            for v in tensor.contents.bytes_contents)
+            blob = b"".join(
+                len(v).to_bytes(4, "little") + v for v in tensor.contents.bytes_contents
+            )
         else:
             blob = None
             field = _CONTENTS.get(tensor.datatype)
             if field is None and tensor.datatype == "FP16":
                 raise RequestError(
                     f"input tensor {tensor.name!r}: FP16 has no typed contents field; send it "
-                    "in raw_input_contents", param="inputs")
+                    "in raw_input_contents",
+                    param="inputs",
+                )
             item["data"] = list(getattr(tensor.contents, field)) if field else []
         if blob is not None:
             item["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         inputs.append(item)
-    body: dict[str, Any] = {"inputs": inputs,
-                            "outputs": [{"name": out.name} for out in request.outputs]}
+    body: dict[str, Any] = {
+        "inputs": inputs,
+        "outputs": [{"name": out.name} for out in request.outputs],
+    }
     if request.id:
         body["id"] = request.id
     return oip.decode_request(body, b"".join(blobs))

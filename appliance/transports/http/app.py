@@ -45,20 +45,27 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     core = request.app[CORE]
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
-    core.count_request("http", route_name, request.get(MODEL, ""), str(response.status),
-                       time.perf_counter() - started, shed=shed)
+    core.count_request(
+        "http",
+        route_name,
+        request.get(MODEL, ""),
+        str(response.status),
+        time.perf_counter() - started,
+        shed=shed,
+    )
     return response
 
 
-def build_app(core: Core, config: Config, access: AccessPolicy | None = None
-              ) -> web.Application:
+def build_app(core: Core, config: Config, access: AccessPolicy | None = None) -> web.Application:
     """The HTTP application for one daemon; ``access`` defaults to the configured policy."""
     if access is None:
         access = daemon_policy(config)
     app = web.Application(
         client_max_size=config.http.max_body_bytes,
-        middlewares=[_errors_and_metrics, *security.middlewares(
-            access, scope_of, config.limits, config.http.max_body_bytes)],
+        middlewares=[
+            _errors_and_metrics,
+            *security.middlewares(access, scope_of, config.limits, config.http.max_body_bytes),
+        ],
     )
     app[CORE] = core
     app[CONFIG] = config

@@ -63,22 +63,31 @@ async def device(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     recent = request.app[RECENT]
     models = [
-        {"name": m.name, "version": m.version, "runtime": m.runtime, "state": m.state.value,
-         "error": m.error, "size_bytes": m.size, "description": m.description,
-         "context_length": m.context_length,
-         "capabilities": sorted(c.value for c in m.capabilities)}
+        {
+            "name": m.name,
+            "version": m.version,
+            "runtime": m.runtime,
+            "state": m.state.value,
+            "error": m.error,
+            "size_bytes": m.size,
+            "description": m.description,
+            "context_length": m.context_length,
+            "capabilities": sorted(c.value for c in m.capabilities),
+        }
         for m in core.list_models()
     ]
-    return web.json_response({
-        "device": {"id": config.device.id, "name": config.device.name},
-        "version": __version__,
-        "now": time.time(),
-        "uptime_s": round(time.time() - core.started, 3),
-        "models": models,
-        "history": recent.history(),
-        "alerts": recent.alerts(),
-        "mqtt": mqtt_topics(config, [m.name for m in core.list_models()]),
-    })
+    return web.json_response(
+        {
+            "device": {"id": config.device.id, "name": config.device.name},
+            "version": __version__,
+            "now": time.time(),
+            "uptime_s": round(time.time() - core.started, 3),
+            "models": models,
+            "history": recent.history(),
+            "alerts": recent.alerts(),
+            "mqtt": mqtt_topics(config, [m.name for m in core.list_models()]),
+        }
+    )
 
 
 def mqtt_topics(config: Config, models: list[str]) -> dict[str, Any]:
@@ -87,26 +96,52 @@ def mqtt_topics(config: Config, models: list[str]) -> dict[str, Any]:
     if not mqtt.enabled:
         return {"enabled": False, "broker": None, "topics": []}
     base = mqtt.base_topic or f"appliance/{config.device.id}"
-    topics = [{"topic": f"{base}/infer/{name}", "kind": "request",
-               "what": f"requests to {name} (JSON; …/msgpack for MessagePack)"}
-              for name in models]
+    topics = [
+        {
+            "topic": f"{base}/infer/{name}",
+            "kind": "request",
+            "what": f"requests to {name} (JSON; …/msgpack for MessagePack)",
+        }
+        for name in models
+    ]
     topics += [
-        {"topic": f"{base}/result/<model>", "kind": "publish",
-         "what": "replies to requests that named no reply topic"},
-        {"topic": f"{base}/availability", "kind": "publish",
-         "what": "retained online / offline (the last will)"},
+        {
+            "topic": f"{base}/result/<model>",
+            "kind": "publish",
+            "what": "replies to requests that named no reply topic",
+        },
+        {
+            "topic": f"{base}/availability",
+            "kind": "publish",
+            "what": "retained online / offline (the last will)",
+        },
         {"topic": f"{base}/info", "kind": "publish", "what": "retained: version, URL, models"},
         {"topic": f"{base}/stats", "kind": "publish", "what": "retained, periodic statistics"},
     ]
     if mqtt.shared_group:
-        topics.append({"topic": f"$share/{mqtt.shared_group}/{mqtt.fleet_topic}/infer/<model>",
-                       "kind": "request", "what": "fleet requests, shared with the group"})
+        topics.append(
+            {
+                "topic": f"$share/{mqtt.shared_group}/{mqtt.fleet_topic}/infer/<model>",
+                "kind": "request",
+                "what": "fleet requests, shared with the group",
+            }
+        )
     for rule in mqtt.rules:
-        topics.append({"topic": rule.topic, "kind": "stream",
-                       "what": f"stream rule {rule.name}: windows of readings to {rule.model}"})
+        topics.append(
+            {
+                "topic": rule.topic,
+                "kind": "stream",
+                "what": f"stream rule {rule.name}: windows of readings to {rule.model}",
+            }
+        )
     if mqtt.homeassistant:
-        topics.append({"topic": f"{mqtt.discovery_prefix}/…", "kind": "publish",
-                       "what": "Home Assistant discovery"})
+        topics.append(
+            {
+                "topic": f"{mqtt.discovery_prefix}/…",
+                "kind": "publish",
+                "what": "Home Assistant discovery",
+            }
+        )
     return {"enabled": True, "broker": f"{mqtt.host}:{mqtt.port}", "topics": topics}
 
 

@@ -66,8 +66,10 @@ def error_response(
         }
     else:
         body = {"error": message}
-    if request.path.startswith("/v2/") and request.path.endswith("/infer") and (
-        answers_msgpack(request)
+    if (
+        request.path.startswith("/v2/")
+        and request.path.endswith("/infer")
+        and (answers_msgpack(request))
     ):
         # The inference routes negotiate MessagePack; so do their errors.
         packed = {**(headers or {}), "Content-Type": oip_msgpack.CONTENT_TYPE}
@@ -81,13 +83,15 @@ def from_exception(request: web.Request, exc: BaseException) -> web.StreamRespon
         challenge = 'Bearer realm="appliance"'
         if "Authorization" in request.headers or "X-API-Key" in request.headers:
             challenge += ', error="invalid_token"'
-        return error_response(request, 401, str(exc), param="Authorization",
-                              headers={"WWW-Authenticate": challenge})
+        return error_response(
+            request, 401, str(exc), param="Authorization", headers={"WWW-Authenticate": challenge}
+        )
     if isinstance(exc, Forbidden):
         return error_response(request, 403, str(exc))
     if isinstance(exc, RateLimited):
-        return error_response(request, 429, str(exc),
-                              headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+        return error_response(
+            request, 429, str(exc), headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        )
     if isinstance(exc, RequestTimeout):
         return error_response(request, 408, str(exc), headers={"Connection": "close"})
     if isinstance(exc, PayloadTooLarge):
@@ -111,7 +115,9 @@ def from_exception(request: web.Request, exc: BaseException) -> web.StreamRespon
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[CONFIG].http.max_body_bytes
         return error_response(
-            request, 413, f"request body is larger than the limit of {limit} bytes",
+            request,
+            413,
+            f"request body is larger than the limit of {limit} bytes",
             param="body",
         )
     if isinstance(exc, web.HTTPException):

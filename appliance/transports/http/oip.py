@@ -32,8 +32,9 @@ _PLATFORMS = PLATFORMS
 
 @routes.get("/v2")
 async def server_metadata(request: web.Request) -> web.Response:
-    return web.json_response({"name": "appliance", "version": __version__,
-                              "extensions": EXTENSIONS})
+    return web.json_response(
+        {"name": "appliance", "version": __version__, "extensions": EXTENSIONS}
+    )
 
 
 @routes.get("/v2/health/live")

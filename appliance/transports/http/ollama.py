@@ -92,8 +92,7 @@ async def tags(request: web.Request) -> web.Response:
 @routes.get("/api/ps")
 async def running(request: web.Request) -> web.Response:
     models = [
-        RunningModel(**_tag(m).model_dump(), expires_at=_FOREVER,
-                     context_length=m.context_length)
+        RunningModel(**_tag(m).model_dump(), expires_at=_FOREVER, context_length=m.context_length)
         for m in request.app[CORE].list_models()
         if m.ready and _language_model(m)
     ]
@@ -106,22 +105,28 @@ async def show(request: web.Request) -> web.Response:
     name, version = model_ref(body.model or body.name)
     info = request.app[CORE].model(name, version)
     request[MODEL] = info.name
-    capabilities = [c for cap, c in ((Capability.GENERATE, "completion"),
-                                     (Capability.EMBED, "embedding"))
-                    if cap in info.capabilities]
-    model_info: dict[str, object] = {"general.name": info.name,
-                                     "appliance.runtime": info.runtime,
-                                     "appliance.version": info.version,
-                                     "appliance.state": info.state.value}
+    capabilities = [
+        c
+        for cap, c in ((Capability.GENERATE, "completion"), (Capability.EMBED, "embedding"))
+        if cap in info.capabilities
+    ]
+    model_info: dict[str, object] = {
+        "general.name": info.name,
+        "appliance.runtime": info.runtime,
+        "appliance.version": info.version,
+        "appliance.state": info.state.value,
+    }
     if info.context_length is not None:
         model_info["appliance.context_length"] = info.context_length
-    return _json(Show(
-        modelfile=f"# Served by the appliance from its model repository.\nFROM {info.name}\n",
-        details=_details(info),
-        model_info=model_info,
-        capabilities=capabilities,
-        modified_at=_iso(info.created),
-    ))
+    return _json(
+        Show(
+            modelfile=f"# Served by the appliance from its model repository.\nFROM {info.name}\n",
+            details=_details(info),
+            model_info=model_info,
+            capabilities=capabilities,
+            modified_at=_iso(info.created),
+        )
+    )
 
 
 @routes.post("/api/chat")
@@ -137,18 +142,35 @@ async def chat(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE]
     if not body.messages:  # Ollama's way to load (or, with keep_alive 0, unload) a model
         await _require_ready(core, name, version, unload=body.unload)
-        return _json(ChatAnswer(model=body.model, created_at=_now(), done=True,
-                                done_reason="unload" if body.unload else "load",
-                                message=AssistantMessage(content="")))
+        return _json(
+            ChatAnswer(
+                model=body.model,
+                created_at=_now(),
+                done=True,
+                done_reason="unload" if body.unload else "load",
+                message=AssistantMessage(content=""),
+            )
+        )
     stream = await core.generate(name, body.to_core(), version=version)
 
-    def answer(chunk: TokenChunk, timing: _Timing | None,
-               calls: Sequence[ToolCall] = ()) -> BaseModel:
-        message = AssistantMessage(content=chunk.text, tool_calls=[
-            CallOut(id=c.id, function=CallFunction(name=c.name, arguments=dict(c.arguments)))
-            for c in calls] or None)
-        return ChatAnswer(model=body.model, created_at=_now(), done=timing is not None,
-                          message=message, **_final(chunk, timing))
+    def answer(
+        chunk: TokenChunk, timing: _Timing | None, calls: Sequence[ToolCall] = ()
+    ) -> BaseModel:
+        message = AssistantMessage(
+            content=chunk.text,
+            tool_calls=[
+                CallOut(id=c.id, function=CallFunction(name=c.name, arguments=dict(c.arguments)))
+                for c in calls
+            ]
+            or None,
+        )
+        return ChatAnswer(
+            model=body.model,
+            created_at=_now(),
+            done=timing is not None,
+            message=message,
+            **_final(chunk, timing),
+        )
 
     return await _respond(request, stream, answer, body.streaming, started)
 
@@ -159,8 +181,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body: GenerateRequestBody = parse(GenerateRequestBody, await read_json(request))
     name, version = _target(request, body.model)
     _keep_alive(request, name, version, body.keep_alive)
-    unsupported = [("suffix", "insert"), ("template", "custom templates"),
-                   ("context", "context"), ("images", "images")]
+    unsupported = [
+        ("suffix", "insert"),
+        ("template", "custom templates"),
+        ("context", "context"),
+        ("images", "images"),
+    ]
     for field, what in unsupported:
         if getattr(body, field):
             raise RequestError(f"{json.dumps(body.model)} does not support {what}", param=field)
@@ -169,14 +195,25 @@ async def generate(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE]
     if not body.prompt:  # load (or unload) only, as Ollama does for an empty prompt
         await _require_ready(core, name, version, unload=body.unload)
-        return _json(GenerateAnswer(model=body.model, created_at=_now(), done=True,
-                                    done_reason="unload" if body.unload else "load",
-                                    response=""))
+        return _json(
+            GenerateAnswer(
+                model=body.model,
+                created_at=_now(),
+                done=True,
+                done_reason="unload" if body.unload else "load",
+                response="",
+            )
+        )
     stream = await core.generate(name, body.to_core(), version=version)
 
     def answer(chunk: TokenChunk, timing: _Timing | None) -> BaseModel:
-        return GenerateAnswer(model=body.model, created_at=_now(), done=timing is not None,
-                              response=chunk.text, **_final(chunk, timing))
+        return GenerateAnswer(
+            model=body.model,
+            created_at=_now(),
+            done=timing is not None,
+            response=chunk.text,
+            **_final(chunk, timing),
+        )
 
     return await _respond(request, stream, answer, body.streaming, started)
 
@@ -195,9 +232,15 @@ async def embed(request: web.Request) -> web.Response:
     vectors = result.vectors
     if body.dimensions is not None:
         vectors = [_normalised(v[: body.dimensions]) for v in vectors]
-    return _json(Embed(model=body.model, embeddings=vectors, load_duration=0,
-                       total_duration=time.perf_counter_ns() - started,
-                       prompt_eval_count=result.prompt_tokens))
+    return _json(
+        Embed(
+            model=body.model,
+            embeddings=vectors,
+            load_duration=0,
+            total_duration=time.perf_counter_ns() - started,
+            prompt_eval_count=result.prompt_tokens,
+        )
+    )
 
 
 @routes.post("/api/embeddings")
@@ -255,9 +298,12 @@ async def _respond(
             text = "".join(p.text for p in parts)
             for part in parts:
                 calls.add(part)
-            whole = TokenChunk(text=text, finish_reason=last.finish_reason,
-                               prompt_tokens=last.prompt_tokens,
-                               completion_tokens=last.completion_tokens)
+            whole = TokenChunk(
+                text=text,
+                finish_reason=last.finish_reason,
+                prompt_tokens=last.prompt_tokens,
+                completion_tokens=last.completion_tokens,
+            )
             made = calls.calls() if last.finish_reason == "tool_calls" else []
             if made:
                 return _json(answer(whole, _Timing(started, first_at), made))
@@ -279,8 +325,7 @@ async def _respond(
             raise
         except Exception as exc:
             # The status is sent: the error can only travel as a last line now.
-            log.error("generation failed mid-stream on model %s", request.get(MODEL),
-                      exc_info=exc)
+            log.error("generation failed mid-stream on model %s", request.get(MODEL), exc_info=exc)
             message = str(exc) if isinstance(exc, ApplianceError) else "generation failed"
             await response.write(b'{"error": ' + _quote(message) + b"}\n")
         await response.write_eof()
@@ -309,18 +354,21 @@ def _target(request: web.Request, reference: str) -> tuple[str, str | None]:
     return name, version
 
 
-def _keep_alive(request: web.Request, name: str, version: str | None,
-                value: float | str | None) -> None:
+def _keep_alive(
+    request: web.Request, name: str, version: str | None, value: float | str | None
+) -> None:
     """Ollama's per-request ``keep_alive``: how long the model stays loaded once idle (0:
     unload as soon as it is idle; negative: forever)."""
     # As in Ollama, every request sets it: one without keep_alive restores the default.
     seconds = None if value is None else keep_alive_seconds(value)
     request.app[CORE].keep_alive(
-        name, version, None if value is None else -1.0 if seconds is None else seconds)
+        name, version, None if value is None else -1.0 if seconds is None else seconds
+    )
 
 
-async def _require_ready(core: Core, name: str, version: str | None, *,
-                         unload: bool = False) -> None:
+async def _require_ready(
+    core: Core, name: str, version: str | None, *, unload: bool = False
+) -> None:
     """404 for an unknown model, 503 for one that cannot serve; loads it unless ``unload``
     (what loading it in Ollama does)."""
     info = core.model(name, version)
@@ -355,10 +403,13 @@ def _tag(info: ModelInfo) -> TagModel:
 def _details(info: ModelInfo) -> ModelDetails:
     """Family, size and quantization as the model file states them (GGUF metadata)."""
     family = info.details.get("family", "")
-    return ModelDetails(format=info.runtime, family=family,
-                        families=[family] if family else None,
-                        parameter_size=info.details.get("parameter_size", ""),
-                        quantization_level=info.details.get("quantization_level", ""))
+    return ModelDetails(
+        format=info.runtime,
+        family=family,
+        families=[family] if family else None,
+        parameter_size=info.details.get("parameter_size", ""),
+        quantization_level=info.details.get("quantization_level", ""),
+    )
 
 
 def _normalised(vector: list[float]) -> list[float]:
@@ -379,8 +430,11 @@ def _format(moment: datetime) -> str:
 
 
 def _json(model: BaseModel) -> web.Response:
-    return web.Response(body=model.model_dump_json(exclude_none=True).encode(),
-                        content_type="application/json", charset="utf-8")
+    return web.Response(
+        body=model.model_dump_json(exclude_none=True).encode(),
+        content_type="application/json",
+        charset="utf-8",
+    )
 
 
 __all__ = ["routes"]

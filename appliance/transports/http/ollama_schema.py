@@ -47,13 +47,18 @@ def _duration(value: Any) -> Any:
 KeepAlive = Annotated[
     float | Annotated[str, Field(pattern=DURATION)] | None,
     BeforeValidator(_duration),
-    Field(description="How long the model stays loaded: seconds, or a Go duration such as "
-          '"5m" or "-1s" (negative: forever); 0 unloads the model once idle.'),
+    Field(
+        description="How long the model stays loaded: seconds, or a Go duration such as "
+        '"5m" or "-1s" (negative: forever); 0 unloads the model once idle.'
+    ),
 ]
 # A model reference, ``name[:tag]``: the name part cannot be empty.
-ModelRef = Annotated[str, Field(pattern=r"^[^:]",
-                                description="Model name, optionally with a tag: `name` or "
-                                "`name:latest`.")]
+ModelRef = Annotated[
+    str,
+    Field(
+        pattern=r"^[^:]", description="Model name, optionally with a tag: `name` or `name:latest`."
+    ),
+]
 
 
 class _Request(BaseModel):
@@ -84,15 +89,15 @@ class Options(_Request):
     # The bounds the core checks (appliance.core.sampling), published in the schema; the
     # core's messages name them when a client sends something else.
     num_predict: int | None = Field(
-        default=None, description="Tokens to generate at most; -1 or -2: until a stop.",
+        default=None,
+        description="Tokens to generate at most; -1 or -2: until a stop.",
         json_schema_extra={"not": {"type": "integer", "maximum": 0, "not": {"enum": [-1, -2]}}},
     )
     temperature: float | None = Field(default=None, json_schema_extra={"minimum": 0})
     top_p: float | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 1})
     top_k: int | None = Field(default=None, json_schema_extra={"minimum": 0})
     min_p: float | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 1})
-    repeat_penalty: float | None = Field(default=None,
-                                         json_schema_extra={"exclusiveMinimum": 0})
+    repeat_penalty: float | None = Field(default=None, json_schema_extra={"exclusiveMinimum": 0})
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: list[str] | str | None = Field(default=None, json_schema_extra=STOP_SCHEMA)
@@ -109,7 +114,8 @@ class Options(_Request):
     def sampling(self, fmt: str | dict[str, Any] | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return sampling_params(
-            max_tokens=None if self.num_predict is None or self.num_predict < 0
+            max_tokens=None
+            if self.num_predict is None or self.num_predict < 0
             else self.num_predict,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -128,8 +134,9 @@ class Options(_Request):
 class Message(_Request):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
-    images: list[str] | None = Field(default=None, description="Not supported: must be empty.",
-                                     json_schema_extra=_EMPTY_LIST)
+    images: list[str] | None = Field(
+        default=None, description="Not supported: must be empty.", json_schema_extra=_EMPTY_LIST
+    )
     # Checked by the core (appliance.core.tools), as every transport's are.
     tool_calls: Any = Field(default=None, description="The calls an assistant turn made.")
     tool_call_id: str | None = Field(default=None, description="The call a tool turn answers.")
@@ -144,8 +151,11 @@ class _Generation(_Request):
     options: Options | None = None
     stream: bool | None = Field(default=None, description="false: one answer; default: NDJSON.")
     keep_alive: KeepAlive = None
-    think: bool | str | None = Field(default=None, description="Not supported: false or absent.",
-                                     json_schema_extra={"enum": [False, "", "false", None]})
+    think: bool | str | None = Field(
+        default=None,
+        description="Not supported: false or absent.",
+        json_schema_extra={"enum": [False, "", "false", None]},
+    )
 
     @property
     def unload(self) -> bool:
@@ -171,10 +181,12 @@ class ChatRequest(_Generation):
     tools: Any = Field(default=None, description="Functions the model may call.")
 
     def to_core(self) -> GenerateRequest:
-        messages = conversation((m.role, m.content, m.tool_calls, m.tool_call_id)
-                                for m in self.messages)
-        return GenerateRequest(messages=messages, params=self.sampling(),
-                               tools=tool_use(self.tools))
+        messages = conversation(
+            (m.role, m.content, m.tool_calls, m.tool_call_id) for m in self.messages
+        )
+        return GenerateRequest(
+            messages=messages, params=self.sampling(), tools=tool_use(self.tools)
+        )
 
 
 class GenerateRequestBody(_Generation):
@@ -183,14 +195,18 @@ class GenerateRequestBody(_Generation):
     prompt: str = ""
     system: str = ""
     raw: bool = Field(default=False, description="Send the prompt as-is, without the template.")
-    suffix: str = Field(default="", description="Not supported: must be empty.",
-                        json_schema_extra=_EMPTY_TEXT)
-    template: str = Field(default="", description="Not supported: must be empty.",
-                          json_schema_extra=_EMPTY_TEXT)
-    context: list[int] | None = Field(default=None, description="Not supported: must be empty.",
-                                      json_schema_extra=_EMPTY_LIST)
-    images: list[str] | None = Field(default=None, description="Not supported: must be empty.",
-                                     json_schema_extra=_EMPTY_LIST)
+    suffix: str = Field(
+        default="", description="Not supported: must be empty.", json_schema_extra=_EMPTY_TEXT
+    )
+    template: str = Field(
+        default="", description="Not supported: must be empty.", json_schema_extra=_EMPTY_TEXT
+    )
+    context: list[int] | None = Field(
+        default=None, description="Not supported: must be empty.", json_schema_extra=_EMPTY_LIST
+    )
+    images: list[str] | None = Field(
+        default=None, description="Not supported: must be empty.", json_schema_extra=_EMPTY_LIST
+    )
 
     def to_core(self) -> GenerateRequest:
         if self.raw:
@@ -230,11 +246,17 @@ class ShowRequest(_Request):
     """POST /api/show"""
 
     # ``model``, or else ``name``, must name a model (model_ref); the schema says so.
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"required": ["model"], "properties": {"model": {"pattern": "^[^:]"}}},
-        {"required": ["name"], "properties": {"model": {"maxLength": 0},
-                                              "name": {"pattern": "^[^:]"}}},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["model"], "properties": {"model": {"pattern": "^[^:]"}}},
+                {
+                    "required": ["name"],
+                    "properties": {"model": {"maxLength": 0}, "name": {"pattern": "^[^:]"}},
+                },
+            ]
+        }
+    )
 
     model: str = ""
     name: str = Field(default="", description="Older clients' spelling of `model`.")
@@ -355,8 +377,16 @@ def keep_alive_seconds(value: float | str) -> float | None:
     return None if seconds < 0 else seconds
 
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
-          "h": 3600.0}
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
 
 
 def _go_duration(text: str) -> float:
@@ -387,5 +417,10 @@ def parse(model: type[BaseModel], body: Any) -> Any:
 
 def _type_part(part: str) -> bool:
     return part.startswith(("function-", "literal[", "list[", "dict[")) or part in {
-        "str", "int", "float", "bool", "Options", "Message",
+        "str",
+        "int",
+        "float",
+        "bool",
+        "Options",
+        "Message",
     }

@@ -71,8 +71,9 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     info = request.app[CORE].model(*model_ref(request.match_info["model"]))
     owner = request.app[CONFIG].device.id
-    return _json(ModelCard(id=info.name, created=info.created, owned_by=owner,
-                           state=info.state.value))
+    return _json(
+        ModelCard(id=info.name, created=info.created, owned_by=owner, state=info.state.value)
+    )
 
 
 @routes.post("/v1/chat/completions")
@@ -88,8 +89,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         text, last = await _collect(stream, parts)
         # Only whole calls are answered; one cut short by max_tokens ends as "length".
         calls = _calls(parts) if last.finish_reason == "tool_calls" else []
-        message = AssistantMessage(content=text or None, tool_calls=calls or None) if calls \
+        message = (
+            AssistantMessage(content=text or None, tool_calls=calls or None)
+            if calls
             else AssistantMessage(content=text)
+        )
         return _json(
             ChatCompletion(
                 id=ident,
@@ -105,13 +109,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     def event(chunk: TokenChunk | None, *, role: bool = False) -> BaseModel:
         if chunk is None:  # the usage-only event at the end
             return ChatCompletionChunk(id=ident, created=created, model=body.model, choices=[])
-        delta = Delta(role="assistant", content="") if role else Delta(
-            content=chunk.text if chunk.text or not chunk.tool_calls else None,
-            tool_calls=[_delta(d) for d in chunk.tool_calls] or None)
+        delta = (
+            Delta(role="assistant", content="")
+            if role
+            else Delta(
+                content=chunk.text if chunk.text or not chunk.tool_calls else None,
+                tool_calls=[_delta(d) for d in chunk.tool_calls] or None,
+            )
+        )
         if chunk.finish_reason is not None:
             delta = Delta()  # the final chunk carries no text (runtimes and the core agree)
         return ChatCompletionChunk(
-            id=ident, created=created, model=body.model,
+            id=ident,
+            created=created,
+            model=body.model,
             choices=[ChunkChoice(delta=delta, finish_reason=chunk.finish_reason)],
         )
 
@@ -131,7 +142,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         text, last = await _collect(stream)
         return _json(
             Completion(
-                id=ident, created=created, model=body.model,
+                id=ident,
+                created=created,
+                model=body.model,
                 choices=[CompletionChoice(text=prefix + text, finish_reason=last.finish_reason)],
                 usage=_usage(last),
             )
@@ -144,7 +157,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return Completion(id=ident, created=created, model=body.model, choices=[])
         text = (prefix + chunk.text) if role else chunk.text
         return Completion(
-            id=ident, created=created, model=body.model,
+            id=ident,
+            created=created,
+            model=body.model,
             choices=[CompletionChoice(text=text, finish_reason=chunk.finish_reason)],
         )
 
@@ -168,7 +183,8 @@ async def embeddings(request: web.Request) -> web.Response:
         data.append(Embedding(index=i, embedding=value))
     return _json(
         EmbeddingList(
-            data=data, model=body.model,
+            data=data,
+            model=body.model,
             usage=Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
         )
     )
@@ -180,9 +196,12 @@ EventFactory = Callable[..., BaseModel]
 
 
 def _delta(delta: ToolCallDelta) -> ToolCallDeltaOut:
-    return ToolCallDeltaOut(index=delta.index, id=delta.id,
-                            type="function" if delta.id is not None else None,
-                            function=FunctionDelta(name=delta.name, arguments=delta.arguments))
+    return ToolCallDeltaOut(
+        index=delta.index,
+        id=delta.id,
+        type="function" if delta.id is not None else None,
+        function=FunctionDelta(name=delta.name, arguments=delta.arguments),
+    )
 
 
 def _calls(chunks: list[TokenChunk]) -> list[ToolCallOut]:
@@ -190,13 +209,20 @@ def _calls(chunks: list[TokenChunk]) -> list[ToolCallOut]:
     collector = CallCollector()
     for chunk in chunks:
         collector.add(chunk)
-    return [ToolCallOut(id=c.id, function=FunctionCall(
-        name=c.name, arguments=json.dumps(dict(c.arguments), ensure_ascii=False)))
-        for c in collector.calls()]
+    return [
+        ToolCallOut(
+            id=c.id,
+            function=FunctionCall(
+                name=c.name, arguments=json.dumps(dict(c.arguments), ensure_ascii=False)
+            ),
+        )
+        for c in collector.calls()
+    ]
 
 
-async def _collect(stream: TokenStream, chunks: list[TokenChunk] | None = None
-                   ) -> tuple[str, TokenChunk]:
+async def _collect(
+    stream: TokenStream, chunks: list[TokenChunk] | None = None
+) -> tuple[str, TokenChunk]:
     parts: list[str] = []
     last: TokenChunk | None = None
     async with stream:
@@ -244,11 +270,11 @@ async def _sse(
             raise
         except Exception as exc:
             # Headers are sent: the error can only travel as an event now.
-            log.error("generation failed mid-stream on model %s", request.get(MODEL),
-                      exc_info=exc)
+            log.error("generation failed mid-stream on model %s", request.get(MODEL), exc_info=exc)
             message = str(exc) if isinstance(exc, ApplianceError) else "generation failed"
-            payload = {"error": {"message": message, "type": "server_error", "param": None,
-                                 "code": None}}
+            payload = {
+                "error": {"message": message, "type": "server_error", "param": None, "code": None}
+            }
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
             await response.write_eof()
             return response

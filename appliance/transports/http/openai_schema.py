@@ -70,8 +70,9 @@ class JsonSchemaResponseFormat(BaseModel):
 
 
 # One model per ``type``, so the schema says what each needs (json_schema: its object).
-ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat,
-                           Field(discriminator="type")]
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
 FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
@@ -91,17 +92,20 @@ class _Sampling(_Request):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     # A lone "" means no stop sequence (see sampling); a list's entries must not be empty.
     stop: str | list[str] | None = Field(
-        default=None, description=f"Up to {MAX_STOP} strings.",
+        default=None,
+        description=f"Up to {MAX_STOP} strings.",
         json_schema_extra={**STOP_SCHEMA, "minLength": 0},
     )
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
     logit_bias: dict[int, float] | None = Field(
-        default=None, description="Token id -> bias from -100 to 100 added to its logit.",
+        default=None,
+        description="Token id -> bias from -100 to 100 added to its logit.",
         # What the core checks (appliance.core.sampling), published: ids of 0 or more.
-        json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"},
-                           "additionalProperties": {"type": "number", "minimum": -100,
-                                                    "maximum": 100}},
+        json_schema_extra={
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -109,8 +113,9 @@ class _Sampling(_Request):
     def sampling(self, max_tokens: int | None, fmt: ResponseFormat | None = None) -> SamplingParams:
         # A lone "" means no stop sequence; in a list every entry is one (the core's
         # limits, appliance.core.sampling, judge them: this model only parses).
-        stop = ([self.stop] if self.stop else []) if isinstance(self.stop, str) else (
-            self.stop or [])
+        stop = (
+            ([self.stop] if self.stop else []) if isinstance(self.stop, str) else (self.stop or [])
+        )
         schema = None
         json_object = False
         if isinstance(fmt, JsonSchemaResponseFormat):
@@ -144,18 +149,25 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     tools: Any = Field(default=None, description="Functions the model may call.")
     tool_choice: Any = Field(
-        default=None, description='"auto" (default), "none", "required" or '
-        '{"type": "function", "function": {"name": ...}}.')
-    parallel_tool_calls: Any = Field(default=None, description="Several calls in one answer "
-                                     "(default true).")
+        default=None,
+        description='"auto" (default), "none", "required" or '
+        '{"type": "function", "function": {"name": ...}}.',
+    )
+    parallel_tool_calls: Any = Field(
+        default=None, description="Several calls in one answer (default true)."
+    )
 
     def to_core(self) -> GenerateRequest:
-        messages = conversation(((m.role, m.text(), m.tool_calls, m.tool_call_id)
-                                 for m in self.messages), ids_required=True)
+        messages = conversation(
+            ((m.role, m.text(), m.tool_calls, m.tool_call_id) for m in self.messages),
+            ids_required=True,
+        )
         limit = self.max_completion_tokens or self.max_tokens
         return GenerateRequest(
-            messages=messages, params=self.sampling(limit, self.response_format),
-            tools=tool_use(self.tools, self.tool_choice, self.parallel_tool_calls))
+            messages=messages,
+            params=self.sampling(limit, self.response_format),
+            tools=tool_use(self.tools, self.tool_choice, self.parallel_tool_calls),
+        )
 
 
 def _one_prompt(value: Any) -> Any:

@@ -37,8 +37,12 @@ async def health(request: web.Request) -> web.Response:
         "device": {"id": config.device.id, "name": config.device.name},
         "uptime_s": round(time.time() - core.started, 3),
         "models": {
-            m.name: {"state": m.state.value, "runtime": m.runtime, "version": m.version,
-                     **({"error": m.error} if m.error else {})}
+            m.name: {
+                "state": m.state.value,
+                "runtime": m.runtime,
+                "version": m.version,
+                **({"error": m.error} if m.error else {}),
+            }
             for m in models
         },
         "units": core.unit_status(),  # health, alerts, hub sync ... as each unit reports
@@ -56,13 +60,15 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.get("/openapi.json")
 async def openapi_json(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 document, built once at start-up (``openapi.publish``)."""
-    return web.Response(body=request.app[openapi.PUBLISHED].json,
-                        content_type="application/json")
+    return web.Response(body=request.app[openapi.PUBLISHED].json, content_type="application/json")
 
 
 @routes.get("/docs")
 async def docs(request: web.Request) -> web.Response:
     """The human docs page rendered from the same document."""
     page = request.app[openapi.PUBLISHED].page
-    return web.Response(text=page.render(request.scheme, request.host), content_type="text/html",
-                        headers=page.headers)
+    return web.Response(
+        text=page.render(request.scheme, request.host),
+        content_type="text/html",
+        headers=page.headers,
+    )

@@ -36,8 +36,11 @@ async def index(request: web.Request) -> web.Response:
         for info in core.versions(name):
             if only_ready and info.state is not ModelState.READY:
                 continue
-            row: dict[str, Any] = {"name": info.name, "version": info.version,
-                                   "state": info.state.value.upper()}
+            row: dict[str, Any] = {
+                "name": info.name,
+                "version": info.version,
+                "state": info.state.value.upper(),
+            }
             if info.error:
                 row["reason"] = info.error
             rows.append(row)
@@ -68,10 +71,12 @@ async def unload(request: web.Request) -> web.Response:
 async def reload(request: web.Request) -> web.Response:
     core = request.app[CORE]
     await core.reload_models()
-    return web.json_response({
-        name: {info.version: info.state.value for info in core.versions(name)}
-        for name in core.model_names()
-    })
+    return web.json_response(
+        {
+            name: {info.version: info.state.value for info in core.versions(name)}
+            for name in core.model_names()
+        }
+    )
 
 
 @routes.post("/admin/models/{name}/promote")
@@ -91,9 +96,15 @@ def _decision(request: web.Request, *, promote: bool) -> web.Response:
     if canary is None:
         raise RequestError("canary releases are not enabled ([canary] enabled)")
     decision = canary.promote(name) if promote else canary.rollback(name)
-    return web.json_response({"model": decision.model, "stable": decision.stable,
-                              "canary": decision.canary, "decision": decision.decision,
-                              "reason": decision.reason})
+    return web.json_response(
+        {
+            "model": decision.model,
+            "stable": decision.stable,
+            "canary": decision.canary,
+            "decision": decision.decision,
+            "reason": decision.reason,
+        }
+    )
 
 
 __all__ = ["routes"]

@@ -54,16 +54,20 @@ CLIENT: Final[web.RequestKey[str] | str] = (
 )
 
 
-def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
-                max_body_bytes: int) -> list[Middleware]:
+def middlewares(
+    policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig, max_body_bytes: int
+) -> list[Middleware]:
     """The guard and the body limits for one application."""
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = request.headers
         proxies = policy.proxies
-        client = (proxies.client(request.remote, headers.getall(proxies.header, ()))
-                  if proxies.enabled else request.remote)
+        client = (
+            proxies.client(request.remote, headers.getall(proxies.header, ()))
+            if proxies.enabled
+            else request.remote
+        )
         request[CLIENT] = client or ""
         policy.check_network(client, headers.get(hdrs.HOST), headers.get(hdrs.ORIGIN))
         match = request.match_info
@@ -75,8 +79,9 @@ def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
             scope = scope_of(request.method, template) if matched else "any"
             if scope is not None:
                 certificate = _certificate(request) if policy.store.certs else None
-                key = policy.authenticate(headers.get(hdrs.AUTHORIZATION),
-                                          headers.get("X-API-Key"), certificate)
+                key = policy.authenticate(
+                    headers.get(hdrs.AUTHORIZATION), headers.get("X-API-Key"), certificate
+                )
                 if scope != "any":  # unknown paths: any valid key gets its 404
                     policy.authorize(key, scope)
         policy.limit(client, key)
@@ -88,14 +93,17 @@ def middlewares(policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig,
         if request.body_exists and request.headers.get(hdrs.UPGRADE) is None:
             length = request.content_length
             if length is not None and length > max_body_bytes:
-                raise PayloadTooLarge(f"request body is larger than the limit of "
-                                      f"{max_body_bytes} bytes", param="body")
+                raise PayloadTooLarge(
+                    f"request body is larger than the limit of {max_body_bytes} bytes", param="body"
+                )
             try:
-                body = await _within(limits.request_timeout,
-                                     _read(request, max_body_bytes, limits.max_chunks))
+                body = await _within(
+                    limits.request_timeout, _read(request, max_body_bytes, limits.max_chunks)
+                )
             except asyncio.TimeoutError:
-                raise RequestTimeout(f"the request body did not arrive within "
-                                     f"{limits.request_timeout:g} s") from None
+                raise RequestTimeout(
+                    f"the request body did not arrive within {limits.request_timeout:g} s"
+                ) from None
             # aiohttp's read() returns this from now on (its own cache of the body).
             request._read_bytes = body
         return await handler(request)
@@ -125,12 +133,14 @@ async def _read(request: web.Request, limit: int, max_chunks: int) -> bytes:
         size += len(data)
         if size > limit:
             decoded = " once decoded" if request.headers.get(hdrs.CONTENT_ENCODING) else ""
-            raise PayloadTooLarge(f"request body is larger than the limit of {limit} "
-                                  f"bytes{decoded}", param="body")
+            raise PayloadTooLarge(
+                f"request body is larger than the limit of {limit} bytes{decoded}", param="body"
+            )
         chunks += end_of_chunk
         if chunks > max_chunks:
-            raise PayloadTooLarge(f"request body comes in more than {max_chunks} chunks",
-                                  param="body")
+            raise PayloadTooLarge(
+                f"request body comes in more than {max_chunks} chunks", param="body"
+            )
         parts.append(data)
     return b"".join(parts)
 
@@ -161,10 +171,18 @@ class AccessLog(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         client = request.get(CLIENT) or request.remote or "-"
         version = request.version
-        self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s"', client, request.method,
-                         request.path_qs, version.major, version.minor, response.status,
-                         response.body_length, time,
-                         request.headers.get(hdrs.USER_AGENT, "-"))
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s"',
+            client,
+            request.method,
+            request.path_qs,
+            version.major,
+            version.minor,
+            response.status,
+            response.body_length,
+            time,
+            request.headers.get(hdrs.USER_AGENT, "-"),
+        )
 
     @property
     def enabled(self) -> bool:

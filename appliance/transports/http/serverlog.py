@@ -38,8 +38,13 @@ def client_fault(exc: BaseException | None) -> bool:
 class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """``aiohttp.server`` as aiohttp's request handler uses it, minus clients' tracebacks."""
 
-    def __init__(self, logger: logging.Logger, *, interval: float = INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval: float = INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(logger, {})
         self.interval = interval
         self._clock = clock
@@ -51,8 +56,7 @@ class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
         return msg, kwargs
 
-    def exception(self, msg: object, *args: object, exc_info: Any = True,
-                  **kwargs: Any) -> None:
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else None
         if exc is None or not client_fault(exc):
             self.logger.error(msg, *args, exc_info=exc_info, **kwargs)  # what .exception does
@@ -66,7 +70,7 @@ class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         # One line: the message quotes raw header bytes over several lines.
         text = _STATUS.sub("", " ".join(str(exc).split()))
         if len(text) > _LONGEST:
-            text = text[:_LONGEST - 3] + "..."
+            text = text[: _LONGEST - 3] + "..."
         more = f" ({left_out} more like it in the last {self.interval:g} s)" if left_out else ""
         self.logger.warning("bad request from a client, answered 400: %s%s", text, more)
 

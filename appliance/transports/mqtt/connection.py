@@ -313,12 +313,15 @@ class Connection:
             drained = asyncio.create_task(self._outbox.drained(), name="appliance-mqtt-drain")
             tasks.add(drained)
             done, _ = await asyncio.wait(
-                {drained, reader, writer}, timeout=self.config.timeout,
+                {drained, reader, writer},
+                timeout=self.config.timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if drained not in done:
-                log.warning("MQTT stopping with %d messages not yet acknowledged by the broker",
-                            self._outbox.unsent())
+                log.warning(
+                    "MQTT stopping with %d messages not yet acknowledged by the broker",
+                    self._outbox.unsent(),
+                )
             for task in (reader, writer):
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
@@ -335,7 +338,8 @@ class Connection:
         async for message in client.messages:
             delivery = Delivery(
                 functools.partial(self._ack, session, message.mid, message.qos)
-                if message.qos > 0 else None
+                if message.qos > 0
+                else None
             )
             try:
                 self._on_message(message, delivery)
@@ -354,7 +358,10 @@ class Connection:
             message = await self._outbox.next()
             try:
                 await client.publish(
-                    message.topic, message.payload, qos=1, retain=message.retain,
+                    message.topic,
+                    message.payload,
+                    qos=1,
+                    retain=message.retain,
                     properties=self._properties(message),
                 )
             except aiomqtt.MqttCodeError as exc:
@@ -368,8 +375,12 @@ class Connection:
             self._outbox.done(message)
 
     def _undeliverable(self, message: Outgoing, exc: Exception) -> None:
-        log.error("MQTT message to %s (%d bytes) cannot be published and is dropped: %s",
-                  message.topic, len(message.payload), exc)
+        log.error(
+            "MQTT message to %s (%d bytes) cannot be published and is dropped: %s",
+            message.topic,
+            len(message.payload),
+            exc,
+        )
         self._outbox.done(message, delivered=False)  # counted as dropped
 
     def _properties(self, message: Outgoing) -> Properties | None:
@@ -398,8 +409,12 @@ class Connection:
         self._problem = None
         self._metrics.mqtt_connects.inc()
         self._metrics.mqtt_connected.set(1)
-        log.info("MQTT connected to %s as %s (MQTT %s)", self.broker, self.client_id,
-                 self.config.protocol)
+        log.info(
+            "MQTT connected to %s as %s (MQTT %s)",
+            self.broker,
+            self.client_id,
+            self.config.protocol,
+        )
 
     def _failed(self, exc: Exception, problem: str | None = None) -> None:
         was_connected = self.state == "connected"
@@ -420,15 +435,21 @@ class Connection:
                     "MQTT broker %s disconnected this appliance: session taken over (reason "
                     "0x8E), another client connected with the same client id %r. Give each "
                     "appliance its own device.id or mqtt.client_id; retrying every %gs",
-                    self.broker, self.client_id, self.config.reconnect_max)
+                    self.broker,
+                    self.client_id,
+                    self.config.reconnect_max,
+                )
             else:
-                log.debug("MQTT session taken over again by another client as %r",
-                          self.client_id)
+                log.debug("MQTT session taken over again by another client as %r", self.client_id)
         elif was_connected:
             log.warning("MQTT connection to %s lost (%s); reconnecting", self.broker, text)
         elif key != self._problem:
-            log.warning("MQTT broker %s unavailable (%s); retrying with backoff up to %gs",
-                        self.broker, text, self.config.reconnect_max)
+            log.warning(
+                "MQTT broker %s unavailable (%s); retrying with backoff up to %gs",
+                self.broker,
+                text,
+                self.config.reconnect_max,
+            )
         else:
             log.debug("MQTT broker %s still unavailable: %s", self.broker, text)
         self._problem = key

@@ -20,10 +20,24 @@ from appliance.transports.mqtt.topics import Topics
 # The latest health snapshot as a JSON-ready dict (HealthSnapshot.to_dict()), or None.
 HealthSource = Callable[[], Mapping[str, Any] | None]
 
-_MODEL_STATS = ("requests_total", "errors_total", "requests_per_s", "latency_avg_ms",
-                "latency_p95_ms", "queue_depth", "running", "tokens_per_s")
-_SYSTEM_STATS = ("cpu_percent", "memory_percent", "max_temperature_c", "max_gpu_percent",
-                 "process_rss_bytes", "swap_percent")
+_MODEL_STATS = (
+    "requests_total",
+    "errors_total",
+    "requests_per_s",
+    "latency_avg_ms",
+    "latency_p95_ms",
+    "queue_depth",
+    "running",
+    "tokens_per_s",
+)
+_SYSTEM_STATS = (
+    "cpu_percent",
+    "memory_percent",
+    "max_temperature_c",
+    "max_gpu_percent",
+    "process_rss_bytes",
+    "swap_percent",
+)
 
 
 def status(core: Core) -> str:
@@ -38,7 +52,12 @@ def status(core: Core) -> str:
 
 
 def info_document(
-    core: Core, *, device_id: str, device_name: str, http_url: str, topics: Topics,
+    core: Core,
+    *,
+    device_id: str,
+    device_name: str,
+    http_url: str,
+    topics: Topics,
     protocol: str,
 ) -> dict[str, Any]:
     models: dict[str, Any] = {}
@@ -106,8 +125,9 @@ def _mean_latency(models: Iterable[Mapping[str, Any]]) -> float | None:
     return round(total / weight, 3) if weight else None
 
 
-def alert_document(anomalies: Mapping[tuple[str, str], Mapping[str, Any]],
-                   health_alerts: Iterable[str]) -> dict[str, Any]:
+def alert_document(
+    anomalies: Mapping[tuple[str, str], Mapping[str, Any]], health_alerts: Iterable[str]
+) -> dict[str, Any]:
     """``ON`` while a stream rule's latest window of some source is anomalous or a health
     alert fires."""
     sources = [

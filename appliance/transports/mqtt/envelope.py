@@ -104,8 +104,8 @@ def decode(raw: bytes, fmt: Format, *, allow_text: bool = False) -> Any:
         if allow_text and raw.lstrip()[:1] not in (b"{", b"["):
             return _text(raw)  # a prompt of digits
         raise RequestError(
-            "the JSON payload holds an integer of more than "
-            f"{sys.get_int_max_str_digits()} digits", param="payload",
+            f"the JSON payload holds an integer of more than {sys.get_int_max_str_digits()} digits",
+            param="payload",
         ) from None
     return value
 

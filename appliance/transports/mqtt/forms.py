@@ -75,8 +75,7 @@ def parse(body: Any, info: ModelInfo, *, binary: bool = False) -> Call:
         # Plain text is what a person types: one user turn through the model's chat template,
         # as Ollama's /api/generate does (a chat model fed raw text rambles). {"prompt": ...}
         # is the raw completion, without the template.
-        return GenerateCall(GenerateRequest(messages=(ChatMessage("user", body),)),
-                            stream=False)
+        return GenerateCall(GenerateRequest(messages=(ChatMessage("user", body),)), stream=False)
     if isinstance(body, list):
         return _simple(info, {"data": body})
     if not isinstance(body, dict):
@@ -106,8 +105,7 @@ def _oip(body: dict[str, Any], binary: bool) -> TensorCall:
     # MessagePack may carry raw tensor bytes: the shared codec maps them onto the binary
     # extension, so every check is the one HTTP and gRPC clients meet.
     decoded = oip_msgpack.decode_request(body) if binary else decode_request(body)
-    return TensorCall(decoded.inputs, decoded.outputs, oip=True, oip_id=decoded.id,
-                      binary=binary)
+    return TensorCall(decoded.inputs, decoded.outputs, oip=True, oip_id=decoded.id, binary=binary)
 
 
 def _simple(info: ModelInfo, body: dict[str, Any]) -> TensorCall:
@@ -121,7 +119,7 @@ def _simple(info: ModelInfo, body: dict[str, Any]) -> TensorCall:
         if len(specs) != 1:
             raise RequestError(
                 f"model {info.name!r} takes {len(specs)} inputs ({', '.join(specs)}); name "
-                "them: {\"inputs\": {\"<name>\": [...]}}",
+                'them: {"inputs": {"<name>": [...]}}',
                 param="data",
             )
         raw = {next(iter(specs)): body["data"]}
@@ -152,8 +150,9 @@ def _simple(info: ModelInfo, body: dict[str, Any]) -> TensorCall:
 def _tensor(spec: TensorSpec, value: Any) -> tuple[Array, bool]:
     label = f"input {spec.name!r}"
     if spec.datatype == "BYTES":
-        raise RequestError(f"{label} is BYTES: use the Open Inference Protocol form",
-                           param="inputs")
+        raise RequestError(
+            f"{label} is BYTES: use the Open Inference Protocol form", param="inputs"
+        )
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):
@@ -163,8 +162,9 @@ def _tensor(spec: TensorSpec, value: Any) -> tuple[Array, bool]:
     kind = array.dtype.kind
     want = DATATYPES[spec.datatype]
     if kind not in "biuf":
-        raise RequestError(f"{label}: data must be numbers (nested lists of equal length)",
-                           param="inputs")
+        raise RequestError(
+            f"{label}: data must be numbers (nested lists of equal length)", param="inputs"
+        )
     if want.kind == "b" and kind != "b":
         raise RequestError(f"{label} is BOOL: data must be true/false", param="inputs")
     if want.kind != "b" and kind == "b":
@@ -188,8 +188,11 @@ def tensor_reply(call: TensorCall, info: ModelInfo, result: InferResult) -> dict
             tensors = oip_msgpack.encode_outputs_msgpack(result.outputs)
         else:
             tensors, _ = encode_outputs(result.outputs, set())
-        data: dict[str, Any] = {"model_name": info.name, "model_version": info.version,
-                                "outputs": tensors}
+        data: dict[str, Any] = {
+            "model_name": info.name,
+            "model_version": info.version,
+            "outputs": tensors,
+        }
         if call.oip_id is not None:
             data["id"] = call.oip_id
         return data
@@ -207,8 +210,10 @@ def plain(value: Array, squeeze: bool) -> Any:
     if squeeze and array.ndim >= 1 and array.shape[0] == 1:
         array = array[0]
     if array.dtype.kind in "OSU":
-        flat = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-                for v in array.reshape(-1)]
+        flat = [
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+            for v in array.reshape(-1)
+        ]
         return np.array(flat, dtype=object).reshape(array.shape).tolist()
     return array.tolist()
 
@@ -258,8 +263,17 @@ class _Generate(BaseModel):
         return value
 
 
-_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-             "presence_penalty", "frequency_penalty", "seed")
+_SAMPLING = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
 
 
 def _generate(body: dict[str, Any]) -> GenerateCall:
@@ -274,8 +288,9 @@ def _generate(body: dict[str, Any]) -> GenerateCall:
     messages = None
     tools = None
     if parsed.messages is not None:
-        messages = conversation((m.role, m.content, m.tool_calls, m.tool_call_id)
-                                for m in parsed.messages)
+        messages = conversation(
+            (m.role, m.content, m.tool_calls, m.tool_call_id) for m in parsed.messages
+        )
         tools = tool_use(parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls)
     elif parsed.tools is not None:
         raise RequestError("tools need messages (a chat)", param="tools")

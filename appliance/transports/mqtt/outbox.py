@@ -80,8 +80,11 @@ class Outbox:
             self._dropped(dropped)
             if not self._dropping:
                 self._dropping = True
-                log.warning("MQTT outbox full (%d messages): dropping the oldest until the "
-                            "broker takes them again", self.limit)
+                log.warning(
+                    "MQTT outbox full (%d messages): dropping the oldest until the "
+                    "broker takes them again",
+                    self.limit,
+                )
         if on_drop is not None:
             self._drop_callbacks[id(message)] = on_drop
         self._items.append(message)
@@ -190,6 +193,7 @@ class StreamGaps:
                 rebuilt = self._build(self._extra())
                 if self._outbox.replace(self._final, rebuilt):
                     self._final = rebuilt
+
         return dropped
 
     def final(self, build: Callable[[dict[str, Any]], Outgoing]) -> Outgoing:
@@ -233,8 +237,9 @@ class ReplyCache:
         self._clock = clock
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
 
-    def begin(self, key: Hashable, waiter: Callable[[], None] | None = None
-              ) -> list[Outgoing] | bool:
+    def begin(
+        self, key: Hashable, waiter: Callable[[], None] | None = None
+    ) -> list[Outgoing] | bool:
         """Record a new request: ``True``. A duplicate still running: ``False`` (``waiter``
         runs when it finishes). A duplicate already answered: the messages it was answered
         with."""

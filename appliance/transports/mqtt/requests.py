@@ -115,12 +115,14 @@ class Requests:
             if size > self._mqtt.max_payload_bytes:
                 raise PayloadTooLarge(
                     f"the payload is {size} bytes; at most {self._mqtt.max_payload_bytes} are "
-                    "accepted", param="payload",
+                    "accepted",
+                    param="payload",
                 )
             if not request.model:
                 raise RequestError(
                     f"request topics are {self._topics.base}/infer/<model>, optionally followed "
-                    "by /msgpack", param="topic",
+                    "by /msgpack",
+                    param="topic",
                 )
             if self._config.logging.log_payloads:
                 log.debug("MQTT request on %s: %r", request.topic, request.payload[:2048])
@@ -147,13 +149,14 @@ class Requests:
             elif isinstance(call, forms.GenerateCall):
                 route = "generate"
                 stream = await self._core.generate(model, call.request)
-                final, status = await self._stream(request, reply, request_id, stream,
-                                                   call.stream)
+                final, status = await self._stream(request, reply, request_id, stream, call.stream)
             else:
                 route = "embed"
                 embedded = await self._core.embed(model, call.texts)
-                data = {"embeddings": embedded.vectors,
-                        "usage": {"prompt_tokens": embedded.prompt_tokens}}
+                data = {
+                    "embeddings": embedded.vectors,
+                    "usage": {"prompt_tokens": embedded.prompt_tokens},
+                }
                 final = self._ok(request, reply, request_id, data, "reply")
             self._settle(key, final, ack, cache=status not in envelope.RETRYABLE)
         except asyncio.CancelledError as exc:
@@ -166,8 +169,7 @@ class Requests:
         except Exception as exc:
             status = self._fail(request, reply, request_id, key, exc, ack)
         finally:
-            self._core.count_request("mqtt", route, model, status,
-                                             time.perf_counter() - started)
+            self._core.count_request("mqtt", route, model, status, time.perf_counter() - started)
 
     async def _stream(
         self,
@@ -206,14 +208,31 @@ class Requests:
                     if not chunked:
                         continue
                     if waiting is not None:
-                        merged = self._message(request, reply, envelope.ok(
-                            {"text": waiting_text + chunk.text}, request_id=request_id,
-                            device=self._device, seq=seq - 1, done=False), "chunk")
+                        merged = self._message(
+                            request,
+                            reply,
+                            envelope.ok(
+                                {"text": waiting_text + chunk.text},
+                                request_id=request_id,
+                                device=self._device,
+                                seq=seq - 1,
+                                done=False,
+                            ),
+                            "chunk",
+                        )
                         if self._outbox.replace(waiting, merged):
                             waiting, waiting_text = merged, waiting_text + chunk.text
                             continue
-                    waiting = self._ok(request, reply, request_id, {"text": chunk.text},
-                                       "chunk", seq=seq, done=False, on_drop=gaps.dropper(seq))
+                    waiting = self._ok(
+                        request,
+                        reply,
+                        request_id,
+                        {"text": chunk.text},
+                        "chunk",
+                        seq=seq,
+                        done=False,
+                        on_drop=gaps.dropper(seq),
+                    )
                     waiting_text = chunk.text
                     seq += 1
             except (Exception, asyncio.CancelledError) as exc:
@@ -221,14 +240,27 @@ class Requests:
                     raise  # nothing sent yet: an ordinary error reply
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 if not cancelled:
-                    log.error("generation failed mid-stream on model %s", request.model,
-                              exc_info=exc)
+                    log.error(
+                        "generation failed mid-stream on model %s", request.model, exc_info=exc
+                    )
                 body = envelope.error_body(_stopped() if cancelled else exc)
-                failed = gaps.final(lambda extra: self._send(
-                    request, reply, envelope.failure(body, request_id=request_id,
-                                                     device=self._device, seq=seq, done=True,
-                                                     **extra),
-                    "chunk", error=True, queue=False))
+                failed = gaps.final(
+                    lambda extra: self._send(
+                        request,
+                        reply,
+                        envelope.failure(
+                            body,
+                            request_id=request_id,
+                            device=self._device,
+                            seq=seq,
+                            done=True,
+                            **extra,
+                        ),
+                        "chunk",
+                        error=True,
+                        queue=False,
+                    )
+                )
                 if cancelled:
                     raise _Answered(failed) from exc  # the stream is closed: stop
                 return failed, str(body["code"])
@@ -243,13 +275,16 @@ class Requests:
             },
         }
         if last.finish_reason == "tool_calls":
-            data["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": dict(c.arguments)}
-                                  for c in calls.calls()]
+            data["tool_calls"] = [
+                {"id": c.id, "name": c.name, "arguments": dict(c.arguments)} for c in calls.calls()
+            ]
         if not chunked:
             return self._ok(request, reply, request_id, data, "reply"), "ok"
-        final = gaps.final(lambda extra: self._ok(
-            request, reply, request_id, data, "chunk", seq=seq, done=True, queue=False,
-            **extra))
+        final = gaps.final(
+            lambda extra: self._ok(
+                request, reply, request_id, data, "chunk", seq=seq, done=True, queue=False, **extra
+            )
+        )
         return final, "ok"
 
     # -- replies -------------------------------------------------------------------
@@ -284,8 +319,9 @@ class Requests:
         log.info("MQTT duplicate request %r answered from the reply cache", key)
         return False
 
-    def _settle(self, key: Hashable | None, message: Outgoing, ack: Callable[[], None], *,
-                cache: bool) -> None:
+    def _settle(
+        self, key: Hashable | None, message: Outgoing, ack: Callable[[], None], *, cache: bool
+    ) -> None:
         """``message`` is the request's last word: remember it (``cache``) or let a retry run,
         and acknowledge the request, and copies that came meanwhile, once it is published."""
         waiters: list[Callable[[], None]] = []
@@ -321,8 +357,11 @@ class Requests:
         """Publish the error reply for ``exc``; returns its code (the metrics status)."""
         body = envelope.error_body(exc)
         message = self._send(
-            request, reply, envelope.failure(body, request_id=request_id, device=self._device),
-            "reply", error=True,
+            request,
+            reply,
+            envelope.failure(body, request_id=request_id, device=self._device),
+            "reply",
+            error=True,
         )
         # A retryable failure is not remembered: a retry should really run.
         self._settle(key, message, ack, cache=body["code"] not in envelope.RETRYABLE)

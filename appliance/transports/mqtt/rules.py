@@ -190,8 +190,9 @@ class StreamRules:
                 rule.queue.put_nowait((topic, rows))
             except asyncio.QueueFull:
                 metrics.mqtt_rule_windows.labels(config.name, "dropped").inc()
-                self._problem(rule, "windows arrive faster than the model runs them; "
-                                    "dropping windows")
+                self._problem(
+                    rule, "windows arrive faster than the model runs them; dropping windows"
+                )
         return matched
 
     def _bad_reading(self, rule: _Rule, source: str, reason: str) -> None:
@@ -200,8 +201,13 @@ class StreamRules:
         if len(rule.warned) >= rule.config.max_sources:
             rule.warned.clear()
         rule.warned.add(source)
-        log.warning("stream rule %s: cannot use a reading on %s: %s (further bad readings from "
-                    "this source are only counted)", rule.config.name, source, reason)
+        log.warning(
+            "stream rule %s: cannot use a reading on %s: %s (further bad readings from "
+            "this source are only counted)",
+            rule.config.name,
+            source,
+            reason,
+        )
 
     def _problem(self, rule: _Rule, text: str) -> None:
         if text not in rule.problems and len(rule.problems) < 100:
@@ -231,8 +237,9 @@ class StreamRules:
             self._problem(rule, f"model {config.model!r}: {exc}")
             return
         finally:
-            self._core.count_request("mqtt", "rule", config.model, status,
-                                     time.perf_counter() - started)
+            self._core.count_request(
+                "mqtt", "rule", config.model, status, time.perf_counter() - started
+            )
         outputs = {name: forms.plain(value, True) for name, value in result.outputs.items()}
         flag = result.outputs.get(config.anomaly_tensor) if config.anomaly_tensor else None
         anomaly = bool(flag is not None and np.asarray(flag).any())
@@ -246,8 +253,12 @@ class StreamRules:
             "anomaly": anomaly,
         }
         metrics.mqtt_rule_windows.labels(config.name, "anomaly" if anomaly else "ok").inc()
-        names = {"base": self._topics.base, "rule": config.name, "device_id": self._device,
-                 "model": config.model}
+        names = {
+            "base": self._topics.base,
+            "rule": config.name,
+            "device_id": self._device,
+            "model": config.model,
+        }
         try:
             self._publish(render(config.output, source, **names), document)
             if anomaly and config.anomaly_output:
@@ -272,8 +283,9 @@ class StreamRules:
         if config.input:
             matching = [s for s in specs if s.name == config.input]
             if not matching:
-                raise RequestError(f"has no input {config.input!r}; it takes: "
-                                   f"{', '.join(s.name for s in specs)}")
+                raise RequestError(
+                    f"has no input {config.input!r}; it takes: {', '.join(s.name for s in specs)}"
+                )
             spec = matching[0]
         elif len(specs) == 1:
             spec = specs[0]

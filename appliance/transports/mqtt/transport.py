@@ -76,7 +76,8 @@ class MqttTransport:
         # other's session over and back (one per state directory: ops/instance.py).
         suffix = instance_suffix(os.environ)
         self.client_id = mqtt.client_id or "-".join(
-            filter(None, ("appliance", config.device.id, suffix)))
+            filter(None, ("appliance", config.device.id, suffix))
+        )
         self._metrics = core.unit_metrics(MqttMetrics)
         self._outbox = Outbox(mqtt.reply_queue_size, self._metrics)
         self._requests = Requests(
@@ -84,8 +85,13 @@ class MqttTransport:
         )
         rules = mqtt.effective_rules({m.name for m in core.list_models()})
         self._rules = StreamRules(
-            rules, core, self._outbox, self.topics, config.device.id,
-            on_alert=self._publish_alert, max_payload=mqtt.max_payload_bytes,
+            rules,
+            core,
+            self._outbox,
+            self.topics,
+            config.device.id,
+            on_alert=self._publish_alert,
+            max_payload=mqtt.max_payload_bytes,
         )
         self._connection: Connection | None = None
         self._stats_task: asyncio.Task[None] | None = None
@@ -93,8 +99,12 @@ class MqttTransport:
         self._alert_state: tuple[str, tuple[str, ...]] | None = None
         # Who this process is, in the retained info document: a daemon that finds another
         # one's there, with the device online, shares its device id and client id.
-        self.instance = {"host": socket.gethostname(), "pid": os.getpid(),
-                         "id": uuid.uuid4().hex[:12], "client_id": self.client_id}
+        self.instance = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "id": uuid.uuid4().hex[:12],
+            "client_id": self.client_id,
+        }
         self._retained_online = False
         self._twin_reported = False
 
@@ -182,10 +192,12 @@ class MqttTransport:
         copy of a message per matching subscription, and the identifier tells which one a
         copy is for, so overlapping filters never feed a reading (or a request) twice.
         """
-        wanted = [(SUB_REQUESTS, self.topics.requests, False),
-                  # Our own retained state, read once per connect (see _check_twin).
-                  (SUB_SELF, self.topics.availability, False),
-                  (SUB_SELF, self.topics.info, False)]
+        wanted = [
+            (SUB_REQUESTS, self.topics.requests, False),
+            # Our own retained state, read once per connect (see _check_twin).
+            (SUB_SELF, self.topics.availability, False),
+            (SUB_SELF, self.topics.info, False),
+        ]
         if self.topics.shared_requests:
             wanted.append((SUB_FLEET, self.topics.shared_requests, False))
         if self.topics.homeassistant_status:
@@ -221,8 +233,10 @@ class MqttTransport:
         """Dispatch one message. A request is acknowledged to the broker once its reply is
         published (so one cut short by a crash is redelivered); anything else at once."""
         topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else bytes(
-            str(message.payload or ""), "utf-8"
+        payload = (
+            message.payload
+            if isinstance(message.payload, bytes)
+            else bytes(str(message.payload or ""), "utf-8")
         )
         props = message.properties
         # MQTT 5: the subscriptions this copy is for; 3.1.1: unknown, go by topic.
@@ -237,22 +251,27 @@ class MqttTransport:
                 delivery.ack()
                 return
             metrics.mqtt_received.labels("request").inc()
-            fmt = target.format or Format.from_content_type(
-                getattr(props, "ContentType", None)
-            ) or Format.JSON
-            self._requests.submit(Request(
-                topic=topic,
-                model=target.model,
-                format=fmt,
-                payload=payload,
-                response_topic=getattr(props, "ResponseTopic", None),
-                correlation=getattr(props, "CorrelationData", None),
-                delivery=delivery,
-            ))
+            fmt = (
+                target.format
+                or Format.from_content_type(getattr(props, "ContentType", None))
+                or Format.JSON
+            )
+            self._requests.submit(
+                Request(
+                    topic=topic,
+                    model=target.model,
+                    format=fmt,
+                    payload=payload,
+                    response_topic=getattr(props, "ResponseTopic", None),
+                    correlation=getattr(props, "CorrelationData", None),
+                    delivery=delivery,
+                )
+            )
             return
         delivery.ack()  # readings and control messages: handled on receipt
         if topic in (self.topics.availability, self.topics.info) and (
-                ids is None or SUB_SELF in ids):
+            ids is None or SUB_SELF in ids
+        ):
             self._check_twin(topic, payload, retained=message.retain)
             return
         if topic == self.topics.homeassistant_status and (ids is None or SUB_HOMEASSISTANT in ids):
@@ -266,8 +285,9 @@ class MqttTransport:
         if ids is not None:
             names = self._rules.filters
             filters = {names[i - SUB_RULES] for i in ids if 0 <= i - SUB_RULES < len(names)}
-        if filters != set() and self._rules.feed(topic, payload, retained=message.retain,
-                                                 filters=filters):
+        if filters != set() and self._rules.feed(
+            topic, payload, retained=message.retain, filters=filters
+        ):
             metrics.mqtt_received.labels("reading").inc()
         else:
             log.debug("MQTT: no handler for a message on %s", topic)
@@ -300,21 +320,29 @@ class MqttTransport:
                 "MQTT: another appliance daemon (pid %s on %s, client id %r) is online as "
                 "this device (device id %r, base topic %s): both answer its requests and "
                 "its retained state flips between them. Give each its own device.id",
-                other.get("pid"), other.get("host"), other.get("client_id"),
-                self._config.device.id, self.topics.base)
+                other.get("pid"),
+                other.get("host"),
+                other.get("client_id"),
+                self._config.device.id,
+                self.topics.base,
+            )
 
     # -- state documents -----------------------------------------------------------
 
     def _state(self, key: str, topic: str, document: dict[str, Any]) -> Outgoing:
         payload = json.dumps(document, separators=(",", ":")).encode()
-        return Outgoing(topic, payload, "state", retain=True, key=key,
-                        content_type="application/json")
+        return Outgoing(
+            topic, payload, "state", retain=True, key=key, content_type="application/json"
+        )
 
     def _state_messages(self) -> list[Outgoing]:
         info = documents.info_document(
-            self._core, device_id=self._config.device.id,
-            device_name=self._config.device.name, http_url=self._http_url,
-            topics=self.topics, protocol=self._config.mqtt.protocol,
+            self._core,
+            device_id=self._config.device.id,
+            device_name=self._config.device.name,
+            http_url=self._http_url,
+            topics=self.topics,
+            protocol=self._config.mqtt.protocol,
         )
         info["instance"] = self.instance
         return [

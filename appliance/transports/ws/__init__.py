@@ -33,8 +33,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         heartbeat=config.heartbeat or None,
     )
     if not ws.can_prepare(request).ok:
-        raise RequestError(f"{PATH} needs a WebSocket upgrade (Connection: Upgrade, "
-                           "Upgrade: websocket)", param="Upgrade")
+        raise RequestError(
+            f"{PATH} needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)",
+            param="Upgrade",
+        )
     await ws.prepare(request)
     request.app[_OPEN].add(ws)
     peer = request.get(CLIENT) or request.remote or "unknown"  # behind a proxy: the client
@@ -51,10 +53,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 async def _close_all(app: web.Application) -> None:
     """``on_shutdown``: tell clients the server is going away instead of cutting them."""
     open_now: set[web.WebSocketResponse] = app[_OPEN]
-    await asyncio.gather(*(
-        ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-        for ws in list(open_now)
-    ), return_exceptions=True)
+    await asyncio.gather(
+        *(
+            ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+            for ws in list(open_now)
+        ),
+        return_exceptions=True,
+    )
 
 
 def setup(app: web.Application) -> None:

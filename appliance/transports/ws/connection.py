@@ -34,8 +34,9 @@ CANCELLED = 499  # status recorded in metrics for a request its client cancelled
 class Connection:
     """The state of one WebSocket client."""
 
-    def __init__(self, ws: web.WebSocketResponse, core: Core, config: WebSocketConfig,
-                 peer: str) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, core: Core, config: WebSocketConfig, peer: str
+    ) -> None:
         self.ws = ws
         self.core = core
         self.config = config
@@ -77,28 +78,55 @@ class Connection:
         elif isinstance(message, Cancel):
             await self._cancel(message.id, binary=binary)
         elif isinstance(message, protocol.Models):
-            await self.send({"type": "models", "id": request_id,
-                             "models": [_model(m) for m in self.core.list_models()]},
-                            binary=binary)
+            await self.send(
+                {
+                    "type": "models",
+                    "id": request_id,
+                    "models": [_model(m) for m in self.core.list_models()],
+                },
+                binary=binary,
+            )
         elif message.id in self._tasks:
-            await self.send(reply(message.id, 400, f"a request with id {message.id!r} is "
-                                  "already in flight on this connection", param="id"),
-                            binary=binary)
+            await self.send(
+                reply(
+                    message.id,
+                    400,
+                    f"a request with id {message.id!r} is already in flight on this connection",
+                    param="id",
+                ),
+                binary=binary,
+            )
         elif len(self._tasks) >= self.config.max_in_flight:
-            await self.send(reply(message.id, 429, "too many requests in flight on this "
-                                  f"connection (at most {self.config.max_in_flight}); wait "
-                                  "for one to finish", retry_after=1), binary=binary)
+            await self.send(
+                reply(
+                    message.id,
+                    429,
+                    "too many requests in flight on this "
+                    f"connection (at most {self.config.max_in_flight}); wait "
+                    "for one to finish",
+                    retry_after=1,
+                ),
+                binary=binary,
+            )
         else:
-            task = asyncio.create_task(self._run(message, binary),
-                                       name=f"ws {self.peer} {message.type} {message.id!r}")
+            task = asyncio.create_task(
+                self._run(message, binary), name=f"ws {self.peer} {message.type} {message.id!r}"
+            )
             self._tasks[message.id] = task
             task.add_done_callback(lambda _: self._tasks.pop(message.id, None))
 
     async def _cancel(self, request_id: Any, *, binary: bool) -> None:
         task = self._tasks.get(request_id)
         if task is None:
-            await self.send(reply(request_id, 404, f"no request with id {request_id!r} is in "
-                                  "flight on this connection", param="id"), binary=binary)
+            await self.send(
+                reply(
+                    request_id,
+                    404,
+                    f"no request with id {request_id!r} is in flight on this connection",
+                    param="id",
+                ),
+                binary=binary,
+            )
             return
         self._cancelling.add(request_id)
         task.cancel()
@@ -135,9 +163,16 @@ class Connection:
                 calls.add(chunk)
                 if chunk.finish_reason is not None:
                     made = calls.calls() if chunk.finish_reason == "tool_calls" else None
-                    await self.send(protocol.done(message.id, chunk.finish_reason,
-                                                  chunk.prompt_tokens, chunk.completion_tokens,
-                                                  made), binary=binary)
+                    await self.send(
+                        protocol.done(
+                            message.id,
+                            chunk.finish_reason,
+                            chunk.prompt_tokens,
+                            chunk.completion_tokens,
+                            made,
+                        ),
+                        binary=binary,
+                    )
                     continue
                 if chunk.text:
                     await self.send(protocol.token(message.id, chunk.text), binary=binary)
@@ -147,22 +182,40 @@ class Connection:
     async def _infer(self, message: Infer, binary: bool) -> None:
         body = message.oip_body()
         decoded = oip_msgpack.decode_request(body) if binary else oip.decode_request(body)
-        result = await self.core.infer(message.model, decoded.inputs, version=message.version,
-                                       outputs=decoded.outputs)
+        result = await self.core.infer(
+            message.model, decoded.inputs, version=message.version, outputs=decoded.outputs
+        )
         if binary:
             outputs = oip_msgpack.encode_outputs_msgpack(result.outputs)
         else:
             outputs, _ = oip.encode_outputs(result.outputs, set())
         info = self.core.model(message.model, message.version)
-        await self.send({"type": "result", "id": message.id, "model": info.name,
-                         "model_version": info.version, "outputs": outputs}, binary=binary)
+        await self.send(
+            {
+                "type": "result",
+                "id": message.id,
+                "model": info.name,
+                "model_version": info.version,
+                "outputs": outputs,
+            },
+            binary=binary,
+        )
 
     async def _embed(self, message: Embed, binary: bool) -> None:
         result = await self.core.embed(message.model, message.texts())
-        await self.send({"type": "embeddings", "id": message.id, "model": message.model,
-                         "data": result.vectors,
-                         "usage": {"prompt_tokens": result.prompt_tokens,
-                                   "total_tokens": result.prompt_tokens}}, binary=binary)
+        await self.send(
+            {
+                "type": "embeddings",
+                "id": message.id,
+                "model": message.model,
+                "data": result.vectors,
+                "usage": {
+                    "prompt_tokens": result.prompt_tokens,
+                    "total_tokens": result.prompt_tokens,
+                },
+            },
+            binary=binary,
+        )
 
     # -- output -----------------------------------------------------------------------
 
@@ -183,6 +236,10 @@ class Connection:
 
 
 def _model(info: Any) -> dict[str, Any]:
-    return {"name": info.name, "version": info.version, "runtime": info.runtime,
-            "state": info.state.value,
-            "capabilities": sorted(c.value for c in info.capabilities)}
+    return {
+        "name": info.name,
+        "version": info.version,
+        "runtime": info.runtime,
+        "state": info.state.value,
+        "capabilities": sorted(c.value for c in info.capabilities),
+    }

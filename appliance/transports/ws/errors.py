@@ -43,11 +43,16 @@ def error_message(request_id: Any, exc: BaseException) -> dict[str, Any]:
     return reply(request_id, status, text, param=param, retry_after=retry_after)
 
 
-def reply(request_id: Any, status: int, text: str, *, param: str | None = None,
-          retry_after: float | None = None) -> dict[str, Any]:
+def reply(
+    request_id: Any,
+    status: int,
+    text: str,
+    *,
+    param: str | None = None,
+    retry_after: float | None = None,
+) -> dict[str, Any]:
     """An ``error`` message."""
-    message: dict[str, Any] = {"type": "error", "id": request_id, "status": status,
-                               "error": text}
+    message: dict[str, Any] = {"type": "error", "id": request_id, "status": status, "error": text}
     if param is not None:
         message["param"] = param
     if retry_after is not None:

@@ -96,10 +96,14 @@ class Generate(_Message):
             json_object=self.json_object,
         )
         if self.messages is not None:
-            turns = conversation((m.role, m.content, m.tool_calls, m.tool_call_id)
-                                 for m in self.messages)
-            return GenerateRequest(messages=turns, params=params, tools=tool_use(
-                self.tools, self.tool_choice, self.parallel_tool_calls))
+            turns = conversation(
+                (m.role, m.content, m.tool_calls, m.tool_call_id) for m in self.messages
+            )
+            return GenerateRequest(
+                messages=turns,
+                params=params,
+                tools=tool_use(self.tools, self.tool_choice, self.parallel_tool_calls),
+            )
         if self.tools is not None:
             raise RequestError("tools need messages (a chat)", param="tools")
         return GenerateRequest(prompt=self.prompt, params=params)
@@ -117,8 +121,7 @@ class Infer(_Message):
     parameters: dict[str, Any] | None = None
 
     def oip_body(self) -> dict[str, Any]:
-        return {"inputs": self.inputs, "outputs": self.outputs,
-                "parameters": self.parameters or {}}
+        return {"inputs": self.inputs, "outputs": self.outputs, "parameters": self.parameters or {}}
 
 
 class Embed(_Message):
@@ -146,8 +149,7 @@ class Ping(_Message):
     id: RequestId | None = None
 
 
-Request = Annotated[Generate | Infer | Embed | Models | Cancel | Ping,
-                    Field(discriminator="type")]
+Request = Annotated[Generate | Infer | Embed | Models | Cancel | Ping, Field(discriminator="type")]
 Work = Generate | Infer | Embed  # what runs as a task and can be cancelled
 _REQUEST: TypeAdapter[Generate | Infer | Embed | Models | Cancel | Ping] = TypeAdapter(Request)
 TYPES = ("generate", "infer", "embed", "models", "cancel", "ping")
@@ -166,8 +168,12 @@ def decode(data: str | bytes) -> tuple[Any, Request]:
         raise BadMessage(echo, RequestError("a message must be an object", param="type"))
     kind = document.get("type")
     if kind not in TYPES:
-        raise BadMessage(echo, RequestError(
-            f"unknown message type {kind!r}; allowed: {', '.join(TYPES)}", param="type"))
+        raise BadMessage(
+            echo,
+            RequestError(
+                f"unknown message type {kind!r}; allowed: {', '.join(TYPES)}", param="type"
+            ),
+        )
     try:
         return echo, _REQUEST.validate_python(document)
     except ValidationError as exc:
@@ -209,7 +215,10 @@ def _request_error(exc: ValidationError) -> RequestError:
 
 def _type_part(part: str) -> bool:
     return part.startswith(("function-", "literal[", "list[", "constrained-")) or part in {
-        "str", "int", "float", "bool",
+        "str",
+        "int",
+        "float",
+        "bool",
     }
 
 
@@ -228,18 +237,27 @@ def tool_call(request_id: Any, delta: ToolCallDelta) -> dict[str, Any]:
     return message
 
 
-def done(request_id: Any, finish_reason: str | None, prompt_tokens: int,
-         completion_tokens: int, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+def done(
+    request_id: Any,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    calls: list[ToolCall] | None = None,
+) -> dict[str, Any]:
     message = {
         "type": "done",
         "id": request_id,
         "finish_reason": finish_reason,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
     if calls:
-        message["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": dict(c.arguments)}
-                                 for c in calls]
+        message["tool_calls"] = [
+            {"id": c.id, "name": c.name, "arguments": dict(c.arguments)} for c in calls
+        ]
     return message
 
 

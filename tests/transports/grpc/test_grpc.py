@@ -48,15 +48,18 @@ def grpc_port(proc: DaemonProcess, timeout: float = 20) -> int:
 
 
 def grpc_env(**extra: str) -> dict[str, str]:
-    return {"APPLIANCE_GRPC__ENABLED": "true", "APPLIANCE_GRPC__HOST": "127.0.0.1",
-            "APPLIANCE_GRPC__PORT": "0", **extra}
+    return {
+        "APPLIANCE_GRPC__ENABLED": "true",
+        "APPLIANCE_GRPC__HOST": "127.0.0.1",
+        "APPLIANCE_GRPC__PORT": "0",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
 def served(stories_gguf: Path) -> Iterator[tuple[DaemonProcess, str]]:
     env = grpc_env(APPLIANCE_GRPC__MAX_MESSAGE_BYTES=str(MAX_MESSAGE))
-    with daemon("--models-dir", str(DEFAULT_MODELS), "--model", str(stories_gguf),
-                env=env) as proc:
+    with daemon("--models-dir", str(DEFAULT_MODELS), "--model", str(stories_gguf), env=env) as proc:
         yield proc, f"127.0.0.1:{grpc_port(proc)}"
 
 
@@ -75,8 +78,9 @@ def windows(batch: int, seed: int = 11) -> np.ndarray[Any, np.dtype[np.float32]]
     return sensor_windows(batch, seed)
 
 
-def tensor(values: np.ndarray[Any, Any], datatype: str = "FP32",
-           name: str = "window") -> triton.InferInput:
+def tensor(
+    values: np.ndarray[Any, Any], datatype: str = "FP32", name: str = "window"
+) -> triton.InferInput:
     item = triton.InferInput(name, list(values.shape), datatype)
     item.set_data_from_numpy(values)
     return item
@@ -95,20 +99,23 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     meta = client.get_model_metadata(MODEL, as_json=True)
     assert meta["name"] == MODEL and meta["versions"] == ["1"]
     assert meta["platform"] == "onnxruntime_onnx"
-    assert meta["inputs"] == [{"name": "window", "datatype": "FP32",
-                               "shape": ["-1", "32", "3"]}]
+    assert meta["inputs"] == [{"name": "window", "datatype": "FP32", "shape": ["-1", "32", "3"]}]
     assert [o["name"] for o in meta["outputs"]] == ["score", "is_anomaly"]
 
 
 # ----------------------------------------------------------------------- inference
 
 
-def test_infer_matches_onnxruntime(client: triton.InferenceServerClient,
-                                   session: ort.InferenceSession) -> None:
+def test_infer_matches_onnxruntime(
+    client: triton.InferenceServerClient, session: ort.InferenceSession
+) -> None:
     values = windows(24)
-    result = client.infer(MODEL, [tensor(values)], request_id="batch-24",
-                          outputs=[triton.InferRequestedOutput("score"),
-                                   triton.InferRequestedOutput("is_anomaly")])
+    result = client.infer(
+        MODEL,
+        [tensor(values)],
+        request_id="batch-24",
+        outputs=[triton.InferRequestedOutput("score"), triton.InferRequestedOutput("is_anomaly")],
+    )
     score, anomaly = session.run(["score", "is_anomaly"], {"window": values})
     np.testing.assert_allclose(result.as_numpy("score"), score, rtol=1e-6)
     np.testing.assert_array_equal(result.as_numpy("is_anomaly"), anomaly)
@@ -119,14 +126,16 @@ def test_infer_matches_onnxruntime(client: triton.InferenceServerClient,
 
 
 def test_requested_output_subset(client: triton.InferenceServerClient) -> None:
-    result = client.infer(MODEL, [tensor(windows(2))],
-                          outputs=[triton.InferRequestedOutput("is_anomaly")])
+    result = client.infer(
+        MODEL, [tensor(windows(2))], outputs=[triton.InferRequestedOutput("is_anomaly")]
+    )
     assert [o.name for o in result.get_response().outputs] == ["is_anomaly"]
     assert result.as_numpy("score") is None
 
 
-def test_typed_contents_instead_of_raw_bytes(served: tuple[DaemonProcess, str],
-                                             session: ort.InferenceSession) -> None:
+def test_typed_contents_instead_of_raw_bytes(
+    served: tuple[DaemonProcess, str], session: ort.InferenceSession
+) -> None:
     values = windows(3, seed=4)
     request = service_pb2.ModelInferRequest(model_name=MODEL, id="typed")
     item = request.inputs.add(name="window", datatype="FP32", shape=[3, 32, 3])
@@ -138,14 +147,17 @@ def test_typed_contents_instead_of_raw_bytes(served: tuple[DaemonProcess, str],
     np.testing.assert_allclose(score, session.run(["score"], {"window": values})[0], rtol=1e-6)
 
 
-def test_concurrent_calls_from_the_asyncio_client(served: tuple[DaemonProcess, str],
-                                                  session: ort.InferenceSession) -> None:
+def test_concurrent_calls_from_the_asyncio_client(
+    served: tuple[DaemonProcess, str], session: ort.InferenceSession
+) -> None:
     # 8 at once fit the model's queue (parallel 1 + queue_size 8); more could get UNAVAILABLE.
     async def run() -> list[Any]:
         async with triton_aio.InferenceServerClient(served[1]) as aio:
-            return list(await asyncio.gather(*(
-                aio.infer(MODEL, [tensor(windows(2, seed=i))]) for i in range(8)
-            )))
+            return list(
+                await asyncio.gather(
+                    *(aio.infer(MODEL, [tensor(windows(2, seed=i))]) for i in range(8))
+                )
+            )
 
     for seed, result in enumerate(asyncio.run(run())):
         expected = session.run(["score"], {"window": windows(2, seed=seed)})[0]
@@ -163,27 +175,61 @@ def _raw_request(values: np.ndarray[Any, Any], **fields: Any) -> Any:
 
 
 BAD: list[tuple[str, Any, str, str]] = [
-    ("unknown-model", lambda c: c.infer("nope", [tensor(windows(1))]),
-     "NOT_FOUND", "model 'nope' not found"),
-    ("unknown-version", lambda c: c.infer(MODEL, [tensor(windows(1))], model_version="9"),
-     "NOT_FOUND", "version '9' not found"),
+    (
+        "unknown-model",
+        lambda c: c.infer("nope", [tensor(windows(1))]),
+        "NOT_FOUND",
+        "model 'nope' not found",
+    ),
+    (
+        "unknown-version",
+        lambda c: c.infer(MODEL, [tensor(windows(1))], model_version="9"),
+        "NOT_FOUND",
+        "version '9' not found",
+    ),
     ("unknown-model-ready", lambda c: c.is_model_ready("nope"), "NOT_FOUND", "not found"),
-    ("wrong-shape", lambda c: c.infer(MODEL, [tensor(np.zeros((1, 32, 4), np.float32))]),
-     "INVALID_ARGUMENT", "has shape [1, 32, 4], expected [-1 (any), 32, 3]"),
-    ("wrong-datatype", lambda c: c.infer(MODEL, [tensor(windows(1).astype(np.float64),
-                                                        "FP64")]),
-     "INVALID_ARGUMENT", "has datatype FP64, expected FP32"),
-    ("nan", lambda c: c.infer(MODEL, [tensor(np.full((1, 32, 3), np.nan, np.float32))]),
-     "INVALID_ARGUMENT", "NaN or infinite"),
-    ("unknown-input", lambda c: c.infer(MODEL, [tensor(windows(1), name="readings")]),
-     "INVALID_ARGUMENT", "unexpected input tensor 'readings'"),
-    ("unknown-output", lambda c: c.infer(MODEL, [tensor(windows(1))],
-                                         outputs=[triton.InferRequestedOutput("p")]),
-     "INVALID_ARGUMENT", "unknown output tensor 'p'"),
-    ("language-model", lambda c: c.infer(LLM, [tensor(windows(1))]),
-     "INVALID_ARGUMENT", "does not support tensor inference"),
-    ("too-big", lambda c: c.infer(MODEL, [tensor(windows(200))]),
-     "RESOURCE_EXHAUSTED", "larger than max"),
+    (
+        "wrong-shape",
+        lambda c: c.infer(MODEL, [tensor(np.zeros((1, 32, 4), np.float32))]),
+        "INVALID_ARGUMENT",
+        "has shape [1, 32, 4], expected [-1 (any), 32, 3]",
+    ),
+    (
+        "wrong-datatype",
+        lambda c: c.infer(MODEL, [tensor(windows(1).astype(np.float64), "FP64")]),
+        "INVALID_ARGUMENT",
+        "has datatype FP64, expected FP32",
+    ),
+    (
+        "nan",
+        lambda c: c.infer(MODEL, [tensor(np.full((1, 32, 3), np.nan, np.float32))]),
+        "INVALID_ARGUMENT",
+        "NaN or infinite",
+    ),
+    (
+        "unknown-input",
+        lambda c: c.infer(MODEL, [tensor(windows(1), name="readings")]),
+        "INVALID_ARGUMENT",
+        "unexpected input tensor 'readings'",
+    ),
+    (
+        "unknown-output",
+        lambda c: c.infer(MODEL, [tensor(windows(1))], outputs=[triton.InferRequestedOutput("p")]),
+        "INVALID_ARGUMENT",
+        "unknown output tensor 'p'",
+    ),
+    (
+        "language-model",
+        lambda c: c.infer(LLM, [tensor(windows(1))]),
+        "INVALID_ARGUMENT",
+        "does not support tensor inference",
+    ),
+    (
+        "too-big",
+        lambda c: c.infer(MODEL, [tensor(windows(200))]),
+        "RESOURCE_EXHAUSTED",
+        "larger than max",
+    ),
     ("not-served", lambda c: c.get_model_config(MODEL), "UNIMPLEMENTED", ""),
 ]
 
@@ -203,8 +249,10 @@ def test_bad_calls_get_grpc_status_codes(
     ("call", "message"),
     [
         (service_pb2.ModelInferRequest(model_name=MODEL), "'inputs' must be a non-empty"),
-        (_raw_request(np.zeros((1, 32, 3), np.float32), raw_input_contents=[b"\0" * 384]),
-         "raw_input_contents holds 2 entries for 1 inputs"),
+        (
+            _raw_request(np.zeros((1, 32, 3), np.float32), raw_input_contents=[b"\0" * 384]),
+            "raw_input_contents holds 2 entries for 1 inputs",
+        ),
         (_raw_request(np.zeros((1, 32, 3), np.float32)[:, :, :2]), "has shape [1, 32, 2]"),
         (service_pb2.ModelInferRequest(), "a model name is required"),
     ],
@@ -221,13 +269,16 @@ def test_malformed_messages_are_invalid_argument(
     assert message in (caught.value.details() or "")
 
 
-def test_metrics_count_grpc_calls(served: tuple[DaemonProcess, str],
-                                  client: triton.InferenceServerClient) -> None:
+def test_metrics_count_grpc_calls(
+    served: tuple[DaemonProcess, str], client: triton.InferenceServerClient
+) -> None:
     client.infer(MODEL, [tensor(windows(1))])
     with urllib.request.urlopen(served[0].url + "/metrics", timeout=5) as response:
         text = response.read().decode()
-    assert ('appliance_requests_total{model="sensor-anomaly",route="ModelInfer",status="OK",'
-            'transport="grpc"}') in text
+    assert (
+        'appliance_requests_total{model="sensor-anomaly",route="ModelInfer",status="OK",'
+        'transport="grpc"}'
+    ) in text
     assert 'route="ModelInfer",status="INVALID_ARGUMENT",transport="grpc"' in text
 
 
@@ -241,8 +292,9 @@ def test_grpc_is_off_by_default_and_a_busy_port_stops_start_up() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = start_daemon("--models-dir", str(DEFAULT_MODELS),
-                            env=grpc_env(APPLIANCE_GRPC__PORT=str(port)))
+        proc = start_daemon(
+            "--models-dir", str(DEFAULT_MODELS), env=grpc_env(APPLIANCE_GRPC__PORT=str(port))
+        )
         code = _wait_exit(proc)
     assert code == 1
     assert any(f"cannot serve gRPC on 127.0.0.1:{port}" in line for line in proc.log), proc.log

@@ -22,8 +22,9 @@ from tests.conftest import ROOT
 PACKAGE = Path("appliance/transports/grpc")
 PROTO = PACKAGE / "grpc_service.proto"
 GENERATED = ["grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py"]
-REGENERATE = ("python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. "
-              f"{PROTO}")
+REGENERATE = (
+    f"python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. {PROTO}"
+)
 
 
 def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
@@ -31,9 +32,21 @@ def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
     (tmp_path / PACKAGE).mkdir(parents=True)
     shutil.copy(ROOT / PROTO, tmp_path / PROTO)
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.",
-         "--pyi_out=.", "--grpc_python_out=.", str(PROTO)],
-        cwd=tmp_path, check=True, capture_output=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            ".",
+            "--python_out=.",
+            "--pyi_out=.",
+            "--grpc_python_out=.",
+            str(PROTO),
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     for name in GENERATED:
         fresh = (tmp_path / PACKAGE / name).read_text(encoding="utf-8")

@@ -36,9 +36,11 @@ def _raw(url: str, request: bytes) -> bytes:
 
 
 NOT_GZIP = b"this is not gzip data"
-BAD_GZIP = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-            b"application/json\r\nContent-Encoding: gzip\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(NOT_GZIP), NOT_GZIP))
+BAD_GZIP = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+    b"application/json\r\nContent-Encoding: gzip\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(NOT_GZIP), NOT_GZIP)
+)
 NUL_HEADER = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Evil: a\x00b\r\n\r\n"
 
 
@@ -47,12 +49,16 @@ def _new_lines(proc: DaemonProcess, seen: int, settle: float = 1.0) -> list[str]
     return [line for line in proc.log[seen:] if "aiohttp.access" not in line]
 
 
-@pytest.mark.parametrize(("case", "request_bytes", "needle"), [
-    ("not-gzip", BAD_GZIP, b"cannot be decoded"),
-    ("nul-in-header", NUL_HEADER, b"Invalid header value char"),
-])
+@pytest.mark.parametrize(
+    ("case", "request_bytes", "needle"),
+    [
+        ("not-gzip", BAD_GZIP, b"cannot be decoded"),
+        ("nul-in-header", NUL_HEADER, b"Invalid header value char"),
+    ],
+)
 def test_bad_framing_is_a_400_and_one_warning_line_at_most(
-        appliance: DaemonProcess, case: str, request_bytes: bytes, needle: bytes) -> None:
+    appliance: DaemonProcess, case: str, request_bytes: bytes, needle: bytes
+) -> None:
     seen = len(appliance.log)
     for _ in range(20):
         answer = _raw(appliance.url, request_bytes)
@@ -69,7 +75,8 @@ def test_bad_framing_is_a_400_and_one_warning_line_at_most(
 
 
 def test_server_log_keeps_real_faults_and_counts_what_it_left_out(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from aiohttp.http_exceptions import BadHttpMessage
 
     from appliance.transports.http.serverlog import ServerLog

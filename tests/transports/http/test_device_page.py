@@ -23,15 +23,18 @@ from tests.browser import CHROMIUM, browser
 from tests.conftest import DEFAULT_MODELS, daemon
 from tests.transports.mqtt.conftest import Broker
 
-pytestmark = [pytest.mark.timeout(240),
-              pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")]
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"),
+]
 
 KEY = "apk_device-page-key-0123456789abcdefghij"
 SHOTS = Path(os.environ["TEST_SCREENSHOTS"]) if os.environ.get("TEST_SCREENSHOTS") else None
 
 
-def _call(url: str, body: dict[str, object] | None = None, *, accept: str | None = None
-          ) -> tuple[int, str, str]:
+def _call(
+    url: str, body: dict[str, object] | None = None, *, accept: str | None = None
+) -> tuple[int, str, str]:
     headers = {"Authorization": f"Bearer {KEY}"}
     if accept is not None:
         headers["Accept"] = accept
@@ -39,8 +42,9 @@ def _call(url: str, body: dict[str, object] | None = None, *, accept: str | None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers),
-                                timeout=60) as resp:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, data=data, headers=headers), timeout=60
+    ) as resp:
         return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
 
 
@@ -52,23 +56,26 @@ def _plain_get(url: str, accept: str | None) -> bytes:
         return bytes(resp.read())
 
 
-async def test_a_browser_sees_the_device_and_ollama_clients_see_ollama(
-        tmp_path: Path) -> None:
+async def test_a_browser_sees_the_device_and_ollama_clients_see_ollama(tmp_path: Path) -> None:
     models = tmp_path / "models"
     for name in ("sensor-anomaly", "home-intent"):
         shutil.copytree(DEFAULT_MODELS / name, models / name)
     (models / "broken").mkdir()
     (models / "broken" / "model.onnx").write_bytes(b"not onnx")
     (models / "broken" / "manifest.toml").write_text(
-        'name = "broken"\nruntime = "onnx"\nfile = "model.onnx"\n', encoding="utf-8")
+        'name = "broken"\nruntime = "onnx"\nfile = "model.onnx"\n', encoding="utf-8"
+    )
     keys = tmp_path / "keys"
     keys.write_text(f"viewer read,infer {hash_key(KEY)}\n", encoding="utf-8")
     broker = Broker(tmp_path)
     broker.start()
     env = {
-        "APPLIANCE_DEVICE__ID": "greenhouse-3", "APPLIANCE_DEVICE__NAME": "Greenhouse 3",
-        "APPLIANCE_SECURITY__AUTH": "on", "APPLIANCE_SECURITY__KEYS_FILE": str(keys),
-        "APPLIANCE_MQTT__ENABLED": "true", "APPLIANCE_MQTT__HOST": broker.host,
+        "APPLIANCE_DEVICE__ID": "greenhouse-3",
+        "APPLIANCE_DEVICE__NAME": "Greenhouse 3",
+        "APPLIANCE_SECURITY__AUTH": "on",
+        "APPLIANCE_SECURITY__KEYS_FILE": str(keys),
+        "APPLIANCE_MQTT__ENABLED": "true",
+        "APPLIANCE_MQTT__HOST": broker.host,
         "APPLIANCE_MQTT__PORT": str(broker.port),
         "APPLIANCE_HEALTH__INTERVAL": "0.2",
         "APPLIANCE_ALERTS__MODEL_LOAD_FAILURES_THRESHOLD": "0",
@@ -80,24 +87,43 @@ async def test_a_browser_sees_the_device_and_ollama_clients_see_ollama(
             for accept in (None, "*/*"):
                 assert _plain_get(box.url + "/", accept) == b"Ollama is running"
             # Traffic for the charts: tensor inferences and generated tokens.
-            window = {"inputs": [{"name": "window", "shape": [1, 32, 3], "datatype": "FP32",
-                                  "data": [[21.0, 48.0, 0.2]] * 32}]}
+            window = {
+                "inputs": [
+                    {
+                        "name": "window",
+                        "shape": [1, 32, 3],
+                        "datatype": "FP32",
+                        "data": [[21.0, 48.0, 0.2]] * 32,
+                    }
+                ]
+            }
             deadline = time.monotonic() + 60
             while True:
                 _call(box.url + "/v2/models/sensor-anomaly/infer", window)
-                _call(box.url + "/v1/chat/completions", {
-                    "model": "home-intent", "max_tokens": 8,
-                    "messages": [{"role": "user", "content": "turn on the kitchen light"}]})
+                _call(
+                    box.url + "/v1/chat/completions",
+                    {
+                        "model": "home-intent",
+                        "max_tokens": 8,
+                        "messages": [{"role": "user", "content": "turn on the kitchen light"}],
+                    },
+                )
                 _, _, raw = _call(box.url + "/device")
                 state = json.loads(raw)
                 points = state["history"]["points"]
-                if (len([p for p in points if p["rps"]]) >= 3
-                        and any(p["tokens_s"] for p in points) and state["alerts"]["firing"]):
+                if (
+                    len([p for p in points if p["rps"]]) >= 3
+                    and any(p["tokens_s"] for p in points)
+                    and state["alerts"]["firing"]
+                ):
                     break
                 assert time.monotonic() < deadline, state
                 await asyncio.sleep(0.1)
             assert {m["name"]: m["state"] for m in state["models"]} == {
-                "sensor-anomaly": "ready", "home-intent": "ready", "broken": "failed"}
+                "sensor-anomaly": "ready",
+                "home-intent": "ready",
+                "broken": "failed",
+            }
             # Ollama's /api/show names the GGUF's own quantization and size (home-intent:
             # a Q8_0 file; its parameters counted here with gguf-py).
             with ollama.Client(host=box.url, headers={"Authorization": f"Bearer {KEY}"}) as olla:
@@ -120,13 +146,18 @@ async def test_a_browser_sees_the_device_and_ollama_clients_see_ollama(
                 assert "Greenhouse 3" in title and "greenhouse-3" in title
                 rows = await page.evaluate(
                     "Object.fromEntries([...document.querySelectorAll('#models tr[data-model]')]"
-                    ".map(r => [r.dataset.model, r.dataset.state]))")
-                assert rows == {"sensor-anomaly": "ready", "home-intent": "ready",
-                                "broken": "failed"}
+                    ".map(r => [r.dataset.model, r.dataset.state]))"
+                )
+                assert rows == {
+                    "sensor-anomaly": "ready",
+                    "home-intent": "ready",
+                    "broken": "failed",
+                }
                 charts = await page.evaluate(
                     "Object.fromEntries([...document.querySelectorAll('[data-chart]')].map("
                     "c => [c.dataset.chart, (c.querySelector('path.line') || {}).getAttribute"
-                    "? c.querySelector('path.line').getAttribute('d') : '']))")
+                    "? c.querySelector('path.line').getAttribute('d') : '']))"
+                )
                 assert {"latency_ms", "rps", "tokens_s", "cpu", "memory"} <= set(charts)
                 for key in ("latency_ms", "rps", "tokens_s", "cpu"):
                     assert charts[key].startswith("M"), (key, charts[key])
@@ -134,11 +165,13 @@ async def test_a_browser_sees_the_device_and_ollama_clients_see_ollama(
                 assert ("temperature" in charts) == sensors
                 alerts = await page.evaluate(
                     "[...document.querySelectorAll('tr[data-alert]')].map("
-                    "r => [r.dataset.alert, r.dataset.state])")
+                    "r => [r.dataset.alert, r.dataset.state])"
+                )
                 assert ["model_load_failures", "firing"] in alerts
                 shown = await page.evaluate(
                     "[...document.querySelectorAll('#topics tr[data-topic]')]"
-                    ".map(r => r.dataset.topic)")
+                    ".map(r => r.dataset.topic)"
+                )
                 assert "appliance/greenhouse-3/infer/home-intent" in shown
                 shot = tmp_path / "device-page.png"
                 await page.screenshot(shot)

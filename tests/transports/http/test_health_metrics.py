@@ -78,8 +78,11 @@ def mixed_repo(root: Path) -> Path:
 def infer_body(batch: int = 2) -> Json:
     rng = np.random.default_rng(batch)
     data = (np.array([21.0, 45.0, 0.2]) + rng.normal(0, 0.05, (batch, 32, 3))).astype(np.float32)
-    return {"inputs": [{"name": "window", "datatype": "FP32", "shape": [batch, 32, 3],
-                        "data": data.tolist()}]}
+    return {
+        "inputs": [
+            {"name": "window", "datatype": "FP32", "shape": [batch, 32, 3], "data": data.tolist()}
+        ]
+    }
 
 
 async def status_of(http: aiohttp.ClientSession, url: str) -> tuple[int, Json]:
@@ -155,8 +158,9 @@ async def test_infer_while_loading_waits_then_503_with_retry_after(
 async def test_health_document(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     repo = tmp_path / "models"
     shutil.copytree(GOOD_DIR, repo / GOOD)
-    config = make_config(models={"dir": repo},
-                         device={"id": "greenhouse-3", "name": "Greenhouse 3"})
+    config = make_config(
+        models={"dir": repo}, device={"id": "greenhouse-3", "name": "Greenhouse 3"}
+    )
     async with serving(config) as server:
         code, body = await status_of(http, base_url(server) + "/health")
     assert code == 200
@@ -212,13 +216,15 @@ class Scrape:
 
     def matching(self, name: str, **labels: str) -> list[Sample]:
         """Samples of ``name`` whose labels include these."""
-        return [s for s in self.samples
-                if s.name == name and labels.items() <= s.labels.items()]
+        return [s for s in self.samples if s.name == name and labels.items() <= s.labels.items()]
 
     def histogram(self, name: str, **labels: str) -> tuple[list[tuple[float, float]], float, float]:
         """(le, cumulative count) pairs in order, the count and the sum of one histogram."""
-        buckets = [(float(s.labels["le"]), s.value) for s in self.matching(name + "_bucket")
-                   if {k: v for k, v in s.labels.items() if k != "le"} == labels]
+        buckets = [
+            (float(s.labels["le"]), s.value)
+            for s in self.matching(name + "_bucket")
+            if {k: v for k, v in s.labels.items() if k != "le"} == labels
+        ]
         count = self.value(name + "_count", **labels)
         total = self.value(name + "_sum", **labels)
         assert count is not None
@@ -366,8 +372,9 @@ async def test_metrics_labels_only_known_models(
     for i in range(20):
         async with http.post(f"{url}/v2/models/made-up-{i}/infer", json=infer_body()) as resp:
             assert resp.status == 404
-        async with http.post(url + "/v1/completions",
-                             json={"model": f"made-up-{i}", "prompt": "x"}) as resp:
+        async with http.post(
+            url + "/v1/completions", json={"model": f"made-up-{i}", "prompt": "x"}
+        ) as resp:
             assert resp.status == 404
     m = await scrape(http, url)
     models = {s.labels.get("model") for s in m.samples if s.name.startswith("appliance_")}
@@ -378,9 +385,15 @@ async def test_metrics_labels_only_known_models(
 
 
 async def completion(http: aiohttp.ClientSession, url: str, model: str, max_tokens: int) -> Json:
-    async with http.post(url + "/v1/completions", json={
-        "model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0,
-    }) as resp:
+    async with http.post(
+        url + "/v1/completions",
+        json={
+            "model": model,
+            "prompt": "Once upon a time",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    ) as resp:
         assert resp.status == 200
         body: Json = await resp.json()
     return body
@@ -409,8 +422,12 @@ async def test_metrics_count_generated_tokens(
     check_histogram(*ttft)
     assert ttft[1] == 2
     assert m.histogram("appliance_inference_duration_seconds", model=name)[1] == 2
-    assert m.value("appliance_requests_total", **HTTP, route="/v1/completions", model=name,
-                   status="200") == 2
+    assert (
+        m.value(
+            "appliance_requests_total", **HTTP, route="/v1/completions", model=name, status="200"
+        )
+        == 2
+    )
     assert m.value("appliance_model_ready", model=name) == 1
 
 

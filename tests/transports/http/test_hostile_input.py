@@ -29,15 +29,19 @@ HUGE = b"1" + b"0" * DIGITS
 
 @pytest.fixture(scope="module")
 def appliance(default_models: Path, stories_gguf: Path) -> Iterator[DaemonProcess]:
-    with daemon("--models-dir", str(default_models), "--model", str(stories_gguf),
-                timeout=120) as proc:
+    with daemon(
+        "--models-dir", str(default_models), "--model", str(stories_gguf), timeout=120
+    ) as proc:
         yield proc
 
 
-def _post(url: str, body: bytes, headers: dict[str, str] | None = None
-          ) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", **(headers or {})})
+def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return int(response.status), json.loads(response.read())
@@ -53,29 +57,26 @@ def _message(body: Any) -> str:
 # Every route of the daemon that reads a JSON body, with a body that is valid in all but
 # the one huge integer (the example found by the hostile pass).
 JSON_ROUTES: dict[str, bytes] = {
-    "/v1/chat/completions":
-        b'{"model": "%s", "messages": [], "max_tokens": %s}' % (LLM.encode(), HUGE),
-    "/v1/completions": b'{"model": "%s", "prompt": "Once", "max_tokens": %s}' % (
-        LLM.encode(), HUGE),
-    "/v1/embeddings": b'{"model": "%s", "input": "hi", "dimensions": %s}' % (
-        LLM.encode(), HUGE),
+    "/v1/chat/completions": b'{"model": "%s", "messages": [], "max_tokens": %s}'
+    % (LLM.encode(), HUGE),
+    "/v1/completions": b'{"model": "%s", "prompt": "Once", "max_tokens": %s}'
+    % (LLM.encode(), HUGE),
+    "/v1/embeddings": b'{"model": "%s", "input": "hi", "dimensions": %s}' % (LLM.encode(), HUGE),
     f"/v2/models/{ONNX}/infer": b'{"inputs": [{"name": "window", "datatype": "FP32", '
-                                b'"shape": [%s], "data": []}]}' % HUGE,
+    b'"shape": [%s], "data": []}]}' % HUGE,
     f"/v2/models/{ONNX}/versions/1/infer": b'{"id": "a", "inputs": [], "n": %s}' % HUGE,
-    "/api/generate": b'{"model": "%s", "prompt": "Once", "options": {"num_predict": %s}}' % (
-        LLM.encode(), HUGE),
+    "/api/generate": b'{"model": "%s", "prompt": "Once", "options": {"num_predict": %s}}'
+    % (LLM.encode(), HUGE),
     "/api/chat": b'{"model": "%s", "messages": [], "keep_alive": %s}' % (LLM.encode(), HUGE),
     "/api/show": b'{"model": "%s", "verbose": %s}' % (LLM.encode(), HUGE),
     "/api/embed": b'{"model": "%s", "input": "hi", "dimensions": %s}' % (LLM.encode(), HUGE),
-    "/api/embeddings": b'{"model": "%s", "prompt": "hi", "keep_alive": %s}' % (
-        LLM.encode(), HUGE),
+    "/api/embeddings": b'{"model": "%s", "prompt": "hi", "keep_alive": %s}' % (LLM.encode(), HUGE),
     "/v2/repository/index": b'{"ready": %s}' % HUGE,
 }
 
 
 @pytest.mark.parametrize("path", list(JSON_ROUTES))
-def test_a_huge_integer_is_a_400_on_every_json_route(appliance: DaemonProcess,
-                                                     path: str) -> None:
+def test_a_huge_integer_is_a_400_on_every_json_route(appliance: DaemonProcess, path: str) -> None:
     assert sys.get_int_max_str_digits() < DIGITS  # the limit this case is about
     status, body = _post(appliance.url + path, JSON_ROUTES[path])
     assert status == 400, body
@@ -105,9 +106,13 @@ def test_huge_integers_raise_no_5xx_and_no_alert(appliance: DaemonProcess) -> No
     with urllib.request.urlopen(appliance.url + "/metrics", timeout=10) as response:
         metrics = response.read().decode()
     # (/health answers 503 while the models load: a probe's answer, which the alert skips.)
-    statuses = [line for line in metrics.splitlines()
-                if line.startswith("appliance_requests_total{") and 'transport="http"' in line
-                and 'route="/health"' not in line]
+    statuses = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("appliance_requests_total{")
+        and 'transport="http"' in line
+        and 'route="/health"' not in line
+    ]
     assert statuses and not [s for s in statuses if 'status="5' in s], statuses
     assert "Exceeds the limit" not in "\n".join(appliance.log)  # nothing logged as a crash
 
@@ -115,11 +120,14 @@ def test_huge_integers_raise_no_5xx_and_no_alert(appliance: DaemonProcess) -> No
 def test_a_huge_integer_is_a_400_on_the_hub_ingest(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'hub.db'}"
     token = enroll_direct(storage, "box-1")
-    body = (b'{"device": "box-1", "stream": "00112233", "records": [{"seq": %s, '
-            b'"kind": "heartbeat", "time": 1, "body": {}}]}' % HUGE)
+    body = (
+        b'{"device": "box-1", "stream": "00112233", "records": [{"seq": %s, '
+        b'"kind": "heartbeat", "time": 1, "body": {}}]}' % HUGE
+    )
     with hub(storage) as process:
-        status, answer = _post(process.url + "/api/v1/ingest", body,
-                               {"Authorization": f"Bearer {token}"})
+        status, answer = _post(
+            process.url + "/api/v1/ingest", body, {"Authorization": f"Bearer {token}"}
+        )
         assert status == 400, answer
         assert "integer" in answer["error"] and "digits" in answer["error"], answer
         assert "Traceback" not in "\n".join(process.log)

@@ -52,13 +52,24 @@ def windows(batch: int, seed: int = 5) -> np.ndarray[Any, np.dtype[np.float32]]:
 
 
 def raw_request(values: np.ndarray[Any, Any], **extra: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": "window", "datatype": "FP32", "shape": list(values.shape),
-                        "data": values.astype("<f4").tobytes()}], **extra}
+    return {
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": list(values.shape),
+                "data": values.astype("<f4").tobytes(),
+            }
+        ],
+        **extra,
+    }
 
 
 async def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
-    async with aiohttp.ClientSession() as client, \
-            client.post(url, data=body, headers=headers) as response:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(url, data=body, headers=headers) as response,
+    ):
         return response.status, response.content_type, await response.read()
 
 
@@ -66,8 +77,9 @@ async def test_raw_tensor_round_trip_matches_onnxruntime(
     url: str, session: ort.InferenceSession
 ) -> None:
     values = windows(16)
-    status, kind, body = await post(url, msgpack.packb(raw_request(values, id="r1")),
-                                    {"Content-Type": MSGPACK})
+    status, kind, body = await post(
+        url, msgpack.packb(raw_request(values, id="r1")), {"Content-Type": MSGPACK}
+    )
     assert (status, kind) == (200, MSGPACK)
     answer = msgpack.unpackb(body)
     assert answer["model_name"] == MODEL and answer["id"] == "r1"
@@ -81,13 +93,23 @@ async def test_raw_tensor_round_trip_matches_onnxruntime(
 
 async def test_msgpack_and_json_give_the_same_answer(url: str) -> None:
     values = windows(4, seed=9)
-    status, _, packed = await post(url, msgpack.packb(raw_request(values)),
-                                   {"Content-Type": MSGPACK})
+    status, _, packed = await post(
+        url, msgpack.packb(raw_request(values)), {"Content-Type": MSGPACK}
+    )
     assert status == 200
-    as_json = {"inputs": [{"name": "window", "datatype": "FP32", "shape": [4, 32, 3],
-                           "data": values.reshape(-1).tolist()}]}
-    status, kind, text = await post(url, json.dumps(as_json).encode(),
-                                    {"Content-Type": "application/json"})
+    as_json = {
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": [4, 32, 3],
+                "data": values.reshape(-1).tolist(),
+            }
+        ]
+    }
+    status, kind, text = await post(
+        url, json.dumps(as_json).encode(), {"Content-Type": "application/json"}
+    )
     assert (status, kind) == (200, "application/json")
     by_json = {o["name"]: o["data"] for o in json.loads(text)["outputs"]}
     by_msgpack = {o["name"]: o["data"] for o in msgpack.unpackb(packed)["outputs"]}
@@ -106,13 +128,23 @@ async def test_msgpack_and_json_give_the_same_answer(url: str) -> None:
         ("application/json", "*/*", "application/json"),
     ],
 )
-async def test_content_negotiation(url: str, content_type: str, accept: str | None,
-                                   answer: str) -> None:
+async def test_content_negotiation(
+    url: str, content_type: str, accept: str | None, answer: str
+) -> None:
     values = windows(1)
     if content_type == "application/json":
-        body = json.dumps({"inputs": [{"name": "window", "datatype": "FP32",
-                                       "shape": [1, 32, 3],
-                                       "data": values.reshape(-1).tolist()}]}).encode()
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "window",
+                        "datatype": "FP32",
+                        "shape": [1, 32, 3],
+                        "data": values.reshape(-1).tolist(),
+                    }
+                ]
+            }
+        ).encode()
     else:
         body = msgpack.packb(raw_request(values))
     headers = {"Content-Type": content_type, **({"Accept": accept} if accept else {})}
@@ -124,9 +156,17 @@ async def test_content_negotiation(url: str, content_type: str, accept: str | No
 
 async def test_number_lists_and_requested_outputs(url: str) -> None:
     values = windows(2)
-    request = {"inputs": [{"name": "window", "datatype": "FP32", "shape": [2, 32, 3],
-                           "data": values.reshape(-1).tolist()}],
-               "outputs": [{"name": "is_anomaly"}]}
+    request = {
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": [2, 32, 3],
+                "data": values.reshape(-1).tolist(),
+            }
+        ],
+        "outputs": [{"name": "is_anomaly"}],
+    }
     status, _, raw = await post(url, msgpack.packb(request), {"Content-Type": MSGPACK})
     assert status == 200
     (output,) = msgpack.unpackb(raw)["outputs"]
@@ -140,21 +180,87 @@ async def test_number_lists_and_requested_outputs(url: str) -> None:
         (b"", {}, 400, "body is empty"),
         (msgpack.packb([1, 2]), {}, 400, "must be a MessagePack map"),
         (msgpack.packb({"a": 1}) + b"\x00", {}, 400, "data after the MessagePack document"),
-        (msgpack.packb({"inputs": [{"name": "window", "datatype": "FP32",
-                                    "shape": [1, 32, 3], "data": b"\0" * 100}]}), {}, 400,
-         "needs 384 bytes, got 100"),
-        (msgpack.packb({"inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 32, 3],
-                                    "data": struct.pack("<f", float("inf")) * 96}]}), {}, 400,
-         "NaN or infinite"),
-        (msgpack.packb({"inputs": [{"name": "window", "datatype": "FP64", "shape": [1, 32, 3],
-                                    "data": b"\0" * 768}]}), {}, 400, "datatype FP64"),
-        (msgpack.packb({"inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 32, 3],
-                                    "data": b"\0" * 384}]}),
-         {"Inference-Header-Content-Length": "3"}, 400, "does not apply to a MessagePack body"),
+        (
+            msgpack.packb(
+                {
+                    "inputs": [
+                        {
+                            "name": "window",
+                            "datatype": "FP32",
+                            "shape": [1, 32, 3],
+                            "data": b"\0" * 100,
+                        }
+                    ]
+                }
+            ),
+            {},
+            400,
+            "needs 384 bytes, got 100",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "inputs": [
+                        {
+                            "name": "window",
+                            "datatype": "FP32",
+                            "shape": [1, 32, 3],
+                            "data": struct.pack("<f", float("inf")) * 96,
+                        }
+                    ]
+                }
+            ),
+            {},
+            400,
+            "NaN or infinite",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "inputs": [
+                        {
+                            "name": "window",
+                            "datatype": "FP64",
+                            "shape": [1, 32, 3],
+                            "data": b"\0" * 768,
+                        }
+                    ]
+                }
+            ),
+            {},
+            400,
+            "datatype FP64",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "inputs": [
+                        {
+                            "name": "window",
+                            "datatype": "FP32",
+                            "shape": [1, 32, 3],
+                            "data": b"\0" * 384,
+                        }
+                    ]
+                }
+            ),
+            {"Inference-Header-Content-Length": "3"},
+            400,
+            "does not apply to a MessagePack body",
+        ),
         (b"\x91" * 100_000 + b"\x00", {}, 400, "nested too deeply"),
     ],
-    ids=["not-msgpack", "empty", "not-a-map", "trailing-data", "short-tensor", "infinity",
-         "wrong-datatype", "binary-header", "deep-nesting"],
+    ids=[
+        "not-msgpack",
+        "empty",
+        "not-a-map",
+        "trailing-data",
+        "short-tensor",
+        "infinity",
+        "wrong-datatype",
+        "binary-header",
+        "deep-nesting",
+    ],
 )
 async def test_bad_msgpack_gets_a_msgpack_error(
     url: str, body: bytes, headers: dict[str, str], status: int, message: str
@@ -168,12 +274,16 @@ async def test_bad_msgpack_gets_a_msgpack_error(
 
 async def test_errors_follow_the_accept_header(server: Server) -> None:
     missing = f"{base_url(server)}/v2/models/nope/infer"
-    status, kind, raw = await post(missing, msgpack.packb(raw_request(windows(1))),
-                                   {"Content-Type": MSGPACK})
+    status, kind, raw = await post(
+        missing, msgpack.packb(raw_request(windows(1))), {"Content-Type": MSGPACK}
+    )
     assert (status, kind) == (404, MSGPACK)
     assert msgpack.unpackb(raw) == {"error": "model 'nope' not found"}
-    status, kind, raw = await post(missing, msgpack.packb(raw_request(windows(1))),
-                                   {"Content-Type": MSGPACK, "Accept": "application/json"})
+    status, kind, raw = await post(
+        missing,
+        msgpack.packb(raw_request(windows(1))),
+        {"Content-Type": MSGPACK, "Accept": "application/json"},
+    )
     assert (status, kind) == (404, "application/json")
     language_model = f"{base_url(server)}/v2/models/stories260K/infer"
     status, kind, raw = await post(language_model, b"{}", {"Accept": MSGPACK})

@@ -56,8 +56,13 @@ def session() -> ort.InferenceSession:
 
 
 def expected(session: ort.InferenceSession, windows: np.ndarray[Any, Any]) -> dict[str, Any]:
-    return dict(zip(["score", "is_anomaly"],
-                    session.run(["score", "is_anomaly"], {"window": windows}), strict=True))
+    return dict(
+        zip(
+            ["score", "is_anomaly"],
+            session.run(["score", "is_anomaly"], {"window": windows}),
+            strict=True,
+        )
+    )
 
 
 @pytest.fixture
@@ -128,9 +133,7 @@ async def test_live_and_ready(http: aiohttp.ClientSession, url: str) -> None:
 
 
 @pytest.mark.parametrize("path", [f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/versions/1"])
-async def test_metadata_of_a_ready_model(
-    http: aiohttp.ClientSession, url: str, path: str
-) -> None:
+async def test_metadata_of_a_ready_model(http: aiohttp.ClientSession, url: str, path: str) -> None:
     status, body = await get(http, url + path)
     assert status == 200
     assert body == {
@@ -157,8 +160,13 @@ async def test_metadata_of_a_failed_model(http: aiohttp.ClientSession, url: str)
 
 
 @pytest.mark.parametrize(
-    "path", ["/v2/models/nope", "/v2/models/nope/ready", f"/v2/models/{MODEL}/versions/2",
-             f"/v2/models/{MODEL}/versions/2/ready"]
+    "path",
+    [
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+        f"/v2/models/{MODEL}/versions/2",
+        f"/v2/models/{MODEL}/versions/2/ready",
+    ],
 )
 async def test_unknown_model_or_version_is_404(
     http: aiohttp.ClientSession, url: str, path: str
@@ -176,10 +184,8 @@ async def test_ready_model_is_ready(http: aiohttp.ClientSession, url: str, path:
     assert await get(http, url + path) == (200, {"name": MODEL, "ready": True})
 
 
-@pytest.mark.parametrize("path", ["/v2/models/broken/ready",
-                                  "/v2/models/broken/versions/1/ready"])
-async def test_failed_model_is_not_ready(http: aiohttp.ClientSession, url: str,
-                                         path: str) -> None:
+@pytest.mark.parametrize("path", ["/v2/models/broken/ready", "/v2/models/broken/versions/1/ready"])
+async def test_failed_model_is_not_ready(http: aiohttp.ClientSession, url: str, path: str) -> None:
     # The protocol: 200 when ready, 4xx otherwise; Triton answers 400 (503 would make a
     # load balancer take the whole server out for one model).
     status, body = await get(http, url + path)
@@ -190,8 +196,9 @@ async def test_failed_model_is_not_ready(http: aiohttp.ClientSession, url: str,
 
 
 async def test_infer_on_a_failed_model_is_503(http: aiohttp.ClientSession, url: str) -> None:
-    async with http.post(url + "/v2/models/broken/infer",
-                         json={"inputs": [json_input(sensor_windows(1))]}) as resp:
+    async with http.post(
+        url + "/v2/models/broken/infer", json={"inputs": [json_input(sensor_windows(1))]}
+    ) as resp:
         assert resp.status == 503
         assert resp.headers["Retry-After"].isdigit()
         body = await resp.json()
@@ -291,8 +298,14 @@ def binary_request(
     """A request in the binary extension: JSON header, then the raw little-endian tensor."""
     raw = windows.astype("<f4").tobytes()
     header: Json = {
-        "inputs": [{"name": "window", "datatype": "FP32", "shape": list(windows.shape),
-                    "parameters": {"binary_data_size": len(raw)}}],
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": list(windows.shape),
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ],
         **extra,
     }
     if outputs is not None:
@@ -334,8 +347,10 @@ async def test_binary_in_binary_out(
     want = expected(session, windows)
     body, headers = binary_request(
         windows,
-        outputs=[{"name": "score", "parameters": {"binary_data": True}},
-                 {"name": "is_anomaly", "parameters": {"binary_data": True}}],
+        outputs=[
+            {"name": "score", "parameters": {"binary_data": True}},
+            {"name": "is_anomaly", "parameters": {"binary_data": True}},
+        ],
         id="bin-1",
     )
     async with http.post(url + f"/v2/models/{MODEL}/infer", data=body, headers=headers) as resp:
@@ -370,8 +385,10 @@ async def test_binary_in_mixed_out(
     want = expected(session, windows)
     body, headers = binary_request(
         windows,
-        outputs=[{"name": "score", "parameters": {"binary_data": False}},
-                 {"name": "is_anomaly", "parameters": {"binary_data": True}}],
+        outputs=[
+            {"name": "score", "parameters": {"binary_data": False}},
+            {"name": "is_anomaly", "parameters": {"binary_data": True}},
+        ],
     )
     async with http.post(url + f"/v2/models/{MODEL}/infer", data=body, headers=headers) as resp:
         header, arrays = await binary_response(resp)
@@ -408,34 +425,58 @@ BAD_JSON_BODIES = {
     "too-few-values": (_json_body({**_WINDOW, "data": [0.5] * 10}), ["'window'", "96"]),
     "string-value": (_json_body({**_WINDOW, "data": ["hot"] * 96}), ["'window'", "hot"]),
     "bool-value": (_json_body({**_WINDOW, "data": [True] * 96}), ["'window'", "FP32"]),
-    "unknown-datatype": (_json_body({**_WINDOW, "datatype": "FLOAT", "data": [0.0] * 96}),
-                         ["'window'", "FLOAT"]),
-    "negative-dim": (_json_body({**_WINDOW, "shape": [-1, 32, 3], "data": [0.0] * 96}),
-                     ["'window'", "shape"]),
+    "unknown-datatype": (
+        _json_body({**_WINDOW, "datatype": "FLOAT", "data": [0.0] * 96}),
+        ["'window'", "FLOAT"],
+    ),
+    "negative-dim": (
+        _json_body({**_WINDOW, "shape": [-1, 32, 3], "data": [0.0] * 96}),
+        ["'window'", "shape"],
+    ),
     "no-data": (_json_body(_WINDOW), ["'window'", "data"]),
-    "wrong-shape": (_json_body({**_WINDOW, "shape": [1, 3, 32], "data": [0.0] * 96}),
-                    ["'window'", "[1, 3, 32]"]),
-    "unknown-input": (_json_body({**_WINDOW, "name": "readings", "data": [0.0] * 96}),
-                      ["'readings'"]),
-    "unknown-output": (_json_body({**_WINDOW, "data": [0.0] * 96}, outputs=[{"name": "x"}]),
-                       ["'x'"]),
+    "wrong-shape": (
+        _json_body({**_WINDOW, "shape": [1, 3, 32], "data": [0.0] * 96}),
+        ["'window'", "[1, 3, 32]"],
+    ),
+    "unknown-input": (
+        _json_body({**_WINDOW, "name": "readings", "data": [0.0] * 96}),
+        ["'readings'"],
+    ),
+    "unknown-output": (
+        _json_body({**_WINDOW, "data": [0.0] * 96}, outputs=[{"name": "x"}]),
+        ["'x'"],
+    ),
     "id-not-string": (_json_body({**_WINDOW, "data": [0.0] * 96}, id=7), ["'id'"]),
     "nan-value": (_json_body({**_WINDOW, "data": [float("nan")] * 96}), ["'window'", "NaN"]),
-    "bytes-datatype": (_json_body({**_WINDOW, "datatype": "BYTES", "data": ["a"] * 96}),
-                       ["'window'", "BYTES", "FP32"]),
-    "absurd-shape": (_json_body({**_WINDOW, "shape": [1 << 20, 1 << 20, 3], "data": []}),
-                     ["'window'", "at most"]),
-    "input-twice": (json.dumps({"inputs": [{**_WINDOW, "data": [0.0] * 96}] * 2}).encode(),
-                    ["'window'", "twice"]),
+    "bytes-datatype": (
+        _json_body({**_WINDOW, "datatype": "BYTES", "data": ["a"] * 96}),
+        ["'window'", "BYTES", "FP32"],
+    ),
+    "absurd-shape": (
+        _json_body({**_WINDOW, "shape": [1 << 20, 1 << 20, 3], "data": []}),
+        ["'window'", "at most"],
+    ),
+    "input-twice": (
+        json.dumps({"inputs": [{**_WINDOW, "data": [0.0] * 96}] * 2}).encode(),
+        ["'window'", "twice"],
+    ),
     "input-not-object": (json.dumps({"inputs": [5]}).encode(), ["inputs[0]"]),
-    "input-without-name": (json.dumps({"inputs": [{"datatype": "FP32"}]}).encode(),
-                           ["inputs[0]", "name"]),
-    "parameters-not-object": (_json_body({**_WINDOW, "data": [0.0] * 96}, parameters=[1]),
-                              ["'parameters'"]),
-    "outputs-not-list": (_json_body({**_WINDOW, "data": [0.0] * 96}, outputs={"name": "x"}),
-                         ["'outputs'"]),
-    "output-without-name": (_json_body({**_WINDOW, "data": [0.0] * 96}, outputs=[{}]),
-                            ["output", "name"]),
+    "input-without-name": (
+        json.dumps({"inputs": [{"datatype": "FP32"}]}).encode(),
+        ["inputs[0]", "name"],
+    ),
+    "parameters-not-object": (
+        _json_body({**_WINDOW, "data": [0.0] * 96}, parameters=[1]),
+        ["'parameters'"],
+    ),
+    "outputs-not-list": (
+        _json_body({**_WINDOW, "data": [0.0] * 96}, outputs={"name": "x"}),
+        ["'outputs'"],
+    ),
+    "output-without-name": (
+        _json_body({**_WINDOW, "data": [0.0] * 96}, outputs=[{}]),
+        ["output", "name"],
+    ),
     "negative-binary-size": (
         _json_body({**_WINDOW, "parameters": {"binary_data_size": -4}}),
         ["'window'", "binary_data_size"],
@@ -452,8 +493,9 @@ async def test_bad_json_request_is_400_naming_the_problem(
     http: aiohttp.ClientSession, url: str, case: str
 ) -> None:
     data, fragments = BAD_JSON_BODIES[case]
-    message = await client_error(http, url + f"/v2/models/{MODEL}/infer", data,
-                                 {"Content-Type": "application/json"})
+    message = await client_error(
+        http, url + f"/v2/models/{MODEL}/infer", data, {"Content-Type": "application/json"}
+    )
     for fragment in fragments:
         assert fragment in message
 
@@ -472,10 +514,21 @@ async def test_binary_size_not_matching_shape_names_the_tensor(
 ) -> None:
     windows = sensor_windows(2)
     raw = windows.astype("<f4").tobytes()[:-4]
-    head = json.dumps({"inputs": [{"name": "window", "datatype": "FP32", "shape": [2, 32, 3],
-                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    message = await client_error(http, url + f"/v2/models/{MODEL}/infer", head + raw,
-                                 {HEADER: str(len(head))})
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "window",
+                    "datatype": "FP32",
+                    "shape": [2, 32, 3],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    message = await client_error(
+        http, url + f"/v2/models/{MODEL}/infer", head + raw, {HEADER: str(len(head))}
+    )
     assert "'window'" in message
     assert "768" in message
 
@@ -484,10 +537,21 @@ async def test_truncated_binary_bytes_tensor_names_it(
     http: aiohttp.ClientSession, url: str
 ) -> None:
     raw = struct.pack("<I", 10) + b"abc"  # says 10 bytes follow, has 3
-    head = json.dumps({"inputs": [{"name": "window", "datatype": "BYTES", "shape": [1],
-                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    message = await client_error(http, url + f"/v2/models/{MODEL}/infer", head + raw,
-                                 {HEADER: str(len(head))})
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "window",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    message = await client_error(
+        http, url + f"/v2/models/{MODEL}/infer", head + raw, {HEADER: str(len(head))}
+    )
     assert "'window'" in message
     assert "truncated" in message
 
@@ -496,10 +560,21 @@ async def test_binary_bytes_tensor_is_decoded_then_refused_by_type(
     http: aiohttp.ClientSession, url: str
 ) -> None:
     raw = b"".join(struct.pack("<I", 2) + b"hi" for _ in range(96))
-    head = json.dumps({"inputs": [{"name": "window", "datatype": "BYTES", "shape": [1, 32, 3],
-                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    message = await client_error(http, url + f"/v2/models/{MODEL}/infer", head + raw,
-                                 {HEADER: str(len(head))})
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "window",
+                    "datatype": "BYTES",
+                    "shape": [1, 32, 3],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    message = await client_error(
+        http, url + f"/v2/models/{MODEL}/infer", head + raw, {HEADER: str(len(head))}
+    )
     assert "'window'" in message
     assert "datatype BYTES, expected FP32" in message
 
@@ -525,8 +600,7 @@ async def test_body_over_the_limit_is_413_in_oip_shape(
 
 async def test_extra_binary_data_is_refused(http: aiohttp.ClientSession, url: str) -> None:
     body, headers = binary_request(sensor_windows(1))
-    message = await client_error(http, url + f"/v2/models/{MODEL}/infer", body + b"\0" * 4,
-                                 headers)
+    message = await client_error(http, url + f"/v2/models/{MODEL}/infer", body + b"\0" * 4, headers)
     assert "binary" in message
 
 

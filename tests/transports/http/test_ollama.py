@@ -30,8 +30,9 @@ GREEDY = ", there was a little girl named Lily."
 
 
 @pytest.fixture(scope="module")
-def llm_daemon(stories_gguf: Path, default_models: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+def llm_daemon(
+    stories_gguf: Path, default_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DaemonProcess]:
     # One tensor model (never listed) and one language model: the default models without
     # home-intent, so the listings below name exactly stories260K.
     models = tmp_path_factory.mktemp("models")
@@ -55,8 +56,9 @@ async def async_client(llm_daemon: DaemonProcess) -> AsyncIterator[ollama.AsyncC
 # ------------------------------------------------------------------- discovery
 
 
-async def test_root_answers_like_ollama(llm_daemon: DaemonProcess,
-                                        http: aiohttp.ClientSession) -> None:
+async def test_root_answers_like_ollama(
+    llm_daemon: DaemonProcess, http: aiohttp.ClientSession
+) -> None:
     async with http.get(llm_daemon.url + "/") as response:
         assert response.status == 200
         assert await response.text() == "Ollama is running"
@@ -103,8 +105,12 @@ def test_ps_and_show(client: ollama.Client) -> None:
 
 
 def test_generate_raw_is_the_greedy_story(client: ollama.Client) -> None:
-    result = client.generate(model=LLM, prompt="Once upon a time", raw=True,
-                             options={"temperature": 0, "num_predict": 12})
+    result = client.generate(
+        model=LLM,
+        prompt="Once upon a time",
+        raw=True,
+        options={"temperature": 0, "num_predict": 12},
+    )
     assert (result.response or "").startswith(GREEDY)
     assert result.done is True
     assert result.done_reason == "length"
@@ -114,8 +120,12 @@ def test_generate_raw_is_the_greedy_story(client: ollama.Client) -> None:
 
 
 def test_streaming_generate_matches_non_streaming(client: ollama.Client) -> None:
-    kwargs: dict[str, Any] = {"model": TAG, "prompt": "Once upon a time", "raw": True,
-                              "options": {"temperature": 0, "num_predict": 20}}
+    kwargs: dict[str, Any] = {
+        "model": TAG,
+        "prompt": "Once upon a time",
+        "raw": True,
+        "options": {"temperature": 0, "num_predict": 20},
+    }
     whole = client.generate(**kwargs)
     parts = list(client.generate(stream=True, **kwargs))
     assert len(parts) > 2
@@ -126,8 +136,12 @@ def test_streaming_generate_matches_non_streaming(client: ollama.Client) -> None
 
 
 def test_generate_uses_the_template_unless_raw(client: ollama.Client) -> None:
-    templated = client.generate(model=LLM, prompt="Once upon a time", system="Tell a story.",
-                                options={"temperature": 0, "num_predict": 12})
+    templated = client.generate(
+        model=LLM,
+        prompt="Once upon a time",
+        system="Tell a story.",
+        options={"temperature": 0, "num_predict": 12},
+    )
     assert templated.prompt_eval_count and templated.prompt_eval_count > 5
     assert templated.response
 
@@ -135,8 +149,10 @@ def test_generate_uses_the_template_unless_raw(client: ollama.Client) -> None:
 def test_chat_streaming_matches_non_streaming(client: ollama.Client) -> None:
     kwargs: dict[str, Any] = {
         "model": LLM,
-        "messages": [{"role": "system", "content": "Tell a story."},
-                     {"role": "user", "content": "Once upon a time"}],
+        "messages": [
+            {"role": "system", "content": "Tell a story."},
+            {"role": "user", "content": "Once upon a time"},
+        ],
         "options": {"temperature": 0, "num_predict": 16, "stop": ["\n\n"]},
     }
     whole = client.chat(**kwargs)
@@ -150,22 +166,41 @@ def test_chat_streaming_matches_non_streaming(client: ollama.Client) -> None:
 
 def test_seed_and_temperature_options_are_used(client: ollama.Client) -> None:
     def sample(seed: int) -> str:
-        return client.generate(model=LLM, prompt="Once upon a time", raw=True,
-                               options={"temperature": 1.0, "seed": seed,
-                                        "num_predict": 24}).response or ""
+        return (
+            client.generate(
+                model=LLM,
+                prompt="Once upon a time",
+                raw=True,
+                options={"temperature": 1.0, "seed": seed, "num_predict": 24},
+            ).response
+            or ""
+        )
 
     assert sample(7) == sample(7)
     assert len({sample(s) for s in range(1, 5)}) > 1
 
 
 def test_format_json_schema_constrains_the_answer(client: ollama.Client) -> None:
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
-              "required": ["name"], "additionalProperties": False}
-    result = client.chat(model=LLM, messages=[{"role": "user", "content": "Name a girl."}],
-                         format=schema, options={"temperature": 0, "num_predict": 60})
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    result = client.chat(
+        model=LLM,
+        messages=[{"role": "user", "content": "Name a girl."}],
+        format=schema,
+        options={"temperature": 0, "num_predict": 60},
+    )
     assert set(json.loads(result.message.content or "")) == {"name"}
-    plain = client.generate(model=LLM, prompt="Once upon a time", raw=True, format="json",
-                            options={"temperature": 0, "num_predict": 40})
+    plain = client.generate(
+        model=LLM,
+        prompt="Once upon a time",
+        raw=True,
+        format="json",
+        options={"temperature": 0, "num_predict": 40},
+    )
     # JSON by grammar (cut off by num_predict, so not necessarily complete).
     assert (plain.response or "").lstrip().startswith("{")
 
@@ -176,8 +211,7 @@ def test_empty_requests_load_and_unload_like_ollama(client: ollama.Client) -> No
     unloaded = client.chat(model=LLM, messages=[], keep_alive=0)
     assert unloaded.done_reason == "unload"
     # The model unloads once idle; the next request loads it again and just works.
-    assert client.generate(model=LLM, prompt="Once", raw=True,
-                           options={"num_predict": 2}).response
+    assert client.generate(model=LLM, prompt="Once", raw=True, options={"num_predict": 2}).response
 
 
 def test_embed_and_legacy_embeddings(client: ollama.Client) -> None:
@@ -200,28 +234,65 @@ def test_embed_and_legacy_embeddings(client: ollama.Client) -> None:
 @pytest.mark.parametrize(
     ("call", "status", "message"),
     [
-        (lambda c: c.chat(model="no-such-model", messages=[{"role": "user", "content": "Hi"}]),
-         404, "model 'no-such-model' not found"),
+        (
+            lambda c: c.chat(model="no-such-model", messages=[{"role": "user", "content": "Hi"}]),
+            404,
+            "model 'no-such-model' not found",
+        ),
         (lambda c: c.generate(model=f"{LLM}:7", prompt="Hi"), 404, "version '7' not found"),
-        (lambda c: c.chat(model=LLM, messages=[{"role": "user", "content": "Hi"}],
-                          tools=[{"type": "function", "function": {"description": "x"}}]),
-         400, "tools[0].function.name is required"),
-        (lambda c: c.chat(model=LLM, messages=[{"role": "user", "content": "Hi"}], think=True),
-         400, "does not support thinking"),
-        (lambda c: c.generate(model=LLM, prompt="Hi", options={"temperature": -1}),
-         400, "temperature must be at least 0"),
-        (lambda c: c.generate(model=LLM, prompt="Hi", options={"num_predict": 0}),
-         400, "options.num_predict"),
-        (lambda c: c.generate(model=LLM, prompt="Hi", keep_alive="five minutes"),
-         400, "invalid duration"),
-        (lambda c: c.generate(model=LLM, prompt="Hi", suffix="end"),
-         400, "does not support insert"),
-        (lambda c: c.chat(model=ONNX, messages=[{"role": "user", "content": "Hi"}]),
-         400, "does not support text generation"),
+        (
+            lambda c: c.chat(
+                model=LLM,
+                messages=[{"role": "user", "content": "Hi"}],
+                tools=[{"type": "function", "function": {"description": "x"}}],
+            ),
+            400,
+            "tools[0].function.name is required",
+        ),
+        (
+            lambda c: c.chat(model=LLM, messages=[{"role": "user", "content": "Hi"}], think=True),
+            400,
+            "does not support thinking",
+        ),
+        (
+            lambda c: c.generate(model=LLM, prompt="Hi", options={"temperature": -1}),
+            400,
+            "temperature must be at least 0",
+        ),
+        (
+            lambda c: c.generate(model=LLM, prompt="Hi", options={"num_predict": 0}),
+            400,
+            "options.num_predict",
+        ),
+        (
+            lambda c: c.generate(model=LLM, prompt="Hi", keep_alive="five minutes"),
+            400,
+            "invalid duration",
+        ),
+        (
+            lambda c: c.generate(model=LLM, prompt="Hi", suffix="end"),
+            400,
+            "does not support insert",
+        ),
+        (
+            lambda c: c.chat(model=ONNX, messages=[{"role": "user", "content": "Hi"}]),
+            400,
+            "does not support text generation",
+        ),
         (lambda c: c.embed(model=ONNX, input="Hi"), 400, "does not support embeddings"),
     ],
-    ids=["unknown-model", "unknown-tag", "tools", "think", "temperature", "num-predict",
-         "keep-alive", "suffix", "chat-on-onnx", "embed-on-onnx"],
+    ids=[
+        "unknown-model",
+        "unknown-tag",
+        "tools",
+        "think",
+        "temperature",
+        "num-predict",
+        "keep-alive",
+        "suffix",
+        "chat-on-onnx",
+        "embed-on-onnx",
+    ],
 )
 def test_errors_reach_the_client_as_ollama_errors(
     client: ollama.Client, call: Any, status: int, message: str
@@ -234,8 +305,11 @@ def test_errors_reach_the_client_as_ollama_errors(
 
 def test_streaming_errors_come_before_the_stream(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
-        list(client.chat(model="no-such-model", stream=True,
-                         messages=[{"role": "user", "content": "Hi"}]))
+        list(
+            client.chat(
+                model="no-such-model", stream=True, messages=[{"role": "user", "content": "Hi"}]
+            )
+        )
     assert caught.value.status_code == 404
 
 
@@ -246,11 +320,17 @@ def test_streaming_errors_come_before_the_stream(client: ollama.Client) -> None:
         ("/api/chat", b"[]", "must be a JSON object"),
         ("/api/chat", b'{"messages": []}', "model is required"),
         ("/api/generate", b'{"model": "stories260K", "prompt": 5}', "prompt"),
-        ("/api/chat", b'{"model": "stories260K", "messages": [{"role": "robot"}]}',
-         "messages.0.role"),
+        (
+            "/api/chat",
+            b'{"model": "stories260K", "messages": [{"role": "robot"}]}',
+            "messages.0.role",
+        ),
         ("/api/chat", b'{"model": "stories260K", "format": "yaml", "messages": []}', "format"),
-        ("/api/chat", b'{"model": "stories260K", "options": {"top_p": "high"}, "messages": []}',
-         "options.top_p"),
+        (
+            "/api/chat",
+            b'{"model": "stories260K", "options": {"top_p": "high"}, "messages": []}',
+            "options.top_p",
+        ),
         ("/api/embed", b'{"model": "stories260K", "input": [1, 2]}', "input"),
         ("/api/show", b"{}", "model is required"),
     ],
@@ -258,8 +338,9 @@ def test_streaming_errors_come_before_the_stream(client: ollama.Client) -> None:
 async def test_bad_bodies_get_ollama_error_shape(
     llm_daemon: DaemonProcess, http: aiohttp.ClientSession, path: str, body: bytes, message: str
 ) -> None:
-    async with http.post(llm_daemon.url + path, data=body,
-                         headers={"Content-Type": "application/json"}) as response:
+    async with http.post(
+        llm_daemon.url + path, data=body, headers={"Content-Type": "application/json"}
+    ) as response:
         assert response.status == 400
         payload = await response.json()
     assert set(payload) == {"error"}
@@ -280,8 +361,10 @@ async def test_home_assistant_setup_and_conversation(async_client: ollama.AsyncC
     # entity.py: a streaming chat with keep_alive in seconds and the context size.
     stream = await async_client.chat(
         model=TAG,
-        messages=[ollama.Message(role="system", content="You are a voice assistant."),
-                  ollama.Message(role="user", content="Tell me a story.")],
+        messages=[
+            ollama.Message(role="system", content="You are a voice assistant."),
+            ollama.Message(role="user", content="Tell me a story."),
+        ],
         tools=None,
         stream=True,
         keep_alive="-1s",
@@ -297,11 +380,21 @@ async def test_home_assistant_setup_and_conversation(async_client: ollama.AsyncC
     # tools answers in text or with a call the grammar made valid (test_tool_calls.py has
     # the model that knows Home Assistant's intents).
     stream = await async_client.chat(
-        model=TAG, messages=[ollama.Message(role="user", content="Turn on the light")],
-        tools=[{"type": "function", "function": {
-            "name": "HassTurnOn", "description": "Turns on a device",
-            "parameters": {"type": "object", "properties": {"name": {"type": "string"}}}}}],
-        stream=True, keep_alive="-1s", options={"num_ctx": 8192, "num_predict": 48},
+        model=TAG,
+        messages=[ollama.Message(role="user", content="Turn on the light")],
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "HassTurnOn",
+                    "description": "Turns on a device",
+                    "parameters": {"type": "object", "properties": {"name": {"type": "string"}}},
+                },
+            }
+        ],
+        stream=True,
+        keep_alive="-1s",
+        options={"num_ctx": 8192, "num_predict": 48},
     )
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].done is True
@@ -321,10 +414,12 @@ async def test_home_assistant_raw_requests(
         assert [m["model"] for m in (await response.json())["models"]] == [TAG]
     body = {
         "model": TAG,
-        "messages": [{"role": "system", "content": "You are a voice assistant."},
-                     {"role": "user", "content": "Once upon a time"},
-                     {"role": "assistant", "content": "there was a cat."},
-                     {"role": "user", "content": "Go on."}],
+        "messages": [
+            {"role": "system", "content": "You are a voice assistant."},
+            {"role": "user", "content": "Once upon a time"},
+            {"role": "assistant", "content": "there was a cat."},
+            {"role": "user", "content": "Go on."},
+        ],
         "tools": [],
         "stream": True,
         "keep_alive": "-1s",
@@ -339,10 +434,17 @@ async def test_home_assistant_raw_requests(
     assert lines[-1]["eval_count"] >= len(lines) - 1
     assert all(not line["done"] and line["message"]["content"] for line in lines[:-1])
     # ai_task.py: structured output through ``format`` and no streaming.
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}},
-              "required": ["answer"]}
-    body = {**body, "stream": False, "format": schema,
-            "options": {"num_ctx": 8192, "num_predict": 60, "temperature": 0}}
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 12}},
+        "required": ["answer"],
+    }
+    body = {
+        **body,
+        "stream": False,
+        "format": schema,
+        "options": {"num_ctx": 8192, "num_predict": 60, "temperature": 0},
+    }
     async with http.post(url + "/api/chat", json=body) as response:
         assert response.status == 200
         answer = await response.json()
@@ -353,8 +455,13 @@ async def test_home_assistant_raw_requests(
 async def test_null_stream_means_the_default(
     llm_daemon: DaemonProcess, http: aiohttp.ClientSession
 ) -> None:
-    body = {"model": LLM, "prompt": "Once upon a time", "raw": True, "stream": None,
-            "options": {"num_predict": 3, "temperature": 0}}
+    body = {
+        "model": LLM,
+        "prompt": "Once upon a time",
+        "raw": True,
+        "stream": None,
+        "options": {"num_predict": 3, "temperature": 0},
+    }
     async with http.post(llm_daemon.url + "/api/generate", json=body) as response:
         assert response.status == 200
         assert response.content_type == "application/x-ndjson"

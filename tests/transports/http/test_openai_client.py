@@ -43,8 +43,10 @@ def test_completion_is_the_greedy_story(client: openai.OpenAI) -> None:
 def test_chat_completion(client: openai.OpenAI) -> None:
     result = client.chat.completions.create(
         model="stories260K",
-        messages=[{"role": "system", "content": "Tell a story."},
-                  {"role": "user", "content": "Once upon a time"}],
+        messages=[
+            {"role": "system", "content": "Tell a story."},
+            {"role": "user", "content": "Once upon a time"},
+        ],
         max_tokens=16,
         temperature=0,
     )
@@ -57,11 +59,17 @@ def test_chat_completion(client: openai.OpenAI) -> None:
 
 
 def test_streaming_chat_matches_non_streaming(client: openai.OpenAI) -> None:
-    kwargs = {"model": "stories260K", "max_tokens": 20, "temperature": 0,
-              "messages": [{"role": "user", "content": "Once upon a time"}]}
+    kwargs = {
+        "model": "stories260K",
+        "max_tokens": 20,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Once upon a time"}],
+    }
     whole = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
     stream = client.chat.completions.create(
-        stream=True, stream_options={"include_usage": True}, **kwargs  # type: ignore[call-overload]
+        stream=True,
+        stream_options={"include_usage": True},
+        **kwargs,  # type: ignore[call-overload]
     )
     pieces, finish, usage = [], None, None
     for chunk in stream:
@@ -79,8 +87,12 @@ def test_streaming_chat_matches_non_streaming(client: openai.OpenAI) -> None:
 
 def test_streaming_completion_with_stop(client: openai.OpenAI) -> None:
     stream = client.completions.create(
-        model="stories260K", prompt="Once upon a time", max_tokens=40, temperature=0,
-        stop=["Lily"], stream=True,
+        model="stories260K",
+        prompt="Once upon a time",
+        max_tokens=40,
+        temperature=0,
+        stop=["Lily"],
+        stream=True,
     )
     text = "".join(c.choices[0].text for c in stream if c.choices)
     assert text == ", there was a little girl named "
@@ -88,8 +100,13 @@ def test_streaming_completion_with_stop(client: openai.OpenAI) -> None:
 
 def test_seed_makes_sampling_repeatable(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
-        r = client.completions.create(model="stories260K", prompt="Once upon a time",
-                                      max_tokens=24, temperature=1.0, seed=seed)
+        r = client.completions.create(
+            model="stories260K",
+            prompt="Once upon a time",
+            max_tokens=24,
+            temperature=1.0,
+            seed=seed,
+        )
         return r.choices[0].text
 
     assert sample(7) == sample(7)
@@ -99,14 +116,18 @@ def test_seed_makes_sampling_repeatable(client: openai.OpenAI) -> None:
 def test_json_schema_response_format(client: openai.OpenAI) -> None:
     import json
 
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
-              "required": ["name"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
     result = client.chat.completions.create(
         model="stories260K",
         messages=[{"role": "user", "content": "Name a girl."}],
-        response_format={"type": "json_schema",
-                         "json_schema": {"name": "girl", "schema": schema}},
-        max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "girl", "schema": schema}},
+        max_tokens=60,
+        temperature=0,
     )
     data = json.loads(result.choices[0].message.content or "")
     assert set(data) == {"name"}

@@ -87,8 +87,9 @@ def _request_schema(document: dict[str, Any], method: str, template: str) -> dic
     return schema
 
 
-def _response_media(document: dict[str, Any], method: str, template: str, status: int,
-                    content_type: str) -> dict[str, Any]:
+def _response_media(
+    document: dict[str, Any], method: str, template: str, status: int, content_type: str
+) -> dict[str, Any]:
     responses = _operation(document, method, template)["responses"]
     assert str(status) in responses, f"{method} {template} does not document status {status}"
     content = responses[str(status)].get("content", {})
@@ -98,11 +99,13 @@ def _response_media(document: dict[str, Any], method: str, template: str, status
     return found
 
 
-async def _check(document: dict[str, Any], response: aiohttp.ClientResponse, method: str,
-                 template: str) -> Any:
+async def _check(
+    document: dict[str, Any], response: aiohttp.ClientResponse, method: str, template: str
+) -> Any:
     """Validate a real JSON response against its documented schema; return the body."""
-    media = _response_media(document, method, template, response.status,
-                            response.headers["Content-Type"])
+    media = _response_media(
+        document, method, template, response.status, response.headers["Content-Type"]
+    )
     body = await response.json()
     problems = _errors(document, media["schema"], body)
     assert not problems, f"{method} {template} {response.status}: {problems}\n{body}"
@@ -149,8 +152,9 @@ def test_every_schema_is_valid_and_every_reference_resolves(document: dict[str, 
         Draft202012Validator.check_schema(schema)
         assert name.isidentifier(), name
     prefix = "#/components/schemas/"
-    dangling = {r for r in _refs(document) if not r.startswith(prefix)
-                or r[len(prefix):] not in schemas}
+    dangling = {
+        r for r in _refs(document) if not r.startswith(prefix) or r[len(prefix) :] not in schemas
+    }
     assert not dangling
 
 
@@ -158,14 +162,18 @@ def test_every_route_is_documented_and_every_documented_route_exists() -> None:
     router = _app().router
     served = set(openapi.routes_of(router))
     document = openapi.build(router)  # strict: raises for an undocumented route
-    described = {(method.upper(), path)
-                 for path, operations in document["paths"].items() for method in operations}
+    described = {
+        (method.upper(), path)
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
     assert described == served
     # Stale documentation of a route that no longer exists is an error too.
     assert set(openapi_routes.OPERATIONS) == served
     # Every GET also answers HEAD (aiohttp adds it); HEAD is implied, never listed.
-    raw = {(route.method, resource.canonical) for resource in router.resources()
-           for route in resource}
+    raw = {
+        (route.method, resource.canonical) for resource in router.resources() for route in resource
+    }
     assert {("HEAD", path) for method, path in raw if method == "GET"} <= raw
 
 
@@ -184,8 +192,11 @@ def test_operations_are_complete(document: dict[str, Any]) -> None:
             if method == "post":
                 assert "400" in operation["responses"] and "413" in operation["responses"]
             for status, response in operation["responses"].items():
-                if status == "503" and path.startswith(("/v1/", "/v2/models/")) \
-                        and not path.endswith("/ready"):
+                if (
+                    status == "503"
+                    and path.startswith(("/v1/", "/v2/models/"))
+                    and not path.endswith("/ready")
+                ):
                     assert "Retry-After" in response["headers"], where
     assert len(ids) == len(set(ids)), "operationIds must be unique"
 
@@ -247,42 +258,95 @@ async def test_document_is_built_once_per_app(
 VALID_BODIES: dict[str, list[dict[str, Any]]] = {
     "/v1/chat/completions": [
         {"model": LLM, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
-        {"model": LLM, "max_tokens": 3, "temperature": 0, "seed": 7, "stop": ["\n", "."],
-         "messages": [{"role": "system", "content": None},
-                      {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-         "top_k": 10, "min_p": 0.1, "repeat_penalty": 1.1, "logit_bias": {"5": -100},
-         "stream": False, "stream_options": {"include_usage": True}, "n": 1,
-         "user": "ignored", "tools": []},
-        {"model": LLM, "max_completion_tokens": 3,
-         "messages": [{"role": "user", "content": "List"}],
-         "response_format": {"type": "json_schema", "json_schema": {
-             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}
-         }}},
+        {
+            "model": LLM,
+            "max_tokens": 3,
+            "temperature": 0,
+            "seed": 7,
+            "stop": ["\n", "."],
+            "messages": [
+                {"role": "system", "content": None},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            ],
+            "top_k": 10,
+            "min_p": 0.1,
+            "repeat_penalty": 1.1,
+            "logit_bias": {"5": -100},
+            "stream": False,
+            "stream_options": {"include_usage": True},
+            "n": 1,
+            "user": "ignored",
+            "tools": [],
+        },
+        {
+            "model": LLM,
+            "max_completion_tokens": 3,
+            "messages": [{"role": "user", "content": "List"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                },
+            },
+        },
     ],
     "/v1/completions": [
         {"model": LLM, "prompt": ["Once"], "max_tokens": 2, "echo": True, "top_p": 0.5},
-        {"model": LLM, "prompt": "Once", "max_tokens": 2, "stop": "x",
-         "presence_penalty": 0.5, "frequency_penalty": -0.5},
+        {
+            "model": LLM,
+            "prompt": "Once",
+            "max_tokens": 2,
+            "stop": "x",
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+        },
     ],
     "/v1/embeddings": [
         {"model": LLM, "input": "kitchen", "encoding_format": "base64", "dimensions": 8},
     ],
     "/v2/models/{name}/infer": [
-        {"inputs": [{"name": "window", "datatype": "FP32", "shape": [2, 32, 3],
-                     "data": [20.0, 50.0, 0.01] * 64}],
-         "outputs": [{"name": "score"}], "parameters": {}},
+        {
+            "inputs": [
+                {
+                    "name": "window",
+                    "datatype": "FP32",
+                    "shape": [2, 32, 3],
+                    "data": [20.0, 50.0, 0.01] * 64,
+                }
+            ],
+            "outputs": [{"name": "score"}],
+            "parameters": {},
+        },
     ],
     "/api/chat": [
-        {"model": f"{LLM}:latest", "stream": False, "keep_alive": "5m", "format": "json",
-         "messages": [{"role": "user", "content": "Hi"}],
-         "options": {"num_predict": 4, "temperature": 0, "stop": ["\n"], "num_ctx": 4096}},
+        {
+            "model": f"{LLM}:latest",
+            "stream": False,
+            "keep_alive": "5m",
+            "format": "json",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "options": {"num_predict": 4, "temperature": 0, "stop": ["\n"], "num_ctx": 4096},
+        },
         {"model": LLM, "messages": []},  # loads the model only
     ],
     "/api/generate": [
-        {"model": LLM, "prompt": "Once", "raw": True, "stream": False,
-         "options": {"num_predict": 3, "seed": 1}},
-        {"model": LLM, "prompt": "Once", "system": "Be brief.", "stream": False,
-         "format": {"type": "object"}, "keep_alive": -1, "options": {"num_predict": 3}},
+        {
+            "model": LLM,
+            "prompt": "Once",
+            "raw": True,
+            "stream": False,
+            "options": {"num_predict": 3, "seed": 1},
+        },
+        {
+            "model": LLM,
+            "prompt": "Once",
+            "system": "Be brief.",
+            "stream": False,
+            "format": {"type": "object"},
+            "keep_alive": -1,
+            "options": {"num_predict": 3},
+        },
     ],
     "/api/embed": [{"model": LLM, "input": "kitchen", "dimensions": 4}],
     "/api/embeddings": [{"model": LLM, "prompt": "kitchen"}],
@@ -298,8 +362,11 @@ INVALID_BODIES: dict[str, list[dict[str, Any]]] = {
         {"model": LLM, "messages": [{"role": "user", "content": "Hi"}], "temperature": 3},
         {"model": LLM, "messages": [{"role": "user", "content": "Hi"}], "n": 2},
         {"model": LLM, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0},
-        {"model": LLM, "messages": [{"role": "user", "content": "Hi"}],
-         "response_format": {"type": "xml"}},
+        {
+            "model": LLM,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "response_format": {"type": "xml"},
+        },
     ],
     "/v1/completions": [
         {"model": LLM},
@@ -366,7 +433,10 @@ async def test_request_schemas_agree_with_the_daemon(
             assert (not problems) is valid, (template, body, problems)
             async with http.post(url + _url_path(template), json=body) as response:
                 assert response.status == (200 if valid else 400), (
-                    template, body, await response.text())
+                    template,
+                    body,
+                    await response.text(),
+                )
                 await _check(document, response, "POST", template)
 
 
@@ -384,7 +454,9 @@ async def test_real_responses_match_documented_schemas(
         "/v2/models/{name}/versions/{version}": (f"/v2/models/{LLM}/versions/1", 200),
         "/v2/models/{name}/ready": ("/v2/models/" + TENSOR_MODEL + "/ready", 200),
         "/v2/models/{name}/versions/{version}/ready": (
-            f"/v2/models/{TENSOR_MODEL}/versions/1/ready", 200),
+            f"/v2/models/{TENSOR_MODEL}/versions/1/ready",
+            200,
+        ),
         "/health": ("/health", 200),
         "/openapi.json": ("/openapi.json", 200),
     }
@@ -403,8 +475,7 @@ async def test_real_responses_match_documented_schemas(
             assert response.status == status
             await _check(document, response, "GET", template)
     for template, body in [
-        ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user",
-                                                                  "content": "x"}]}),
+        ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
         ("/v2/models/{name}/versions/{version}/infer", {"inputs": "x"}),
     ]:
         path = template.replace("{name}", TENSOR_MODEL).replace("{version}", "1")
@@ -439,8 +510,11 @@ async def test_real_responses_match_documented_schemas(
         assert (await websocket.receive_json(timeout=10))["type"] == "pong"
 
 
-INFER_BODY = {"inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 32, 3],
-                          "data": [20.0, 50.0, 0.01] * 32}]}
+INFER_BODY = {
+    "inputs": [
+        {"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": [20.0, 50.0, 0.01] * 32}
+    ]
+}
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
@@ -448,8 +522,12 @@ async def test_streamed_events_match_the_documented_item_schema(
     llm_server: Server, http: aiohttp.ClientSession, document: dict[str, Any], path: str
 ) -> None:
     example = _operation(document, "POST", path)["requestBody"]["content"]["application/json"]
-    body = {**_with_model(example["example"], LLM), "max_tokens": 6, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        **_with_model(example["example"], LLM),
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with http.post(base_url(llm_server) + path, json=body) as response:
         assert response.status == 200
         media = _response_media(document, "POST", path, 200, response.content_type)
@@ -486,15 +564,25 @@ async def test_binary_inference_matches_the_documented_header(
 ) -> None:
     template = "/v2/models/{name}/infer"
     values = [20.0, 50.0, 0.01] * 32
-    header = json.dumps({
-        "inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 32, 3],
-                    "parameters": {"binary_data_size": 4 * len(values)}}],
-        "parameters": {"binary_data_output": True},
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "window",
+                    "datatype": "FP32",
+                    "shape": [1, 32, 3],
+                    "parameters": {"binary_data_size": 4 * len(values)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     schema = _request_schema(document, "POST", template)
     assert not _errors(document, schema, json.loads(header))
-    request_headers = {openapi_parts.INFERENCE_HEADER: str(len(header)),
-                       "Content-Type": "application/octet-stream"}
+    request_headers = {
+        openapi_parts.INFERENCE_HEADER: str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
     documented = {p["name"] for p in _operation(document, "POST", template)["parameters"]}
     assert openapi_parts.INFERENCE_HEADER in documented
     payload = header + struct.pack(f"<{len(values)}f", *values)
@@ -532,8 +620,9 @@ async def test_msgpack_inference_is_documented(
 async def test_overload_and_size_errors_match_the_documentation(
     stories_gguf: Path, http: aiohttp.ClientSession, document: dict[str, Any]
 ) -> None:
-    config = make_config(models={"files": [str(stories_gguf)], "queue_size": 0},
-                         http={"max_body_bytes": 1024})
+    config = make_config(
+        models={"files": [str(stories_gguf)], "queue_size": 0}, http={"max_body_bytes": 1024}
+    )
     async with serving(config) as server:
         url = base_url(server) + "/v1/completions"
         too_big = {"model": LLM, "prompt": "x" * 2048}
@@ -557,8 +646,10 @@ async def test_health_while_loading_matches_the_documentation(
     stories_gguf: Path, http: aiohttp.ClientSession, document: dict[str, Any]
 ) -> None:
     config = make_config(models={"files": [str(stories_gguf)]})
-    async with serving(config, wait_loaded=False) as server, \
-            http.get(base_url(server) + "/health") as response:
+    async with (
+        serving(config, wait_loaded=False) as server,
+        http.get(base_url(server) + "/health") as response,
+    ):
         # Whichever comes first; both are documented with the same body.
         assert response.status in (200, 503)
         body = await _check(document, response, "GET", "/health")
@@ -595,8 +686,7 @@ async def test_docs_page_is_self_contained_and_escaped(
 ) -> None:
     # Any Host accepted, so the page's own escaping is what is tested (the default Host
     # check answers such a request with 403: tests/security/test_network.py).
-    config = make_config(models={"dir": str(default_models)},
-                         security={"allowed_hosts": ["*"]})
+    config = make_config(models={"dir": str(default_models)}, security={"allowed_hosts": ["*"]})
     async with serving(config) as server:
         url = base_url(server)
         async with http.get(url + "/docs") as response:
@@ -604,7 +694,7 @@ async def test_docs_page_is_self_contained_and_escaped(
             policy = response.headers["Content-Security-Policy"]
             assert response.headers["X-Content-Type-Options"] == "nosniff"
         # A hostile Host header must not reach the page.
-        async with http.get(url + "/docs", headers={"Host": "x\"><b>evil</b>"}) as response:
+        async with http.get(url + "/docs", headers={"Host": 'x"><b>evil</b>'}) as response:
             hostile = await response.text()
     parser = _Resources()
     parser.feed(page)
@@ -621,20 +711,32 @@ async def test_docs_page_is_self_contained_and_escaped(
 
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     command = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-extensions", f"--user-data-dir={profile}",
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        f"--user-data-dir={profile}",
         # Console messages, Content-Security-Policy violations among them, go to stderr.
-        "--enable-logging=stderr", "--v=0",
+        "--enable-logging=stderr",
+        "--v=0",
         # Nothing but the daemon resolves: a page that needed the internet would show it.
-        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", *args,
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        *args,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(),
-                    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install "
-                    "chromium) to render the docs page")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install "
+    "chromium) to render the docs page",
+)
 async def test_docs_page_renders_in_a_real_browser(
     default_models: Path, tmp_path: Path, document: dict[str, Any]
 ) -> None:
@@ -644,9 +746,14 @@ async def test_docs_page_renders_in_a_real_browser(
         # The browser blocks, so it runs in a thread while the daemon serves on this loop.
         dom, shot = await asyncio.gather(
             asyncio.to_thread(_chromium, "--dump-dom", url, profile=tmp_path / "p1"),
-            asyncio.to_thread(_chromium, f"--screenshot={screenshot}",
-                              "--window-size=1200,2000", "--hide-scrollbars", url,
-                              profile=tmp_path / "p2"),
+            asyncio.to_thread(
+                _chromium,
+                f"--screenshot={screenshot}",
+                "--window-size=1200,2000",
+                "--hide-scrollbars",
+                url,
+                profile=tmp_path / "p2",
+            ),
         )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert shot.returncode == 0, shot.stderr[-2000:]
@@ -679,10 +786,28 @@ async def test_docs_page_renders_in_a_real_browser(
 _AGREEMENT = [
     ("/api/generate", {"model": LLM, "prompt": "Hi", "keep_alive": ""}, False),
     ("/api/generate", {"model": LLM, "prompt": "Hi", "keep_alive": "five"}, False),
-    ("/api/generate", {"model": LLM, "prompt": "Hi", "keep_alive": "5m", "stream": False,
-                       "options": {"num_predict": 1}}, True),
-    ("/api/generate", {"model": LLM, "prompt": "Hi", "keep_alive": 0, "stream": False,
-                       "options": {"num_predict": 1}}, True),
+    (
+        "/api/generate",
+        {
+            "model": LLM,
+            "prompt": "Hi",
+            "keep_alive": "5m",
+            "stream": False,
+            "options": {"num_predict": 1},
+        },
+        True,
+    ),
+    (
+        "/api/generate",
+        {
+            "model": LLM,
+            "prompt": "Hi",
+            "keep_alive": 0,
+            "stream": False,
+            "options": {"num_predict": 1},
+        },
+        True,
+    ),
     ("/api/generate", {"model": "", "prompt": "Hi"}, False),
     ("/api/embed", {"input": "hi"}, False),
     ("/api/embed", {"model": "", "input": "hi"}, False),
@@ -694,26 +819,50 @@ _AGREEMENT = [
     ("/v1/completions", {"model": LLM, "prompt": []}, False),
     ("/v1/completions", {"model": LLM, "prompt": ["a", "b"]}, False),
     ("/v1/completions", {"model": LLM, "prompt": ["a"], "max_tokens": 1}, True),
-    ("/v1/chat/completions", {"model": LLM, "messages": [{"role": "user", "content": "Hi"}],
-                              "response_format": {"type": "json_schema"}}, False),
-    ("/v1/chat/completions", {"model": LLM, "messages": [{"role": "user", "content": "Hi"}],
-                              "max_tokens": 1, "response_format": {
-                                  "type": "json_schema",
-                                  "json_schema": {"name": "n", "schema": {"type": "object"}}}},
-     True),
-    ("/v1/chat/completions", {"model": LLM, "messages": [{"role": "user", "content": "Hi"}],
-                              "max_tokens": 1, "response_format": {"type": "json_object"}},
-     True),
+    (
+        "/v1/chat/completions",
+        {
+            "model": LLM,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "response_format": {"type": "json_schema"},
+        },
+        False,
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": LLM,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 1,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "object"}},
+            },
+        },
+        True,
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": LLM,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 1,
+            "response_format": {"type": "json_object"},
+        },
+        True,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "valid"), _AGREEMENT)
 async def test_the_document_accepts_what_the_server_accepts(
-        llm_server: Server, document: dict[str, Any], path: str, body: dict[str, Any],
-        valid: bool) -> None:
+    llm_server: Server, document: dict[str, Any], path: str, body: dict[str, Any], valid: bool
+) -> None:
     errors = _errors(document, _request_schema(document, "POST", path), body)
-    async with aiohttp.ClientSession() as http, http.post(
-            base_url(llm_server) + path, json=body) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(base_url(llm_server) + path, json=body) as response,
+    ):
         answer = await response.read()
         accepted = response.status < 400
     assert accepted == valid, (response.status, answer)

@@ -30,26 +30,46 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in HA_TOOLS}
 
 # A tool whose schema exercises what the grammar must hold: types, enum, required, bounds,
 # nested objects and arrays.
-SCENE = {"type": "function", "function": {
-    "name": "set_scene", "description": "Set a lighting scene in a room.",
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "room": {"type": "string", "enum": ["kitchen", "bedroom", "office"]},
-            "level": {"type": "integer", "minimum": 10, "maximum": 20},
-            "warmth": {"type": "number", "minimum": 0, "maximum": 1},
-            "on": {"type": "boolean"},
-            "lights": {"type": "array", "items": {
-                "type": "object",
-                "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9},
-                               "color": {"type": "string", "maxLength": 12}},
-                "required": ["id"]}, "maxItems": 3},
+SCENE = {
+    "type": "function",
+    "function": {
+        "name": "set_scene",
+        "description": "Set a lighting scene in a room.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "room": {"type": "string", "enum": ["kitchen", "bedroom", "office"]},
+                "level": {"type": "integer", "minimum": 10, "maximum": 20},
+                "warmth": {"type": "number", "minimum": 0, "maximum": 1},
+                "on": {"type": "boolean"},
+                "lights": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "id": {"type": "integer", "minimum": 1, "maximum": 9},
+                            "color": {"type": "string", "maxLength": 12},
+                        },
+                        "required": ["id"],
+                    },
+                    "maxItems": 3,
+                },
+            },
+            "required": ["room", "level", "on", "lights"],
         },
-        "required": ["room", "level", "on", "lights"],
-    }}}
-STORY_TOOLS = [SCENE, {"type": "function", "function": {
-    "name": "HassTurnOn", "description": "Turns on a device",
-    "parameters": SCHEMAS["HassTurnOn"]}}]
+    },
+}
+STORY_TOOLS = [
+    SCENE,
+    {
+        "type": "function",
+        "function": {
+            "name": "HassTurnOn",
+            "description": "Turns on a device",
+            "parameters": SCHEMAS["HassTurnOn"],
+        },
+    },
+]
 ALL_SCHEMAS = {**SCHEMAS, "set_scene": SCENE["function"]["parameters"]}
 
 
@@ -79,9 +99,9 @@ def valid(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
 def porch_off(name: str, arguments: dict[str, Any]) -> bool:
     """A right answer to "turn off the porch light", as Home Assistant resolves names."""
     by_area = arguments.get("area", "").lower() == "porch" and "light" in arguments.get(
-        "domain", ["light"])
-    return name == "HassTurnOff" and (by_area or arguments.get("name", "").lower() ==
-                                      "porch light")
+        "domain", ["light"]
+    )
+    return name == "HassTurnOff" and (by_area or arguments.get("name", "").lower() == "porch light")
 
 
 # ------------------------------------------------------------------------ OpenAI
@@ -89,8 +109,11 @@ def porch_off(name: str, arguments: dict[str, Any]) -> bool:
 
 def test_openai_home_intent_calls_the_intent_tool(oai: openai.OpenAI) -> None:
     answer = oai.chat.completions.create(
-        model="home-intent", temperature=0, tools=HA_TOOLS,  # type: ignore[arg-type]
-        messages=[{"role": "user", "content": "turn off the porch light"}])
+        model="home-intent",
+        temperature=0,
+        tools=HA_TOOLS,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "turn off the porch light"}],
+    )
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls"
     calls = choice.message.tool_calls
@@ -104,16 +127,21 @@ def test_openai_home_intent_calls_the_intent_tool(oai: openai.OpenAI) -> None:
 
 def test_openai_streams_calls_as_the_spec_does(oai: openai.OpenAI) -> None:
     stream = oai.chat.completions.create(
-        model="home-intent", temperature=0, tools=HA_TOOLS, stream=True,  # type: ignore[arg-type]
-        messages=[{"role": "user", "content": "turn on the kitchen lights and the office lights"}])
+        model="home-intent",
+        temperature=0,
+        tools=HA_TOOLS,
+        stream=True,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "turn on the kitchen lights and the office lights"}],
+    )
     pieces: dict[int, dict[str, Any]] = {}
     finish = None
     for event in stream:
         for choice in event.choices:
             finish = choice.finish_reason or finish
             for delta in choice.delta.tool_calls or []:
-                entry = pieces.setdefault(delta.index, {"id": None, "name": None, "args": [],
-                                                        "first": None})
+                entry = pieces.setdefault(
+                    delta.index, {"id": None, "name": None, "args": [], "first": None}
+                )
                 if entry["first"] is None:  # the first piece of a call names it
                     entry["first"] = (delta.id, delta.function and delta.function.name)
                 if delta.function and delta.function.arguments:
@@ -127,22 +155,31 @@ def test_openai_streams_calls_as_the_spec_does(oai: openai.OpenAI) -> None:
         arguments = valid(name, json.loads("".join(entry["args"])))
         assert arguments.get("domain") == ["light"]
     assert {json.loads("".join(e["args"]))["area"] for e in pieces.values()} == {
-        "kitchen", "office"}
+        "kitchen",
+        "office",
+    }
 
 
 def test_openai_parallel_tool_calls_false_gives_one_call(oai: openai.OpenAI) -> None:
     answer = oai.chat.completions.create(
-        model="home-intent", temperature=0, tools=HA_TOOLS,  # type: ignore[arg-type]
+        model="home-intent",
+        temperature=0,
+        tools=HA_TOOLS,  # type: ignore[arg-type]
         parallel_tool_calls=False,
-        messages=[{"role": "user", "content": "turn on the kitchen lights and the office lights"}])
+        messages=[{"role": "user", "content": "turn on the kitchen lights and the office lights"}],
+    )
     calls = answer.choices[0].message.tool_calls
     assert calls is not None and len(calls) == 1
 
 
 def test_openai_tool_choice_none_answers_in_text(oai: openai.OpenAI) -> None:
     answer = oai.chat.completions.create(
-        model="home-intent", temperature=0, tools=HA_TOOLS,  # type: ignore[arg-type]
-        tool_choice="none", messages=[{"role": "user", "content": "turn on the kitchen lights"}])
+        model="home-intent",
+        temperature=0,
+        tools=HA_TOOLS,  # type: ignore[arg-type]
+        tool_choice="none",
+        messages=[{"role": "user", "content": "turn on the kitchen lights"}],
+    )
     choice = answer.choices[0]
     assert choice.finish_reason == "stop" and not choice.message.tool_calls
     assert json.loads(choice.message.content or "")["intent"] == "turn_on"  # its JSON intent
@@ -150,31 +187,52 @@ def test_openai_tool_choice_none_answers_in_text(oai: openai.OpenAI) -> None:
 
 def test_openai_follow_up_round_with_the_tool_result(oai: openai.OpenAI) -> None:
     first = oai.chat.completions.create(
-        model="home-intent", temperature=0, tools=HA_TOOLS,  # type: ignore[arg-type]
-        messages=[{"role": "user", "content": "turn off the porch light"}])
+        model="home-intent",
+        temperature=0,
+        tools=HA_TOOLS,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "turn off the porch light"}],
+    )
     call = (first.choices[0].message.tool_calls or [])[0]
-    result = {"speech": {}, "response_type": "action_done", "data": {
-        "targets": [], "success": [{"name": "Porch", "type": "area", "id": "porch"}],
-        "failed": []}}
+    result = {
+        "speech": {},
+        "response_type": "action_done",
+        "data": {
+            "targets": [],
+            "success": [{"name": "Porch", "type": "area", "id": "porch"}],
+            "failed": [],
+        },
+    }
     second = oai.chat.completions.create(
-        model="home-intent", temperature=0, tools=HA_TOOLS,  # type: ignore[arg-type]
-        messages=[{"role": "user", "content": "turn off the porch light"},
-                  first.choices[0].message.model_dump(exclude_none=True),  # type: ignore[list-item]
-                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}])
+        model="home-intent",
+        temperature=0,
+        tools=HA_TOOLS,  # type: ignore[arg-type]
+        messages=[
+            {"role": "user", "content": "turn off the porch light"},
+            first.choices[0].message.model_dump(exclude_none=True),  # type: ignore[list-item]
+            {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
+        ],
+    )
     assert second.choices[0].finish_reason == "stop"
     assert second.choices[0].message.content == "Done."
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function",
-                                                 "function": {"name": "set_scene"}}])
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "set_scene"}}]
+)
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_tiny_model_without_tools_still_calls_validly(
-        oai: openai.OpenAI, choice: Any, stream: bool) -> None:
+    oai: openai.OpenAI, choice: Any, stream: bool
+) -> None:
     kwargs: dict[str, Any] = {
-        "model": "stories260K", "temperature": 0, "max_tokens": 1000, "tools": STORY_TOOLS,
+        "model": "stories260K",
+        "temperature": 0,
+        "max_tokens": 1000,
+        "tools": STORY_TOOLS,
         # One call: left to go on, this model calls again and again until max_tokens.
-        "tool_choice": choice, "parallel_tool_calls": False,
-        "messages": [{"role": "user", "content": "Lily went to the"}]}
+        "tool_choice": choice,
+        "parallel_tool_calls": False,
+        "messages": [{"role": "user", "content": "Lily went to the"}],
+    }
     if not stream:
         answer = oai.chat.completions.create(**kwargs)
         assert answer.choices[0].finish_reason == "tool_calls"
@@ -191,7 +249,8 @@ def test_openai_tiny_model_without_tools_still_calls_validly(
                     if d.function and d.function.name:
                         names[d.index] = d.function.name
                     args.setdefault(d.index, []).append(
-                        (d.function.arguments if d.function else None) or "")
+                        (d.function.arguments if d.function else None) or ""
+                    )
         assert finish == "tool_calls"
         made = [(names[i], "".join(args[i])) for i in sorted(args)]
     assert made
@@ -203,43 +262,75 @@ def test_openai_tiny_model_without_tools_still_calls_validly(
 
 def test_openai_tiny_model_with_auto_may_answer_in_text(oai: openai.OpenAI) -> None:
     answer = oai.chat.completions.create(
-        model="stories260K", temperature=0, max_tokens=40, tools=STORY_TOOLS,  # type: ignore[arg-type]
-        messages=[{"role": "user", "content": "Once upon a time"}])
+        model="stories260K",
+        temperature=0,
+        max_tokens=40,
+        tools=STORY_TOOLS,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "Once upon a time"}],
+    )
     choice = answer.choices[0]
     assert choice.message.content and not choice.message.tool_calls
 
 
 BAD = [
     ({"tools": {"type": "function"}}, "tools"),
-    ({"tools": [{"type": "function", "function": {"parameters": {}}}]},
-     "tools[0].function.name"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
-     "tools[0].function.parameters"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}]},
-     "tools[0].function.parameters"),
-    ({"tools": [SCENE], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-     "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0].function.name"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
+        "tools[0].function.parameters",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}]},
+        "tools[0].function.parameters",
+    ),
+    (
+        {"tools": [SCENE], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+    ),
     ({"tools": [SCENE], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tools": [SCENE], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
-    ({"tools": [SCENE], "messages": [
-        {"role": "user", "content": "hi"},
-        {"role": "tool", "tool_call_id": "call_nothing", "content": "{}"}]},
-     "messages[1].tool_call_id"),
-    ({"tools": [SCENE], "messages": [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "set_scene",
-                                                          "arguments": "{not json"}}]}]},
-     "messages[1].tool_calls[0].function.arguments"),
+    (
+        {
+            "tools": [SCENE],
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "tool", "tool_call_id": "call_nothing", "content": "{}"},
+            ],
+        },
+        "messages[1].tool_call_id",
+    ),
+    (
+        {
+            "tools": [SCENE],
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "set_scene", "arguments": "{not json"},
+                        }
+                    ],
+                },
+            ],
+        },
+        "messages[1].tool_calls[0].function.arguments",
+    ),
     ({"tools": [SCENE], "response_format": {"type": "json_object"}}, "response_format"),
 ]
 
 
 @pytest.mark.parametrize(("change", "field"), BAD)
 def test_openai_bad_tool_input_is_a_400_naming_the_field(
-        oai: openai.OpenAI, change: dict[str, Any], field: str) -> None:
-    body: dict[str, Any] = {"model": "home-intent",
-                            "messages": [{"role": "user", "content": "turn on the lights"}]}
+    oai: openai.OpenAI, change: dict[str, Any], field: str
+) -> None:
+    body: dict[str, Any] = {
+        "model": "home-intent",
+        "messages": [{"role": "user", "content": "turn on the lights"}],
+    }
     body.update(change)
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(**body)
@@ -252,8 +343,12 @@ def test_openai_bad_tool_input_is_a_400_naming_the_field(
 
 
 def test_ollama_client_gets_calls_with_object_arguments(oll: ollama.Client) -> None:
-    answer = oll.chat(model="home-intent", tools=HA_TOOLS, options={"temperature": 0},
-                      messages=[{"role": "user", "content": "turn off the porch light"}])
+    answer = oll.chat(
+        model="home-intent",
+        tools=HA_TOOLS,
+        options={"temperature": 0},
+        messages=[{"role": "user", "content": "turn off the porch light"}],
+    )
     calls = answer.message.tool_calls
     assert calls and len(calls) == 1
     arguments = dict(calls[0].function.arguments)
@@ -262,12 +357,18 @@ def test_ollama_client_gets_calls_with_object_arguments(oll: ollama.Client) -> N
 
 
 def test_ollama_streams_calls_and_tiny_model_is_valid(oll: ollama.Client) -> None:
-    for model, tools, prompt in (("home-intent", HA_TOOLS, "dim the kitchen lights to 40%"),
-                                 ("stories260K", STORY_TOOLS, "Lily")):
+    for model, tools, prompt in (
+        ("home-intent", HA_TOOLS, "dim the kitchen lights to 40%"),
+        ("stories260K", STORY_TOOLS, "Lily"),
+    ):
         calls = []
-        for part in oll.chat(model=model, tools=tools, stream=True,
-                             options={"temperature": 0, "num_predict": 600},
-                             messages=[{"role": "user", "content": prompt}]):
+        for part in oll.chat(
+            model=model,
+            tools=tools,
+            stream=True,
+            options={"temperature": 0, "num_predict": 600},
+            messages=[{"role": "user", "content": prompt}],
+        ):
             calls += part.message.tool_calls or []
         if model == "home-intent":
             assert len(calls) == 1 and calls[0].function.name == "HassLightSet"
@@ -289,13 +390,22 @@ def test_home_assistant_request_and_its_follow_up(oll: ollama.Client) -> None:
     arguments = valid(call.function.name, dict(call.function.arguments))
     assert porch_off(call.function.name, arguments)
     # Home Assistant runs the intent and sends the result back (entity.py _convert_content).
-    result = {"speech": {}, "response_type": "action_done", "data": {
-        "targets": [], "success": [{"name": "Porch", "type": "area", "id": "porch"}],
-        "failed": []}}
+    result = {
+        "speech": {},
+        "response_type": "action_done",
+        "data": {
+            "targets": [],
+            "success": [{"name": "Porch", "type": "area", "id": "porch"}],
+            "failed": [],
+        },
+    }
     request["messages"] = [
         *HA_REQUEST["messages"],
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"function": {"name": call.function.name, "arguments": arguments}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": call.function.name, "arguments": arguments}}],
+        },
         {"role": "tool", "content": json.dumps({"data": result, "error": None})},
     ]
     reply = "".join(part.message.content or "" for part in oll.chat(**request))
@@ -304,8 +414,11 @@ def test_home_assistant_request_and_its_follow_up(oll: ollama.Client) -> None:
 
 def test_ollama_images_for_a_text_model_are_a_400(oll: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
-        oll.chat(model="home-intent", tools=HA_TOOLS, messages=[
-            {"role": "user", "content": "what is this", "images": ["aGVsbG8="]}])
+        oll.chat(
+            model="home-intent",
+            tools=HA_TOOLS,
+            messages=[{"role": "user", "content": "what is this", "images": ["aGVsbG8="]}],
+        )
     assert caught.value.status_code == 400 and "images" in caught.value.error
 
 
@@ -313,8 +426,14 @@ def test_ollama_bad_tools_are_a_400(oll: ollama.Client, served: DaemonProcess) -
     import urllib.error
     import urllib.request
 
-    body = json.dumps({"model": "home-intent", "stream": False, "tools": [{"function": {}}],
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    body = json.dumps(
+        {
+            "model": "home-intent",
+            "stream": False,
+            "tools": [{"function": {}}],
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    ).encode()
     req = urllib.request.Request(served.url + "/api/chat", data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(req, timeout=30)

@@ -48,9 +48,7 @@ def load_build_script() -> ModuleType:
 
 def sensor_windows(count: int, seed: int = 77) -> np.ndarray[Any, np.dtype[np.float32]]:
     """``count`` realistic windows [count, 32, 3], normal and anomalous mixed."""
-    data = load_build_script().generate_dataset(
-        seed, n_devices=2, days=0.5, anomaly_fraction=0.3
-    )
+    data = load_build_script().generate_dataset(seed, n_devices=2, days=0.5, anomaly_fraction=0.3)
     windows = np.ascontiguousarray(data.windows[:count], dtype=np.float32)
     assert windows.shape == (count, 32, 3)
     return windows
@@ -113,7 +111,8 @@ def test_a_failed_model_is_not_ready(tmp_path: Path) -> None:
     shutil.copytree(MODEL_FILE.parent, repo / MODEL)
     (repo / "broken").mkdir()
     (repo / "broken" / "manifest.toml").write_text(
-        'name = "broken"\nruntime = "onnx"\nfile = "missing.onnx"\n', encoding="utf-8")
+        'name = "broken"\nruntime = "onnx"\nfile = "missing.onnx"\n', encoding="utf-8"
+    )
     with daemon("--models-dir", str(repo), ready=False) as proc:
         c = triton.InferenceServerClient(url=proc.url.removeprefix("http://"))
         try:
@@ -267,9 +266,7 @@ def test_request_id_is_echoed(client: triton.InferenceServerClient) -> None:
 def test_concurrent_async_infer(served: DaemonProcess, session: ort.InferenceSession) -> None:
     """Several requests in flight at once each get their own answer."""
     batches = [sensor_windows(3, seed=200 + i) for i in range(6)]
-    with triton.InferenceServerClient(
-        url=served.url.removeprefix("http://"), concurrency=4
-    ) as c:
+    with triton.InferenceServerClient(url=served.url.removeprefix("http://"), concurrency=4) as c:
         pending = [c.async_infer(MODEL, [window_input(w)]) for w in batches]
         results = [p.get_result() for p in pending]
     for windows, result in zip(batches, results, strict=True):
@@ -297,8 +294,11 @@ def test_unknown_model_is_not_found(client: triton.InferenceServerClient) -> Non
         assert message.endswith("not found")
 
 
-def bad_request(client: triton.InferenceServerClient, tensor: triton.InferInput,
-                outputs: list[triton.InferRequestedOutput] | None = None) -> str:
+def bad_request(
+    client: triton.InferenceServerClient,
+    tensor: triton.InferInput,
+    outputs: list[triton.InferRequestedOutput] | None = None,
+) -> str:
     with pytest.raises(InferenceServerException) as err:
         client.infer(MODEL, [tensor], outputs=outputs)
     assert err.value.status() == "400"
@@ -365,4 +365,3 @@ def test_daemon_still_serves_after_errors(
         result.as_numpy("is_anomaly"), expected(session, windows)["is_anomaly"]
     )
     assert client.is_server_ready()
-

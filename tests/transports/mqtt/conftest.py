@@ -61,16 +61,45 @@ def make_certificates(directory: Path) -> TlsFiles:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=Appliance test CA")
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Appliance test CA",
+    )
     (directory / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", *ext)
-    return TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key",
-                    directory / "client.crt", directory / "client.key")
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *ext,
+        )
+    return TlsFiles(
+        directory / "ca.crt",
+        directory / "server.crt",
+        directory / "server.key",
+        directory / "client.crt",
+        directory / "client.key",
+    )
 
 
 class Broker:
@@ -78,9 +107,15 @@ class Broker:
 
     host = "127.0.0.1"
 
-    def __init__(self, directory: Path, *, users: dict[str, str] | None = None,
-                 tls: TlsFiles | None = None, client_certificates: bool = False,
-                 persistence: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        users: dict[str, str] | None = None,
+        tls: TlsFiles | None = None,
+        client_certificates: bool = False,
+        persistence: bool = True,
+    ) -> None:
         if shutil.which("mosquitto") is None or shutil.which("mosquitto_rr") is None:
             pytest.skip("mosquitto and mosquitto-clients are not installed (scripts/setup test)")
         self.directory = directory
@@ -106,7 +141,10 @@ class Broker:
             "autosave_on_changes true",
             "max_queued_messages 10000",
             f"log_dest file {self.log}",
-            "log_type error", "log_type warning", "log_type notice", "log_type information",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
         ]
         if os.geteuid() == 0:
             lines.insert(0, "user root")  # else mosquitto drops to a user that cannot write here
@@ -114,18 +152,26 @@ class Broker:
             password_file = self.directory / "passwords"
             password_file.touch()
             for user, password in self.users.items():
-                subprocess.run(["mosquitto_passwd", "-b", str(password_file), user, password],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(password_file), user, password],
+                    check=True,
+                    capture_output=True,
+                )
             lines.append(f"password_file {password_file}")
         if self.tls:
-            lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}",
-                      f"keyfile {self.tls.key}", "tls_version tlsv1.2",
-                      f"require_certificate {'true' if self.client_certificates else 'false'}"]
+            lines += [
+                f"cafile {self.tls.ca}",
+                f"certfile {self.tls.cert}",
+                f"keyfile {self.tls.key}",
+                "tls_version tlsv1.2",
+                f"require_certificate {'true' if self.client_certificates else 'false'}",
+            ]
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -191,17 +237,28 @@ def device_id() -> str:
 def mqtt_sections(broker: Broker, device: str, **mqtt: Any) -> dict[str, dict[str, Any]]:
     """Config sections for a daemon that talks to ``broker`` and retries quickly."""
     values: dict[str, Any] = {
-        "enabled": True, "host": broker.host, "port": broker.port, "reconnect_min": 0.05,
-        "reconnect_max": 0.3, "stats_interval": 0, "timeout": 5,
+        "enabled": True,
+        "host": broker.host,
+        "port": broker.port,
+        "reconnect_min": 0.05,
+        "reconnect_max": 0.3,
+        "stats_interval": 0,
+        "timeout": 5,
     }
     values.update(mqtt)
     return {"device": {"id": device, "name": "Test box"}, "mqtt": values}
 
 
 @asynccontextmanager
-async def appliance(broker: Broker, *, device: str | None = None, connected: bool = True,
-                    models: dict[str, Any] | None = None, mqtt: dict[str, Any] | None = None,
-                    **sections: Any) -> AsyncIterator[Server]:
+async def appliance(
+    broker: Broker,
+    *,
+    device: str | None = None,
+    connected: bool = True,
+    models: dict[str, Any] | None = None,
+    mqtt: dict[str, Any] | None = None,
+    **sections: Any,
+) -> AsyncIterator[Server]:
     """An in-process daemon using ``broker``; waits until it is subscribed and announced."""
     merged = mqtt_sections(broker, device or device_id(), **(mqtt or {}))
     if models:
@@ -218,8 +275,9 @@ def mqtt_state(server: Server) -> str:
     return str(server.core.unit_status()["mqtt"]["state"])
 
 
-async def until(predicate: Callable[[], bool], timeout: float = WAIT,
-                what: str | Callable[[], str] = "") -> None:
+async def until(
+    predicate: Callable[[], bool], timeout: float = WAIT, what: str | Callable[[], str] = ""
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -242,9 +300,16 @@ class Received:
 class PahoClient:
     """A paho-mqtt client (MQTT 5 or 3.1.1) on its own network thread, collecting messages."""
 
-    def __init__(self, broker: Broker, *, v5: bool = True, client_id: str = "",
-                 clean: bool = True, username: str | None = None,
-                 password: str | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        v5: bool = True,
+        client_id: str = "",
+        clean: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.v5 = v5
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -265,24 +330,35 @@ class PahoClient:
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 0 if clean else 3600
-        self.client.connect(broker.host, broker.port, keepalive=30,
-                            clean_start=clean if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                            properties=properties)
+        self.client.connect(
+            broker.host,
+            broker.port,
+            keepalive=30,
+            clean_start=clean if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
         self.client.loop_start()
         if not self._connected.wait(WAIT):
             self.close()
             raise AssertionError("test client could not connect")
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         for topic in self._subscriptions:  # after a broker restart without our session
             client.subscribe(topic, qos=1)
         self._connected.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain),
-                                          getattr(msg, "properties", None)))
+            self.messages.append(
+                Received(
+                    msg.topic,
+                    bytes(msg.payload),
+                    bool(msg.retain),
+                    getattr(msg, "properties", None),
+                )
+            )
 
     def subscribe(self, topic: str) -> None:
         done = threading.Event()
@@ -291,9 +367,17 @@ class PahoClient:
         self.client.subscribe(topic, qos=1)
         assert done.wait(WAIT), "no SUBACK"
 
-    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False,
-                response_topic: str | None = None, correlation: bytes | None = None,
-                content_type: str | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        content_type: str | None = None,
+    ) -> None:
         properties = None
         if self.v5 and (response_topic or correlation or content_type):
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -313,8 +397,11 @@ class PahoClient:
 
     async def wait(self, topic: str, count: int = 1, timeout: float = WAIT) -> list[Received]:
         """The first ``count`` messages on ``topic`` (a filter), once that many arrived."""
-        await until(lambda: len(self.on(topic)) >= count, timeout,
-                    lambda: f"{count} message(s) on {topic}; got {len(self.on(topic))}")
+        await until(
+            lambda: len(self.on(topic)) >= count,
+            timeout,
+            lambda: f"{count} message(s) on {topic}; got {len(self.on(topic))}",
+        )
         return self.on(topic)[:count]
 
     def close(self) -> None:
@@ -339,13 +426,16 @@ def paho_clients() -> Iterator[Callable[..., PahoClient]]:
             client.close()
 
 
-async def run_tool(*command: str, stdin: bytes | None = None,
-                   timeout: float = WAIT) -> tuple[int, str, str]:
+async def run_tool(
+    *command: str, stdin: bytes | None = None, timeout: float = WAIT
+) -> tuple[int, str, str]:
     """Run a mosquitto client tool; (exit status, stdout, stderr)."""
     pipe = asyncio.subprocess.PIPE
     proc = await asyncio.create_subprocess_exec(
-        *command, stdin=pipe if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=pipe, stderr=pipe,
+        *command,
+        stdin=pipe if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=pipe,
+        stderr=pipe,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
@@ -360,17 +450,38 @@ async def run_tool(*command: str, stdin: bytes | None = None,
 # A normal 32-minute window from the model's own simulator (score about 0.31; machine off):
 # temperature °C, relative humidity %RH, vibration g.
 NORMAL_WINDOW = [
-    [24.749, 68.165, 0.02], [24.774, 67.321, 0.021], [24.644, 67.85, 0.02],
-    [24.656, 67.886, 0.02], [24.702, 67.593, 0.019], [24.655, 67.532, 0.02],
-    [24.756, 67.278, 0.021], [24.658, 67.203, 0.021], [24.743, 66.687, 0.021],
-    [24.823, 67.507, 0.021], [24.723, 67.353, 0.02], [24.764, 67.374, 0.02],
-    [24.742, 67.093, 0.02], [24.722, 67.121, 0.021], [24.694, 67.535, 0.021],
-    [24.696, 67.594, 0.021], [24.671, 67.767, 0.02], [24.639, 67.632, 0.02],
-    [24.64, 68.214, 0.02], [24.694, 67.478, 0.02], [24.6, 67.395, 0.021],
-    [24.64, 67.79, 0.019], [24.552, 68.505, 0.02], [24.547, 68.497, 0.022],
-    [24.657, 67.633, 0.02], [24.59, 68.345, 0.02], [24.516, 68.393, 0.02],
-    [24.454, 68.02, 0.021], [24.404, 68.229, 0.02], [24.32, 68.048, 0.021],
-    [24.354, 68.108, 0.02], [24.253, 68.22, 0.02],
+    [24.749, 68.165, 0.02],
+    [24.774, 67.321, 0.021],
+    [24.644, 67.85, 0.02],
+    [24.656, 67.886, 0.02],
+    [24.702, 67.593, 0.019],
+    [24.655, 67.532, 0.02],
+    [24.756, 67.278, 0.021],
+    [24.658, 67.203, 0.021],
+    [24.743, 66.687, 0.021],
+    [24.823, 67.507, 0.021],
+    [24.723, 67.353, 0.02],
+    [24.764, 67.374, 0.02],
+    [24.742, 67.093, 0.02],
+    [24.722, 67.121, 0.021],
+    [24.694, 67.535, 0.021],
+    [24.696, 67.594, 0.021],
+    [24.671, 67.767, 0.02],
+    [24.639, 67.632, 0.02],
+    [24.64, 68.214, 0.02],
+    [24.694, 67.478, 0.02],
+    [24.6, 67.395, 0.021],
+    [24.64, 67.79, 0.019],
+    [24.552, 68.505, 0.02],
+    [24.547, 68.497, 0.022],
+    [24.657, 67.633, 0.02],
+    [24.59, 68.345, 0.02],
+    [24.516, 68.393, 0.02],
+    [24.454, 68.02, 0.021],
+    [24.404, 68.229, 0.02],
+    [24.32, 68.048, 0.021],
+    [24.354, 68.108, 0.02],
+    [24.253, 68.22, 0.02],
 ]
 
 

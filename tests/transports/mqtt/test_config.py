@@ -83,24 +83,33 @@ def test_stream_rules_from_toml(tmp_path: Path) -> None:
     )
     mqtt = config_mod.load(path=path, env={}).mqtt
     assert mqtt.protocol == "5"
-    assert mqtt.rules == [StreamRule(
-        name="env", topic="sensors/+/telemetry",
-        fields=["temperature", "humidity", "vibration"], hop=8, output="results/{1}/{rule}")]
+    assert mqtt.rules == [
+        StreamRule(
+            name="env",
+            topic="sensors/+/telemetry",
+            fields=["temperature", "humidity", "vibration"],
+            hop=8,
+            output="results/{1}/{rule}",
+        )
+    ]
     rule = mqtt.rules[0]
     assert (rule.model, rule.window) == ("sensor-anomaly", 32)
 
 
-@pytest.mark.parametrize(("rule", "key", "message"), [
-    ({"topic": "sensors/#/x"}, "mqtt.rules.0.topic", "'#' may only be a whole level"),
-    ({"topic": "sensors/a+"}, "mqtt.rules.0.topic", "'+' may only be a whole level"),
-    ({"topic": "$SYS/#"}, "mqtt.rules.0.topic", "belong to the broker"),
-    ({"output": "out/{nope}"}, "mqtt.rules.0.output", "unknown placeholder {nope}"),
-    ({"output": "out/{0!r}"}, "mqtt.rules.0.output", "format or conversion"),
-    ({"anomaly_output": "out/#"}, "mqtt.rules.0.anomaly_output", "may not hold '#'"),
-    ({"fields": ["a..b"]}, "mqtt.rules.0.fields", "dotted path"),
-    ({"window": 0}, "mqtt.rules.0.window", "greater than or equal to 1"),
-    ({"colour": "red"}, "mqtt.rules.0.colour", "unknown key"),
-])
+@pytest.mark.parametrize(
+    ("rule", "key", "message"),
+    [
+        ({"topic": "sensors/#/x"}, "mqtt.rules.0.topic", "'#' may only be a whole level"),
+        ({"topic": "sensors/a+"}, "mqtt.rules.0.topic", "'+' may only be a whole level"),
+        ({"topic": "$SYS/#"}, "mqtt.rules.0.topic", "belong to the broker"),
+        ({"output": "out/{nope}"}, "mqtt.rules.0.output", "unknown placeholder {nope}"),
+        ({"output": "out/{0!r}"}, "mqtt.rules.0.output", "format or conversion"),
+        ({"anomaly_output": "out/#"}, "mqtt.rules.0.anomaly_output", "may not hold '#'"),
+        ({"fields": ["a..b"]}, "mqtt.rules.0.fields", "dotted path"),
+        ({"window": 0}, "mqtt.rules.0.window", "greater than or equal to 1"),
+        ({"colour": "red"}, "mqtt.rules.0.colour", "unknown key"),
+    ],
+)
 def test_bad_stream_rules_name_the_key(rule: dict[str, Any], key: str, message: str) -> None:
     base = {"name": "r", "topic": "sensors/+/t"}
     with pytest.raises(ConfigError) as info:
@@ -109,18 +118,23 @@ def test_bad_stream_rules_name_the_key(rule: dict[str, Any], key: str, message: 
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"APPLIANCE_MQTT__PORT": "0"}, "mqtt.port = '0' (from environment variable"),
-    ({"APPLIANCE_MQTT__PROTOCOL": "4"}, "'5' | '3.1.1'"),
-    ({"APPLIANCE_MQTT__BASE_TOPIC": "a/+/b"}, "mqtt.base_topic"),
-    ({"APPLIANCE_MQTT__BASE_TOPIC": "a/"}, "may not start or end with '/'"),
-    ({"APPLIANCE_MQTT__SHARED_GROUP": "a/b"}, "mqtt.shared_group"),
-    ({"APPLIANCE_MQTT__RECONNECT_MIN": "10", "APPLIANCE_MQTT__RECONNECT_MAX": "5"},
-     "must not be less than reconnect_min"),
-    ({"APPLIANCE_MQTT__TLS_KEY_FILE": "/k.pem"}, "tls_key_file needs tls_cert_file"),
-    ({"APPLIANCE_MQTT__COLOUR": "red"}, "unknown key 'colour' in [mqtt]"),
-    ({"APPLIANCE_MQTT__RULES": "a"}, "mqtt.rules.0"),
-])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"APPLIANCE_MQTT__PORT": "0"}, "mqtt.port = '0' (from environment variable"),
+        ({"APPLIANCE_MQTT__PROTOCOL": "4"}, "'5' | '3.1.1'"),
+        ({"APPLIANCE_MQTT__BASE_TOPIC": "a/+/b"}, "mqtt.base_topic"),
+        ({"APPLIANCE_MQTT__BASE_TOPIC": "a/"}, "may not start or end with '/'"),
+        ({"APPLIANCE_MQTT__SHARED_GROUP": "a/b"}, "mqtt.shared_group"),
+        (
+            {"APPLIANCE_MQTT__RECONNECT_MIN": "10", "APPLIANCE_MQTT__RECONNECT_MAX": "5"},
+            "must not be less than reconnect_min",
+        ),
+        ({"APPLIANCE_MQTT__TLS_KEY_FILE": "/k.pem"}, "tls_key_file needs tls_cert_file"),
+        ({"APPLIANCE_MQTT__COLOUR": "red"}, "unknown key 'colour' in [mqtt]"),
+        ({"APPLIANCE_MQTT__RULES": "a"}, "mqtt.rules.0"),
+    ],
+)
 def test_bad_values_name_key_value_and_source(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         config_mod.load(env=env)

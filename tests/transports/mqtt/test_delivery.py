@@ -17,9 +17,12 @@ Clients = Callable[..., PahoClient]
 
 def daemon_env(broker: Broker, device: str, state: Path) -> dict[str, str]:
     return {
-        "APPLIANCE_MQTT__ENABLED": "true", "APPLIANCE_MQTT__HOST": broker.host,
-        "APPLIANCE_MQTT__PORT": str(broker.port), "APPLIANCE_DEVICE__ID": device,
-        "APPLIANCE_MQTT__RECONNECT_MIN": "0.05", "APPLIANCE_MQTT__RECONNECT_MAX": "0.3",
+        "APPLIANCE_MQTT__ENABLED": "true",
+        "APPLIANCE_MQTT__HOST": broker.host,
+        "APPLIANCE_MQTT__PORT": str(broker.port),
+        "APPLIANCE_DEVICE__ID": device,
+        "APPLIANCE_MQTT__RECONNECT_MIN": "0.05",
+        "APPLIANCE_MQTT__RECONNECT_MAX": "0.3",
         "STATE_DIRECTORY": str(state),
     }
 
@@ -36,11 +39,19 @@ async def test_a_request_running_when_the_daemon_is_killed_is_answered_after_res
     requester.subscribe("appliance/kill-box/availability")
     env = daemon_env(broker, "kill-box", tmp_path / "state")
     with daemon("--model", str(stories_gguf), env=env) as first:
-        await until(lambda: any(m.payload == b"online" for m in
-                                requester.on("appliance/kill-box/availability")))
-        requester.publish("appliance/kill-box/infer/stories260K", json.dumps(
-            {"prompt": "Once upon a time", "stream": True, "max_tokens": 400, "seed": 1}),
-            response_topic="replies/kill", correlation=b"k1")
+        await until(
+            lambda: any(
+                m.payload == b"online" for m in requester.on("appliance/kill-box/availability")
+            )
+        )
+        requester.publish(
+            "appliance/kill-box/infer/stories260K",
+            json.dumps(
+                {"prompt": "Once upon a time", "stream": True, "max_tokens": 400, "seed": 1}
+            ),
+            response_topic="replies/kill",
+            correlation=b"k1",
+        )
         await requester.wait("replies/kill")  # under way ...
         first.stop(signal.SIGKILL)  # ... and killed: no final message from this one
     assert not finals(requester.on("replies/kill"))

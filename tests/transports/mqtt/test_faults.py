@@ -52,8 +52,7 @@ def verdict(messages: list[dict[str, Any]]) -> str:
     assert final["data"]["usage"]["completion_tokens"] == TOKENS
     if sorted(chunks) != list(range(final["seq"] + 1)):
         return "gap"
-    assert "".join(chunks[s]["data"]["text"] for s in range(final["seq"])) == \
-        final["data"]["text"]
+    assert "".join(chunks[s]["data"]["text"] for s in range(final["seq"])) == final["data"]["text"]
     return "whole"
 
 
@@ -69,9 +68,19 @@ async def test_twenty_broker_kills_during_twenty_streams(
         models = {"files": [str(stories_gguf)], "queue_size": STREAMS, "parallel": 4}
         async with appliance(broker, device="fault-box", models=models) as server:
             for n in range(STREAMS):
-                client.publish("appliance/fault-box/infer/stories260K", json.dumps(
-                    {"prompt": "Once upon a time", "stream": True, "max_tokens": TOKENS,
-                     "seed": n}), response_topic=f"replies/fault/{n}", correlation=b"%d" % n)
+                client.publish(
+                    "appliance/fault-box/infer/stories260K",
+                    json.dumps(
+                        {
+                            "prompt": "Once upon a time",
+                            "stream": True,
+                            "max_tokens": TOKENS,
+                            "seed": n,
+                        }
+                    ),
+                    response_topic=f"replies/fault/{n}",
+                    correlation=b"%d" % n,
+                )
             for _ in range(KILLS):
                 await asyncio.sleep(0.3)
                 broker.stop(signal.SIGKILL)
@@ -81,27 +90,41 @@ async def test_twenty_broker_kills_during_twenty_streams(
                 # Every generation ran to its end and the outbox is empty.
                 assert server.core is not None
                 samples = server.core.metrics.registry.get_sample_value
-                done = sum(samples("appliance_requests_total", {
-                    "transport": "mqtt", "route": "generate", "model": "stories260K",
-                    "status": status}) or 0 for status in ("ok", "unavailable"))
+                done = sum(
+                    samples(
+                        "appliance_requests_total",
+                        {
+                            "transport": "mqtt",
+                            "route": "generate",
+                            "model": "stories260K",
+                            "status": status,
+                        },
+                    )
+                    or 0
+                    for status in ("ok", "unavailable")
+                )
                 return done >= STREAMS and server.core.unit_status()["mqtt"]["outbox"] == 0
 
             await until(settled, timeout=120, what="all streams generated and published")
             await asyncio.sleep(2)  # the client's last reconnect, and what the broker holds
             assert server.core is not None
             sample = server.core.metrics.registry.get_sample_value
-            runs = sample("appliance_requests_total", {
-                "transport": "mqtt", "route": "generate", "model": "stories260K",
-                "status": "ok"})
+            runs = sample(
+                "appliance_requests_total",
+                {"transport": "mqtt", "route": "generate", "model": "stories260K", "status": "ok"},
+            )
             dropped = sample("appliance_mqtt_messages_dropped_total", {"kind": "chunk"})
     finally:
         broker.stop()
     assert runs == STREAMS  # no request ran twice
     assert not dropped
-    verdicts = [verdict([m.json() for m in client.on(f"replies/fault/{n}")])
-                for n in range(STREAMS)]
-    print(f"persistence={persistence}: " + ", ".join(
-        f"{v} {verdicts.count(v)}" for v in ("whole", "gap", "no final")))
+    verdicts = [
+        verdict([m.json() for m in client.on(f"replies/fault/{n}")]) for n in range(STREAMS)
+    ]
+    print(
+        f"persistence={persistence}: "
+        + ", ".join(f"{v} {verdicts.count(v)}" for v in ("whole", "gap", "no final"))
+    )
     if persistence:
         # Mosquitto saves after every change; it loses at most what it acknowledged in the
         # instant before a kill. Most streams arrive whole.

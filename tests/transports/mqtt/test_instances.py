@@ -24,9 +24,13 @@ TWIN = "is online as this device"
 
 def mqtt_env(broker: Broker, state: Path, **extra: str) -> dict[str, str]:
     return {
-        "APPLIANCE_MQTT__ENABLED": "true", "APPLIANCE_MQTT__HOST": broker.host,
-        "APPLIANCE_MQTT__PORT": str(broker.port), "APPLIANCE_MQTT__RECONNECT_MIN": "0.05",
-        "APPLIANCE_MQTT__RECONNECT_MAX": "3", "STATE_DIRECTORY": str(state), **extra,
+        "APPLIANCE_MQTT__ENABLED": "true",
+        "APPLIANCE_MQTT__HOST": broker.host,
+        "APPLIANCE_MQTT__PORT": str(broker.port),
+        "APPLIANCE_MQTT__RECONNECT_MIN": "0.05",
+        "APPLIANCE_MQTT__RECONNECT_MAX": "3",
+        "STATE_DIRECTORY": str(state),
+        **extra,
     }
 
 
@@ -63,8 +67,7 @@ async def test_two_daemons_with_one_device_id_keep_their_sessions_and_say_so_onc
     with daemon(env=mqtt_env(broker, tmp_path / "a", **same), ready=False) as first:
         await until(lambda: any("MQTT connected" in line for line in first.log))
         with daemon(env=mqtt_env(broker, tmp_path / "b", **same), ready=False) as second:
-            await until(lambda: all(any(TWIN in line for line in d.log)
-                                    for d in (first, second)))
+            await until(lambda: all(any(TWIN in line for line in d.log) for d in (first, second)))
             await asyncio.sleep(8)  # long enough for a tug of war (it was about once a second)
             second_log = list(second.log)
         first_log = list(first.log)
@@ -75,21 +78,27 @@ async def test_two_daemons_with_one_device_id_keep_their_sessions_and_say_so_onc
         assert "twin-box" in told[0] and "device.id" in told[0], told
         connected = [line for line in log if "MQTT connected" in line]
         assert len(connected) == 1, connected  # nobody knocked off
-    ids = {re.search(r"as (\S+) \(MQTT", line).group(1)  # type: ignore[union-attr]
-           for line in first_log + second_log if "MQTT connected" in line}
+    ids = {
+        re.search(r"as (\S+) \(MQTT", line).group(1)  # type: ignore[union-attr]
+        for line in first_log + second_log
+        if "MQTT connected" in line
+    }
     assert len(ids) == 2, ids
 
 
-async def test_a_clean_stop_logs_no_error(broker: Broker, tmp_path: Path,
-                                          paho_clients: Clients) -> None:
+async def test_a_clean_stop_logs_no_error(
+    broker: Broker, tmp_path: Path, paho_clients: Clients
+) -> None:
     watcher = paho_clients(broker)
     watcher.subscribe("appliance/stop-box/availability")
     env = mqtt_env(broker, tmp_path / "state", APPLIANCE_DEVICE__ID="stop-box")
     with daemon(env=env) as proc:
-        await until(lambda: any(m.payload == b"online"
-                                for m in watcher.on("appliance/stop-box/availability")))
+        await until(
+            lambda: any(
+                m.payload == b"online" for m in watcher.on("appliance/stop-box/availability")
+            )
+        )
         assert proc.stop(signal.SIGTERM) == 0
-    await until(lambda: watcher.on("appliance/stop-box/availability")[-1].payload
-                == b"offline")
+    await until(lambda: watcher.on("appliance/stop-box/availability")[-1].payload == b"offline")
     assert not errors(proc.log), "\n".join(proc.log)
     assert any("MQTT" in line for line in proc.log)

@@ -49,8 +49,12 @@ async def test_outbox_is_bounded_drops_the_oldest_and_counts() -> None:
     for n in range(5):
         outbox.put(message(n))
     assert len(outbox) == 3
-    assert metrics.registry.get_sample_value(
-        "appliance_mqtt_messages_dropped_total", {"kind": "reply"}) == 2
+    assert (
+        metrics.registry.get_sample_value(
+            "appliance_mqtt_messages_dropped_total", {"kind": "reply"}
+        )
+        == 2
+    )
     first = await outbox.next()
     assert first.topic == "t/2"
     outbox.done(first)
@@ -99,10 +103,18 @@ async def test_outbox_tells_who_queued_a_message_whether_it_went_out() -> None:
     refused = await outbox.next()
     outbox.put(message(4), on_drop=lambda: dropped.append("4"))
     outbox.done(refused, delivered=False)
-    assert metrics.registry.get_sample_value(
-        "appliance_mqtt_messages_dropped_total", {"kind": "reply"}) == 2
-    assert metrics.registry.get_sample_value(
-        "appliance_mqtt_messages_published_total", {"kind": "reply"}) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "appliance_mqtt_messages_dropped_total", {"kind": "reply"}
+        )
+        == 2
+    )
+    assert (
+        metrics.registry.get_sample_value(
+            "appliance_mqtt_messages_published_total", {"kind": "reply"}
+        )
+        == 1
+    )
 
 
 def test_reply_cache_acknowledges_copies_with_the_original() -> None:
@@ -164,8 +176,10 @@ def test_readings_are_numbers_or_named_json_fields() -> None:
 
 def test_output_topic_templates() -> None:
     names = {"base": "appliance/box", "rule": "env", "device_id": "box", "model": "m"}
-    assert render("{base}/rules/{rule}/{source}", "sensors/a/t", **names) == \
-        "appliance/box/rules/env/sensors/a/t"
+    assert (
+        render("{base}/rules/{rule}/{source}", "sensors/a/t", **names)
+        == "appliance/box/rules/env/sensors/a/t"
+    )
     assert render("out/{1}/{model}", "sensors/a/t", **names) == "out/a/m"
     with pytest.raises(IndexError):
         render("out/{7}", "sensors/a/t", **names)
@@ -177,7 +191,8 @@ def test_topic_layout_and_request_topics() -> None:
     assert topics.shared_requests == "$share/workers/fleet/infer/#"
     assert topics.parse_request("appliance/box/infer/m") == RequestTopic("m", None, False)
     assert topics.parse_request("appliance/box/infer/m/msgpack") == RequestTopic(
-        "m", Format.MSGPACK, False)
+        "m", Format.MSGPACK, False
+    )
     assert topics.parse_request("fleet/infer/m") == RequestTopic("m", None, True)
     assert topics.parse_request("appliance/box/infer/m/x/y") == RequestTopic("", None, False)
     assert topics.parse_request("appliance/box/stats") is None
@@ -192,10 +207,10 @@ def test_content_types() -> None:
     assert Format.from_content_type("application/x-msgpack; v=1") is Format.MSGPACK
     assert Format.from_content_type("application/json") is Format.JSON
     assert Format.from_content_type("text/plain") is None
-    assert envelope.decode(envelope.encode({"a": b"\x00"}, Format.MSGPACK),
-                           Format.MSGPACK) == {"a": b"\x00"}
-    assert envelope.decode(b"Once upon a time", Format.JSON, allow_text=True) == \
-        "Once upon a time"
+    assert envelope.decode(envelope.encode({"a": b"\x00"}, Format.MSGPACK), Format.MSGPACK) == {
+        "a": b"\x00"
+    }
+    assert envelope.decode(b"Once upon a time", Format.JSON, allow_text=True) == "Once upon a time"
     with pytest.raises(RequestError, match="invalid JSON"):
         envelope.decode(b'{"a": ', Format.JSON, allow_text=True)
 
@@ -226,8 +241,9 @@ def test_tls_context_and_password_sources(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.tls_ca_file"):
         tls_context(MqttConfig(tls=True, tls_ca_file=tmp_path / "missing.pem"))
     (tmp_path / "mqtt-password").write_text("from-credential\n")
-    assert read_password(MqttConfig(), {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == \
-        "from-credential"
+    assert (
+        read_password(MqttConfig(), {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from-credential"
+    )
     inline = MqttConfig.model_validate({"password": "inline"})
     assert read_password(inline, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "inline"
     assert read_password(MqttConfig(), {}) is None

@@ -27,16 +27,29 @@ MODEL = "sensor-anomaly"
 
 
 def oip_body(rows: list[list[float]], **extra: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 32, 3],
-                        "data": rows}], **extra}
+    return {
+        "inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": rows}],
+        **extra,
+    }
 
 
 async def test_mosquitto_rr_mqtt5_open_inference_protocol(broker: Broker) -> None:
     async with appliance(broker, device="rr-box"):
-        rc, out, err = await run_tool(*broker.cli(
-            "mosquitto_rr", "-t", f"appliance/rr-box/infer/{MODEL}", "-e", "replies/rr",
-            "-q", "1", "-W", "15", "-m", json.dumps(oip_body(window(), id="oip-1")),
-        ))
+        rc, out, err = await run_tool(
+            *broker.cli(
+                "mosquitto_rr",
+                "-t",
+                f"appliance/rr-box/infer/{MODEL}",
+                "-e",
+                "replies/rr",
+                "-q",
+                "1",
+                "-W",
+                "15",
+                "-m",
+                json.dumps(oip_body(window(), id="oip-1")),
+            )
+        )
     assert rc == 0, err
     reply = json.loads(out)
     assert reply["status"] == "ok"
@@ -58,8 +71,12 @@ async def test_mqtt311_reply_to_and_id_in_the_payload(
     client.subscribe("devices/sensor-7/replies")
     async with appliance(broker, device="v311-box"):
         for request_id, rows in (("normal", window()), (17, window(anomalous=True))):
-            client.publish(f"appliance/v311-box/infer/{MODEL}", json.dumps(
-                {"id": request_id, "reply_to": "devices/sensor-7/replies", "data": rows}))
+            client.publish(
+                f"appliance/v311-box/infer/{MODEL}",
+                json.dumps(
+                    {"id": request_id, "reply_to": "devices/sensor-7/replies", "data": rows}
+                ),
+            )
         replies = await client.wait("devices/sensor-7/replies", 2)
     by_id = {r.json()["id"]: r.json() for r in replies}
     assert set(by_id) == {"normal", 17}
@@ -76,9 +93,12 @@ async def test_mqtt5_correlation_data_and_content_type_are_echoed(
     client.subscribe("replies/v5")
     async with appliance(broker, device="v5-box"):
         for n in range(3):
-            client.publish(f"appliance/v5-box/infer/{MODEL}",
-                           json.dumps({"inputs": {"window": window(anomalous=n == 1)}}),
-                           response_topic="replies/v5", correlation=b"\x00corr-%d" % n)
+            client.publish(
+                f"appliance/v5-box/infer/{MODEL}",
+                json.dumps({"inputs": {"window": window(anomalous=n == 1)}}),
+                response_topic="replies/v5",
+                correlation=b"\x00corr-%d" % n,
+            )
         replies = await client.wait("replies/v5", 3)
     by_corr = {r.properties.CorrelationData: r for r in replies}
     assert set(by_corr) == {b"\x00corr-0", b"\x00corr-1", b"\x00corr-2"}
@@ -99,13 +119,24 @@ async def test_messagepack_by_content_type_and_by_topic_suffix(
     raw = np.asarray(window(anomalous=True), dtype="<f4").tobytes()
     async with appliance(broker, device="mp-box"):
         # MQTT 5: the content type says MessagePack; the tensor travels as raw bytes.
-        v5.publish(f"appliance/mp-box/infer/{MODEL}", msgpack.packb({
-            "inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 32, 3],
-                        "data": raw}]}),
-            response_topic="replies/mp", correlation=b"m1", content_type="application/msgpack")
+        v5.publish(
+            f"appliance/mp-box/infer/{MODEL}",
+            msgpack.packb(
+                {
+                    "inputs": [
+                        {"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": raw}
+                    ]
+                }
+            ),
+            response_topic="replies/mp",
+            correlation=b"m1",
+            content_type="application/msgpack",
+        )
         # MQTT 3.1.1 has no content type: the /msgpack suffix says it.
-        v311.publish(f"appliance/mp-box/infer/{MODEL}/msgpack", msgpack.packb(
-            {"id": "m2", "reply_to": "replies/mp311", "data": window()}))
+        v311.publish(
+            f"appliance/mp-box/infer/{MODEL}/msgpack",
+            msgpack.packb({"id": "m2", "reply_to": "replies/mp311", "data": window()}),
+        )
         first = (await v5.wait("replies/mp"))[0]
         second = (await v311.wait("replies/mp311"))[0]
     assert first.properties.ContentType == "application/msgpack"
@@ -128,18 +159,42 @@ async def test_language_model_prompt_chat_and_embeddings(
     async with appliance(broker, device="llm-box", models={"dir": str(stories_repo)}):
         topic = "appliance/llm-box/infer/stories"
         # Plain text is a prompt (what `mosquitto_rr -m 'Once upon a time'` sends).
-        rc, out, err = await run_tool(*broker.cli(
-            "mosquitto_rr", "-t", topic, "-e", "replies/llm/rr", "-q", "1", "-W", "15",
-            "-m", "Once upon a time",
-        ))
+        rc, out, err = await run_tool(
+            *broker.cli(
+                "mosquitto_rr",
+                "-t",
+                topic,
+                "-e",
+                "replies/llm/rr",
+                "-q",
+                "1",
+                "-W",
+                "15",
+                "-m",
+                "Once upon a time",
+            )
+        )
         assert rc == 0, err
         text_reply = json.loads(out)
-        client.publish(topic, json.dumps({
-            "messages": [{"role": "user", "content": "Tell me a story about a cat."}],
-            "max_tokens": 12, "seed": 7, "temperature": 0}),
-            response_topic="replies/llm/chat", correlation=b"c")
-        client.publish(topic, json.dumps({"input": ["a cat", "a dog"]}),
-                       response_topic="replies/llm/embed", correlation=b"e")
+        client.publish(
+            topic,
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": "Tell me a story about a cat."}],
+                    "max_tokens": 12,
+                    "seed": 7,
+                    "temperature": 0,
+                }
+            ),
+            response_topic="replies/llm/chat",
+            correlation=b"c",
+        )
+        client.publish(
+            topic,
+            json.dumps({"input": ["a cat", "a dog"]}),
+            response_topic="replies/llm/embed",
+            correlation=b"e",
+        )
         chat = (await client.wait("replies/llm/chat"))[0].json()
         embed = (await client.wait("replies/llm/embed"))[0].json()
     assert text_reply["status"] == "ok"
@@ -161,10 +216,19 @@ async def test_request_without_reply_topic_is_answered_on_the_result_topic(
     client = paho_clients(broker, v5=False)
     client.subscribe("appliance/res-box/result/#")
     async with appliance(broker, device="res-box"):
-        rc, _, err = await run_tool(*broker.cli(
-            "mosquitto_pub", "-V", "mqttv311", "-q", "1", "-t",
-            f"appliance/res-box/infer/{MODEL}", "-m", json.dumps({"id": "fire", "data": window()}),
-        ))
+        rc, _, err = await run_tool(
+            *broker.cli(
+                "mosquitto_pub",
+                "-V",
+                "mqttv311",
+                "-q",
+                "1",
+                "-t",
+                f"appliance/res-box/infer/{MODEL}",
+                "-m",
+                json.dumps({"id": "fire", "data": window()}),
+            )
+        )
         assert rc == 0, err
         reply = (await client.wait(f"appliance/res-box/result/{MODEL}"))[0].json()
     assert reply["id"] == "fire"
@@ -173,7 +237,8 @@ async def test_request_without_reply_topic_is_answered_on_the_result_topic(
 
 def inference_count(server: Any) -> float:
     value = server.metrics.registry.get_sample_value(
-        "appliance_inference_duration_seconds_count", {"model": MODEL})
+        "appliance_inference_duration_seconds_count", {"model": MODEL}
+    )
     return float(value or 0)
 
 
@@ -223,12 +288,23 @@ async def test_plain_text_to_a_chat_model_goes_through_its_chat_template(
     """What a person types into ``mosquitto_rr -m`` reaches home-intent as a user turn of
     its chat template (as Ollama's /api/generate does), so it answers with its intent JSON
     instead of continuing the raw text."""
-    async with appliance(broker, device="intent-box",
-                         models={"dir": str(DEFAULT_MODELS)}):
-        rc, out, err = await run_tool(*broker.cli(
-            "mosquitto_rr", "-t", "appliance/intent-box/infer/home-intent", "-e",
-            "replies/intent", "-q", "1", "-W", "60", "-m", "turn on the kitchen lights",
-        ), timeout=90)
+    async with appliance(broker, device="intent-box", models={"dir": str(DEFAULT_MODELS)}):
+        rc, out, err = await run_tool(
+            *broker.cli(
+                "mosquitto_rr",
+                "-t",
+                "appliance/intent-box/infer/home-intent",
+                "-e",
+                "replies/intent",
+                "-q",
+                "1",
+                "-W",
+                "60",
+                "-m",
+                "turn on the kitchen lights",
+            ),
+            timeout=90,
+        )
     assert rc == 0, err
     reply = json.loads(out)
     assert reply["status"] == "ok", reply

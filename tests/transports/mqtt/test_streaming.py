@@ -56,12 +56,24 @@ async def test_streamed_generation_arrives_as_ordered_chunks_and_a_final_message
     v311 = paho_clients(broker, v5=False)
     v311.subscribe("replies/stream311")
     async with appliance(broker, device="st-box", models={"dir": str(stories_repo)}):
-        v5.publish("appliance/st-box/infer/stories", json.dumps(
-            {"prompt": "Once upon a time", "stream": True, "max_tokens": 48, "seed": 3}),
-            response_topic="replies/stream", correlation=b"s1")
-        v311.publish("appliance/st-box/infer/stories", json.dumps(
-            {"id": "s2", "reply_to": "replies/stream311", "stream": True, "max_tokens": 24,
-             "messages": [{"role": "user", "content": "Tell me about a dog."}]}))
+        v5.publish(
+            "appliance/st-box/infer/stories",
+            json.dumps({"prompt": "Once upon a time", "stream": True, "max_tokens": 48, "seed": 3}),
+            response_topic="replies/stream",
+            correlation=b"s1",
+        )
+        v311.publish(
+            "appliance/st-box/infer/stories",
+            json.dumps(
+                {
+                    "id": "s2",
+                    "reply_to": "replies/stream311",
+                    "stream": True,
+                    "max_tokens": 24,
+                    "messages": [{"role": "user", "content": "Tell me about a dog."}],
+                }
+            ),
+        )
         await until(lambda: len(finals(v5.on("replies/stream"))) == 1)
         await until(lambda: len(finals(v311.on("replies/stream311"))) == 1)
     replies = v5.on("replies/stream")
@@ -99,17 +111,25 @@ async def test_broker_killed_and_restarted_mid_stream_loses_no_reply(
     requester.subscribe("replies/crash/#")
     requester.subscribe("appliance/crash-box/availability")
     env = {
-        "APPLIANCE_MQTT__ENABLED": "true", "APPLIANCE_MQTT__HOST": broker.host,
-        "APPLIANCE_MQTT__PORT": str(broker.port), "APPLIANCE_DEVICE__ID": "crash-box",
-        "APPLIANCE_MQTT__RECONNECT_MIN": "0.05", "APPLIANCE_MQTT__RECONNECT_MAX": "0.3",
+        "APPLIANCE_MQTT__ENABLED": "true",
+        "APPLIANCE_MQTT__HOST": broker.host,
+        "APPLIANCE_MQTT__PORT": str(broker.port),
+        "APPLIANCE_DEVICE__ID": "crash-box",
+        "APPLIANCE_MQTT__RECONNECT_MIN": "0.05",
+        "APPLIANCE_MQTT__RECONNECT_MAX": "0.3",
     }
     streams = 3
     with daemon("--model", str(stories_gguf), env=env) as proc:
         await requester.wait("appliance/crash-box/availability")
         for n in range(streams):
-            requester.publish("appliance/crash-box/infer/stories260K", json.dumps(
-                {"prompt": "Once upon a time", "stream": True, "max_tokens": 400, "seed": n}),
-                response_topic=f"replies/crash/{n}", correlation=b"%d" % n)
+            requester.publish(
+                "appliance/crash-box/infer/stories260K",
+                json.dumps(
+                    {"prompt": "Once upon a time", "stream": True, "max_tokens": 400, "seed": n}
+                ),
+                response_topic=f"replies/crash/{n}",
+                correlation=b"%d" % n,
+            )
         await requester.wait("replies/crash/0")
         os.kill(proc.proc.pid, signal.SIGSTOP)
         try:
@@ -132,8 +152,10 @@ async def test_broker_killed_and_restarted_mid_stream_loses_no_reply(
             await asyncio.sleep(0.05)
         assert health["status"] == "ok"  # HTTP serves on
         broker.start()
-        await until(lambda: all(finals(requester.on(f"replies/crash/{n}"))
-                                for n in range(streams)), timeout=60)
+        await until(
+            lambda: all(finals(requester.on(f"replies/crash/{n}")) for n in range(streams)),
+            timeout=60,
+        )
         metrics = await _get(http, proc.url + "/metrics")
     for n in range(streams):
         bodies = [m.json() for m in requester.on(f"replies/crash/{n}")]
@@ -149,11 +171,17 @@ async def test_a_stream_cut_by_shutdown_still_ends_with_a_final_message(
     client = paho_clients(broker)
     client.subscribe("replies/cut")
     client.subscribe("appliance/cut-box/availability")
-    async with appliance(broker, device="cut-box", models={"files": [str(stories_gguf)]},
-                         http={"shutdown_timeout": 0}):
-        client.publish("appliance/cut-box/infer/stories260K", json.dumps(
-            {"id": "long", "prompt": "Once upon a time", "stream": True}),
-            response_topic="replies/cut")
+    async with appliance(
+        broker,
+        device="cut-box",
+        models={"files": [str(stories_gguf)]},
+        http={"shutdown_timeout": 0},
+    ):
+        client.publish(
+            "appliance/cut-box/infer/stories260K",
+            json.dumps({"id": "long", "prompt": "Once upon a time", "stream": True}),
+            response_topic="replies/cut",
+        )
         await client.wait("replies/cut")  # under way; now stop the daemon
     await until(lambda: bool(finals(client.on("replies/cut"))))
     bodies = [m.json() for m in client.on("replies/cut")]

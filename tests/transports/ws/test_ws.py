@@ -36,16 +36,19 @@ TERMINAL = {"done", "result", "embeddings", "models", "error", "cancelled", "pon
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(default_models: Path, stories_gguf: Path) -> AsyncIterator[Server]:
-    config = make_config(models={"dir": default_models, "files": [stories_gguf]},
-                         websocket={"max_in_flight": 6})
+    config = make_config(
+        models={"dir": default_models, "files": [stories_gguf]}, websocket={"max_in_flight": 6}
+    )
     async with serving(config) as srv:
         yield srv
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def ws(server: Server) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
-    async with aiohttp.ClientSession() as session, \
-            session.ws_connect(base_url(server) + "/ws") as socket:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(base_url(server) + "/ws") as socket,
+    ):
         yield socket
 
 
@@ -56,13 +59,24 @@ def window(seed: int = 1, batch: int = 1) -> np.ndarray[Any, np.dtype[np.float32
 
 
 def infer_message(request_id: Any, values: np.ndarray[Any, Any]) -> dict[str, Any]:
-    return {"type": "infer", "id": request_id, "model": ONNX,
-            "inputs": [{"name": "window", "datatype": "FP32", "shape": list(values.shape),
-                        "data": values.reshape(-1).tolist()}]}
+    return {
+        "type": "infer",
+        "id": request_id,
+        "model": ONNX,
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": list(values.shape),
+                "data": values.reshape(-1).tolist(),
+            }
+        ],
+    }
 
 
-async def collect(socket: aiohttp.ClientWebSocketResponse, ids: set[Any],
-                  timeout: float = 30) -> dict[Any, list[dict[str, Any]]]:
+async def collect(
+    socket: aiohttp.ClientWebSocketResponse, ids: set[Any], timeout: float = 30
+) -> dict[Any, list[dict[str, Any]]]:
     """Every message until each id in ``ids`` got its terminal reply."""
     replies: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     open_ids = set(ids)
@@ -81,8 +95,9 @@ async def collect(socket: aiohttp.ClientWebSocketResponse, ids: set[Any],
     return replies
 
 
-async def ask(socket: aiohttp.ClientWebSocketResponse, message: dict[str, Any]
-              ) -> list[dict[str, Any]]:
+async def ask(
+    socket: aiohttp.ClientWebSocketResponse, message: dict[str, Any]
+) -> list[dict[str, Any]]:
     await socket.send_json(message)
     return (await collect(socket, {message.get("id")}))[message.get("id")]
 
@@ -95,12 +110,28 @@ async def test_interleaved_requests_on_one_connection(
 ) -> None:
     session = ort.InferenceSession(str(DEFAULT_MODELS / ONNX / "model.onnx"))
     windows = {f"w{i}": window(seed=i, batch=2) for i in range(3)}
-    await ws.send_json({"type": "generate", "id": 1, "model": LLM, "prompt": "Once upon a time",
-                        "max_tokens": 12, "temperature": 0})
+    await ws.send_json(
+        {
+            "type": "generate",
+            "id": 1,
+            "model": LLM,
+            "prompt": "Once upon a time",
+            "max_tokens": 12,
+            "temperature": 0,
+        }
+    )
     for request_id, values in windows.items():
         await ws.send_json(infer_message(request_id, values))
-    await ws.send_json({"type": "generate", "id": "chat", "model": LLM, "temperature": 0,
-                        "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
+    await ws.send_json(
+        {
+            "type": "generate",
+            "id": "chat",
+            "model": LLM,
+            "temperature": 0,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+    )
     await ws.send_json({"type": "embed", "id": 2, "model": LLM, "input": ["a cat", "a dog"]})
     await ws.send_json({"type": "models", "id": "m"})
     replies = await collect(ws, {1, "chat", 2, "m", *windows})
@@ -129,8 +160,16 @@ async def test_replies_of_concurrent_requests_interleave(
 ) -> None:
     # A long generation holds the language model; tensor inference on the other model
     # answers while it streams, on the same connection.
-    await ws.send_json({"type": "generate", "id": "long", "model": LLM,
-                        "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0})
+    await ws.send_json(
+        {
+            "type": "generate",
+            "id": "long",
+            "model": LLM,
+            "prompt": "Once upon a time",
+            "max_tokens": 400,
+            "temperature": 0,
+        }
+    )
     first = json.loads((await ws.receive()).data)
     assert first == {"type": "token", "id": "long", "text": ","}
     await ws.send_json(infer_message("quick", window()))
@@ -143,15 +182,25 @@ async def test_replies_of_concurrent_requests_interleave(
 
 
 async def test_cancel_stops_a_generation_and_frees_the_model(
-    server: Server, ws: aiohttp.ClientWebSocketResponse,
+    server: Server,
+    ws: aiohttp.ClientWebSocketResponse,
 ) -> None:
     assert server.core is not None
     admission = server.core.models.get(LLM).admission
-    await ws.send_json({"type": "generate", "id": "story", "model": LLM,
-                        "prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0})
+    await ws.send_json(
+        {
+            "type": "generate",
+            "id": "story",
+            "model": LLM,
+            "prompt": "Once upon a time",
+            "max_tokens": 2000,
+            "temperature": 0,
+        }
+    )
     # A second request waits behind it in the model's queue; cancel that one too.
-    await ws.send_json({"type": "generate", "id": "queued", "model": LLM, "prompt": "Hi",
-                        "max_tokens": 4})
+    await ws.send_json(
+        {"type": "generate", "id": "queued", "model": LLM, "prompt": "Hi", "max_tokens": 4}
+    )
     message = json.loads((await ws.receive()).data)
     assert (message["id"], message["type"]) == ("story", "token")
     await ws.send_json({"type": "cancel", "id": "queued"})
@@ -165,8 +214,17 @@ async def test_cancel_stops_a_generation_and_frees_the_model(
     # Cancelling what is no longer running is an error, and the connection still works.
     (gone,) = await ask(ws, {"type": "cancel", "id": "story"})
     assert gone["type"] == "error" and gone["status"] == 404
-    again = await ask(ws, {"type": "generate", "id": "again", "model": LLM,
-                           "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0})
+    again = await ask(
+        ws,
+        {
+            "type": "generate",
+            "id": "again",
+            "model": LLM,
+            "prompt": "Once upon a time",
+            "max_tokens": 12,
+            "temperature": 0,
+        },
+    )
     assert "".join(m.get("text", "") for m in again).startswith(GREEDY)
 
 
@@ -175,8 +233,9 @@ async def test_closing_the_connection_stops_its_requests(server: Server) -> None
     admission = server.core.models.get(LLM).admission
     async with aiohttp.ClientSession() as session:
         socket = await session.ws_connect(base_url(server) + "/ws")
-        await socket.send_json({"type": "generate", "id": 1, "model": LLM, "prompt": "Once",
-                                "max_tokens": 2000})
+        await socket.send_json(
+            {"type": "generate", "id": 1, "model": LLM, "prompt": "Once", "max_tokens": 2000}
+        )
         assert json.loads((await socket.receive()).data)["type"] == "token"
         await socket.close()
     await wait_for(lambda: admission.running == 0 and admission.waiting == 0, timeout=5)
@@ -190,8 +249,11 @@ async def test_ping_pong(ws: aiohttp.ClientWebSocketResponse) -> None:
 
 async def test_protocol_pings_and_server_heartbeat(default_models: Path) -> None:
     config = make_config(models={"dir": default_models}, websocket={"heartbeat": 0.2})
-    async with serving(config) as server, aiohttp.ClientSession() as session, \
-            session.ws_connect(base_url(server) + "/ws", autoping=False) as socket:
+    async with (
+        serving(config) as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(base_url(server) + "/ws", autoping=False) as socket,
+    ):
         await socket.ping(b"are you there")
         frame = await socket.receive(timeout=5)
         assert frame.type is WSMsgType.PONG and frame.data == b"are you there"
@@ -202,10 +264,20 @@ async def test_protocol_pings_and_server_heartbeat(default_models: Path) -> None
 
 async def test_msgpack_frames_carry_raw_tensors(ws: aiohttp.ClientWebSocketResponse) -> None:
     values = window(seed=3, batch=4)
-    request = {"type": "infer", "id": 9, "model": ONNX,
-               "inputs": [{"name": "window", "datatype": "FP32", "shape": [4, 32, 3],
-                           "data": values.astype("<f4").tobytes()}],
-               "outputs": [{"name": "score"}]}
+    request = {
+        "type": "infer",
+        "id": 9,
+        "model": ONNX,
+        "inputs": [
+            {
+                "name": "window",
+                "datatype": "FP32",
+                "shape": [4, 32, 3],
+                "data": values.astype("<f4").tobytes(),
+            }
+        ],
+        "outputs": [{"name": "score"}],
+    }
     await ws.send_bytes(msgpack.packb(request))
     frame = await ws.receive(timeout=10)
     assert frame.type is WSMsgType.BINARY
@@ -217,14 +289,18 @@ async def test_msgpack_frames_carry_raw_tensors(ws: aiohttp.ClientWebSocketRespo
     np.testing.assert_allclose(got, session.run(["score"], {"window": values})[0], rtol=1e-5)
 
 
-async def test_metrics_count_websocket_requests(server: Server,
-                                                ws: aiohttp.ClientWebSocketResponse) -> None:
+async def test_metrics_count_websocket_requests(
+    server: Server, ws: aiohttp.ClientWebSocketResponse
+) -> None:
     await ask(ws, infer_message("counted", window()))
-    async with aiohttp.ClientSession() as session, \
-            session.get(base_url(server) + "/metrics") as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base_url(server) + "/metrics") as response,
+    ):
         text = await response.text()
-    assert ('appliance_requests_total{model="sensor-anomaly",route="infer",status="200",'
-            'transport="ws"}') in text
+    assert (
+        'appliance_requests_total{model="sensor-anomaly",route="infer",status="200",transport="ws"}'
+    ) in text
 
 
 # ----------------------------------------------------------------------- bad input
@@ -238,42 +314,131 @@ BAD: list[tuple[str, Any, int, str, Any]] = [
     ("no-id", {"type": "generate", "model": LLM, "prompt": "Hi"}, 400, "id is required", None),
     ("bool-id", {"type": "models", "id": True}, 400, "id", None),
     ("no-model", {"type": "generate", "id": 2, "prompt": "Hi"}, 400, "model is required", 2),
-    ("unknown-field", {"type": "generate", "id": 3, "model": LLM, "prompt": "Hi",
-                       "temprature": 0}, 400, "temprature", 3),
-    ("prompt-and-messages", {"type": "generate", "id": 4, "model": LLM, "prompt": "Hi",
-                             "messages": [{"role": "user", "content": "Hi"}]},
-     400, "either 'prompt' or 'messages'", 4),
-    ("bad-temperature", {"type": "generate", "id": 5, "model": LLM, "prompt": "Hi",
-                         "temperature": -2}, 400, "temperature must be at least 0", 5),
-    ("nan-in-json", '{"type": "generate", "id": 6, "model": "stories260K", "prompt": "Hi", '
-                    '"top_p": NaN}', 400, "top_p", 6),
-    ("unknown-model", {"type": "generate", "id": 7, "model": "nope", "prompt": "Hi"},
-     404, "model 'nope' not found", 7),
-    ("chat-on-onnx", {"type": "generate", "id": 8, "model": ONNX, "prompt": "Hi"},
-     400, "does not support text generation", 8),
-    ("infer-on-llm", {"type": "infer", "id": 9, "model": LLM, "inputs": []},
-     400, "'inputs' must be a non-empty list", 9),
-    ("wrong-shape", infer_message(10, np.zeros((1, 32, 4), np.float32)), 400,
-     "has shape [1, 32, 4]", 10),
-    ("nan-tensor", {**infer_message(11, window()), "inputs": [{
-        "name": "window", "datatype": "FP32", "shape": [1, 1, 1], "data": [1.0]}]},
-     400, "has shape [1, 1, 1]", 11),
+    (
+        "unknown-field",
+        {"type": "generate", "id": 3, "model": LLM, "prompt": "Hi", "temprature": 0},
+        400,
+        "temprature",
+        3,
+    ),
+    (
+        "prompt-and-messages",
+        {
+            "type": "generate",
+            "id": 4,
+            "model": LLM,
+            "prompt": "Hi",
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+        400,
+        "either 'prompt' or 'messages'",
+        4,
+    ),
+    (
+        "bad-temperature",
+        {"type": "generate", "id": 5, "model": LLM, "prompt": "Hi", "temperature": -2},
+        400,
+        "temperature must be at least 0",
+        5,
+    ),
+    (
+        "nan-in-json",
+        '{"type": "generate", "id": 6, "model": "stories260K", "prompt": "Hi", "top_p": NaN}',
+        400,
+        "top_p",
+        6,
+    ),
+    (
+        "unknown-model",
+        {"type": "generate", "id": 7, "model": "nope", "prompt": "Hi"},
+        404,
+        "model 'nope' not found",
+        7,
+    ),
+    (
+        "chat-on-onnx",
+        {"type": "generate", "id": 8, "model": ONNX, "prompt": "Hi"},
+        400,
+        "does not support text generation",
+        8,
+    ),
+    (
+        "infer-on-llm",
+        {"type": "infer", "id": 9, "model": LLM, "inputs": []},
+        400,
+        "'inputs' must be a non-empty list",
+        9,
+    ),
+    (
+        "wrong-shape",
+        infer_message(10, np.zeros((1, 32, 4), np.float32)),
+        400,
+        "has shape [1, 32, 4]",
+        10,
+    ),
+    (
+        "nan-tensor",
+        {
+            **infer_message(11, window()),
+            "inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 1, 1], "data": [1.0]}],
+        },
+        400,
+        "has shape [1, 1, 1]",
+        11,
+    ),
     ("bad-msgpack", b"\xc1", 400, "not valid MessagePack", None),
-    ("msgpack-short-tensor", {"type": "infer", "id": 12, "model": ONNX, "inputs": [
-        {"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": b"\0" * 12}]},
-     400, "needs 384 bytes, got 12", 12),
-    ("msgpack-nan", {"type": "infer", "id": 13, "model": ONNX, "inputs": [
-        {"name": "window", "datatype": "FP32", "shape": [1, 32, 3],
-         "data": struct.pack("<f", float("nan")) * 96}]}, 400, "NaN", 13),
-    ("embed-nothing", {"type": "embed", "id": 14, "model": LLM, "input": []},
-     400, "at least one text", 14),
+    (
+        "msgpack-short-tensor",
+        {
+            "type": "infer",
+            "id": 12,
+            "model": ONNX,
+            "inputs": [
+                {"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": b"\0" * 12}
+            ],
+        },
+        400,
+        "needs 384 bytes, got 12",
+        12,
+    ),
+    (
+        "msgpack-nan",
+        {
+            "type": "infer",
+            "id": 13,
+            "model": ONNX,
+            "inputs": [
+                {
+                    "name": "window",
+                    "datatype": "FP32",
+                    "shape": [1, 32, 3],
+                    "data": struct.pack("<f", float("nan")) * 96,
+                }
+            ],
+        },
+        400,
+        "NaN",
+        13,
+    ),
+    (
+        "embed-nothing",
+        {"type": "embed", "id": 14, "model": LLM, "input": []},
+        400,
+        "at least one text",
+        14,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "message", "status", "text", "echo"), BAD,
-                         ids=[case[0] for case in BAD])
+@pytest.mark.parametrize(
+    ("case", "message", "status", "text", "echo"), BAD, ids=[case[0] for case in BAD]
+)
 async def test_bad_input_gets_an_error_message_and_the_connection_keeps_working(
-    ws: aiohttp.ClientWebSocketResponse, case: str, message: Any, status: int, text: str,
+    ws: aiohttp.ClientWebSocketResponse,
+    case: str,
+    message: Any,
+    status: int,
+    text: str,
     echo: Any,
 ) -> None:
     binary = isinstance(message, bytes) or case.startswith("msgpack")
@@ -301,13 +466,23 @@ async def test_a_huge_integer_is_an_error_and_other_requests_go_on(
     """An integer past Python's int-string limit (4,300 digits) fails json.loads with a
     plain ValueError: it must be answered like any bad message, not end the connection and
     the requests running on it."""
-    await ws.send_json({"type": "generate", "id": "long", "model": LLM,
-                        "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0})
+    await ws.send_json(
+        {
+            "type": "generate",
+            "id": "long",
+            "model": LLM,
+            "prompt": "Once upon a time",
+            "max_tokens": 120,
+            "temperature": 0,
+        }
+    )
     first = json.loads((await ws.receive(timeout=30)).data)
     assert first["id"] == "long" and first["type"] == "token"
     huge = "1" + "0" * 5000
-    await ws.send_str(f'{{"type": "generate", "id": "huge", "model": "{LLM}", '
-                      f'"prompt": "Once", "max_tokens": {huge}}}')
+    await ws.send_str(
+        f'{{"type": "generate", "id": "huge", "model": "{LLM}", '
+        f'"prompt": "Once", "max_tokens": {huge}}}'
+    )
     replies = await collect(ws, {None, "long"})
     (error,) = replies[None]
     assert error["type"] == "error" and error["status"] == 400, error
@@ -338,8 +513,11 @@ async def test_duplicate_ids_and_the_in_flight_limit(ws: aiohttp.ClientWebSocket
 
 async def test_oversized_message_closes_with_1009(default_models: Path) -> None:
     config = make_config(models={"dir": default_models}, websocket={"max_message_bytes": 1024})
-    async with serving(config) as server, aiohttp.ClientSession() as session, \
-            session.ws_connect(base_url(server) + "/ws") as socket:
+    async with (
+        serving(config) as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(base_url(server) + "/ws") as socket,
+    ):
         assert await ask(socket, {"type": "ping", "id": 1}) == [{"type": "pong", "id": 1}]
         await socket.send_str(json.dumps({"type": "ping", "id": "x" * 2000}))
         frame = await socket.receive(timeout=5)
@@ -348,8 +526,10 @@ async def test_oversized_message_closes_with_1009(default_models: Path) -> None:
 
 
 async def test_plain_get_is_a_400(server: Server) -> None:
-    async with aiohttp.ClientSession() as session, \
-            session.get(base_url(server) + "/ws") as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base_url(server) + "/ws") as response,
+    ):
         assert response.status == 400
         assert "needs a WebSocket upgrade" in (await response.json())["error"]
 
@@ -369,23 +549,44 @@ async def test_shutdown_closes_connections_with_going_away(default_models: Path)
 
 async def test_websocket_can_be_turned_off(default_models: Path) -> None:
     config = make_config(models={"dir": default_models}, websocket={"enabled": False})
-    async with serving(config) as server, aiohttp.ClientSession() as session, \
-            session.get(base_url(server) + "/ws") as response:
+    async with (
+        serving(config) as server,
+        aiohttp.ClientSession() as session,
+        session.get(base_url(server) + "/ws") as response,
+    ):
         assert response.status == 404
 
 
-TURN_OFF = {"type": "function", "function": {
-    "name": "HassTurnOff", "description": "Turns off a device or entity",
-    "parameters": {"type": "object", "properties": {
-        "name": {"type": "string"}, "area": {"type": "string"},
-        "domain": {"type": "array", "items": {"type": "string"}}}}}}
+TURN_OFF = {
+    "type": "function",
+    "function": {
+        "name": "HassTurnOff",
+        "description": "Turns off a device or entity",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "area": {"type": "string"},
+                "domain": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    },
+}
 
 
 async def test_tool_calls_stream_as_messages_and_come_whole_in_done(
-        ws: aiohttp.ClientWebSocketResponse) -> None:
-    await ws.send_json({"type": "generate", "id": "t1", "model": "home-intent",
-                        "temperature": 0, "tools": [TURN_OFF],
-                        "messages": [{"role": "user", "content": "turn off the porch light"}]})
+    ws: aiohttp.ClientWebSocketResponse,
+) -> None:
+    await ws.send_json(
+        {
+            "type": "generate",
+            "id": "t1",
+            "model": "home-intent",
+            "temperature": 0,
+            "tools": [TURN_OFF],
+            "messages": [{"role": "user", "content": "turn off the porch light"}],
+        }
+    )
     replies = (await collect(ws, {"t1"}))["t1"]
     pieces = [r for r in replies if r["type"] == "tool_call"]
     assert pieces[0]["index"] == 0 and pieces[0]["name"] == "HassTurnOff"
@@ -397,10 +598,16 @@ async def test_tool_calls_stream_as_messages_and_come_whole_in_done(
     assert json.loads("".join(p["arguments"] for p in pieces)) == call["arguments"]
     assert call["arguments"] == {"area": "porch", "domain": ["light"]}
     # The same bad input as over HTTP, answered in an error message naming the field.
-    await ws.send_json({"type": "generate", "id": "t2", "model": "home-intent",
-                        "tools": [TURN_OFF], "tool_choice": {"type": "function",
-                                                             "function": {"name": "nope"}},
-                        "messages": [{"role": "user", "content": "hi"}]})
+    await ws.send_json(
+        {
+            "type": "generate",
+            "id": "t2",
+            "model": "home-intent",
+            "tools": [TURN_OFF],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    )
     error = (await collect(ws, {"t2"}))["t2"][-1]
     assert error["type"] == "error" and error["status"] == 400
     assert error["param"] == "tool_choice"

@@ -76,8 +76,9 @@ def components() -> dict[str, Any]:
     families = [copy.deepcopy(SCHEMAS)]
     for prefix, models in PYDANTIC_MODELS.items():
         _, generated = models_json_schema(models, ref_template=REF + prefix + "{model}")
-        families.append({prefix + name: schema
-                         for name, schema in generated.get("$defs", {}).items()})
+        families.append(
+            {prefix + name: schema for name, schema in generated.get("$defs", {}).items()}
+        )
     for family in families:
         clash = schemas.keys() & family.keys()
         if clash:  # a silent overwrite would describe one body with another's schema
@@ -103,8 +104,9 @@ def build(router: web.UrlDispatcher, *, strict: bool = True) -> dict[str, Any]:
         if (method, path) in OPERATIONS:
             operation = copy.deepcopy(OPERATIONS[(method, path)])
         else:
-            log.warning("route %s %s has no documentation in openapi.routes.OPERATIONS",
-                        method, path)
+            log.warning(
+                "route %s %s has no documentation in openapi.routes.OPERATIONS", method, path
+            )
             operation = _undocumented(router, method, path)
         names = re.findall(r"{(\w+)(?::[^}]*)?}", path)
         if names:
@@ -137,12 +139,15 @@ def build(router: web.UrlDispatcher, *, strict: bool = True) -> dict[str, Any]:
 
 SECURITY_SCHEMES: dict[str, Any] = {
     "bearerAuth": {
-        "type": "http", "scheme": "bearer",
+        "type": "http",
+        "scheme": "bearer",
         "description": "An API key (`appliance keys create`) as `Authorization: Bearer <key>`. "
         "Keys have scopes: `read`, `infer`, `admin` (each operation's `x-required-scope`).",
     },
     "apiKeyHeader": {
-        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
         "description": "The same API key in an `X-API-Key` header. Keys in the query string "
         "are never accepted (they end up in logs and browser history).",
     },
@@ -167,8 +172,11 @@ def _undocumented(router: web.UrlDispatcher, method: str, path: str) -> dict[str
             if resource.canonical == path and route.method == method:
                 doc = (route.handler.__doc__ or "").strip()
     summary = doc.splitlines()[0] if doc else "Undocumented route"
-    return {"tags": [UNDOCUMENTED], "summary": summary,
-            "responses": {"default": {"description": "Not documented yet."}}}
+    return {
+        "tags": [UNDOCUMENTED],
+        "summary": summary,
+        "responses": {"default": {"description": "Not documented yet."}},
+    }
 
 
 # ------------------------------------------------------------------ serving the result

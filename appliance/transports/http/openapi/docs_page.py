@@ -60,7 +60,8 @@ class Page:
             base = f"{scheme}://{host}"
         ws_base = "ws" + base.removeprefix("http")
         return self._template.replace(_BASE, html.escape(base)).replace(
-            _WS_BASE, html.escape(ws_base))
+            _WS_BASE, html.escape(ws_base)
+        )
 
 
 # ----------------------------------------------------------------------- the page
@@ -92,15 +93,17 @@ def _page(doc: Mapping[str, Any]) -> str:
         for method, path, operation in operations:
             op_anchor = _op_anchor(method, path, operation)
             wrappable = _e(path).replace("/", "/<wbr>")  # long paths break at a slash
-            nav.append(f'<li><a href="#{op_anchor}">{_badge(method)} <code>{wrappable}</code>'
-                       "</a></li>")
+            nav.append(
+                f'<li><a href="#{op_anchor}">{_badge(method)} <code>{wrappable}</code></a></li>'
+            )
             body.append(_operation(method, path, operation, op_anchor, schemas))
         nav.append("</ul>")
         body.append("</section>")
         sections.append("".join(body))
     nav.append('<h2><a href="#schemas">Schemas</a></h2><ul>')
-    nav.extend(f'<li><a href="#{_anchor("schema", n)}"><code>{_e(n)}</code></a></li>'
-               for n in schemas)
+    nav.extend(
+        f'<li><a href="#{_anchor("schema", n)}"><code>{_e(n)}</code></a></li>' for n in schemas
+    )
     nav.append("</ul>")
     sections.append(_schemas(schemas))
 
@@ -117,45 +120,50 @@ def _page(doc: Mapping[str, Any]) -> str:
         'Metrics: <a href="/metrics">/metrics</a></p>'
         f"{docs_try.KEY_BOX}</header>"
         f'<div class="layout"><nav aria-label="Contents">{"".join(nav)}</nav>'
-        f'<main>{"".join(sections)}</main></div>'
+        f"<main>{''.join(sections)}</main></div>"
         f"<script>{docs_try.SCRIPT}</script></body></html>\n"
     )
 
 
-def _operation(method: str, path: str, op: Mapping[str, Any], anchor: str,
-               schemas: Mapping[str, Any]) -> str:
-    out = [f'<article class="op" id="{anchor}"><h3>{_badge(method)} <code>{_e(path)}</code>'
-           "</h3>"]
+def _operation(
+    method: str, path: str, op: Mapping[str, Any], anchor: str, schemas: Mapping[str, Any]
+) -> str:
+    out = [f'<article class="op" id="{anchor}"><h3>{_badge(method)} <code>{_e(path)}</code></h3>']
     out.append(f'<p class="summary">{_e(op.get("summary", ""))}</p>')
     out.append(_markdown(op.get("description", "")))
     parameters = op.get("parameters", [])
     if parameters:
         rows = "".join(
             f'<tr><td class="name"><code>{_e(p["name"])}</code>'
-            f'{_REQUIRED if p.get("required") else ""}</td><td>{_e(p["in"])}</td>'
-            f'<td>{_type(p.get("schema", {}))}</td>'
-            f'<td>{_inline(p.get("description", ""))}{_example(p)}</td></tr>'
+            f"{_REQUIRED if p.get('required') else ''}</td><td>{_e(p['in'])}</td>"
+            f"<td>{_type(p.get('schema', {}))}</td>"
+            f"<td>{_inline(p.get('description', ''))}{_example(p)}</td></tr>"
             for p in parameters
         )
-        out.append("<h4>Parameters</h4><table><thead><tr><th>Name</th><th>In</th>"
-                   f"<th>Type</th><th>Description</th></tr></thead><tbody>{rows}</tbody>"
-                   "</table>")
+        out.append(
+            "<h4>Parameters</h4><table><thead><tr><th>Name</th><th>In</th>"
+            f"<th>Type</th><th>Description</th></tr></thead><tbody>{rows}</tbody>"
+            "</table>"
+        )
     body = op.get("requestBody")
     if body:
         out.append("<h4>Request body</h4>")
         for media, content in body.get("content", {}).items():
             schema = content.get("schema", {})
-            out.append(f"<p><code>{_e(media)}</code> — {_type(schema)}"
-                       f"{_desc(schema)}</p>")
+            out.append(f"<p><code>{_e(media)}</code> — {_type(schema)}{_desc(schema)}</p>")
             target = _resolve(schema, schemas)
             if target.get("properties"):
                 out.append(_properties(target))
-    out.append("<h4>Responses</h4><table><thead><tr><th>Status</th><th>Description</th>"
-               "<th>Body</th></tr></thead><tbody>")
+    out.append(
+        "<h4>Responses</h4><table><thead><tr><th>Status</th><th>Description</th>"
+        "<th>Body</th></tr></thead><tbody>"
+    )
     for status, response in op.get("responses", {}).items():
-        out.append(f'<tr><td class="status">{_e(status)}</td>'
-                   f'<td>{_inline(response.get("description", ""))}'
-                   f"{_headers(response.get('headers', {}))}</td><td>")
+        out.append(
+            f'<tr><td class="status">{_e(status)}</td>'
+            f"<td>{_inline(response.get('description', ''))}"
+            f"{_headers(response.get('headers', {}))}</td><td>"
+        )
         for media, content in response.get("content", {}).items():
             if "x-itemSchema" in content:  # a stream: what matters is what each item is
                 shown = "stream of " + _type(content["x-itemSchema"])
@@ -173,8 +181,7 @@ def _operation(method: str, path: str, op: Mapping[str, Any], anchor: str,
 def _schemas(schemas: Mapping[str, Any]) -> str:
     out = ['<section id="schemas"><h2>Schemas</h2>']
     for name, schema in schemas.items():
-        out.append(f'<section class="schema" id="{_anchor("schema", name)}"><h3>{_e(name)}'
-                   "</h3>")
+        out.append(f'<section class="schema" id="{_anchor("schema", name)}"><h3>{_e(name)}</h3>')
         out.append(_markdown(schema.get("description", "")))
         if schema.get("properties"):
             out.append(_properties(schema))
@@ -186,8 +193,10 @@ def _schemas(schemas: Mapping[str, Any]) -> str:
 
 
 def _properties(schema: Mapping[str, Any]) -> str:
-    return ("<table><thead><tr><th>Field</th><th>Type</th><th>Description</th></tr></thead>"
-            f"<tbody>{''.join(_rows(schema, ''))}</tbody></table>")
+    return (
+        "<table><thead><tr><th>Field</th><th>Type</th><th>Description</th></tr></thead>"
+        f"<tbody>{''.join(_rows(schema, ''))}</tbody></table>"
+    )
 
 
 def _rows(schema: Mapping[str, Any], prefix: str) -> Iterable[str]:
@@ -196,7 +205,7 @@ def _rows(schema: Mapping[str, Any], prefix: str) -> Iterable[str]:
     for name, prop in schema.get("properties", {}).items():
         yield (
             f'<tr><td class="name"><code>{_e(prefix + name)}</code>'
-            f'{_REQUIRED if name in required else ""}</td><td>{_type(prop)}</td>'
+            f"{_REQUIRED if name in required else ''}</td><td>{_type(prop)}</td>"
             f"<td>{_inline(_description(prop))}{_limits(prop)}</td></tr>"
         )
         if "$ref" not in prop and prop.get("properties"):
@@ -255,7 +264,7 @@ def _markdown(text: str) -> str:
 def _ref_name(schema: Mapping[str, Any]) -> str | None:
     target = schema.get("$ref")
     if isinstance(target, str) and target.startswith(REF):
-        return target[len(REF):]
+        return target[len(REF) :]
     return None
 
 
@@ -300,10 +309,15 @@ def _desc(schema: Mapping[str, Any]) -> str:
 
 
 _LIMITS = [
-    ("minimum", "≥ {}"), ("exclusiveMinimum", "> {}"), ("maximum", "≤ {}"),
-    ("exclusiveMaximum", "< {}"), ("minLength", "at least {} characters"),
-    ("maxLength", "at most {} characters"), ("minItems", "at least {} items"),
-    ("maxItems", "at most {} items"), ("pattern", "matches {}"),
+    ("minimum", "≥ {}"),
+    ("exclusiveMinimum", "> {}"),
+    ("maximum", "≤ {}"),
+    ("exclusiveMaximum", "< {}"),
+    ("minLength", "at least {} characters"),
+    ("maxLength", "at most {} characters"),
+    ("minItems", "at least {} items"),
+    ("maxItems", "at most {} items"),
+    ("pattern", "matches {}"),
 ]
 
 
@@ -334,7 +348,7 @@ def _example(parameter: Mapping[str, Any]) -> str:
 def _headers(headers: Mapping[str, Any]) -> str:
     return "".join(
         f'<div class="muted">Header <code>{_e(name)}</code>: '
-        f'{_inline(h.get("description", ""))}</div>'
+        f"{_inline(h.get('description', ''))}</div>"
         for name, h in headers.items()
     )
 
@@ -347,8 +361,9 @@ def _curl(method: str, path: str, op: Mapping[str, Any]) -> str:
         return f"websocat {_WS_BASE}{path}\n" + '{"type": "ping", "id": 1}'
     command = "curl -sS" + ("" if method.lower() in ("get", "post") else f" -X {method.upper()}")
     url = f"{_BASE}{path}"
-    example = (op.get("requestBody", {}).get("content", {}).get("application/json", {})
-               .get("example"))
+    example = (
+        op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("example")
+    )
     if example is None:
         return f"{command} {url}"
     body = _compact_numbers(json.dumps(example, indent=2, ensure_ascii=False))

@@ -1,4 +1,4 @@
-""""Try it" on the docs page: a form per operation that sends the request from the browser.
+""" "Try it" on the docs page: a form per operation that sends the request from the browser.
 
 The page itself stays server-rendered and readable without JavaScript; this adds one small
 inline script (allowed by its hash in the page's Content-Security-Policy, nothing else
@@ -93,16 +93,18 @@ def form(method: str, path: str, op: Mapping[str, Any]) -> str:
             continue
         value = parameter.get("example", "")
         fields.append(
-            f'<label>{_e(parameter["name"])} ({_e(where)})'
+            f"<label>{_e(parameter['name'])} ({_e(where)})"
             f'<input name="{_e(parameter["name"])}" data-in="{_e(where)}" '
-            f'value="{_e(value)}"{" required" if where == "path" else ""}></label>')
+            f'value="{_e(value)}"{" required" if where == "path" else ""}></label>'
+        )
     content = op.get("requestBody", {}).get("content", {})
     if "application/json" in content:
         example = content["application/json"].get("example", {})
         text = json.dumps(example, indent=2, ensure_ascii=False)
         rows = min(16, text.count("\n") + 2)
-        fields.append(f'<label>body (JSON)<textarea name="body" rows="{rows}">'
-                      f"{_e(text)}</textarea></label>")
+        fields.append(
+            f'<label>body (JSON)<textarea name="body" rows="{rows}">{_e(text)}</textarea></label>'
+        )
     return (
         f'<details class="try"><summary>Try it</summary>'
         f'<form class="try" data-method="{_e(method.lower())}" data-path="{_e(path)}">'

@@ -31,7 +31,7 @@ TAGS: list[dict[str, Any]] = [
     {
         "name": OIP,
         "description": "KServe / Triton REST inference for tensor models, including the "
-        "binary tensor data extension Triton clients use. Errors are `{\"error\": \"...\"}`.",
+        'binary tensor data extension Triton clients use. Errors are `{"error": "..."}`.',
         "externalDocs": {
             "url": "https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/"
         },
@@ -41,7 +41,7 @@ TAGS: list[dict[str, Any]] = [
         "description": "The subset of the Ollama API that Home Assistant's Ollama "
         "integration and Open WebUI use. Models are named `name` or `name:latest`. "
         "Generation streams by default (`stream` defaults to true), one JSON object a line "
-        "(`application/x-ndjson`). Errors are `{\"error\": \"...\"}`.",
+        '(`application/x-ndjson`). Errors are `{"error": "..."}`.',
         "externalDocs": {"url": "https://github.com/ollama/ollama/blob/main/docs/api.md"},
     },
     {
@@ -109,19 +109,37 @@ INFER_EXAMPLE = {
             "datatype": "FP32",
             "shape": [1, 32, 3],
             # 32 readings of a quiet room: temperature (°C), humidity (%RH), vibration (g).
-            "data": [[[round(21.4 + 0.01 * i, 2), round(45.0 + 0.05 * (i % 4), 2),
-                       round(0.02 + 0.001 * (i % 3), 3)] for i in range(32)]],
+            "data": [
+                [
+                    [
+                        round(21.4 + 0.01 * i, 2),
+                        round(45.0 + 0.05 * (i % 4), 2),
+                        round(0.02 + 0.001 * (i % 3), 3),
+                    ]
+                    for i in range(32)
+                ]
+            ],
         }
     ],
 }
 
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
-    "model": {"description": "Model name, as listed by `GET /v1/models`.",
-              "schema": {"type": "string"}, "example": "qwen2.5-0.5b-instruct"},
-    "name": {"description": "Model name, as listed by `GET /v1/models`.",
-             "schema": {"type": "string"}, "example": "sensor-anomaly"},
-    "version": {"description": "Model version, from the model's manifest (`1` for a model "
-                "served from a bare file).", "schema": {"type": "string"}, "example": "1"},
+    "model": {
+        "description": "Model name, as listed by `GET /v1/models`.",
+        "schema": {"type": "string"},
+        "example": "qwen2.5-0.5b-instruct",
+    },
+    "name": {
+        "description": "Model name, as listed by `GET /v1/models`.",
+        "schema": {"type": "string"},
+        "example": "sensor-anomaly",
+    },
+    "version": {
+        "description": "Model version, from the model's manifest (`1` for a model "
+        "served from a bare file).",
+        "schema": {"type": "string"},
+        "example": "1",
+    },
 }
 
 RETRY_AFTER = {
@@ -154,10 +172,13 @@ SECURITY_ERRORS = (401, 403, 429)
 # ------------------------------------------------------------------ operation helpers
 
 
-def json_body(description: str, schema: Mapping[str, Any], *,
-          headers: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    response: dict[str, Any] = {"description": description,
-                                "content": {"application/json": {"schema": dict(schema)}}}
+def json_body(
+    description: str, schema: Mapping[str, Any], *, headers: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": dict(schema)}},
+    }
     if headers:
         response["headers"] = dict(headers)
     return response
@@ -221,8 +242,9 @@ def make_operation(
     error_schema = ref("OpenAIError" if tag == OPENAI else "Error")
     codes = set(errors) | set(SECURITY_ERRORS) | ({408} if body is not None else set())
     for code in sorted(codes - set(out)):
-        out[code] = json_body(_ERRORS[code], error_schema,
-                          headers=RETRY_AFTER if code in (429, 503) else None)
+        out[code] = json_body(
+            _ERRORS[code], error_schema, headers=RETRY_AFTER if code in (429, 503) else None
+        )
     operation["responses"] = {str(code): out[code] for code in sorted(out)}
     return operation
 
@@ -230,7 +252,9 @@ def make_operation(
 def model_metadata(operation_id: str, versioned: bool) -> dict[str, Any]:
     which = "one version of a model" if versioned else "a model"
     return make_operation(
-        OIP, operation_id, f"Metadata of {which}",
+        OIP,
+        operation_id,
+        f"Metadata of {which}",
         "Name, versions, platform and the input and output tensors with their datatypes and "
         "shapes (`-1`: any size). Also answers for models that are loading or failed, with "
         "their `state`.",
@@ -242,7 +266,9 @@ def model_metadata(operation_id: str, versioned: bool) -> dict[str, Any]:
 def model_ready(operation_id: str, versioned: bool) -> dict[str, Any]:
     which = "one version of a model" if versioned else "a model"
     return make_operation(
-        OIP, operation_id, f"Is {which} ready?",
+        OIP,
+        operation_id,
+        f"Is {which} ready?",
         "200 when the model can serve inference now; 400 while it loads or when it failed "
         "(as Triton answers: the protocol asks for a 4xx).",
         {
@@ -256,7 +282,9 @@ def model_ready(operation_id: str, versioned: bool) -> dict[str, Any]:
 def infer_operation(operation_id: str, versioned: bool) -> dict[str, Any]:
     which = "one version of a tensor model" if versioned else "a tensor model"
     operation = make_operation(
-        OIP, operation_id, f"Run {which}",
+        OIP,
+        operation_id,
+        f"Run {which}",
         "Tensors in, tensors out. The JSON form carries the elements in `data`. With the "
         f"binary tensor data extension the body is a JSON header of `{INFERENCE_HEADER}` "
         "bytes followed by the raw tensors (little-endian; BYTES elements each prefixed "
@@ -269,51 +297,65 @@ def infer_operation(operation_id: str, versioned: bool) -> dict[str, Any]:
             200: {
                 "description": "The outputs. Binary outputs make the body "
                 "`application/octet-stream`: the JSON header, then the tensor bytes.",
-                "headers": {INFERENCE_HEADER: {
-                    "description": "Length of the JSON header (binary answers only).",
-                    "schema": {"type": "integer", "minimum": 0},
-                }},
+                "headers": {
+                    INFERENCE_HEADER: {
+                        "description": "Length of the JSON header (binary answers only).",
+                        "schema": {"type": "integer", "minimum": 0},
+                    }
+                },
                 "content": {
                     "application/json": {"schema": ref("InferenceResponse")},
-                    "application/octet-stream": {"schema": {
-                        "type": "string",
-                        "contentMediaType": "application/octet-stream",
-                        "description": "An `InferenceResponse` JSON header followed by the "
-                        "binary tensor data.",
-                    }},
+                    "application/octet-stream": {
+                        "schema": {
+                            "type": "string",
+                            "contentMediaType": "application/octet-stream",
+                            "description": "An `InferenceResponse` JSON header followed by the "
+                            "binary tensor data.",
+                        }
+                    },
                 },
             }
         },
         errors=(400, 404, 413, 503),
         body=ref("InferenceRequest"),
         example=INFER_EXAMPLE,
-        header_parameters=[{
-            "name": INFERENCE_HEADER, "in": "header", "required": False,
-            "description": "Binary tensor data extension: length of the JSON header that "
-            "starts the body; the rest is raw tensor data.",
-            "schema": {"type": "integer", "minimum": 0},
-        }],
+        header_parameters=[
+            {
+                "name": INFERENCE_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "Binary tensor data extension: length of the JSON header that "
+                "starts the body; the rest is raw tensor data.",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        ],
     )
-    operation["requestBody"]["content"]["application/octet-stream"] = {"schema": {
-        "type": "string",
-        "contentMediaType": "application/octet-stream",
-        "description": f"An `InferenceRequest` JSON header of `{INFERENCE_HEADER}` bytes, "
-        "then the binary tensor data.",
-    }}
+    operation["requestBody"]["content"]["application/octet-stream"] = {
+        "schema": {
+            "type": "string",
+            "contentMediaType": "application/octet-stream",
+            "description": f"An `InferenceRequest` JSON header of `{INFERENCE_HEADER}` bytes, "
+            "then the binary tensor data.",
+        }
+    }
     # MessagePack is negotiated: a MessagePack request is answered in kind unless Accept
     # prefers JSON, a JSON one only when Accept prefers MessagePack; errors follow suit.
-    operation["requestBody"]["content"][MSGPACK] = {"schema": {
-        "type": "string",
-        "contentMediaType": MSGPACK,
-        "description": "An `InferenceRequest` as MessagePack; a tensor's `data` may be a "
-        "`bin` of raw little-endian elements instead of a list.",
-    }}
-    operation["responses"]["200"]["content"][MSGPACK] = {"schema": {
-        "type": "string",
-        "contentMediaType": MSGPACK,
-        "description": "An `InferenceResponse` as MessagePack, each tensor's `data` a `bin` "
-        "(a list of `bin` for BYTES).",
-    }}
+    operation["requestBody"]["content"][MSGPACK] = {
+        "schema": {
+            "type": "string",
+            "contentMediaType": MSGPACK,
+            "description": "An `InferenceRequest` as MessagePack; a tensor's `data` may be a "
+            "`bin` of raw little-endian elements instead of a list.",
+        }
+    }
+    operation["responses"]["200"]["content"][MSGPACK] = {
+        "schema": {
+            "type": "string",
+            "contentMediaType": MSGPACK,
+            "description": "An `InferenceResponse` as MessagePack, each tensor's `data` a `bin` "
+            "(a list of `bin` for BYTES).",
+        }
+    }
     for status, response in operation["responses"].items():
         if status != "200":
             response["content"][MSGPACK] = {"schema": ref("Error")}
@@ -329,19 +371,29 @@ def ollama_body(model: type[BaseModel]) -> dict[str, str]:
     return ref(OLLAMA_PREFIX + model.__name__)
 
 
-def ollama_generation(operation_id: str, summary: str, description: str,
-                       body: type[BaseModel], answer: type[BaseModel],
-                       example: dict[str, Any]) -> dict[str, Any]:
+def ollama_generation(
+    operation_id: str,
+    summary: str,
+    description: str,
+    body: type[BaseModel],
+    answer: type[BaseModel],
+    example: dict[str, Any],
+) -> dict[str, Any]:
     return make_operation(
-        OLLAMA, operation_id, summary, description,
-        {200: {
-            "description": "With `stream: false` the whole answer; otherwise (the "
-            "default) a stream of lines.",
-            "content": {
-                "application/json": {"schema": ollama_body(answer)},
-                "application/x-ndjson": _ndjson(OLLAMA_PREFIX + answer.__name__),
-            },
-        }},
+        OLLAMA,
+        operation_id,
+        summary,
+        description,
+        {
+            200: {
+                "description": "With `stream: false` the whole answer; otherwise (the "
+                "default) a stream of lines.",
+                "content": {
+                    "application/json": {"schema": ollama_body(answer)},
+                    "application/x-ndjson": _ndjson(OLLAMA_PREFIX + answer.__name__),
+                },
+            }
+        },
         errors=(400, 404, 413, 503),
         body=ollama_body(body),
         example=example,

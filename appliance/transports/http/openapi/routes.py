@@ -48,52 +48,67 @@ from appliance.transports.http.openapi.schemas import ref
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     # OpenAI-compatible
     ("GET", "/v1/models"): make_operation(
-        OPENAI, "listModels", "List the models",
+        OPENAI,
+        "listModels",
+        "List the models",
         "Every model the appliance serves or is loading, by name; models that failed to "
         "load are left out (see `/health`).",
         {200: json_body("The models.", openai_body(openai_schema.ModelList))},
     ),
     ("GET", "/v1/models/{model}"): make_operation(
-        OPENAI, "retrieveModel", "Describe a model",
+        OPENAI,
+        "retrieveModel",
+        "Describe a model",
         "One model card, whatever the model's state.",
         {200: json_body("The model card.", openai_body(openai_schema.ModelCard))},
         errors=(404,),
     ),
     ("POST", "/v1/chat/completions"): make_operation(
-        OPENAI, "createChatCompletion", "Chat with a language model",
+        OPENAI,
+        "createChatCompletion",
+        "Chat with a language model",
         "The model's chat template turns the messages into a prompt. Sampling follows the "
         "OpenAI parameters plus llama.cpp's `top_k`, `min_p` and `repeat_penalty`; "
         "`response_format` constrains the answer to JSON (or a JSON Schema) by grammar. "
         "With `stream: true` the answer is a stream of chunks as Server-Sent Events.",
-        {200: {
-            "description": "The completion, or with `stream: true` a stream of chunks.",
-            "content": {
-                "application/json": {"schema": openai_body(openai_schema.ChatCompletion)},
-                "text/event-stream": sse("ChatCompletionChunk",
-                                          " (the first carries only the role)"),
-            },
-        }},
+        {
+            200: {
+                "description": "The completion, or with `stream: true` a stream of chunks.",
+                "content": {
+                    "application/json": {"schema": openai_body(openai_schema.ChatCompletion)},
+                    "text/event-stream": sse(
+                        "ChatCompletionChunk", " (the first carries only the role)"
+                    ),
+                },
+            }
+        },
         errors=(400, 404, 413, 503),
         body=openai_body(openai_schema.ChatCompletionRequest),
         example=CHAT_EXAMPLE,
     ),
     ("POST", "/v1/completions"): make_operation(
-        OPENAI, "createCompletion", "Continue a prompt",
+        OPENAI,
+        "createCompletion",
+        "Continue a prompt",
         "Raw text completion, no chat template. One prompt per request; `echo` prepends it "
         "to the answer. With `stream: true` the answer is a stream of Server-Sent Events.",
-        {200: {
-            "description": "The completion, or with `stream: true` a stream of pieces.",
-            "content": {
-                "application/json": {"schema": openai_body(openai_schema.Completion)},
-                "text/event-stream": sse("Completion"),
-            },
-        }},
+        {
+            200: {
+                "description": "The completion, or with `stream: true` a stream of pieces.",
+                "content": {
+                    "application/json": {"schema": openai_body(openai_schema.Completion)},
+                    "text/event-stream": sse("Completion"),
+                },
+            }
+        },
         errors=(400, 404, 413, 503),
         body=openai_body(openai_schema.CompletionRequest),
         example=COMPLETION_EXAMPLE,
     ),
     ("POST", "/v1/embeddings"): make_operation(
-        OPENAI, "createEmbedding", "Embed texts",
+        OPENAI,
+        "createEmbedding",
+        "Embed texts",
         "One vector per input text, as floats or base64 of little-endian float32; "
         "`dimensions` truncates each vector.",
         {200: json_body("The vectors, in input order.", openai_body(openai_schema.EmbeddingList))},
@@ -103,17 +118,23 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     # Open Inference Protocol v2
     ("GET", "/v2"): make_operation(
-        OIP, "serverMetadata", "Server metadata",
+        OIP,
+        "serverMetadata",
+        "Server metadata",
         "Name, version and the protocol extensions this server supports.",
         {200: json_body("Server metadata.", ref("ServerMetadataResponse"))},
     ),
     ("GET", "/v2/health/live"): make_operation(
-        OIP, "serverLive", "Is the server live?",
+        OIP,
+        "serverLive",
+        "Is the server live?",
         "200 whenever the daemon answers at all: a liveness probe.",
         {200: json_body("Live.", ref("ServerLiveResponse"))},
     ),
     ("GET", "/v2/health/ready"): make_operation(
-        OIP, "serverReady", "Is the server ready?",
+        OIP,
+        "serverReady",
+        "Is the server ready?",
         "200 when at least one model can serve; 503 while models load or when none can.",
         {
             200: json_body("Ready.", ref("ServerReadyResponse")),
@@ -134,33 +155,49 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     # Ollama-compatible
     ("GET", "/"): make_operation(
-        OLLAMA, "ollamaRoot", "Ollama liveness probe",
+        OLLAMA,
+        "ollamaRoot",
+        "Ollama liveness probe",
         "Answers `Ollama is running`, as Ollama does: its clients probe this first. A "
         "browser (`Accept: text/html`) gets the device page instead, which reads `/device`. "
         "People looking for the API find it at `/docs`.",
-        {200: {"description": "Running, or the device page.", "content": {
-            "text/plain": {"schema": {"const": "Ollama is running"}},
-            "text/html": {"schema": {"type": "string"}}}}},
+        {
+            200: {
+                "description": "Running, or the device page.",
+                "content": {
+                    "text/plain": {"schema": {"const": "Ollama is running"}},
+                    "text/html": {"schema": {"type": "string"}},
+                },
+            }
+        },
     ),
     ("GET", "/api/version"): make_operation(
-        OLLAMA, "ollamaVersion", "Ollama API version",
+        OLLAMA,
+        "ollamaVersion",
+        "Ollama API version",
         "The Ollama API level this appliance implements.",
         {200: json_body("The version.", ollama_body(ollama_schema.Version))},
     ),
     ("GET", "/api/tags"): make_operation(
-        OLLAMA, "ollamaTags", "List the language models",
+        OLLAMA,
+        "ollamaTags",
+        "List the language models",
         "Language models the appliance serves or is loading, as `name:latest`; tensor "
         "models are left out.",
         {200: json_body("The models.", ollama_body(ollama_schema.Tags))},
     ),
     ("GET", "/api/ps"): make_operation(
-        OLLAMA, "ollamaPs", "List the loaded language models",
+        OLLAMA,
+        "ollamaPs",
+        "List the loaded language models",
         "Language models that are ready now. They stay loaded while served, so "
         "`expires_at` lies far in the future.",
         {200: json_body("The loaded models.", ollama_body(ollama_schema.Running))},
     ),
     ("POST", "/api/show"): make_operation(
-        OLLAMA, "ollamaShow", "Describe a model",
+        OLLAMA,
+        "ollamaShow",
+        "Describe a model",
         "Details, capabilities (`completion`, `embedding`) and the appliance's own facts "
         "about one model.",
         {200: json_body("The model.", ollama_body(ollama_schema.Show))},
@@ -169,21 +206,28 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         example={"model": "qwen2.5-0.5b-instruct"},
     ),
     ("POST", "/api/chat"): ollama_generation(
-        "ollamaChat", "Chat with a language model",
+        "ollamaChat",
+        "Chat with a language model",
         "The model's chat template turns the messages into a prompt; `options` carries the "
         "sampling parameters, `format` constrains the answer to JSON or a JSON Schema. No "
         "messages only loads the model (Ollama's way to warm it up).",
-        ollama_schema.ChatRequest, ollama_schema.ChatAnswer, OLLAMA_CHAT_EXAMPLE,
+        ollama_schema.ChatRequest,
+        ollama_schema.ChatAnswer,
+        OLLAMA_CHAT_EXAMPLE,
     ),
     ("POST", "/api/generate"): ollama_generation(
-        "ollamaGenerate", "Answer a prompt",
+        "ollamaGenerate",
+        "Answer a prompt",
         "The prompt (and `system`) go through the model's template as one user turn; with "
         "`raw: true` the prompt is continued as-is. An empty prompt only loads the model.",
-        ollama_schema.GenerateRequestBody, ollama_schema.GenerateAnswer,
+        ollama_schema.GenerateRequestBody,
+        ollama_schema.GenerateAnswer,
         OLLAMA_GENERATE_EXAMPLE,
     ),
     ("POST", "/api/embed"): make_operation(
-        OLLAMA, "ollamaEmbed", "Embed texts",
+        OLLAMA,
+        "ollamaEmbed",
+        "Embed texts",
         "One vector per input text; `dimensions` truncates and re-normalises them.",
         {200: json_body("The vectors, in input order.", ollama_body(ollama_schema.Embed))},
         errors=(400, 404, 413, 503),
@@ -191,7 +235,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         example=OLLAMA_EMBED_EXAMPLE,
     ),
     ("POST", "/api/embeddings"): make_operation(
-        OLLAMA, "ollamaEmbeddings", "Embed one text (older form)",
+        OLLAMA,
+        "ollamaEmbeddings",
+        "Embed one text (older form)",
         "The single-text predecessor of `/api/embed`, still used by some clients.",
         {200: json_body("The vector.", ollama_body(ollama_schema.Embeddings))},
         errors=(400, 404, 413, 503),
@@ -200,7 +246,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     # WebSocket
     ("GET", "/ws"): make_operation(
-        WEBSOCKET, "websocket", "Open a WebSocket",
+        WEBSOCKET,
+        "websocket",
+        "Open a WebSocket",
         "Upgrades to a WebSocket. Each message is a JSON object with a `type` and an `id` "
         "that its replies echo: `generate` (answered by `token` messages and one `done`), "
         "`infer` (one `result`), `embed` (one `embeddings`), `models`, `cancel` and `ping`. "
@@ -213,18 +261,36 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     # Model repository administration (admin scope)
     ("POST", "/v2/repository/index"): make_operation(
-        REPOSITORY, "repositoryIndex", "List every model version",
+        REPOSITORY,
+        "repositoryIndex",
+        "List every model version",
         "Triton's model repository extension: every served version of every model with its "
         "state (`READY`, `LOADING`, `UNLOADED`, `FAILED`) and, for a failed one, the reason. "
-        "The body is optional; `{\"ready\": true}` lists only ready versions.",
-        {200: json_body("The versions.", {"type": "array", "items": {
-            "type": "object", "required": ["name", "version", "state"],
-            "properties": {"name": {"type": "string"}, "version": {"type": "string"},
-                           "state": {"type": "string"}, "reason": {"type": "string"}}}})},
+        'The body is optional; `{"ready": true}` lists only ready versions.',
+        {
+            200: json_body(
+                "The versions.",
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "version", "state"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "version": {"type": "string"},
+                            "state": {"type": "string"},
+                            "reason": {"type": "string"},
+                        },
+                    },
+                },
+            )
+        },
         errors=(400, 413),
     ),
     ("POST", "/v2/repository/models/{name}/load"): make_operation(
-        REPOSITORY, "repositoryModelLoad", "Load or reload a model",
+        REPOSITORY,
+        "repositoryModelLoad",
+        "Load or reload a model",
         "Re-reads the model from the repository and loads it. A changed file or a new "
         "version loads beside the serving one and takes over once ready (with `[canary]` "
         "enabled, a new version starts as a canary); one that fails to load leaves the old "
@@ -233,35 +299,54 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         errors=(400, 404, 413, 503),
     ),
     ("POST", "/v2/repository/models/{name}/unload"): make_operation(
-        REPOSITORY, "repositoryModelUnload", "Unload a model",
+        REPOSITORY,
+        "repositoryModelUnload",
+        "Unload a model",
         "Unloads every version once its admitted requests finished; the model answers 503 "
         "until it is loaded again.",
         {200: json_body("The model's versions and their states.", ref("ModelVersions"))},
         errors=(400, 404, 413),
     ),
     ("POST", "/admin/reload"): make_operation(
-        REPOSITORY, "adminReload", "Re-read the model repository",
+        REPOSITORY,
+        "adminReload",
+        "Re-read the model repository",
         "What SIGHUP does: every model is re-read and what changed is hot-swapped.",
-        {200: json_body("Every model's versions and their states.", {
-            "type": "object", "additionalProperties": {
-                "type": "object", "additionalProperties": {"type": "string"}}})},
+        {
+            200: json_body(
+                "Every model's versions and their states.",
+                {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string"},
+                    },
+                },
+            )
+        },
         errors=(400, 413),
     ),
     ("POST", "/admin/models/{name}/promote"): make_operation(
-        REPOSITORY, "adminCanaryPromote", "Promote a running canary",
+        REPOSITORY,
+        "adminCanaryPromote",
+        "Promote a running canary",
         "The canary version becomes the stable one; the old stable version is retired.",
         {200: json_body("The decision.", ref("CanaryDecision"))},
         errors=(400, 404, 413),
     ),
     ("POST", "/admin/models/{name}/rollback"): make_operation(
-        REPOSITORY, "adminCanaryRollback", "Roll back a running canary",
+        REPOSITORY,
+        "adminCanaryRollback",
+        "Roll back a running canary",
         "The canary version is unloaded; the stable one serves everything.",
         {200: json_body("The decision.", ref("CanaryDecision"))},
         errors=(400, 404, 413),
     ),
     # Operations
     ("GET", "/health"): make_operation(
-        OPS, "health", "Appliance health",
+        OPS,
+        "health",
+        "Appliance health",
         "For load balancers, systemd and people: 200 while the appliance serves (`ok`, or "
         "`degraded` when some model failed to load), 503 while models load, while stopping, "
         "or when no model can serve. The body is the same either way.",
@@ -271,32 +356,51 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         },
     ),
     ("GET", "/metrics"): make_operation(
-        OPS, "metrics", "Prometheus metrics",
+        OPS,
+        "metrics",
+        "Prometheus metrics",
         "Request counts and latency histograms per route and model, queue depths and model "
         "states, in the Prometheus text exposition format.",
-        {200: {"description": "The metrics.", "content": {"text/plain": {
-            "schema": {"type": "string"},
-            "example": "# TYPE appliance_requests_total counter\n",
-        }}}},
+        {
+            200: {
+                "description": "The metrics.",
+                "content": {
+                    "text/plain": {
+                        "schema": {"type": "string"},
+                        "example": "# TYPE appliance_requests_total counter\n",
+                    }
+                },
+            }
+        },
     ),
     ("GET", "/device"): make_operation(
-        OPS, "device", "What the device page shows",
+        OPS,
+        "device",
+        "What the device page shows",
         "This device, its models and their state, chart points of the last hour (one per "
         "health snapshot: cpu, memory, temperature, gpu, latency_ms, rps, tokens_s), the "
         "alerts firing and the latest alert changes, and the MQTT topics it answers.",
         {200: json_body("The device.", {"type": "object"})},
     ),
     ("GET", "/openapi.json"): make_operation(
-        OPS, "openapi", "This API description",
+        OPS,
+        "openapi",
+        "This API description",
         "The OpenAPI 3.1 document describing every route, generated from the running "
         "application's router.",
         {200: json_body("An OpenAPI 3.1 document.", {"type": "object"})},
     ),
     ("GET", "/docs"): make_operation(
-        OPS, "docs", "API documentation page",
+        OPS,
+        "docs",
+        "API documentation page",
         "This document as a self-contained HTML page: no scripts, no external resources.",
-        {200: {"description": "An HTML page.",
-               "content": {"text/html": {"schema": {"type": "string"}}}}},
+        {
+            200: {
+                "description": "An HTML page.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            }
+        },
     ),
 }
 

@@ -157,8 +157,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ServerReadyResponse": {
         "type": "object",
         "required": ["ready"],
-        "properties": {"ready": {"type": "boolean", "description": "Always true (503 "
-                                 "when not ready)."}},
+        "properties": {
+            "ready": {"type": "boolean", "description": "Always true (503 when not ready)."}
+        },
     },
     "MetadataTensor": {
         "type": "object",
@@ -186,11 +187,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "inputs": {
                 "type": "array",
                 "items": ref("MetadataTensor"),
-                "description": "Input tensors; empty for language models and models not "
-                "loaded.",
+                "description": "Input tensors; empty for language models and models not loaded.",
             },
-            "outputs": {"type": "array", "items": ref("MetadataTensor"),
-                        "description": "Output tensors, in the model's order."},
+            "outputs": {
+                "type": "array",
+                "items": ref("MetadataTensor"),
+                "description": "Output tensors, in the model's order.",
+            },
             "state": {
                 "enum": [s.value for s in ModelState],
                 "description": "Appliance extension: the model's lifecycle state.",
@@ -206,8 +209,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["name", "versions"],
         "properties": {
             "name": {"type": "string", "description": "Model name."},
-            "versions": {"type": "object", "additionalProperties": {"type": "string"},
-                         "description": "Each served version and its state."},
+            "versions": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "Each served version and its state.",
+            },
         },
     },
     "CanaryDecision": {
@@ -257,8 +263,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "bytes in the binary part of the body.",
         "required": ["name", "datatype", "shape"],
         "properties": {
-            "name": {"type": "string", "minLength": 1,
-                     "description": "Input name, from the model's metadata."},
+            "name": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Input name, from the model's metadata.",
+            },
             "datatype": ref("Datatype"),
             "shape": _CONCRETE_SHAPE,
             "parameters": _BINARY_SIZE,
@@ -276,8 +285,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "required": ["name"],
         "properties": {
-            "name": {"type": "string", "description": "Output name, from the model's "
-                     "metadata."},
+            "name": {"type": "string", "description": "Output name, from the model's metadata."},
             "parameters": {
                 "type": "object",
                 "properties": {
@@ -296,8 +304,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "model_name": {"type": "string", "description": "The model that ran."},
             "model_version": {"type": "string", "description": "Its version."},
             "id": {"type": "string", "description": "The request's id, when it had one."},
-            "outputs": {"type": "array", "items": ref("ResponseOutput"),
-                        "description": "The outputs asked for, in the model's order."},
+            "outputs": {
+                "type": "array",
+                "items": ref("ResponseOutput"),
+                "description": "The outputs asked for, in the model's order.",
+            },
         },
     },
     "ResponseOutput": {
