@@ -189,10 +189,9 @@ def storage_url(config: HubConfig, env: Mapping[str, str] | None = None) -> str:
     """The storage URL with the default (SQLite in the state directory) filled in."""
     if config.storage.url:
         return config.storage.url
-    from appliance.ops.outbox import default_state_dir
+    from appliance.ops.instance import state_directory
 
-    env = os.environ if env is None else env
-    state = default_state_dir(env, is_root=os.geteuid() == 0, home=Path.home())
+    state = state_directory(os.environ if env is None else env)
     return f"sqlite:///{state / 'hub.db'}"
 
 

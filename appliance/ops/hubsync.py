@@ -35,8 +35,9 @@ from appliance.config import Config
 from appliance.errors import ConfigError
 from appliance.ops.alerts import AlertEngine, AlertEvent
 from appliance.ops.health import HealthCollector, HealthSnapshot
+from appliance.ops.instance import state_directory
 from appliance.ops.metrics import HubMetrics, OutboxMetrics
-from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record, default_state_dir
+from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record
 from appliance.security.crypto import load_cipher
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def resolve_token(config: Config, env: Mapping[str, str]) -> str:
 def outbox_path(config: Config, env: Mapping[str, str]) -> Path:
     if config.hub.outbox_path is not None:
         return config.hub.outbox_path
-    return default_state_dir(env, is_root=os.geteuid() == 0, home=Path.home()) / "outbox.db"
+    return state_directory(env) / "outbox.db"
 
 
 class HubSync:

@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from appliance.ops.outbox import default_state_dir
-
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "daemon.pid"
@@ -31,6 +29,19 @@ LOCK_FILE = "daemon.pid"
 
 class AlreadyRunning(RuntimeError):
     """Another daemon holds the state directory."""
+
+
+def default_state_dir(env: Mapping[str, str], *, is_root: bool, home: Path) -> Path:
+    """Where the appliance keeps state: systemd's ``$STATE_DIRECTORY`` (first entry) when
+    set, else ``/var/lib/appliance`` for root, else ``$XDG_STATE_HOME/appliance`` (by default
+    ``~/.local/state/appliance``)."""
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
+    if is_root:
+        return Path("/var/lib/appliance")
+    xdg = env.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else home / ".local" / "state") / "appliance"
 
 
 def state_directory(env: Mapping[str, str]) -> Path:

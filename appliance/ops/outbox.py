@@ -45,42 +45,21 @@ import json
 import logging
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance.ops.metrics import OutboxMetrics
+from appliance.ops.outbox_file import OutboxError, connect, is_corrupt, move_aside
 from appliance.security.crypto import DecryptionError, FieldCipher, is_encrypted
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    created REAL NOT NULL,
-    size INTEGER NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_kind ON records (kind, seq);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-# SQLite primary result codes that mean the file itself is damaged.
-_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 HEARTBEAT = "heartbeat"
 _DROP_REASONS = ("size", "age", "key")
-
-
-class OutboxError(RuntimeError):
-    """The outbox cannot store a record (e.g. one larger than the whole outbox)."""
-
-
-class CorruptOutbox(OutboxError, sqlite3.DatabaseError):
-    """The database file is damaged (raised internally; handled by moving it aside)."""
 
 
 @dataclass(frozen=True)
@@ -224,30 +203,12 @@ class Outbox:
             self._connect()
 
     def _connect(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        try:
-            verdict = conn.execute("PRAGMA quick_check").fetchone()
-            if verdict is None or verdict[0] != "ok":
-                raise CorruptOutbox(f"quick_check: {verdict[0] if verdict else 'no answer'}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            if "stream" not in meta:
-                meta["stream"] = uuid.uuid4().hex
-                conn.execute("INSERT INTO meta VALUES ('stream', ?)", (meta["stream"],))
-            count, size = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM records"
-            ).fetchone()
-            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        self.stream = meta["stream"]
-        self.records, self.bytes = int(count), int(size)
-        self.last_seq = int(row[0]) if row else 0
-        self.dropped = _drops({r: int(meta.get(f"dropped_{r}", 0)) for r in _DROP_REASONS})
+        opened = connect(self.path)
+        self._conn = opened.conn
+        self.stream = opened.stream
+        self.records, self.bytes = opened.records, opened.bytes
+        self.last_seq = opened.last_seq
+        self.dropped = _drops({r: int(opened.meta.get(f"dropped_{r}", 0)) for r in _DROP_REASONS})
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -256,16 +217,7 @@ class Outbox:
 
     def _move_aside(self, exc: BaseException) -> None:
         self._close()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        n = 1
-        while target.exists():
-            n += 1
-            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
-        for suffix in ("", "-wal", "-shm"):
-            src = self.path.with_name(self.path.name + suffix)
-            if src.exists():
-                src.rename(target.with_name(target.name + suffix))
+        target = move_aside(self.path)
         log.error(
             "outbox %s is corrupt (%s); moved it to %s and started a new one",
             self.path,
@@ -281,7 +233,7 @@ class Outbox:
         try:
             return fn()
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
+            if not is_corrupt(exc):
                 raise
             self._move_aside(exc)
             self._connect()
@@ -435,27 +387,4 @@ def _drops(counts: Mapping[str, int]) -> dict[str, int]:
     }
 
 
-def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
-    if isinstance(exc, CorruptOutbox):
-        return True
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return (int(code) & 0xFF) in _CORRUPT_CODES
-    text = str(exc).lower()
-    return "malformed" in text or "not a database" in text
-
-
-def default_state_dir(env: Mapping[str, str], *, is_root: bool, home: Path) -> Path:
-    """Where the appliance keeps state: systemd's ``$STATE_DIRECTORY`` (first entry) when
-    set, else ``/var/lib/appliance`` for root, else ``$XDG_STATE_HOME/appliance`` (by default
-    ``~/.local/state/appliance``)."""
-    state = env.get("STATE_DIRECTORY", "").split(":")[0]
-    if state:
-        return Path(state)
-    if is_root:
-        return Path("/var/lib/appliance")
-    xdg = env.get("XDG_STATE_HOME")
-    return (Path(xdg) if xdg else home / ".local" / "state") / "appliance"
-
-
-__all__ = ["HEARTBEAT", "Outbox", "OutboxError", "Record", "default_state_dir"]
+__all__ = ["HEARTBEAT", "Outbox", "OutboxError", "Record"]

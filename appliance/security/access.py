@@ -61,9 +61,9 @@ class KeySources:
         """Add the generated admin key to an empty ``store``; where it is kept."""
         state_dir = self.state_dir
         if state_dir is None:
-            from appliance.ops.outbox import default_state_dir
+            from appliance.ops.instance import state_directory
 
-            state_dir = default_state_dir(self.env, is_root=os.geteuid() == 0, home=Path.home())
+            state_dir = state_directory(self.env)
         key, path = bootstrap_key(state_dir / self.key_file)
         store.add(key)
         return path

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from appliance.core.metrics import Metrics
+from appliance.ops.instance import default_state_dir
 from appliance.ops.metrics import OutboxMetrics
-from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, default_state_dir
+from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError
 from tests.hub.conftest import no_leaked_db_threads  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.usefixtures("no_leaked_db_threads"), pytest.mark.timeout(30)]
