@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.config import AlertsConfig
-from appliance.ops.health import HealthSnapshot
+from appliance.ops.snapshot import HealthSnapshot
 
 Measure = Callable[["History", float], dict[str, float]]
 

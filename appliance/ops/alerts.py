@@ -26,8 +26,9 @@ from appliance.config import AlertsConfig
 from appliance.core.canary import CanaryDecision
 from appliance.core.metrics import Metrics
 from appliance.ops.alert_rules import History, Rule, build_rules
-from appliance.ops.health import HealthCollector, HealthSnapshot
+from appliance.ops.health import HealthCollector
 from appliance.ops.metrics import AlertMetrics
+from appliance.ops.snapshot import HealthSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ Prometheus registry, so every transport that counts its requests there is includ
 
 A snapshot carries both cumulative counters (``requests_total``, ``latency_sum_s`` ...) and
 rates over the interval since the previous snapshot (``requests_per_s``, percentiles), so
-consumers can compute any window of their own (the alert rules do). Sensors a box does not
-have are absent (``None``, empty mapping or tuple), never faked.
+consumers can compute any window of their own (the alert rules do). The snapshot's types are
+:mod:`appliance.ops.snapshot`.
 
 Consumers: ``collector.latest`` (the newest snapshot, or ``None`` before the first),
 ``await collector.snapshot()`` (measure now), ``collector.add_listener(fn)`` (called on the
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,136 +31,18 @@ from appliance.core.service import Core
 from appliance.ops import sensors
 from appliance.ops.metrics import SystemMetrics
 from appliance.ops.reqstats import Counters, bucket_quantile, read_counters
+from appliance.ops.snapshot import (
+    DiskStats,
+    GpuStats,
+    HealthSnapshot,
+    ModelStats,
+    SystemStats,
+    throttling_flags,
+)
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[["HealthSnapshot"], None]
-
-
-@dataclass(frozen=True)
-class DiskStats:
-    """Usage of the filesystem holding ``path``."""
-
-    path: str
-    total_bytes: int
-    used_bytes: int
-    percent: float
-
-
-@dataclass(frozen=True)
-class GpuStats:
-    """One GPU: an NVIDIA card (``nvidia-smi``) or a Jetson's integrated GPU (sysfs)."""
-
-    name: str
-    utilization_percent: float
-    memory_used_bytes: int | None = None  # None: not reported (Jetson GPUs share system RAM)
-    memory_total_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class Throttling:
-    """Raspberry Pi firmware flags (``get_throttled``): now and since boot."""
-
-    under_voltage: bool
-    freq_capped: bool
-    throttled: bool
-    soft_temp_limit: bool
-    under_voltage_occurred: bool
-    freq_capped_occurred: bool
-    throttled_occurred: bool
-    soft_temp_limit_occurred: bool
-    raw: int
-
-
-@dataclass(frozen=True)
-class SystemStats:
-    """Whole-machine readings."""
-
-    cpu_percent: float
-    cpu_count: int
-    load_1m: float
-    load_5m: float
-    load_15m: float
-    memory_total_bytes: int
-    memory_available_bytes: int
-    memory_percent: float
-    swap_total_bytes: int
-    swap_used_bytes: int
-    swap_percent: float
-    disks: tuple[DiskStats, ...]
-    net_rx_bytes: int
-    net_tx_bytes: int
-    net_rx_bytes_per_s: float
-    net_tx_bytes_per_s: float
-    process_rss_bytes: int
-    process_cpu_percent: float
-    uptime_s: float  # since boot
-    temperatures_c: Mapping[str, float] = field(default_factory=dict)
-    throttling: Throttling | None = None
-    gpus: tuple[GpuStats, ...] = ()
-
-    @property
-    def max_temperature_c(self) -> float | None:
-        return max(self.temperatures_c.values()) if self.temperatures_c else None
-
-    @property
-    def max_gpu_percent(self) -> float | None:
-        return max(g.utilization_percent for g in self.gpus) if self.gpus else None
-
-
-@dataclass(frozen=True)
-class ModelStats:
-    """One model's requests over every transport: cumulative totals and interval rates."""
-
-    name: str
-    state: str
-    requests_total: int
-    errors_total: int  # answered with a 5xx status (or an MQTT "error")
-    latency_sum_s: float  # response time, queue wait included
-    latency_count: int
-    tokens_total: int
-    load_failures: int
-    queue_depth: int
-    running: int
-    requests_per_s: float
-    error_rate: float  # errors / requests in the interval, 0..1
-    tokens_per_s: float
-    latency_avg_ms: float | None  # None: no request finished in the interval
-    latency_p50_ms: float | None
-    latency_p95_ms: float | None
-    latency_p99_ms: float | None
-
-
-@dataclass(frozen=True)
-class HealthSnapshot:
-    """Everything the box knows about itself at one moment."""
-
-    time: float  # Unix time
-    monotonic: float  # time.monotonic() of the measurement, for windows
-    interval_s: float  # seconds since the previous snapshot (rates cover this)
-    process_uptime_s: float
-    system: SystemStats
-    models: Mapping[str, ModelStats]
-    http_requests_total: int  # HTTP responses, health/readiness probes excepted
-    http_5xx_total: int  # server errors among them; shed load (full queues) excepted
-    http_shed_total: int = 0  # 503s of full queues: backpressure, not failures
-
-    @property
-    def requests_total(self) -> int:
-        return sum(m.requests_total for m in self.models.values())
-
-    @property
-    def requests_per_s(self) -> float:
-        return sum(m.requests_per_s for m in self.models.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: plain dicts, lists, numbers and strings."""
-        out = dataclasses.asdict(self)
-        out.pop("monotonic")
-        out["system"]["max_temperature_c"] = self.system.max_temperature_c
-        out["system"]["max_gpu_percent"] = self.system.max_gpu_percent
-        out["requests_per_s"] = self.requests_per_s
-        return out
 
 
 # --------------------------------------------------------------------------- the unit
@@ -352,7 +232,7 @@ class HealthCollector:
             process_cpu_percent=system.process_cpu_percent,
             uptime_s=system.uptime,
             temperatures_c=dict(system.temperatures),
-            throttling=_throttling(system.throttled),
+            throttling=throttling_flags(system.throttled),
             gpus=tuple(
                 GpuStats(
                     name=g.name,
@@ -376,29 +256,4 @@ class HealthCollector:
         )
 
 
-def _throttling(raw: int | None) -> Throttling | None:
-    if raw is None:
-        return None
-    return Throttling(
-        under_voltage=bool(raw & 0x1),
-        freq_capped=bool(raw & 0x2),
-        throttled=bool(raw & 0x4),
-        soft_temp_limit=bool(raw & 0x8),
-        under_voltage_occurred=bool(raw & 0x10000),
-        freq_capped_occurred=bool(raw & 0x20000),
-        throttled_occurred=bool(raw & 0x40000),
-        soft_temp_limit_occurred=bool(raw & 0x80000),
-        raw=raw,
-    )
-
-
-__all__ = [
-    "DiskStats",
-    "GpuStats",
-    "HealthCollector",
-    "HealthSnapshot",
-    "ModelStats",
-    "SystemStats",
-    "Throttling",
-    "bucket_quantile",
-]
+__all__ = ["HealthCollector"]

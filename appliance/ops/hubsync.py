@@ -34,10 +34,11 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.errors import ConfigError
 from appliance.ops.alerts import AlertEngine, AlertEvent
-from appliance.ops.health import HealthCollector, HealthSnapshot
+from appliance.ops.health import HealthCollector
 from appliance.ops.instance import state_directory
 from appliance.ops.metrics import HubMetrics, OutboxMetrics
 from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record
+from appliance.ops.snapshot import HealthSnapshot
 from appliance.security.crypto import load_cipher
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from appliance.ops.alerts import AlertEngine
-    from appliance.ops.health import HealthCollector, HealthSnapshot
+    from appliance.ops.health import HealthCollector
+    from appliance.ops.snapshot import HealthSnapshot
 
 WINDOW_S = 3600.0
 MAX_POINTS = 720

@@ -14,7 +14,7 @@ import pytest
 from appliance.config import AlertsConfig, HealthConfig
 from appliance.core.metrics import Metrics
 from appliance.ops.alerts import AlertEngine, AlertEvent
-from appliance.ops.health import GpuStats, HealthSnapshot, ModelStats, SystemStats
+from appliance.ops.snapshot import GpuStats, HealthSnapshot, ModelStats, SystemStats
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,8 +11,10 @@ import aiohttp
 import pytest
 
 from appliance.config import HealthConfig
-from appliance.ops.health import HealthCollector, HealthSnapshot, bucket_quantile
+from appliance.ops.health import HealthCollector
+from appliance.ops.reqstats import bucket_quantile
 from appliance.ops.sensors import SystemProbe, parse_nvidia_smi
+from appliance.ops.snapshot import HealthSnapshot
 from tests.conftest import DEFAULT_MODELS, base_url, make_config, serving
 
 pytestmark = pytest.mark.timeout(60)
