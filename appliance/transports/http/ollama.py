@@ -4,66 +4,69 @@ The subset real clients use: ``GET /`` ("Ollama is running"), ``/api/version``,
 ``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/chat``, ``/api/generate``, ``/api/embed``
 and ``/api/embeddings``. Answers stream as NDJSON unless ``stream`` is false; as on the
 OpenAI routes the first token is awaited before the status is sent, so a request the model
-rejects still gets a 4xx. Errors are ``{"error": "..."}`` (mapped in ``errors.py``); one that
-happens after streaming started arrives as a last ``{"error": ...}`` line, as Ollama does.
+rejects still gets a 4xx (``ollama_stream.py``). Errors are ``{"error": "..."}`` (mapped in
+``errors.py``); one that happens after streaming started arrives as a last ``{"error": ...}``
+line, as Ollama does.
 
 Only language models are listed: tensor models are served by the Open Inference Protocol.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime, timezone
-from typing import Any
+from collections.abc import Sequence
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from appliance.core.service import Core, TokenStream
-from appliance.core.toolcalls import CallCollector
+from appliance.core.service import Core
 from appliance.core.types import Capability, ModelInfo, ModelState, TokenChunk, ToolCall
-from appliance.errors import ApplianceError, RequestError
+from appliance.errors import RequestError
 from appliance.transports.http import device_page
 from appliance.transports.http.errors import read_json
 from appliance.transports.http.keys import CORE, MODEL
-from appliance.transports.http.ollama_schema import (
-    LATEST,
-    OLLAMA_VERSION,
+from appliance.transports.http.ollama_answers import (
     AssistantMessage,
     CallFunction,
     CallOut,
     ChatAnswer,
-    ChatRequest,
     Embed,
     Embeddings,
-    EmbeddingsRequest,
-    EmbedRequest,
     GenerateAnswer,
-    GenerateRequestBody,
     ModelDetails,
     Running,
     RunningModel,
     Show,
-    ShowRequest,
     TagModel,
     Tags,
     Version,
+)
+from appliance.transports.http.ollama_schema import (
+    LATEST,
+    OLLAMA_VERSION,
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequestBody,
+    ShowRequest,
     keep_alive_seconds,
     model_ref,
     parse,
 )
-
-log = logging.getLogger(__name__)
+from appliance.transports.http.ollama_stream import (
+    Timing,
+    final_fields,
+    iso,
+    json_answer,
+    now,
+    respond,
+)
 
 routes = web.RouteTableDef()
 
-NDJSON = "application/x-ndjson"
 _TEXT = frozenset({Capability.GENERATE, Capability.EMBED})
 # Models stay loaded for as long as they are served; Ollama shows "Forever" for this.
 _FOREVER = "9999-12-31T23:59:59Z"
@@ -80,13 +83,13 @@ async def root(request: web.Request) -> web.Response:
 
 @routes.get("/api/version")
 async def version(request: web.Request) -> web.Response:
-    return _json(Version(version=OLLAMA_VERSION))
+    return json_answer(Version(version=OLLAMA_VERSION))
 
 
 @routes.get("/api/tags")
 async def tags(request: web.Request) -> web.Response:
     models = [_tag(m) for m in request.app[CORE].list_models() if _language_model(m)]
-    return _json(Tags(models=models))
+    return json_answer(Tags(models=models))
 
 
 @routes.get("/api/ps")
@@ -96,7 +99,7 @@ async def running(request: web.Request) -> web.Response:
         for m in request.app[CORE].list_models()
         if m.ready and _language_model(m)
     ]
-    return _json(Running(models=models))
+    return json_answer(Running(models=models))
 
 
 @routes.post("/api/show")
@@ -118,13 +121,13 @@ async def show(request: web.Request) -> web.Response:
     }
     if info.context_length is not None:
         model_info["appliance.context_length"] = info.context_length
-    return _json(
+    return json_answer(
         Show(
             modelfile=f"# Served by the appliance from its model repository.\nFROM {info.name}\n",
             details=_details(info),
             model_info=model_info,
             capabilities=capabilities,
-            modified_at=_iso(info.created),
+            modified_at=iso(info.created),
         )
     )
 
@@ -142,10 +145,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE]
     if not body.messages:  # Ollama's way to load (or, with keep_alive 0, unload) a model
         await _require_ready(core, name, version, unload=body.unload)
-        return _json(
+        return json_answer(
             ChatAnswer(
                 model=body.model,
-                created_at=_now(),
+                created_at=now(),
                 done=True,
                 done_reason="unload" if body.unload else "load",
                 message=AssistantMessage(content=""),
@@ -154,7 +157,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     stream = await core.generate(name, body.to_core(), version=version)
 
     def answer(
-        chunk: TokenChunk, timing: _Timing | None, calls: Sequence[ToolCall] = ()
+        chunk: TokenChunk, timing: Timing | None, calls: Sequence[ToolCall] = ()
     ) -> BaseModel:
         message = AssistantMessage(
             content=chunk.text,
@@ -166,13 +169,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
         )
         return ChatAnswer(
             model=body.model,
-            created_at=_now(),
+            created_at=now(),
             done=timing is not None,
             message=message,
-            **_final(chunk, timing),
+            **final_fields(chunk, timing),
         )
 
-    return await _respond(request, stream, answer, body.streaming, started)
+    return await respond(request, stream, answer, body.streaming, started)
 
 
 @routes.post("/api/generate")
@@ -195,10 +198,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE]
     if not body.prompt:  # load (or unload) only, as Ollama does for an empty prompt
         await _require_ready(core, name, version, unload=body.unload)
-        return _json(
+        return json_answer(
             GenerateAnswer(
                 model=body.model,
-                created_at=_now(),
+                created_at=now(),
                 done=True,
                 done_reason="unload" if body.unload else "load",
                 response="",
@@ -206,16 +209,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
         )
     stream = await core.generate(name, body.to_core(), version=version)
 
-    def answer(chunk: TokenChunk, timing: _Timing | None) -> BaseModel:
+    def answer(chunk: TokenChunk, timing: Timing | None) -> BaseModel:
         return GenerateAnswer(
             model=body.model,
-            created_at=_now(),
+            created_at=now(),
             done=timing is not None,
             response=chunk.text,
-            **_final(chunk, timing),
+            **final_fields(chunk, timing),
         )
 
-    return await _respond(request, stream, answer, body.streaming, started)
+    return await respond(request, stream, answer, body.streaming, started)
 
 
 @routes.post("/api/embed")
@@ -227,12 +230,12 @@ async def embed(request: web.Request) -> web.Response:
     texts = body.texts()
     if not texts:  # Ollama loads the model and answers no vectors
         await _require_ready(core, name, version)
-        return _json(Embed(model=body.model, embeddings=[]))
+        return json_answer(Embed(model=body.model, embeddings=[]))
     result = await core.embed(name, texts, version=version)
     vectors = result.vectors
     if body.dimensions is not None:
         vectors = [_normalised(v[: body.dimensions]) for v in vectors]
-    return _json(
+    return json_answer(
         Embed(
             model=body.model,
             embeddings=vectors,
@@ -250,100 +253,12 @@ async def embeddings(request: web.Request) -> web.Response:
     core = request.app[CORE]
     if not body.prompt:
         await _require_ready(core, name, version)
-        return _json(Embeddings(embedding=[]))
+        return json_answer(Embeddings(embedding=[]))
     result = await core.embed(name, [body.prompt], version=version)
-    return _json(Embeddings(embedding=result.vectors[0]))
+    return json_answer(Embeddings(embedding=result.vectors[0]))
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-class _Timing:
-    """Ollama's durations (nanoseconds): models are loaded ahead, so loading takes none."""
-
-    def __init__(self, started: int, first: int) -> None:
-        self.started, self.first, self.end = started, first, time.perf_counter_ns()
-
-
-def _final(chunk: TokenChunk, timing: _Timing | None) -> dict[str, Any]:
-    if timing is None:
-        return {}
-    return {
-        # Ollama ends an answer with calls as any other: "stop".
-        "done_reason": "stop" if chunk.finish_reason == "tool_calls" else chunk.finish_reason,
-        "total_duration": timing.end - timing.started,
-        "load_duration": 0,
-        "prompt_eval_count": chunk.prompt_tokens,
-        "prompt_eval_duration": timing.first - timing.started,
-        "eval_count": chunk.completion_tokens,
-        "eval_duration": timing.end - timing.first,
-    }
-
-
-Answer = Callable[..., BaseModel]  # (chunk, timing or None[, whole tool calls])
-
-
-async def _respond(
-    request: web.Request, stream: TokenStream, answer: Answer, streaming: bool, started: int
-) -> web.StreamResponse:
-    async with stream:
-        chunks: AsyncIterator[TokenChunk] = aiter(stream)
-        # The first piece decides the status: an error raised by the model is still a 4xx.
-        first = await anext(chunks)
-        first_at = time.perf_counter_ns()
-        calls = CallCollector()
-        if not streaming:
-            parts = [first] + [piece async for piece in chunks]
-            last = parts[-1]
-            text = "".join(p.text for p in parts)
-            for part in parts:
-                calls.add(part)
-            whole = TokenChunk(
-                text=text,
-                finish_reason=last.finish_reason,
-                prompt_tokens=last.prompt_tokens,
-                completion_tokens=last.completion_tokens,
-            )
-            made = calls.calls() if last.finish_reason == "tool_calls" else []
-            if made:
-                return _json(answer(whole, _Timing(started, first_at), made))
-            return _json(answer(whole, _Timing(started, first_at)))
-        response = web.StreamResponse(headers={"Content-Type": NDJSON})
-        await response.prepare(request)
-        try:
-            async for chunk in _prepend(first, chunks):
-                calls.add(chunk)
-                if chunk.finish_reason is not None:
-                    # Ollama streams each call whole, in a line before the last one.
-                    made = calls.calls() if chunk.finish_reason == "tool_calls" else []
-                    if made:
-                        await _line(response, answer(TokenChunk(text=""), None, made))
-                    await _line(response, answer(chunk, _Timing(started, first_at)))
-                elif chunk.text:
-                    await _line(response, answer(chunk, None))
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            # The status is sent: the error can only travel as a last line now.
-            log.error("generation failed mid-stream on model %s", request.get(MODEL), exc_info=exc)
-            message = str(exc) if isinstance(exc, ApplianceError) else "generation failed"
-            await response.write(b'{"error": ' + _quote(message) + b"}\n")
-        await response.write_eof()
-        return response
-
-
-async def _prepend(first: TokenChunk, rest: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk
-
-
-async def _line(response: web.StreamResponse, answer: BaseModel) -> None:
-    await response.write(answer.model_dump_json(exclude_none=True).encode() + b"\n")
-
-
-def _quote(text: str) -> bytes:
-    return json.dumps(text).encode()
 
 
 def _target(request: web.Request, reference: str) -> tuple[str, str | None]:
@@ -392,7 +307,7 @@ def _tag(info: ModelInfo) -> TagModel:
     return TagModel(
         name=reference,
         model=reference,
-        modified_at=_iso(info.created),
+        modified_at=iso(info.created),
         size=info.size,
         # Ollama's digest identifies a manifest; ours identifies the served file version.
         digest=hashlib.sha256(identity).hexdigest(),
@@ -415,26 +330,6 @@ def _details(info: ModelInfo) -> ModelDetails:
 def _normalised(vector: list[float]) -> list[float]:
     norm = math.sqrt(sum(v * v for v in vector)) or 1.0
     return [v / norm for v in vector]
-
-
-def _now() -> str:
-    return _format(datetime.now(timezone.utc))
-
-
-def _iso(unix: float) -> str:
-    return _format(datetime.fromtimestamp(unix, timezone.utc))
-
-
-def _format(moment: datetime) -> str:
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _json(model: BaseModel) -> web.Response:
-    return web.Response(
-        body=model.model_dump_json(exclude_none=True).encode(),
-        content_type="application/json",
-        charset="utf-8",
-    )
 
 
 __all__ = ["routes"]

@@ -1,9 +1,10 @@
-"""Request and response bodies of the Ollama-compatible API (the subset real clients use).
+"""Request bodies of the Ollama-compatible API (the subset real clients use).
 
 Requests ignore fields we do not use, as Ollama does, and convert to core requests; ranges of
 the sampling parameters are checked once, by the core. What only Ollama defines is checked
 here: model references (``name[:tag]``), ``format``, ``keep_alive`` durations and the
-meaning of negative ``num_predict``.
+meaning of negative ``num_predict``. The answers are
+:mod:`appliance.transports.http.ollama_answers`.
 """
 
 from __future__ import annotations
@@ -261,108 +262,6 @@ class ShowRequest(_Request):
     model: str = ""
     name: str = Field(default="", description="Older clients' spelling of `model`.")
     verbose: bool = False
-
-
-# ---------------------------------------------------------------------- responses
-
-
-class ModelDetails(BaseModel):
-    parent_model: str = ""
-    format: str
-    family: str = ""
-    families: list[str] | None = None
-    parameter_size: str = ""
-    quantization_level: str = ""
-
-
-class TagModel(BaseModel):
-    name: str
-    model: str
-    modified_at: str
-    size: int
-    digest: str
-    details: ModelDetails
-
-
-class Tags(BaseModel):
-    models: list[TagModel]
-
-
-class RunningModel(TagModel):
-    expires_at: str
-    size_vram: int = 0
-    context_length: int | None = None
-
-
-class Running(BaseModel):
-    models: list[RunningModel]
-
-
-class Show(BaseModel):
-    modelfile: str
-    parameters: str = ""
-    template: str = ""
-    details: ModelDetails
-    model_info: dict[str, Any]
-    capabilities: list[str]
-    modified_at: str
-
-
-class CallFunction(BaseModel):
-    name: str
-    arguments: dict[str, Any] = Field(description="The arguments as a JSON object.")
-
-
-class CallOut(BaseModel):
-    id: str
-    function: CallFunction
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-    tool_calls: list[CallOut] | None = None
-
-
-class _Answer(BaseModel):
-    model: str
-    created_at: str
-    done: bool
-    done_reason: str | None = None
-    total_duration: int | None = None
-    load_duration: int | None = None
-    prompt_eval_count: int | None = None
-    prompt_eval_duration: int | None = None
-    eval_count: int | None = None
-    eval_duration: int | None = None
-
-
-class ChatAnswer(_Answer):
-    """A chat answer, or one line of a streamed one."""
-
-    message: AssistantMessage
-
-
-class GenerateAnswer(_Answer):
-    """A generate answer, or one line of a streamed one."""
-
-    response: str
-
-
-class Embed(BaseModel):
-    model: str
-    embeddings: list[list[float]]
-    total_duration: int | None = None
-    load_duration: int | None = None
-    prompt_eval_count: int | None = None
-
-
-class Embeddings(BaseModel):
-    embedding: list[float]
-
-
-class Version(BaseModel):
-    version: str
 
 
 # ----------------------------------------------------------------------- helpers

@@ -1,12 +1,13 @@
 """The documentation of every HTTP route, as data: what ``/openapi.json`` and ``/docs`` say.
 
 :data:`OPERATIONS` holds one OpenAPI operation per ``(method, path template)``; the
-builder in ``openapi.py`` looks every route of the router up here, so a new route needs an
-entry (the tests fail without one). Path parameters are described once in
-:data:`PATH_PARAMETERS` (``parts.py``, with the examples and helpers) and added from
-the template. Error responses name the shapes the one error mapper (``errors.py``)
-produces. Bodies come from the pydantic models that validate them (:data:`PYDANTIC_MODELS`)
-or from ``schemas.py``.
+builder (``openapi/__init__.py``) looks every route of the router up here, so a new route
+needs an entry (the tests fail without one). The inference APIs (OpenAI, Open Inference
+Protocol, Ollama) are described here, the other routes in ``service_routes.py``. Path
+parameters are described once in :data:`PATH_PARAMETERS` (``parts.py``, with the examples
+and helpers) and added from the template. Error responses name the shapes the one error
+mapper (``errors.py``) produces. Bodies come from the pydantic models that validate them
+(:data:`PYDANTIC_MODELS`) or from ``schemas.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode
 
-from appliance.transports.http import ollama_schema, openai_schema
+from appliance.transports.http import ollama_answers, ollama_schema, openai_schema
 from appliance.transports.http.openapi.parts import (
     CHAT_EXAMPLE,
     COMPLETION_EXAMPLE,
@@ -28,9 +29,6 @@ from appliance.transports.http.openapi.parts import (
     OLLAMA_GENERATE_EXAMPLE,
     OLLAMA_PREFIX,
     OPENAI,
-    OPS,
-    REPOSITORY,
-    WEBSOCKET,
     infer_operation,
     json_body,
     make_operation,
@@ -42,10 +40,11 @@ from appliance.transports.http.openapi.parts import (
     sse,
 )
 from appliance.transports.http.openapi.schemas import ref
+from appliance.transports.http.openapi.service_routes import SERVICE_OPERATIONS
 
 # -------------------------------------------------------------- the documented routes
 
-OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+_APIS: dict[tuple[str, str], dict[str, Any]] = {
     # OpenAI-compatible
     ("GET", "/v1/models"): make_operation(
         OPENAI,
@@ -176,7 +175,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "ollamaVersion",
         "Ollama API version",
         "The Ollama API level this appliance implements.",
-        {200: json_body("The version.", ollama_body(ollama_schema.Version))},
+        {200: json_body("The version.", ollama_body(ollama_answers.Version))},
     ),
     ("GET", "/api/tags"): make_operation(
         OLLAMA,
@@ -184,7 +183,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "List the language models",
         "Language models the appliance serves or is loading, as `name:latest`; tensor "
         "models are left out.",
-        {200: json_body("The models.", ollama_body(ollama_schema.Tags))},
+        {200: json_body("The models.", ollama_body(ollama_answers.Tags))},
     ),
     ("GET", "/api/ps"): make_operation(
         OLLAMA,
@@ -192,7 +191,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "List the loaded language models",
         "Language models that are ready now. They stay loaded while served, so "
         "`expires_at` lies far in the future.",
-        {200: json_body("The loaded models.", ollama_body(ollama_schema.Running))},
+        {200: json_body("The loaded models.", ollama_body(ollama_answers.Running))},
     ),
     ("POST", "/api/show"): make_operation(
         OLLAMA,
@@ -200,7 +199,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "Describe a model",
         "Details, capabilities (`completion`, `embedding`) and the appliance's own facts "
         "about one model.",
-        {200: json_body("The model.", ollama_body(ollama_schema.Show))},
+        {200: json_body("The model.", ollama_body(ollama_answers.Show))},
         errors=(400, 404, 413),
         body=ollama_body(ollama_schema.ShowRequest),
         example={"model": "qwen2.5-0.5b-instruct"},
@@ -212,7 +211,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "sampling parameters, `format` constrains the answer to JSON or a JSON Schema. No "
         "messages only loads the model (Ollama's way to warm it up).",
         ollama_schema.ChatRequest,
-        ollama_schema.ChatAnswer,
+        ollama_answers.ChatAnswer,
         OLLAMA_CHAT_EXAMPLE,
     ),
     ("POST", "/api/generate"): ollama_generation(
@@ -221,7 +220,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "The prompt (and `system`) go through the model's template as one user turn; with "
         "`raw: true` the prompt is continued as-is. An empty prompt only loads the model.",
         ollama_schema.GenerateRequestBody,
-        ollama_schema.GenerateAnswer,
+        ollama_answers.GenerateAnswer,
         OLLAMA_GENERATE_EXAMPLE,
     ),
     ("POST", "/api/embed"): make_operation(
@@ -229,7 +228,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "ollamaEmbed",
         "Embed texts",
         "One vector per input text; `dimensions` truncates and re-normalises them.",
-        {200: json_body("The vectors, in input order.", ollama_body(ollama_schema.Embed))},
+        {200: json_body("The vectors, in input order.", ollama_body(ollama_answers.Embed))},
         errors=(400, 404, 413, 503),
         body=ollama_body(ollama_schema.EmbedRequest),
         example=OLLAMA_EMBED_EXAMPLE,
@@ -239,170 +238,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "ollamaEmbeddings",
         "Embed one text (older form)",
         "The single-text predecessor of `/api/embed`, still used by some clients.",
-        {200: json_body("The vector.", ollama_body(ollama_schema.Embeddings))},
+        {200: json_body("The vector.", ollama_body(ollama_answers.Embeddings))},
         errors=(400, 404, 413, 503),
         body=ollama_body(ollama_schema.EmbeddingsRequest),
         example={"model": "qwen2.5-0.5b-instruct", "prompt": "kitchen"},
     ),
-    # WebSocket
-    ("GET", "/ws"): make_operation(
-        WEBSOCKET,
-        "websocket",
-        "Open a WebSocket",
-        "Upgrades to a WebSocket. Each message is a JSON object with a `type` and an `id` "
-        "that its replies echo: `generate` (answered by `token` messages and one `done`), "
-        "`infer` (one `result`), `embed` (one `embeddings`), `models`, `cancel` and `ping`. "
-        "A request that fails is answered by one `error` with the `status` the same "
-        "problem gets over HTTP. Binary frames carry the same objects as MessagePack.",
-        {
-            101: {"description": "Switching to the WebSocket protocol."},
-            400: json_body("Not a WebSocket upgrade request.", ref("Error")),
-        },
-    ),
-    # Model repository administration (admin scope)
-    ("POST", "/v2/repository/index"): make_operation(
-        REPOSITORY,
-        "repositoryIndex",
-        "List every model version",
-        "Triton's model repository extension: every served version of every model with its "
-        "state (`READY`, `LOADING`, `UNLOADED`, `FAILED`) and, for a failed one, the reason. "
-        'The body is optional; `{"ready": true}` lists only ready versions.',
-        {
-            200: json_body(
-                "The versions.",
-                {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "version", "state"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "version": {"type": "string"},
-                            "state": {"type": "string"},
-                            "reason": {"type": "string"},
-                        },
-                    },
-                },
-            )
-        },
-        errors=(400, 413),
-    ),
-    ("POST", "/v2/repository/models/{name}/load"): make_operation(
-        REPOSITORY,
-        "repositoryModelLoad",
-        "Load or reload a model",
-        "Re-reads the model from the repository and loads it. A changed file or a new "
-        "version loads beside the serving one and takes over once ready (with `[canary]` "
-        "enabled, a new version starts as a canary); one that fails to load leaves the old "
-        "one serving. No request is dropped.",
-        {200: json_body("The model's versions and their states.", ref("ModelVersions"))},
-        errors=(400, 404, 413, 503),
-    ),
-    ("POST", "/v2/repository/models/{name}/unload"): make_operation(
-        REPOSITORY,
-        "repositoryModelUnload",
-        "Unload a model",
-        "Unloads every version once its admitted requests finished; the model answers 503 "
-        "until it is loaded again.",
-        {200: json_body("The model's versions and their states.", ref("ModelVersions"))},
-        errors=(400, 404, 413),
-    ),
-    ("POST", "/admin/reload"): make_operation(
-        REPOSITORY,
-        "adminReload",
-        "Re-read the model repository",
-        "What SIGHUP does: every model is re-read and what changed is hot-swapped.",
-        {
-            200: json_body(
-                "Every model's versions and their states.",
-                {
-                    "type": "object",
-                    "additionalProperties": {
-                        "type": "object",
-                        "additionalProperties": {"type": "string"},
-                    },
-                },
-            )
-        },
-        errors=(400, 413),
-    ),
-    ("POST", "/admin/models/{name}/promote"): make_operation(
-        REPOSITORY,
-        "adminCanaryPromote",
-        "Promote a running canary",
-        "The canary version becomes the stable one; the old stable version is retired.",
-        {200: json_body("The decision.", ref("CanaryDecision"))},
-        errors=(400, 404, 413),
-    ),
-    ("POST", "/admin/models/{name}/rollback"): make_operation(
-        REPOSITORY,
-        "adminCanaryRollback",
-        "Roll back a running canary",
-        "The canary version is unloaded; the stable one serves everything.",
-        {200: json_body("The decision.", ref("CanaryDecision"))},
-        errors=(400, 404, 413),
-    ),
-    # Operations
-    ("GET", "/health"): make_operation(
-        OPS,
-        "health",
-        "Appliance health",
-        "For load balancers, systemd and people: 200 while the appliance serves (`ok`, or "
-        "`degraded` when some model failed to load), 503 while models load, while stopping, "
-        "or when no model can serve. The body is the same either way.",
-        {
-            200: json_body("Serving.", ref("Health")),
-            503: json_body("Loading, stopping or unable to serve.", ref("Health")),
-        },
-    ),
-    ("GET", "/metrics"): make_operation(
-        OPS,
-        "metrics",
-        "Prometheus metrics",
-        "Request counts and latency histograms per route and model, queue depths and model "
-        "states, in the Prometheus text exposition format.",
-        {
-            200: {
-                "description": "The metrics.",
-                "content": {
-                    "text/plain": {
-                        "schema": {"type": "string"},
-                        "example": "# TYPE appliance_requests_total counter\n",
-                    }
-                },
-            }
-        },
-    ),
-    ("GET", "/device"): make_operation(
-        OPS,
-        "device",
-        "What the device page shows",
-        "This device, its models and their state, chart points of the last hour (one per "
-        "health snapshot: cpu, memory, temperature, gpu, latency_ms, rps, tokens_s), the "
-        "alerts firing and the latest alert changes, and the MQTT topics it answers.",
-        {200: json_body("The device.", {"type": "object"})},
-    ),
-    ("GET", "/openapi.json"): make_operation(
-        OPS,
-        "openapi",
-        "This API description",
-        "The OpenAPI 3.1 document describing every route, generated from the running "
-        "application's router.",
-        {200: json_body("An OpenAPI 3.1 document.", {"type": "object"})},
-    ),
-    ("GET", "/docs"): make_operation(
-        OPS,
-        "docs",
-        "API documentation page",
-        "This document as a self-contained HTML page: no scripts, no external resources.",
-        {
-            200: {
-                "description": "An HTML page.",
-                "content": {"text/html": {"schema": {"type": "string"}}},
-            }
-        },
-    ),
 }
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {**_APIS, **SERVICE_OPERATIONS}
 
 # The pydantic models behind the bodies, by family: the schema-name prefix and, for each
 # model, the side it describes (what is accepted, or what is sent).
@@ -424,13 +266,13 @@ PYDANTIC_MODELS: dict[str, list[tuple[type[BaseModel], JsonSchemaMode]]] = {
         (ollama_schema.EmbedRequest, "validation"),
         (ollama_schema.EmbeddingsRequest, "validation"),
         (ollama_schema.ShowRequest, "validation"),
-        (ollama_schema.Version, "serialization"),
-        (ollama_schema.Tags, "serialization"),
-        (ollama_schema.Running, "serialization"),
-        (ollama_schema.Show, "serialization"),
-        (ollama_schema.ChatAnswer, "serialization"),
-        (ollama_schema.GenerateAnswer, "serialization"),
-        (ollama_schema.Embed, "serialization"),
-        (ollama_schema.Embeddings, "serialization"),
+        (ollama_answers.Version, "serialization"),
+        (ollama_answers.Tags, "serialization"),
+        (ollama_answers.Running, "serialization"),
+        (ollama_answers.Show, "serialization"),
+        (ollama_answers.ChatAnswer, "serialization"),
+        (ollama_answers.GenerateAnswer, "serialization"),
+        (ollama_answers.Embed, "serialization"),
+        (ollama_answers.Embeddings, "serialization"),
     ],
 }
