@@ -1,10 +1,7 @@
 """Request/response over MQTT: parse → call the core → publish the reply envelope.
 
-Where a reply goes: MQTT 5 requests name a response topic (and correlation data, echoed);
-MQTT 3.1.1 requests carry ``reply_to`` (and ``id``, echoed) in the payload. A successful
-request with neither is answered on ``<base>/result/<model>``; an error that has no reply
-topic to go to is published on ``<base>/error`` with the request topic. Every request runs
-in its own task, so a slow model never stalls the MQTT loop.
+Every request runs in its own task, so a slow model never stalls the MQTT loop. Where its
+replies go and how they are built is :mod:`appliance.transports.mqtt.replies`.
 
 A request is acknowledged to the broker only once its final reply has been acknowledged by
 the broker, so one that was running when the daemon was killed is delivered again. Copies
@@ -19,7 +16,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import Config
@@ -28,35 +24,15 @@ from appliance.core.toolcalls import CallCollector
 from appliance.core.types import TokenChunk
 from appliance.errors import Overloaded, PayloadTooLarge, RequestError, ShuttingDown
 from appliance.transports.mqtt import envelope, forms
-from appliance.transports.mqtt.connection import Delivery
 from appliance.transports.mqtt.envelope import Format
 from appliance.transports.mqtt.metrics import MqttMetrics
 from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache, StreamGaps
-from appliance.transports.mqtt.topics import Topics, valid_topic_name
+from appliance.transports.mqtt.replies import Replies, ReplyTo, Request
+from appliance.transports.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 
 MAX_ID_LENGTH = 256
-
-
-@dataclass(frozen=True)
-class Request:
-    """A request as it arrived."""
-
-    topic: str
-    model: str  # "" when the topic is malformed
-    format: Format
-    payload: bytes
-    response_topic: str | None = None  # MQTT 5
-    correlation: bytes | None = None  # MQTT 5
-    # Acknowledges the request to the broker; called once its reply is out.
-    delivery: Delivery = field(default_factory=lambda: Delivery(None))
-
-
-@dataclass(frozen=True)
-class ReplyTo:
-    topic: str
-    correlation: bytes | None
 
 
 class Requests:
@@ -77,6 +53,7 @@ class Requests:
         self._outbox = outbox
         self._cache = cache
         self._device = config.device.id
+        self._replies = Replies(topics, outbox, cache, self._device)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -110,7 +87,7 @@ class Requests:
         ack = request.delivery.ack
         model, route, status = "", "infer", "ok"
         try:
-            reply = self._response_topic(request)
+            reply = self._replies.address(request)
             size = len(request.payload)
             if size > self._mqtt.max_payload_bytes:
                 raise PayloadTooLarge(
@@ -130,7 +107,7 @@ class Requests:
             if isinstance(body, dict):
                 request_id = _request_id(body)
                 if reply is None and body.get("reply_to") is not None:
-                    reply = self._reply_to(body["reply_to"])
+                    reply = self._replies.reply_to(body["reply_to"])
             if self._closing:
                 raise ShuttingDown("the appliance is shutting down")
             if len(self._tasks) > self._mqtt.max_inflight:
@@ -145,7 +122,7 @@ class Requests:
             if isinstance(call, forms.TensorCall):
                 result = await self._core.infer(model, call.inputs, outputs=call.outputs)
                 data = forms.tensor_reply(call, info, result)
-                final = self._ok(request, reply, request_id, data, "reply")
+                final = self._replies.ok(request, reply, request_id, data, "reply")
             elif isinstance(call, forms.GenerateCall):
                 route = "generate"
                 stream = await self._core.generate(model, call.request)
@@ -157,17 +134,17 @@ class Requests:
                     "embeddings": embedded.vectors,
                     "usage": {"prompt_tokens": embedded.prompt_tokens},
                 }
-                final = self._ok(request, reply, request_id, data, "reply")
-            self._settle(key, final, ack, cache=status not in envelope.RETRYABLE)
+                final = self._replies.ok(request, reply, request_id, data, "reply")
+            self._replies.settle(key, final, ack, cache=status not in envelope.RETRYABLE)
         except asyncio.CancelledError as exc:
             status = "unavailable"
             if isinstance(exc, _Answered):
-                self._settle(key, exc.message, ack, cache=False)
+                self._replies.settle(key, exc.message, ack, cache=False)
             else:
-                self._fail(request, reply, request_id, key, _stopped(), ack)
+                self._replies.fail(request, reply, request_id, key, _stopped(), ack)
             raise
         except Exception as exc:
-            status = self._fail(request, reply, request_id, key, exc, ack)
+            status = self._replies.fail(request, reply, request_id, key, exc, ack)
         finally:
             self._core.count_request("mqtt", route, model, status, time.perf_counter() - started)
 
@@ -208,7 +185,7 @@ class Requests:
                     if not chunked:
                         continue
                     if waiting is not None:
-                        merged = self._message(
+                        merged = self._replies.message(
                             request,
                             reply,
                             envelope.ok(
@@ -223,7 +200,7 @@ class Requests:
                         if self._outbox.replace(waiting, merged):
                             waiting, waiting_text = merged, waiting_text + chunk.text
                             continue
-                    waiting = self._ok(
+                    waiting = self._replies.ok(
                         request,
                         reply,
                         request_id,
@@ -245,7 +222,7 @@ class Requests:
                     )
                 body = envelope.error_body(_stopped() if cancelled else exc)
                 failed = gaps.final(
-                    lambda extra: self._send(
+                    lambda extra: self._replies.send(
                         request,
                         reply,
                         envelope.failure(
@@ -279,32 +256,15 @@ class Requests:
                 {"id": c.id, "name": c.name, "arguments": dict(c.arguments)} for c in calls.calls()
             ]
         if not chunked:
-            return self._ok(request, reply, request_id, data, "reply"), "ok"
+            return self._replies.ok(request, reply, request_id, data, "reply"), "ok"
         final = gaps.final(
-            lambda extra: self._ok(
+            lambda extra: self._replies.ok(
                 request, reply, request_id, data, "chunk", seq=seq, done=True, queue=False, **extra
             )
         )
         return final, "ok"
 
-    # -- replies -------------------------------------------------------------------
-
-    def _response_topic(self, request: Request) -> ReplyTo | None:
-        if request.response_topic is None:
-            return None
-        return self._reply_to(request.response_topic, correlation=request.correlation)
-
-    def _reply_to(self, topic: Any, *, correlation: bytes | None = None) -> ReplyTo:
-        if not isinstance(topic, str) or not valid_topic_name(topic):
-            raise RequestError(
-                "'reply_to' must be a topic name without wildcards", param="reply_to"
-            )
-        if self._topics.is_request_space(topic):
-            raise RequestError(
-                f"reply topic {topic!r} is a request topic; replies there would loop",
-                param="reply_to",
-            )
-        return ReplyTo(topic, correlation)
+    # -- copies ----------------------------------------------------------------------
 
     def _first_time(self, key: Hashable, ack: Callable[[], None]) -> bool:
         seen = self._cache.begin(key, waiter=ack)
@@ -318,97 +278,6 @@ class Requests:
         # (Still running: ``ack`` runs with the original's reply.)
         log.info("MQTT duplicate request %r answered from the reply cache", key)
         return False
-
-    def _settle(
-        self, key: Hashable | None, message: Outgoing, ack: Callable[[], None], *, cache: bool
-    ) -> None:
-        """``message`` is the request's last word: remember it (``cache``) or let a retry run,
-        and acknowledge the request, and copies that came meanwhile, once it is published."""
-        waiters: list[Callable[[], None]] = []
-        if key is not None:
-            waiters = self._cache.finish(key, [message]) if cache else self._cache.forget(key)
-        for callback in (ack, *waiters):
-            self._outbox.when_sent(message, callback)
-
-    def _ok(
-        self,
-        request: Request,
-        reply: ReplyTo | None,
-        request_id: Any,
-        data: dict[str, Any],
-        kind: str,
-        *,
-        queue: bool = True,
-        on_drop: Callable[[], None] | None = None,
-        **extra: Any,
-    ) -> Outgoing:
-        body = envelope.ok(data, request_id=request_id, device=self._device, **extra)
-        return self._send(request, reply, body, kind, queue=queue, on_drop=on_drop)
-
-    def _fail(
-        self,
-        request: Request,
-        reply: ReplyTo | None,
-        request_id: Any,
-        key: Hashable | None,
-        exc: BaseException,
-        ack: Callable[[], None],
-    ) -> str:
-        """Publish the error reply for ``exc``; returns its code (the metrics status)."""
-        body = envelope.error_body(exc)
-        message = self._send(
-            request,
-            reply,
-            envelope.failure(body, request_id=request_id, device=self._device),
-            "reply",
-            error=True,
-        )
-        # A retryable failure is not remembered: a retry should really run.
-        self._settle(key, message, ack, cache=body["code"] not in envelope.RETRYABLE)
-        return str(body["code"])
-
-    def _send(
-        self,
-        request: Request,
-        reply: ReplyTo | None,
-        body: dict[str, Any],
-        kind: str,
-        *,
-        error: bool = False,
-        queue: bool = True,
-        on_drop: Callable[[], None] | None = None,
-    ) -> Outgoing:
-        """The message for ``body``, queued unless ``queue`` is false."""
-        message = self._message(request, reply, body, kind, error=error)
-        if queue:
-            self._outbox.put(message, on_drop=on_drop)
-        return message
-
-    def _message(
-        self,
-        request: Request,
-        reply: ReplyTo | None,
-        body: dict[str, Any],
-        kind: str,
-        *,
-        error: bool = False,
-    ) -> Outgoing:
-        fmt = request.format
-        if reply is not None:
-            topic, correlation = reply.topic, reply.correlation
-        elif error:
-            # The shared error topic always speaks JSON and says which request failed.
-            topic, correlation, fmt = self._topics.error, None, Format.JSON
-            body = {**body, "topic": request.topic}
-        else:
-            topic, correlation = self._topics.result(request.model), None
-        return Outgoing(
-            topic=topic,
-            payload=envelope.encode(body, fmt),
-            kind=kind,
-            content_type=fmt.content_type,
-            correlation=correlation,
-        )
 
 
 class _Answered(asyncio.CancelledError):

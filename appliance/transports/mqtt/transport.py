@@ -28,18 +28,14 @@ from appliance.config import Config
 from appliance.core.service import Core
 from appliance.ops.instance import instance_suffix
 from appliance.transports.mqtt import documents, homeassistant
-from appliance.transports.mqtt.connection import (
-    Connection,
-    Delivery,
-    mqtt_properties,
-    read_password,
-    tls_context,
-)
+from appliance.transports.mqtt.broker import mqtt_properties, read_password, tls_context
+from appliance.transports.mqtt.connection import Connection, Delivery
 from appliance.transports.mqtt.documents import HealthSource
 from appliance.transports.mqtt.envelope import Format
 from appliance.transports.mqtt.metrics import MqttMetrics
 from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
-from appliance.transports.mqtt.requests import Request, Requests
+from appliance.transports.mqtt.replies import Request
+from appliance.transports.mqtt.requests import Requests
 from appliance.transports.mqtt.rules import StreamRules
 from appliance.transports.mqtt.topics import Topics
 

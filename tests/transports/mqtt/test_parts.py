@@ -21,7 +21,8 @@ from appliance.errors import (
     ShuttingDown,
 )
 from appliance.transports.mqtt import envelope
-from appliance.transports.mqtt.connection import Backoff, read_password, tls_context
+from appliance.transports.mqtt.broker import read_password, tls_context
+from appliance.transports.mqtt.connection import Backoff
 from appliance.transports.mqtt.envelope import Format
 from appliance.transports.mqtt.metrics import MqttMetrics
 from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
