@@ -15,7 +15,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from appliance import __version__, errors
 from appliance.hub import fleet, ingest
 from appliance.hub.config import HubConfig
-from appliance.hub.ingest import Forbidden, HubRequestError, Unauthorized
 from appliance.hub.keys import CONFIG, METRICS, STARTED, STORAGE
 from appliance.hub.metrics import HubMetrics
 from appliance.hub.storage.base import Storage
@@ -45,11 +44,7 @@ def from_exception(request: web.Request, exc: Exception) -> web.StreamResponse:
         return _error(408, str(exc), {"Connection": "close"})
     if isinstance(exc, errors.PayloadTooLarge):
         return _error(413, str(exc))
-    if isinstance(exc, Unauthorized):
-        return _error(401, str(exc), {"WWW-Authenticate": 'Bearer realm="appliance-hub"'})
-    if isinstance(exc, Forbidden):
-        return _error(403, str(exc))
-    if isinstance(exc, HubRequestError):
+    if isinstance(exc, errors.RequestError):
         return _error(400, str(exc))
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return _error(413, "the request body is larger than http.max_body_bytes")

@@ -6,7 +6,7 @@ import time
 
 from aiohttp import web
 
-from appliance.hub.ingest import HubRequestError
+from appliance.errors import RequestError
 from appliance.hub.keys import CONFIG, STORAGE
 
 routes = web.RouteTableDef()
@@ -24,9 +24,9 @@ def _number(
     try:
         value = float(raw)
     except ValueError:
-        raise HubRequestError(f"query parameter {name}={raw!r} is not a number") from None
+        raise RequestError(f"query parameter {name}={raw!r} is not a number") from None
     if not low <= value <= high:
-        raise HubRequestError(f"query parameter {name}={raw!r} must be in [{low}, {high}]")
+        raise RequestError(f"query parameter {name}={raw!r} must be in [{low}, {high}]")
     return value
 
 
@@ -94,7 +94,7 @@ async def alerts(request: web.Request) -> web.Response:
     """Alerts newest first; filter with ``device`` and ``state`` (firing | resolved)."""
     state = request.query.get("state") or None
     if state not in (None, "firing", "resolved"):
-        raise HubRequestError(f"query parameter state={state!r}: use firing or resolved")
+        raise RequestError(f"query parameter state={state!r}: use firing or resolved")
     device_id = request.query.get("device") or None
     limit = int(_number(request, "limit", 200, low=1, high=MAX_ROWS))
     rows = await request.app[STORAGE].alerts(device_id, state, limit)

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from appliance.errors import RequestError
+from appliance.errors import Forbidden, RequestError, Unauthenticated
 from appliance.hub.keys import METRICS, STORAGE
 from appliance.hub.storage.base import AlertChange, Batch, Incoming, Point
 from appliance.hub.tokens import hash_token
@@ -31,18 +31,6 @@ routes = web.RouteTableDef()
 
 MAX_RECORDS = 10_000
 _DEVICE_ID = r"^[a-z0-9][a-z0-9-]{0,62}$"
-
-
-class HubRequestError(ValueError):
-    """A bad request (400); the message names what is wrong."""
-
-
-class Unauthorized(PermissionError):
-    """No valid device token (401)."""
-
-
-class Forbidden(PermissionError):
-    """A valid token used for something it does not cover (403)."""
 
 
 class _WireRecord(BaseModel):
@@ -71,7 +59,7 @@ def parse_batch(data: Any) -> Batch:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise HubRequestError(f"{where}: {first['msg']}") from None
+        raise RequestError(f"{where}: {first['msg']}") from None
     return Batch(
         device=wire.device,
         name=wire.name or wire.device,
@@ -150,10 +138,10 @@ async def authenticate(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("a device token is required: Authorization: Bearer <token>")
+        raise Unauthenticated("a device token is required: Authorization: Bearer <token>")
     device = await request.app[STORAGE].device_for_token(hash_token(token.strip()))
     if device is None:
-        raise Unauthorized("unknown or revoked device token")
+        raise Unauthenticated("unknown or revoked device token")
     return device
 
 
@@ -165,7 +153,7 @@ async def ingest(request: web.Request) -> web.Response:
     try:
         data = strictjson.loads(await request.read())
     except RequestError as exc:
-        raise HubRequestError(f"the body is not JSON: {exc.message}") from None
+        raise RequestError(f"the body is not JSON: {exc.message}") from None
     batch = parse_batch(data)
     if batch.device != device:
         raise Forbidden(f"this token belongs to device {device!r}, not {batch.device!r}")
