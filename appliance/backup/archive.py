@@ -109,12 +109,17 @@ def _derive(secret: Secret, kdf: Mapping[str, Any]) -> _Keys:
     if name == "scrypt":
         if secret.passphrase is None:
             raise BackupError("this archive was made with a passphrase, not a key file")
-        n, r, p = kdf.get("n"), kdf.get("r"), kdf.get("p")
-        if not all(isinstance(v, int) for v in (n, r, p)) or not (
-            2 <= int(n) <= _MAX_SCRYPT_N and 1 <= int(r) <= 32 and 1 <= int(p) <= 16
+        n, r, p = (kdf.get(k) for k in ("n", "r", "p"))
+        if not (
+            isinstance(n, int)
+            and isinstance(r, int)
+            and isinstance(p, int)
+            and 2 <= n <= _MAX_SCRYPT_N
+            and 1 <= r <= 32
+            and 1 <= p <= 16
         ):
             raise BackupError("the archive's scrypt parameters are out of range")
-        master = Scrypt(salt=salt, length=32, n=int(n), r=int(r), p=int(p)).derive(
+        master = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(
             secret.passphrase.encode("utf-8")
         )
     elif name == "hkdf-sha256":

@@ -133,7 +133,8 @@ def _backup(args: argparse.Namespace, load: Any) -> int:
                 timeout=cfg.hub.timeout * 4,
             )
             print(
-                f"kept on the hub {cfg.hub.url} as {cfg.device.id}'s backup ({answer.get('size')} bytes)"
+                f"kept on the hub {cfg.hub.url} as {cfg.device.id}'s backup "
+                f"({answer.get('size')} bytes)"
             )
     return 0
 

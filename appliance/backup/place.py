@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from appliance.backup.archive import Archive, BackupError
 
@@ -38,7 +39,9 @@ def conflicts(placements: Sequence[Placement]) -> list[Path]:
 
 def apply(archive: Archive, placements: Sequence[Placement]) -> None:
     """Write every placement; streamed members (model files) are hashed again on the way."""
-    streamed = {p.member: p for p in placements if p.member and not archive.in_memory(p.member)}
+    streamed: dict[str, Placement] = {
+        p.member: p for p in placements if p.member and not archive.in_memory(p.member)
+    }
     for place in placements:
         if place.member in streamed:
             continue
@@ -46,11 +49,16 @@ def apply(archive: Archive, placements: Sequence[Placement]) -> None:
         _write(place, [data])
     if streamed:
         for entry, reader in archive.stream():
-            place = streamed.pop(entry["name"], None)
-            if place is not None:
-                _write(place, iter(lambda r=reader: r.read(1024 * 1024), b""), entry["sha256"])
+            found = streamed.pop(entry["name"], None)
+            if found is not None:
+                _write(found, _chunks(reader), entry["sha256"])
     if streamed:
         raise BackupError(f"members vanished from the archive: {', '.join(map(str, streamed))}")
+
+
+def _chunks(reader: IO[bytes]) -> Iterator[bytes]:
+    while chunk := reader.read(1024 * 1024):
+        yield chunk
 
 
 def _write(place: Placement, chunks: Iterable[bytes], sha256: str | None = None) -> None:
