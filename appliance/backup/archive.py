@@ -36,109 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from appliance.backup.secret import BackupError, Secret, check_value, derive, kdf_params
+
 FORMAT = "appliance-backup"
 VERSION = 1
 HEADER = "appliance-backup.json"
 MANIFEST = "manifest.json"
 MAC = "manifest.hmac"
 _NONCE = 12
-_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
-_MAX_SCRYPT_N = 2**20  # a crafted header must not make us allocate gigabytes
 _MAX_META = 4 * 1024 * 1024  # header and manifest sizes
 _CHUNK = 1024 * 1024
-MIN_PASSPHRASE = 8
-MIN_KEY_FILE_BYTES = 16
-
-
-class BackupError(Exception):
-    """A backup or restore cannot go on; the message says why, for the operator."""
-
-
-@dataclass(frozen=True)
-class Secret:
-    """A passphrase, or the bytes of a key file (exactly one)."""
-
-    passphrase: str | None = None
-    key_file: bytes | None = None
-
-    @classmethod
-    def from_key_file(cls, path: Path) -> Secret:
-        try:
-            data = path.read_bytes().strip()
-        except OSError as exc:
-            raise BackupError(f"cannot read the key file {path}: {exc.strerror or exc}") from None
-        if len(data) < MIN_KEY_FILE_BYTES:
-            raise BackupError(
-                f"the key file {path} holds {len(data)} bytes; a key file needs at least "
-                f"{MIN_KEY_FILE_BYTES} random bytes (`appliance keys data-key` prints one)"
-            )
-        return cls(key_file=data)
-
-    @classmethod
-    def from_passphrase(cls, text: str) -> Secret:
-        text = text.rstrip("\r\n")
-        if len(text) < MIN_PASSPHRASE:
-            raise BackupError(f"a backup passphrase needs at least {MIN_PASSPHRASE} characters")
-        return cls(passphrase=text)
-
-
-@dataclass(frozen=True)
-class _Keys:
-    encrypt: bytes
-    mac: bytes
-    check: bytes
-
-
-def _kdf_params(secret: Secret) -> dict[str, Any]:
-    salt = secrets.token_hex(16)
-    if secret.passphrase is not None:
-        return {"name": "scrypt", "salt": salt, **_SCRYPT}
-    return {"name": "hkdf-sha256", "salt": salt}
-
-
-def _derive(secret: Secret, kdf: Mapping[str, Any]) -> _Keys:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
-    try:
-        salt = bytes.fromhex(str(kdf["salt"]))
-        name = kdf["name"]
-    except (KeyError, ValueError):
-        raise BackupError("the archive's header has no valid key derivation parameters") from None
-    if name == "scrypt":
-        if secret.passphrase is None:
-            raise BackupError("this archive was made with a passphrase, not a key file")
-        n, r, p = (kdf.get(k) for k in ("n", "r", "p"))
-        if not (
-            isinstance(n, int)
-            and isinstance(r, int)
-            and isinstance(p, int)
-            and 2 <= n <= _MAX_SCRYPT_N
-            and 1 <= r <= 32
-            and 1 <= p <= 16
-        ):
-            raise BackupError("the archive's scrypt parameters are out of range")
-        master = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(
-            secret.passphrase.encode("utf-8")
-        )
-    elif name == "hkdf-sha256":
-        if secret.key_file is None:
-            raise BackupError("this archive was made with a key file, not a passphrase")
-        master = HKDF(
-            algorithm=hashes.SHA256(), length=32, salt=salt, info=b"appliance backup key file"
-        ).derive(secret.key_file)
-    else:
-        raise BackupError(f"the archive uses an unknown key derivation {name!r}")
-
-    def sub(label: bytes) -> bytes:
-        return HKDFExpand(algorithm=hashes.SHA256(), length=32, info=label).derive(master)
-
-    return _Keys(sub(b"appliance backup encrypt"), sub(b"appliance backup mac"), sub(b"check"))
-
-
-def _check_value(keys: _Keys) -> str:
-    return hmac.new(keys.check, b"appliance backup key check", hashlib.sha256).hexdigest()
 
 
 # ---------------------------------------------------------------------------- writing
@@ -172,8 +79,8 @@ def write_archive(
     """Write the archive to ``out`` (through a temporary file and a rename)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    kdf = _kdf_params(secret)
-    keys = _derive(secret, kdf)
+    kdf = kdf_params(secret)
+    keys = derive(secret, kdf)
     archive_id = secrets.token_hex(16)
     aead = AESGCM(keys.encrypt)
     entries: list[dict[str, Any]] = []
@@ -201,7 +108,7 @@ def write_archive(
                 **member.meta,
             }
         )
-    header = {"format": FORMAT, "version": VERSION, "kdf": kdf, "key_check": _check_value(keys)}
+    header = {"format": FORMAT, "version": VERSION, "kdf": kdf, "key_check": check_value(keys)}
     manifest = {"archive_id": archive_id, "created": time.time(), **facts, "members": entries}
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
     mac = hmac.new(keys.mac, manifest_bytes, hashlib.sha256).hexdigest().encode("ascii")
@@ -324,8 +231,8 @@ def open_archive(path: Path, secret: Secret) -> Archive:
         with tarfile.open(path, "r:") as tar:
             header = _json_member(tar, HEADER)
             _check_header(header)
-            keys = _derive(secret, header.get("kdf") or {})
-            if not hmac.compare_digest(_check_value(keys), str(header.get("key_check", ""))):
+            keys = derive(secret, header.get("kdf") or {})
+            if not hmac.compare_digest(check_value(keys), str(header.get("key_check", ""))):
                 raise BackupError("wrong passphrase or key file for this backup")
             manifest_bytes = _member_bytes(tar, MANIFEST)
             mac = _member_bytes(tar, MAC).decode("ascii", "replace").strip()
