@@ -170,17 +170,35 @@ def _check_name(name: str) -> None:
 
 
 def read_facts(source: IO[bytes]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Header and manifest of an archive, *unverified* (no secret needed): what the hub
-    shows about a device's backup. Raises :class:`BackupError` for anything not one."""
+    """Header and manifest of an archive, checked as far as no secret is needed: every
+    member the manifest lists is there, whole, with its SHA-256 (the manifest's own HMAC
+    and the secret members' contents need the secret). What the hub checks of a device's
+    upload. Raises :class:`BackupError` for anything that is not a complete archive."""
     try:
         with tarfile.open(fileobj=source, mode="r:") as tar:
             header = _json_member(tar, HEADER)
             _check_header(header)
             manifest = _json_member(tar, MANIFEST)
+            members = manifest.get("members")
+            if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+                raise BackupError("the archive's manifest lists no members")
+            expected = {str(m.get("name")): m for m in members}
+            for info in tar:
+                entry = expected.pop(info.name, None)
+                if info.name in (HEADER, MANIFEST, MAC):
+                    continue
+                reader = tar.extractfile(info) if info.isfile() else None
+                if entry is None or reader is None:
+                    raise BackupError(f"the archive holds {info.name!r}, which its manifest lacks")
+                size, digest, _ = _read_member(reader, keep=False)
+                if size != entry.get("size") or digest != entry.get("sha256"):
+                    raise BackupError(f"member {info.name} is truncated or altered")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise BackupError(f"not a complete backup archive (truncated or damaged): {exc}") from None
-    if not isinstance(manifest.get("members"), list):
-        raise BackupError("the archive's manifest lists no members")
+    if expected:
+        raise BackupError(
+            f"the archive is truncated: members missing: {', '.join(sorted(expected))}"
+        )
     return header, manifest
 
 

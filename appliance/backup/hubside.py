@@ -108,7 +108,9 @@ def _state_dir(env: Mapping[str, str]) -> Path:
 
 
 def _sqlite_path(url: str) -> Path | None:
-    return Path(url.removeprefix("sqlite://")) if url.startswith("sqlite:///") else None
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path("/" + url.removeprefix("sqlite://").lstrip("/"))
 
 
 def create(

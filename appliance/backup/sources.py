@@ -35,7 +35,8 @@ def sqlite_snapshot(path: Path) -> bytes:
         copy = Path(tmp) / "copy.db"
         try:
             # Read-only: a backup never changes the database it copies.
-            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            uri = path.resolve().as_uri() + "?mode=ro"
+            source = sqlite3.connect(uri, uri=True, timeout=30)
             try:
                 target = sqlite3.connect(copy)
                 try:
