@@ -50,6 +50,24 @@ def add_parsers(subparsers: Any, config_flags: Any) -> None:
     secret_flags(restore)
 
 
+def add_hub_parsers(subparsers: Any, flags: Any) -> None:
+    """Add ``hub backup`` and ``hub restore`` (carried out by :mod:`.hubside`)."""
+    backup = subparsers.add_parser("backup", help="write the hub's backup archive")
+    flags(backup)
+    backup.add_argument("file", type=Path, metavar="FILE")
+    backup.add_argument(
+        "--without-database",
+        action="store_true",
+        help="configuration and keys only (a PostgreSQL database is backed up with pg_dump)",
+    )
+    secret_flags(backup)
+    restore = subparsers.add_parser("restore", help="restore the hub from a backup archive")
+    flags(restore)
+    restore.add_argument("file", type=Path, metavar="FILE")
+    restore.add_argument("--force", action="store_true", help="replace what is already there")
+    secret_flags(restore)
+
+
 def secret_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--key-file", type=Path, metavar="FILE", help="a file of random bytes")
@@ -169,4 +187,4 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["PASSPHRASE_ENV", "add_parsers", "run", "secret", "secret_flags"]
+__all__ = ["PASSPHRASE_ENV", "add_hub_parsers", "add_parsers", "run", "secret", "secret_flags"]

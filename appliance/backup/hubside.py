@@ -42,25 +42,6 @@ PG_ADVICE = (
 )
 
 
-def add_parsers(subparsers: Any, flags: Any) -> None:
-    from appliance.backup.cli import secret_flags
-
-    backup = subparsers.add_parser("backup", help="write the hub's backup archive")
-    flags(backup)
-    backup.add_argument("file", type=Path, metavar="FILE")
-    backup.add_argument(
-        "--without-database",
-        action="store_true",
-        help="configuration and keys only (a PostgreSQL database is backed up with pg_dump)",
-    )
-    secret_flags(backup)
-    restore = subparsers.add_parser("restore", help="restore the hub from a backup archive")
-    flags(restore)
-    restore.add_argument("file", type=Path, metavar="FILE")
-    restore.add_argument("--force", action="store_true", help="replace what is already there")
-    secret_flags(restore)
-
-
 def run(args: argparse.Namespace, load: Any) -> int:
     from appliance.backup.cli import secret
 
@@ -208,4 +189,4 @@ def restore(
     )
 
 
-__all__ = ["KIND", "PG_ADVICE", "add_parsers", "create", "restore", "run"]
+__all__ = ["KIND", "PG_ADVICE", "create", "restore", "run"]

@@ -60,9 +60,9 @@ def add_parser(subparsers: Any) -> None:
     from appliance.security.cli import add_create
 
     add_create(keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True))
-    from appliance.backup import hubside
+    from appliance.backup.cli import add_hub_parsers
 
-    hubside.add_parsers(sub, _flags)
+    add_hub_parsers(sub, _flags)
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
