@@ -13,6 +13,9 @@ from pathlib import Path
 from appliance.security.keys import hash_key, new_key
 from tests.conftest import DEFAULT_MODELS, ROOT
 
+# The hub's storage fixtures (both backends, a private PostgreSQL server), used here too.
+from tests.hub.conftest import postgres_server, postgres_url, storage, storage_url  # noqa: F401
+
 PASSPHRASE = "correct horse battery staple"
 
 
