@@ -212,3 +212,35 @@ def test_restore_pins_a_derived_device_id(tmp_path: Path) -> None:
     text = box.config.read_text()
     assert text.startswith("# the box's own file: comments stay\n")
     assert f'id = "{device_id}"' in text
+
+
+def test_a_credential_token_and_a_running_daemon(tmp_path: Path) -> None:
+    """A hub token from the systemd credential comes back as a token file of the state
+    directory; and no restore writes into a state directory a daemon is running on."""
+    box = make_box(tmp_path / "box", "box-4")
+    box.config.write_text(box.config.read_text() + '\n[hub]\nurl = "http://127.0.0.1:9"\n')
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "hub-token").write_text("aph_from_the_credential\n")
+    secret = passphrase_file(tmp_path)
+    made = cli(
+        "backup", str(tmp_path / "b.tar"), "--config", str(box.config),
+        "--passphrase-file", str(secret), state=box.state, CREDENTIALS_DIRECTORY=str(creds),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    shutil.rmtree(box.root)
+    fresh = tmp_path / "fresh"
+    with daemon("--models-dir", str(tmp_path), env={"STATE_DIRECTORY": str(fresh)}):
+        busy = cli(
+            "restore", str(tmp_path / "b.tar"), "--passphrase-file", str(secret), "--force",
+            state=fresh,
+        )  # fmt: skip
+        assert busy.returncode == 1 and "another appliance daemon" in busy.stderr, busy.stderr
+        assert not box.root.exists()
+    restored = cli(
+        "restore", str(tmp_path / "b.tar"), "--passphrase-file", str(secret), state=fresh
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert (fresh / "hub-token").read_text() == "aph_from_the_credential\n"
+    shown = cli("config", "--config", str(box.config), state=fresh)
+    assert json.loads(shown.stdout)["hub"]["token_file"] == str(fresh / "hub-token")
