@@ -132,28 +132,29 @@ def _backup(args: argparse.Namespace, load: Any) -> int:
         cfg, config_path, state_directory(os.environ), outbox_path(cfg, os.environ), os.environ
     )
     key = secret(args, os.environ, confirm=True)
-    with tempfile.TemporaryDirectory(prefix="appliance-backup-") as tmp:
-        out = args.file or Path(tmp) / "backup.tar"
-        written = device.create(source, out, key, with_models=args.with_models)
-        if args.file is not None:
-            print(f"wrote {written.path} ({written.size} bytes, {written.members} members)")
-        if args.to_hub:
-            if not cfg.hub.url:
-                raise BackupError("--to-hub needs hub.url (this device is not set up for a hub)")
+    if args.file is not None:
+        written = device.create(source, args.file, key, with_models=args.with_models)
+        print(f"wrote {written.path} ({written.size} bytes, {written.members} members)")
+    if args.to_hub:
+        if not cfg.hub.url:
+            raise BackupError("--to-hub needs hub.url (this device is not set up for a hub)")
+        with tempfile.TemporaryDirectory(prefix="appliance-backup-") as tmp:
+            # The hub keeps the configuration backup: no models, no outbox.
+            config_only = device.create(source, Path(tmp) / "backup.tar", key, with_outbox=False)
             answer = hubclient.upload(
                 cfg.hub.url,
                 cfg.device.id,
                 resolve_token(cfg, os.environ),
-                written.path,
+                config_only.path,
                 ca_file=cfg.hub.tls_ca_file,
                 cert_file=cfg.hub.tls_cert_file,
                 key_file=cfg.hub.tls_key_file,
                 timeout=cfg.hub.timeout * 4,
             )
-            print(
-                f"kept on the hub {cfg.hub.url} as {cfg.device.id}'s backup "
-                f"({answer.get('size')} bytes)"
-            )
+        print(
+            f"kept on the hub {cfg.hub.url} as {cfg.device.id}'s backup "
+            f"({answer.get('size')} bytes)"
+        )
     return 0
 
 

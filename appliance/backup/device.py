@@ -70,8 +70,16 @@ class Source:
     env: Mapping[str, str]
 
 
-def create(source: Source, out: Path, secret: Secret, *, with_models: bool = False) -> Written:
-    """Write the device's backup to ``out``."""
+def create(
+    source: Source,
+    out: Path,
+    secret: Secret,
+    *,
+    with_models: bool = False,
+    with_outbox: bool = True,
+) -> Written:
+    """Write the device's backup to ``out``; without the outbox it is the configuration
+    backup the hub keeps (what waits in the outbox is bound for the hub anyway)."""
     cfg = source.config
     members: list[Member] = []
     if source.config_path is not None and source.config_path.is_file():
@@ -92,7 +100,7 @@ def create(source: Source, out: Path, secret: Secret, *, with_models: bool = Fal
         )
     if (source.state_dir / API_KEY).is_file():
         members.append(Member(f"state/{API_KEY}", read_file(source.state_dir / API_KEY)))
-    if source.outbox.is_file():
+    if with_outbox and source.outbox.is_file():
         members.append(Member(f"state/{OUTBOX}", sqlite_snapshot(source.outbox)))
     members.append(Member(ENROLMENT, json.dumps(_enrolment(source)).encode("utf-8")))
     models = _models(cfg, with_models=with_models)

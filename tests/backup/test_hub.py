@@ -3,8 +3,11 @@ backup API's refusals, and the hub's own backup taken while it ingests."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sqlite3
+import tarfile
 import threading
 import time
 import urllib.error
@@ -43,6 +46,8 @@ def test_a_device_backup_kept_on_the_hub_restores_a_replaced_box(tmp_path: Path)
     with hub(storage) as running:
         box = make_box(tmp_path / "box", "box-h", running.url, token)
         secret = passphrase_file(tmp_path)
+        with sqlite3.connect(box.state / "outbox.db") as conn:  # records waiting for the hub
+            conn.execute("CREATE TABLE records (seq INTEGER PRIMARY KEY, body TEXT)")
         sent = cli(
             "backup", "--to-hub", "--config", str(box.config), "--passphrase-file", str(secret),
             state=box.state,
@@ -57,6 +62,11 @@ def test_a_device_backup_kept_on_the_hub_restores_a_replaced_box(tmp_path: Path)
         # What the hub keeps never holds the secrets in clear.
         status, _, kept = _call("GET", f"{running.url}/api/v1/devices/box-h/backup", token)
         assert status == 200 and len(kept) == info["size"]
+        with tarfile.open(fileobj=io.BytesIO(kept)) as tar:
+            names = tar.getnames()
+        # The configuration backup: no outbox (bound for the hub anyway), no model files.
+        assert "config/appliance.toml" in names and "state/outbox.db" not in names
+        assert "models/sensor-anomaly/manifest.toml" in names
         for secret_bytes in (token, (box.root / "etc" / "data-key").read_text().strip()):
             assert secret_bytes.encode() not in kept
 
