@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
+from appliance.backup import cli as backup_cli
 from appliance.errors import ConfigError
 from appliance.hub import cli as hub_cli
 from appliance.ops import discover_cli, service_cli
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_flags(models)
     models.add_argument("--json", action="store_true", help="print JSON")
     tools_cli.add_quantize(models.add_subparsers(dest="models_command", metavar="SUBCOMMAND"))
+    backup_cli.add_parsers(sub, _config_flags)
     discover_cli.add_parser(sub)
     hub_cli.add_parser(sub)
     security_cli.add_parsers(sub)
@@ -119,6 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return security_cli.run(args)
     if args.command == "service":
         return service_cli.run(args)
+    if args.command in ("backup", "restore"):
+        from appliance import config as config_mod
+
+        return backup_cli.run(
+            args,
+            lambda: config_mod.load(path=args.config, env=os.environ, overrides=_overrides(args)),
+        )
     if args.command == "models" and args.models_command == "quantize":
         return tools_cli.run_quantize(args)
     if args.command == "run":

@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance import __version__, errors
-from appliance.hub import fleet, ingest
+from appliance.hub import backups, fleet, ingest
 from appliance.hub.config import HubConfig
 from appliance.hub.keys import CONFIG, METRICS, STARTED, STORAGE
 from appliance.hub.metrics import HubMetrics
@@ -140,6 +140,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/api/v1/devices/{device}/heartbeats"): "read",
     ("GET", "/api/v1/devices/{device}/records"): "read",
     ("GET", "/api/v1/alerts"): "read",
+    **backups.SCOPES,
 }
 
 
@@ -170,4 +171,5 @@ def build_app(
     app.add_routes(routes)
     app.add_routes(ingest.routes)
     app.add_routes(fleet.routes)
+    backups.setup(app, storage)
     return app

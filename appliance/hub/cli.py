@@ -6,6 +6,8 @@ appliance hub revoke DEVICE    revoke a device's token: its uploads get 401 from
 appliance hub devices          list devices and their status
 appliance hub config           print the resolved configuration (--toml, --reference)
 appliance hub keys create NAME a new API key for the fleet API and dashboard
+appliance hub backup FILE      the hub's database, configuration and keys in one archive
+appliance hub restore FILE     a fresh hub from such an archive
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def add_parser(subparsers: Any) -> None:
     from appliance.security.cli import add_create
 
     add_create(keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True))
+    from appliance.backup.cli import add_hub_parsers
+
+    add_hub_parsers(sub, _flags)
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +102,15 @@ def run(args: argparse.Namespace) -> int:
     if command == "config" and args.reference:
         print(hub_config.hub_reference(), end="")
         return 0
+    if command in ("backup", "restore"):
+        from appliance.backup import hubside
+
+        return hubside.run(
+            args,
+            lambda: hub_config.load(
+                path=getattr(args, "config", None), env=os.environ, overrides=_overrides(args)
+            ),
+        )
     try:
         cfg = hub_config.load(
             path=getattr(args, "config", None), env=os.environ, overrides=_overrides(args)
