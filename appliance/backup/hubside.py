@@ -83,7 +83,7 @@ def _config_path(given: Path | None, env: Mapping[str, str]) -> Path | None:
 
 
 def _state_dir(env: Mapping[str, str]) -> Path:
-    from appliance.ops.outbox import default_state_dir
+    from appliance.ops.instance import default_state_dir
 
     return default_state_dir(env, is_root=os.geteuid() == 0, home=Path.home())
 

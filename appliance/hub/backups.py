@@ -23,7 +23,8 @@ from typing import Any
 from aiohttp import web
 
 from appliance.backup.archive import BackupError, read_facts
-from appliance.hub.ingest import Forbidden, HubRequestError, authenticate
+from appliance.errors import Forbidden, RequestError
+from appliance.hub.ingest import authenticate
 from appliance.hub.keys import STORAGE
 from appliance.hub.storage import backups as store
 from appliance.hub.storage.base import Storage
@@ -51,20 +52,20 @@ async def _own_device(request: web.Request) -> str:
 
 def _facts(body: bytes, device: str) -> dict[str, Any]:
     if not body:
-        raise HubRequestError("the body is empty: send the backup archive (appliance backup)")
+        raise RequestError("the body is empty: send the backup archive (appliance backup)")
     try:
         header, manifest = read_facts(io.BytesIO(body))
     except BackupError as exc:
-        raise HubRequestError(f"not a valid backup archive: {exc}") from None
+        raise RequestError(f"not a valid backup archive: {exc}") from None
     if manifest.get("kind") != "device":
-        raise HubRequestError(f"the archive is a {manifest.get('kind')!r} backup, not a device's")
+        raise RequestError(f"the archive is a {manifest.get('kind')!r} backup, not a device's")
     named = manifest.get("device")
     named_id = named.get("id") if isinstance(named, dict) else None
     if named_id != device:
-        raise HubRequestError(f"the archive is device {named_id!r}'s backup, not {device!r}'s")
+        raise RequestError(f"the archive is device {named_id!r}'s backup, not {device!r}'s")
     created = manifest.get("created")
     if not isinstance(created, (int, float)) or isinstance(created, bool):
-        raise HubRequestError("the archive's manifest has no creation time")
+        raise RequestError("the archive's manifest has no creation time")
     return {"header": header, "manifest": manifest}
 
 
