@@ -32,8 +32,10 @@ from appliance.errors import RequestError
 _SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
 # 19 digits in a row: perhaps an integer orjson would not keep exact (beyond 64 bits).
-_LONG_DIGITS_BYTES = re.compile(rb"[0-9]{19}")
-_LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
+# Found by mapping every digit to "0" and everything else to " " and searching for 19
+# zeros, at C speed: a regular expression takes several times longer than orjson's parse.
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def loads(data: str | bytes, *, what: str = "the request body", param: str | None = "body") -> Any:
@@ -42,11 +44,8 @@ def loads(data: str | bytes, *, what: str = "the request body", param: str | Non
     ``what`` names the document in messages ("the request body", "the message"); ``param``
     is the error's ``param``.
     """
-    if isinstance(data, bytes):
-        exact = _LONG_DIGITS_BYTES.search(data) is None
-    else:
-        exact = _LONG_DIGITS_TEXT.search(data) is None
-    if exact:
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    if _LONG_RUN not in raw.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
