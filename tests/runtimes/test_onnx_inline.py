@@ -78,10 +78,11 @@ async def _counts(http: aiohttp.ClientSession, url: str, model: str) -> dict[str
             labels = dict(sample.labels)
             if labels.pop("model", None) != model:
                 continue
-            if sample.name.endswith(("_sum", "_created")) or sample.name.startswith(
-                "appliance_model_"
-            ):
+            timed = "duration" in sample.name and sample.name.endswith("_bucket")
+            if timed or sample.name.endswith(("_sum", "_created")):
                 continue  # durations and times differ; what is counted must not
+            if sample.name.startswith("appliance_model_"):
+                continue  # load times and file facts
             out[sample.name + repr(sorted(labels.items()))] = sample.value
     return out
 
