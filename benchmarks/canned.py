@@ -1,24 +1,26 @@
 """The HTTP ceiling: aiohttp answering a canned Open Inference Protocol response.
 
-It parses each request's JSON body as the appliance does and answers with a fixed body of
+It parses each request's JSON body with the appliance's own reader
+(:func:`appliance.protocol.strictjson.loads`) and answers with a fixed body of
 the same size as the appliance's answer, so its requests/s is what the transport alone
 can do on this box. Run as ``python -m benchmarks.canned PORT RESPONSE_FILE``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from aiohttp import web
+
+from appliance.protocol.strictjson import loads
 
 
 def main() -> None:
     port, body = int(sys.argv[1]), Path(sys.argv[2]).read_bytes()
 
     async def infer(request: web.Request) -> web.Response:
-        json.loads(await request.read())
+        loads(await request.read())
         return web.Response(body=body, content_type="application/json")
 
     async def health(request: web.Request) -> web.Response:

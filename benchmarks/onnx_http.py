@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,15 @@ def in_process(path: Path, model: str, threads: int, seconds: float) -> float:
 
 
 async def load(
-    url: str, model: str, request: dict[str, Any], clients: int, seconds: float
+    url: str,
+    model: str,
+    request: dict[str, Any],
+    clients: int,
+    seconds: float,
+    probe: Callable[[], float] | None = None,
 ) -> dict[str, float]:
+    """Requests/s and latencies of ``clients`` concurrent clients over ``seconds`` (after a
+    0.3 s warm-up); with ``probe``, also how much it grew over the measured window."""
     latencies: list[float] = []
     errors = 0
     timeout = aiohttp.ClientTimeout(total=60)
@@ -103,10 +111,13 @@ async def load(
                     latencies.append(time.perf_counter() - sent)
 
         await asyncio.gather(*(client(time.perf_counter() + 0.3, False) for _ in range(clients)))
+        probed = probe() if probe is not None else 0.0
         started = time.perf_counter()
         await asyncio.gather(*(client(started + seconds, True) for _ in range(clients)))
         wall = time.perf_counter() - started
+        probed = probe() - probed if probe is not None else 0.0
     return {
+        "probe": probed,
         "rps": len(latencies) / wall,
         "p50_ms": pct(latencies, 50) * 1000,
         "p99_ms": pct(latencies, 99) * 1000,

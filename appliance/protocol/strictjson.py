@@ -7,6 +7,14 @@ plain :class:`ValueError`, nesting beyond the recursion limit a :class:`Recursio
 bytes that are not UTF-8 a :class:`UnicodeDecodeError`; and it accepts lone UTF-16
 surrogates that no UTF-8 text can hold. Each becomes a :class:`RequestError` naming the
 problem here, so no transport can turn a client's bad input into a 500.
+
+Documents are parsed by orjson first, several times faster than ``json``; whatever it
+refuses, and any document holding a run of 19 or more digits (orjson turns integers beyond
+64 bits into floats, ``json`` keeps them exact), goes to ``json`` as before, so what is
+accepted, every value and every error message stay those of ``json``. orjson accepts a
+strict subset of what ``json`` does (no NaN or Infinity literals, no lone surrogates, no
+bytes that are not UTF-8, at most 1,024 levels of nesting), and for the rest parses to the
+same values: duplicate keys keep the last, floats round the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +24,18 @@ import re
 import sys
 from typing import Any
 
+import orjson
+
 from appliance.errors import RequestError
 
 # A ``\uD800``-``\uDFFF`` escape: json accepts lone surrogates, which no UTF-8 text can hold.
 _SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
+# 19 digits in a row: perhaps an integer orjson would not keep exact (beyond 64 bits).
+# Found by mapping every digit to "0" and everything else to " " and searching for 19
+# zeros, at C speed: a regular expression takes several times longer than orjson's parse.
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def loads(data: str | bytes, *, what: str = "the request body", param: str | None = "body") -> Any:
@@ -29,6 +44,16 @@ def loads(data: str | bytes, *, what: str = "the request body", param: str | Non
     ``what`` names the document in messages ("the request body", "the message"); ``param``
     is the error's ``param``.
     """
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    if _LONG_RUN not in raw.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # json decides: it may accept it (NaN, a BOM) or says what is wrong
+    return _loads_json(data, what, param)
+
+
+def _loads_json(data: str | bytes, what: str, param: str | None) -> Any:
     try:
         value = json.loads(data)
         if isinstance(data, bytes):

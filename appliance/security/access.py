@@ -154,10 +154,11 @@ class AccessPolicy:
 
     def limit(self, peer: str | None, key: ApiKey | None) -> None:
         """Take a token from the client's and the key's bucket; :class:`RateLimited` if empty."""
-        address = client_address(peer)
-        wait = self.per_client.take(str(address) if address else (peer or "unknown"))
-        if wait:
-            raise RateLimited(f"too many requests from {peer}; retry later", wait)
+        if self.per_client.enabled:
+            address = client_address(peer)
+            wait = self.per_client.take(str(address) if address else (peer or "unknown"))
+            if wait:
+                raise RateLimited(f"too many requests from {peer}; retry later", wait)
         if key is not None:
             wait = self.per_key.take(key.name)
             if wait:

@@ -94,6 +94,11 @@ class HostGuard:
         self.names |= {a for a in allowed if not a.startswith("*.")}
         wildcards = [a[1:] for a in allowed if a.startswith("*.")]
         self.suffixes = (*wildcards, ".local", ".localhost")
+        # Host headers already accepted: every request of a client sends the same one, and
+        # accepting it takes lowering, port stripping and perhaps address parsing. Only
+        # accepted ones are kept, at most _KNOWN_HOSTS of them (the header is the client's
+        # text); a refused one is judged again each time.
+        self._accepted: set[str] = set()
 
     def accepts(self, host: str) -> bool:
         """Whether a bare host name or address (no port) is acceptable."""
@@ -113,12 +118,8 @@ class HostGuard:
         if self.disabled:
             return
         # HTTP/1.0 clients may send no Host: no browser does.
-        if host_header and not self.accepts(_strip_port(host_header)):
-            # The header is not echoed: it is the attacker's text.
-            raise Forbidden(
-                "the Host header does not name this appliance; add the name to "
-                "security.allowed_hosts to use it"
-            )
+        if host_header and host_header not in self._accepted:
+            self._check_host(host_header)
         if origin is not None:
             parts = urlsplit(origin)
             if origin == "null" or not parts.hostname or not self.accepts(parts.hostname):
@@ -126,6 +127,19 @@ class HostGuard:
                     "requests from pages of other sites (Origin) are not "
                     "accepted; add the site's host to security.allowed_hosts"
                 )
+
+    def _check_host(self, host_header: str) -> None:
+        if not self.accepts(_strip_port(host_header)):
+            # The header is not echoed: it is the attacker's text.
+            raise Forbidden(
+                "the Host header does not name this appliance; add the name to "
+                "security.allowed_hosts to use it"
+            )
+        if len(self._accepted) < _KNOWN_HOSTS:
+            self._accepted.add(host_header)
+
+
+_KNOWN_HOSTS = 256
 
 
 def _strip_port(host: str) -> str:

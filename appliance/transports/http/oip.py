@@ -6,10 +6,10 @@ default. Errors are ``{"error": "..."}``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from appliance import __version__
@@ -100,7 +100,9 @@ async def infer(request: web.Request) -> web.Response:
     }
     if decoded.id is not None:
         answer["id"] = decoded.id
-    header = json.dumps(answer).encode()
+    # orjson: the same document as json.dumps, compact, in a fraction of the time (floats
+    # are written as their shortest round-trip form, as json does).
+    header = orjson.dumps(answer)
     if not blobs:
         return web.Response(body=header, content_type="application/json")
     return web.Response(

@@ -96,6 +96,18 @@ def middlewares(
                 raise PayloadTooLarge(
                     f"request body is larger than the limit of {max_body_bytes} bytes", param="body"
                 )
+            content = request.content
+            if (
+                length is not None
+                and content.is_eof()
+                and hdrs.TRANSFER_ENCODING not in request.headers
+                and hdrs.CONTENT_ENCODING not in request.headers
+            ):
+                # All of it arrived with the headers, as small bodies do: no chunks to
+                # count, no bytes to inflate, no wait to time; its size is the length
+                # checked above.
+                request._read_bytes = content.read_nowait()
+                return await handler(request)
             try:
                 body = await _within(
                     limits.request_timeout, _read(request, max_body_bytes, limits.max_chunks)
