@@ -35,6 +35,7 @@ from appliance.runtimes.base import Runtime, RuntimeOptions
 from appliance.runtimes.llama_batch import RELEASED, BatchEngine, Generation
 from appliance.runtimes.llama_chat import chat_formatter, chat_template, file_details, format_name
 from appliance.runtimes.llama_options import (
+    QUANTIZED_KV,
     GgufOptions,
     auto_slots,
     available_memory,
@@ -160,6 +161,12 @@ class GgufRuntime(Runtime):
         value = int(meta.get(f"{arch}.attention.value_length", head))
         layers = int(llama_cpp.llama_model_n_layer(model))
         opts = self._opts
+        for key_name, kind, size in (("type_k", opts.type_k, key), ("type_v", opts.type_v, value)):
+            if kind in QUANTIZED_KV and size % 32:
+                raise ModelLoadError(
+                    f"{key_name} {kind} needs attention heads a multiple of 32 wide; "
+                    f"{self.path.name}'s are {size}"
+                )
         return kv_bytes_per_token(
             layers, key * n_head_kv, value * n_head_kv, opts.type_k, opts.type_v
         )

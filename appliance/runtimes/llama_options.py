@@ -33,6 +33,9 @@ KV_BYTES = {
     "q5_1": 24 / 32,
 }
 
+# Quantized types store blocks of 32 elements: a head's width must be a multiple of 32.
+QUANTIZED_KV = frozenset(t for t in KV_TYPES if t[0] in "qi")
+
 SLOTS_PER_CORE = 4
 MAX_AUTO_SLOTS = 16
 MIN_AUTO_SLOTS = 2
