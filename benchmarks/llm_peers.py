@@ -72,7 +72,8 @@ async def _stream(
 
 async def _throughput(url: str, streams: int) -> dict[str, float]:
     async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=600), connector=aiohttp.TCPConnector(limit=0)
+        timeout=aiohttp.ClientTimeout(total=600),
+        connector=aiohttp.TCPConnector(limit=0, force_close=True),
     ) as http:
         await _stream(http, url, PROMPT, 8)  # warm up
         singles = []
@@ -97,7 +98,9 @@ async def _throughput(url: str, streams: int) -> dict[str, float]:
 
 
 async def _ttfts(url: str, prompts: list[str]) -> list[float]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=600), connector=aiohttp.TCPConnector(force_close=True)
+    ) as http:
         return [(await _stream(http, url, p, 4))[0] * 1000 for p in prompts]
 
 
@@ -164,7 +167,6 @@ def system_prompt(model: Path) -> str:
 
 def run(model: Path, threads: int, work: Path) -> dict[str, Any]:
     from appliance.runtimes.llama_options import auto_slots
-
     from benchmarks.llama_server import build
 
     slots = auto_slots()
@@ -337,9 +339,7 @@ def main() -> None:
     r = run(model, args.threads, work)
     r["load_average"] = [before[0], os.getloadavg()[0]]
     r["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    text = "\n".join(
-        [f"# GGUF peers ({r['when']}, load {r['load_average']})", "", *render(r)]
-    )
+    text = "\n".join([f"# GGUF peers ({r['when']}, load {r['load_average']})", "", *render(r)])
     (results / "llm-peers-latest.json").write_text(json.dumps(r, indent=2) + "\n")
     (results / "llm-peers-latest.md").write_text(text)
     print(text)

@@ -16,8 +16,10 @@ and its calls are constrained by a grammar built from the tools' schemas (``llam
 Embeddings use a second, lazily created context in embedding mode through llama-cpp-python's
 high-level API: the weights are memory-mapped, so it shares them with the generating one.
 
-Everything llama.cpp specific stays in this package (this module, ``llama_batch``,
-``llama_sampling``), so the core and the transports never see it.
+The options and the rule that sizes the slots of a model without ``parallel`` are in
+``llama_options``, chat templates in ``llama_chat``, the on-disk prompt cache in
+``llama_prompt_cache``. Everything llama.cpp specific stays in this package, so the core and
+the transports never see it.
 """
 
 from __future__ import annotations

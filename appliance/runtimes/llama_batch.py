@@ -298,7 +298,7 @@ class BatchEngine:
             payload = cache.read(entry)
             if payload is not None:
                 self._forget(slot)
-                buffer = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+                buffer = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
                 if llama.llama_state_seq_set_data(self._ctx, buffer, len(payload), slot.seq_id):
                     slot.cached = list(entry.tokens)
                     return len(entry.tokens)
@@ -312,7 +312,7 @@ class BatchEngine:
             buffer = (ctypes.c_uint8 * size)()
             written = int(llama.llama_state_seq_get_data(self._ctx, buffer, size, slot.seq_id))
             if written:
-                cache.save(prompt[:keep], bytes(buffer)[:written])
+                cache.save(prompt[:keep], memoryview(buffer).cast("B")[:written])
         return keep
 
     def _sampled(self, slot: Slot, index: int, outbox: list[tuple[Generation, Any]]) -> None:

@@ -99,12 +99,16 @@ class PromptCache:
                 found = entry
         return found
 
-    def read(self, entry: Entry) -> bytes | None:
+    def read(self, entry: Entry) -> bytearray | None:
         """The payload of ``entry``, or None (and the entry dropped) if it is damaged."""
         try:
-            data = entry.path.read_bytes()
-            (length,) = _LENGTH.unpack_from(data, len(MAGIC))
-            payload = data[len(MAGIC) + _LENGTH.size + length :]
+            with entry.path.open("rb") as file:
+                file.seek(len(MAGIC))
+                (length,) = _LENGTH.unpack(file.read(_LENGTH.size))
+                file.seek(length, os.SEEK_CUR)
+                payload = bytearray(entry.size - len(MAGIC) - _LENGTH.size - length)
+                if file.readinto(payload) != len(payload) or not payload:
+                    raise ValueError("truncated")
             if hashlib.sha256(payload).hexdigest() != entry.digest:
                 raise ValueError("checksum mismatch")
         except (OSError, ValueError, struct.error) as exc:
@@ -121,7 +125,7 @@ class PromptCache:
             self._entries.pop(entry.path, None)
         _remove(entry.path)
 
-    def save(self, tokens: Sequence[int], payload: bytes) -> None:
+    def save(self, tokens: Sequence[int], payload: memoryview) -> None:
         """Write ``payload`` (the KV state of ``tokens``) in the background."""
         thread = threading.Thread(
             target=self._write, args=(tuple(tokens), payload), name="appliance-prompt-cache"
@@ -141,7 +145,7 @@ class PromptCache:
         key.update(struct.pack(f"<{len(tokens)}i", *tokens))
         return self.directory / f"{key.hexdigest()[:32]}.kv"
 
-    def _write(self, tokens: tuple[int, ...], payload: bytes) -> None:
+    def _write(self, tokens: tuple[int, ...], payload: memoryview) -> None:
         path = self._path(tokens)
         digest = hashlib.sha256(payload).hexdigest()
         header = json.dumps(

@@ -148,7 +148,9 @@ async def test_quantized_kv_cache_with_flash_attention_loads_and_generates(
     async with serving(config) as server, aiohttp.ClientSession() as http:
         runtime = runtime_of(server)
         assert runtime.slots == 2
-        assert runtime.kv_bytes_per_slot == 256 * 4 * 2 * 128 * 34 // 32  # 4 layers, keys and values, 128 wide
+        assert (
+            runtime.kv_bytes_per_slot == 256 * 4 * 2 * 128 * 34 // 32
+        )  # 4 layers, keys and values, 128 wide
         result = await complete(http, base_url(server), "turn on the kitchen light")
         assert result["usage"]["completion_tokens"] > 0
 
