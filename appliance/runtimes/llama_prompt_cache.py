@@ -223,10 +223,9 @@ def open_prompt_cache(name: str, path: Path, options: Any) -> PromptCache | None
     """The prompt cache of a GGUF model with ``options``, or None where it is off."""
     if options.prompt_cache_mb <= 0:
         return None
-    from appliance.ops.outbox import default_state_dir
+    from appliance.ops.instance import state_directory
 
-    directory = default_state_dir(os.environ, is_root=os.geteuid() == 0, home=Path.home())
-    directory = directory / "prompt-cache"
+    directory = state_directory(os.environ) / "prompt-cache"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         sha = model_digest(path, directory)
