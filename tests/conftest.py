@@ -35,6 +35,21 @@ STORIES = SHARED_MODELS / "stories260K.gguf"
 _LISTENING = re.compile(r"listening on (https?)://([^\s:]+|\[[^\]]+\]):(\d+)")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_state_directory() -> Iterator[None]:
+    """In-process servers keep state (the GGUF prompt cache) in a directory of the test
+    run's own, never the machine's; subprocess daemons get one each (start_daemon)."""
+    state = tempfile.mkdtemp(prefix="appliance-test-state-")
+    before = os.environ.get("STATE_DIRECTORY")
+    os.environ["STATE_DIRECTORY"] = state
+    yield
+    if before is None:
+        os.environ.pop("STATE_DIRECTORY", None)
+    else:
+        os.environ["STATE_DIRECTORY"] = before
+    shutil.rmtree(state, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def stories_gguf() -> Path:
     """The 260K-parameter TinyStories GGUF model (third-party, read from ../shared/models)."""

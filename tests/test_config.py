@@ -41,7 +41,7 @@ def test_defaults() -> None:
     config = load(env={})
     assert (config.http.host, config.http.port) == ("0.0.0.0", 8080)
     assert config.http.max_body_bytes == 16 * 1024 * 1024
-    assert (config.models.queue_size, config.models.parallel) == (8, 1)
+    assert (config.models.queue_size, config.models.parallel) == (8, None)
     assert config.models.files == []
     assert config.logging.level == "info"
     assert config.logging.log_payloads is False

@@ -92,11 +92,12 @@ class ModelsConfig(Section):
         le=10_000,
         description="Requests that may wait per model beyond those running; more get 503.",
     )
-    parallel: int = Field(
-        default=1,
+    parallel: int | None = Field(
+        default=None,
         ge=1,
         le=64,
-        description="Requests a model runs at the same time (per-model option overrides).",
+        description="Requests a model runs at the same time (per-model option overrides); "
+        "unset: each runtime's own default (ONNX 1, GGUF slots sized to the machine).",
     )
     retry_after: float = Field(
         default=1.0,

@@ -52,9 +52,11 @@ class Loader:
     def handle(self, spec: ModelSpec) -> ModelHandle:
         """A new (unloaded) handle of ``spec``, its queue sized by the configuration."""
         config = self._config
-        parallel = spec.options.parallel or config.parallel
+        parallel = spec.options.parallel or config.parallel or 1
         if spec.problem is None:
-            limit = runtime_class(spec.runtime).max_parallel
+            cls = runtime_class(spec.runtime)
+            parallel = spec.options.parallel or config.parallel or cls.default_parallel()
+            limit = cls.max_parallel
             if limit is not None and parallel > limit:
                 log.info(
                     "model %s: %s runs %d request(s) at a time", spec.name, spec.runtime, limit

@@ -70,7 +70,10 @@ class RuntimeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     parallel: int | None = Field(
-        default=None, ge=1, le=64, description="Requests run at once (default: [models].parallel)."
+        default=None,
+        ge=1,
+        le=64,
+        description="Requests run at once (default: [models].parallel, else the runtime's own).",
     )
     queue_size: int | None = Field(
         default=None,
@@ -102,6 +105,11 @@ class Runtime(ABC):
     options_model: ClassVar[type[RuntimeOptions]] = RuntimeOptions
     # Most requests one instance can serve at once; None means no limit of its own.
     max_parallel: ClassVar[int | None] = None
+
+    @classmethod
+    def default_parallel(cls) -> int:
+        """Requests run at once when neither the model nor ``[models]`` sets ``parallel``."""
+        return 1
 
     def __init__(self, name: str, path: Path, options: RuntimeOptions, workers: int) -> None:
         self.name = name

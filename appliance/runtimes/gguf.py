@@ -16,8 +16,10 @@ and its calls are constrained by a grammar built from the tools' schemas (``llam
 Embeddings use a second, lazily created context in embedding mode through llama-cpp-python's
 high-level API: the weights are memory-mapped, so it shares them with the generating one.
 
-Everything llama.cpp specific stays in this package (this module, ``llama_batch``,
-``llama_sampling``), so the core and the transports never see it.
+The options and the rule that sizes the slots of a model without ``parallel`` are in
+``llama_options``, chat templates in ``llama_chat``, the on-disk prompt cache in
+``llama_prompt_cache``. Everything llama.cpp specific stays in this package, so the core and
+the transports never see it.
 """
 
 from __future__ import annotations
@@ -29,59 +31,24 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field
-
 from appliance.core.types import Capability, EmbeddingResult, GenerateRequest, TokenChunk
 from appliance.errors import ModelLoadError, RequestError
 from appliance.runtimes.base import Runtime, RuntimeOptions
 from appliance.runtimes.llama_batch import RELEASED, BatchEngine, Generation
+from appliance.runtimes.llama_chat import chat_formatter, chat_template, file_details, format_name
+from appliance.runtimes.llama_options import (
+    QUANTIZED_KV,
+    GgufOptions,
+    auto_slots,
+    available_memory,
+    kv_bytes_per_token,
+    slots_that_fit,
+)
+from appliance.runtimes.llama_prompt_cache import open_prompt_cache
 from appliance.runtimes.llama_sampling import build_sampler, free_sampler, grammar_text
 from appliance.runtimes.llama_tools import chat_messages, knows_tools, tool_grammar
 
 log = logging.getLogger(__name__)
-
-
-class GgufOptions(RuntimeOptions):
-    """``[options]`` of a GGUF model manifest. ``parallel`` is the number of slots."""
-
-    n_ctx: int = Field(
-        default=2048,
-        ge=0,
-        le=1 << 20,
-        description="Context window per slot in tokens (the KV cache holds parallel × n_ctx); "
-        "0 means the model's own, capped to its training context either way.",
-    )
-    n_batch: int = Field(
-        default=512,
-        ge=1,
-        le=1 << 16,
-        description="Most tokens decoded in one step (prompt chunks of joining requests plus "
-        "one token per running stream).",
-    )
-    n_gpu_layers: int = Field(
-        default=0, ge=-1, le=10_000, description="Layers offloaded to a GPU (-1: all)."
-    )
-    chat_format: str | None = Field(
-        default=None,
-        description="Chat format name (e.g. 'chatml', 'llama-2') for models whose GGUF has no "
-        "chat template; default: the template in the file, else llama-cpp-python's guess.",
-    )
-    embeddings: bool = Field(default=True, description="Offer /v1/embeddings for this model.")
-    use_mmap: bool = Field(default=True, description="Memory-map the weights (shared, lazy).")
-    cpu_repack: bool = Field(
-        default=True,
-        description="Let llama.cpp repack weights into this CPU's fast layouts (AMX, AVX-512, "
-        "ARM dot-product). Off for a model that crashes in decode with them, as tiny Q8_0 "
-        "models do on AMX processors with llama-cpp-python 0.3.36.",
-    )
-    seed: int | None = Field(default=None, description="Default sampling seed.")
-    max_tokens: int = Field(
-        default=512,
-        ge=0,
-        le=1_000_000,
-        description="Tokens generated for a request that sets no limit (OpenAI max_tokens, "
-        "Ollama num_predict, MQTT/WebSocket max_tokens); 0: until the context is full.",
-    )
 
 
 class GgufRuntime(Runtime):
@@ -99,9 +66,15 @@ class GgufRuntime(Runtime):
     _stop_ids: frozenset[int] = frozenset()
     _native_tools = False  # the chat template renders tools and <tool_call> answers
 
+    @classmethod
+    def default_parallel(cls) -> int:
+        return auto_slots()
+
     def __init__(self, name: str, path: Path, options: RuntimeOptions, workers: int) -> None:
         super().__init__(name, path, options, workers)
         self.slots = max(1, workers)
+        # A count nobody set is checked against the memory once the KV size is known.
+        self._auto_slots = self._opts.parallel is None and self.slots == auto_slots()
         self._details: dict[str, str] = {}  # from the file, once loaded
 
     @property
@@ -138,6 +111,9 @@ class GgufRuntime(Runtime):
         self._details = file_details(self._metadata, self._model.desc(), self._model.n_params())
         trained = self._model.n_ctx_train()
         per_slot = min(opts.n_ctx or trained, trained) if trained > 0 else (opts.n_ctx or 2048)
+        self.kv_bytes_per_slot = per_slot * self._kv_bytes_per_token()
+        if self._auto_slots:
+            self.slots = slots_that_fit(self.slots, self.kv_bytes_per_slot, available_memory())
         cpus = os.cpu_count() or 1
         vocab = self._model.vocab
         try:
@@ -150,54 +126,52 @@ class GgufRuntime(Runtime):
                 n_batch=opts.n_batch,
                 threads=opts.threads or max(1, cpus // 2),
                 threads_batch=opts.threads or cpus,
+                kv=(opts.type_k, opts.type_v, opts.flash_attn),
                 is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
                 stats=self.stats,
+                prompt_cache=open_prompt_cache(self.name, self.path, opts),
             )
         except RuntimeError as exc:
             raise ModelLoadError(str(exc)) from exc
-        self._formatter = self._chat_formatter()
-        self._native_tools = bool(self._template()) and knows_tools(self._formatter)
+        self._formatter, self._stop_ids = chat_formatter(
+            self._model, self._metadata, opts.chat_format
+        )
+        template = chat_template(self._metadata, opts.chat_format)
+        self._native_tools = bool(template) and knows_tools(self._formatter)
         log.info(
-            "model %s: %d slot(s) of %d tokens, chat format %s, tools %s",
+            "model %s: %d slot(s) of %d tokens (KV %s/%s, %.1f MiB a slot), chat format %s, "
+            "tools %s",
             self.name,
             self.slots,
             self._engine.ctx_per_slot,
-            "template from file" if self._template() else self._format_name(),
+            opts.type_k,
+            opts.type_v,
+            self.kv_bytes_per_slot / (1 << 20),
+            "template from file" if template else format_name(self._metadata, opts.chat_format),
             "through its template" if self._native_tools else "in the generic format",
         )
 
-    def _template(self) -> str | None:
-        if self._opts.chat_format:
-            return None
-        return self._metadata.get("tokenizer.chat_template") or None
+    def _kv_bytes_per_token(self) -> int:
+        import llama_cpp
 
-    def _format_name(self) -> str:
-        from llama_cpp import llama_chat_format
-
-        guessed = llama_chat_format.guess_chat_format_from_gguf_metadata(self._metadata)
-        return self._opts.chat_format or guessed or "llama-2"
-
-    def _chat_formatter(self) -> Any:
-        from llama_cpp import llama_chat_format
-
-        model = self._model
-        template = self._template()
-        if template:
-            eos, bos = model.token_eos(), model.token_bos()
-            self._stop_ids = frozenset([eos] if eos != -1 else [])
-            return llama_chat_format.Jinja2ChatFormatter(
-                template=template,
-                eos_token=model.token_get_text(eos) if eos != -1 else "",
-                bos_token=model.token_get_text(bos) if bos != -1 else "",
-                stop_token_ids=[eos] if eos != -1 else None,
-            )
-        name = self._format_name()
-        formatter = getattr(
-            llama_chat_format, "format_" + name.replace("-", "").replace("_", ""), None
+        model, meta = self._model.model, self._metadata
+        arch = meta.get("general.architecture", "")
+        n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        head = int(llama_cpp.llama_model_n_embd(model)) // n_head
+        key = int(meta.get(f"{arch}.attention.key_length", head))
+        value = int(meta.get(f"{arch}.attention.value_length", head))
+        layers = int(llama_cpp.llama_model_n_layer(model))
+        opts = self._opts
+        for key_name, kind, size in (("type_k", opts.type_k, key), ("type_v", opts.type_v, value)):
+            if kind in QUANTIZED_KV and size % 32:
+                raise ModelLoadError(
+                    f"{key_name} {kind} needs attention heads a multiple of 32 wide; "
+                    f"{self.path.name}'s are {size}"
+                )
+        return kv_bytes_per_token(
+            layers, key * n_head_kv, value * n_head_kv, opts.type_k, opts.type_v
         )
-        if formatter is None:
-            raise ModelLoadError(f"unknown chat_format {name!r}")
-        return formatter
 
     def close_blocking(self) -> None:
         if self._engine is not None:
@@ -418,35 +392,3 @@ async def _prepared(
 
         task.add_done_callback(drop)
         raise
-
-
-def file_details(metadata: Mapping[str, str], desc: str, n_params: int) -> dict[str, str]:
-    """Family, size and quantization as Ollama lists them (``/api/show``, ``/api/tags``).
-
-    The quantization is the file type's name (``general.file_type``: ``Q8_0``, ``Q4_K_M``,
-    ``F32``); the size is the parameter count in Ollama's style (``205.8K``, ``7.6B``).
-    """
-    import llama_cpp
-
-    size = ""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n_params >= scale:
-            size = f"{n_params / scale:.1f}{unit}"
-            break
-    names = {
-        getattr(llama_cpp, k): k.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix(
-            "LLAMA_FTYPE_ALL_"
-        )
-        for k in dir(llama_cpp)
-        if k.startswith("LLAMA_FTYPE_") and k != "LLAMA_FTYPE_GUESSED"
-    }
-    raw = metadata.get("general.file_type", "")
-    words = desc.split()
-    level = names.get(int(raw), "") if raw.isdigit() else ""
-    if not level and len(words) >= 2:
-        level = words[-1]  # llama.cpp's description ends in the type's name
-    return {
-        "family": metadata.get("general.architecture", ""),
-        "parameter_size": size,
-        "quantization_level": level,
-    }

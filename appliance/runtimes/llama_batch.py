@@ -16,13 +16,15 @@ One llama.cpp context holds ``slots`` sequences, each with its own part of the K
 
 Prompt-prefix reuse: a slot keeps the tokens of its last sequence in the KV cache; a new
 sequence goes to the free slot sharing the longest prefix with its prompt (the same system
-prompt, the same chat history) and only the rest of the prompt is decoded.
+prompt, the same chat history) and only the rest of the prompt is decoded. A shared prefix
+is also saved to, and found in, the model's prompt cache on disk (``llama_prompt_cache``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import threading
 from collections import deque
@@ -32,6 +34,8 @@ from typing import Any
 
 from appliance.core.types import TokenChunk
 from appliance.runtimes.base import RuntimeStats
+from appliance.runtimes.llama_options import flash_attn_type, ggml_type
+from appliance.runtimes.llama_prompt_cache import PromptCache
 from appliance.runtimes.llama_sampling import Detokenizer, TextAssembler, free_sampler
 
 log = logging.getLogger(__name__)
@@ -90,8 +94,10 @@ class BatchEngine:
         n_batch: int,
         threads: int,
         threads_batch: int,
+        kv: tuple[str, str, str] = ("f16", "f16", "auto"),
         is_eog: Callable[[int], bool],
         stats: RuntimeStats,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         import llama_cpp
 
@@ -106,11 +112,16 @@ class BatchEngine:
         params.n_threads_batch = threads_batch
         params.kv_unified = False
         params.no_perf = True
+        params.type_k, params.type_v = ggml_type(kv[0]), ggml_type(kv[1])
+        params.flash_attn_type = flash_attn_type(kv[2])
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise RuntimeError(
-                f"llama.cpp cannot create a context for {slots} slot(s) of {ctx_per_slot} tokens"
+                f"llama.cpp cannot create a context for {slots} slot(s) of {ctx_per_slot} "
+                f"tokens with type_k {kv[0]}, type_v {kv[1]}, flash_attn {kv[2]}"
+                + (" (a quantized type_v needs flash attention)" if kv[1] != "f16" else "")
             )
+        self._cache = prompt_cache
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.ctx_per_slot = min(ctx_per_slot, int(llama_cpp.llama_n_ctx_seq(self._ctx)))
         self._n_batch = int(params.n_batch)
@@ -154,6 +165,8 @@ class BatchEngine:
             self._stopping = True
             self._wake.notify()
         self._thread.join()
+        if self._cache is not None:
+            self._cache.wait()
         if self._batch is not None:
             self._llama.llama_batch_free(self._batch)
             self._batch = None
@@ -266,12 +279,41 @@ class BatchEngine:
                 keep = 0  # a model whose cache cannot be cut (recurrent): start over
                 self._forget(slot)
             del slot.cached[keep:]
+            if self._cache is not None:
+                keep = self._use_cache(slot, prompt, keep)
             generation.reused = keep
             self._stats.cached_prompt_tokens += keep
             generation.pending = list(prompt[keep:])
             generation.assembler = TextAssembler(generation.stops)
             slot.generation = generation
             slot.last_used = self._steps
+
+    def _use_cache(self, slot: Slot, prompt: list[int], keep: int) -> int:
+        """Load a longer saved prefix into ``slot``, or save the shared one it holds."""
+        cache = self._cache
+        assert cache is not None
+        llama = self._llama
+        entry = cache.best(prompt, better_than=keep)
+        if entry is not None:
+            payload = cache.read(entry)
+            if payload is not None:
+                self._forget(slot)
+                buffer = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
+                if llama.llama_state_seq_set_data(self._ctx, buffer, len(payload), slot.seq_id):
+                    slot.cached = list(entry.tokens)
+                    return len(entry.tokens)
+                log.warning("model %s: prompt cache file %s refused", self.name, entry.path)
+                cache.drop(entry)
+                self._forget(slot)
+                return 0
+        if keep >= cache.min_tokens and not cache.has(prompt[:keep]):
+            # Shared by two prompts: worth keeping for the next start too.
+            size = int(llama.llama_state_seq_get_size(self._ctx, slot.seq_id))
+            buffer = (ctypes.c_uint8 * size)()
+            written = int(llama.llama_state_seq_get_data(self._ctx, buffer, size, slot.seq_id))
+            if written:
+                cache.save(prompt[:keep], memoryview(buffer).cast("B")[:written])
+        return keep
 
     def _sampled(self, slot: Slot, index: int, outbox: list[tuple[Generation, Any]]) -> None:
         gen = slot.generation
