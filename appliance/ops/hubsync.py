@@ -37,6 +37,7 @@ from appliance.ops.alerts import AlertEngine, AlertEvent
 from appliance.ops.health import HealthCollector, HealthSnapshot
 from appliance.ops.metrics import HubMetrics, OutboxMetrics
 from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record, default_state_dir
+from appliance.ops.updater import Updater
 from appliance.security.crypto import load_cipher
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class HubSync:
         self.failures = 0
         self.last_error: str | None = None
         self.last_upload: float | None = None
+        self.updater: Updater | None = None  # with hub.public_key: signed model rollouts
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -140,6 +142,14 @@ class HubSync:
                     "User-Agent": f"appliance/{__version__}",
                 },
             )
+            if self._hub.public_key:
+                self.updater = Updater(
+                    self._config,
+                    self._core,
+                    lambda body: self._put("rollout", body),
+                    lambda: self._session,
+                    self.outbox.path.with_name("updates.json"),
+                )
             for moved in self.outbox.recovered:
                 self._put("event", {"type": "outbox_corrupt", "moved_to": str(moved)})
             self._put(
@@ -221,6 +231,8 @@ class HubSync:
         await self._idle.wait()
 
     async def _close(self) -> None:
+        if self.updater is not None:
+            await self.updater.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -348,3 +360,5 @@ class HubSync:
         acked = answer.get("acked") if isinstance(answer, dict) else None
         if not isinstance(acked, int) or acked < batch[-1].seq:
             raise ValueError(f"the hub acknowledged {acked!r}, not up to {batch[-1].seq}")
+        if self.updater is not None:
+            self.updater.offer(answer.get("wanted"))
