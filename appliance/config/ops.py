@@ -299,6 +299,13 @@ class HubSyncConfig(TlsFilesSection):
         description="Free space a rollout must leave on the models' file system; a download "
         "that would leave less is refused before it starts.",
     )
+    update_rate_bytes: int = Field(
+        default=0,
+        ge=0,
+        le=1024**4,
+        description="Bytes per second a rollout download may take (a slow or metered link); "
+        "0: no limit.",
+    )
 
 
 class MdnsConfig(Section):

@@ -221,20 +221,30 @@ class Updater:
             raise aiohttp.ClientError("the hub session is closed")
         url = self._config.hub.url.rstrip("/") + BLOB_PATH + entry["sha256"]
         headers = {"Range": f"bytes={have}-"} if have else {}
+        resumed = have > 0
+        if resumed:
+            log.info("resuming the download of %s at byte %d", entry["path"], have)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
         async with session.get(url, headers=headers, timeout=timeout) as resp:
             if resp.status == 200:
-                have = 0  # the whole file: start again
+                have, resumed = 0, False  # the whole file: start again
             elif resp.status != 206 and not (resp.status == 416 and have):
                 raise aiohttp.ClientError(f"hub answered {resp.status} for {entry['path']}")
+            rate = self._config.hub.update_rate_bytes
+            began, got = time.monotonic(), 0
             with part.open("r+b" if have else "wb") as out:
                 out.seek(have)
                 if resp.status != 416:
                     async for block in resp.content.iter_chunked(1 << 16):
                         await asyncio.to_thread(out.write, block)
+                        got += len(block)
+                        if rate and (ahead := got / rate - (time.monotonic() - began)) > 0:
+                            await asyncio.sleep(ahead)
                 await asyncio.to_thread(_sync, out)
         if not await asyncio.to_thread(_matches, part, entry):
             await asyncio.to_thread(part.unlink)
+            if resumed:  # what was kept may not have reached the disk: fetch it whole
+                raise OSError(f"{entry['path']}: the resumed download did not verify")
             raise Refused(f"{entry['path']} does not match its size and sha256 (tampered?)")
         await asyncio.to_thread(os.replace, part, final)
 

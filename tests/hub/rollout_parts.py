@@ -5,6 +5,7 @@ steady inference traffic for their canaries."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, DaemonProcess, daemon
+from tests.conftest import ROOT, DaemonProcess, daemon, start_daemon
 from tests.hub.conftest import hub_env
 
 MODEL = ROOT / "models" / "sensor-anomaly"
@@ -26,7 +27,9 @@ NORMAL = [21.0, 45.0, 0.6] * 32
 LOUD = [21.0, 45.0, 5000.0] * 32  # the "bad" version answers NaN for this
 
 
-def build_version(dest: Path, version: str, *, nan_above: float | None = None) -> Path:
+def build_version(
+    dest: Path, version: str, *, nan_above: float | None = None, padding: int = 0
+) -> Path:
     """A new version of sensor-anomaly in ``dest``: the real graph with its score passed
     through one more node (a different file), or, with ``nan_above``, NaN scores for windows
     holding a reading above it: a version that loads and answers wrong."""
@@ -57,6 +60,8 @@ def build_version(dest: Path, version: str, *, nan_above: float | None = None) -
     onnx.checker.check_model(model)
     dest.mkdir(parents=True)
     onnx.save(model, str(dest / "model.onnx"))
+    if padding:  # a larger artifact (a file beside the model, as a tokenizer would be)
+        (dest / "padding.bin").write_bytes(os.urandom(padding))
     (dest / "manifest.toml").write_text(
         f'name = "sensor-anomaly"\nruntime = "onnx"\nfile = "model.onnx"\n'
         f'version = "{version}"\n\n[options]\nthreads = 1\n'
@@ -66,7 +71,7 @@ def build_version(dest: Path, version: str, *, nan_above: float | None = None) -
 
 def repository(root: Path) -> Path:
     """A model repository holding sensor-anomaly version 1 in the versioned layout."""
-    shutil.copytree(MODEL, root / "sensor-anomaly" / "1")
+    shutil.copytree(MODEL, root / "sensor-anomaly" / "1", dirs_exist_ok=True)
     return root
 
 
@@ -203,22 +208,44 @@ def traffic(devices: list[Device], stop_on: threading.Event | None = None) -> It
 
 @contextmanager
 def fleet(
-    tmp: Path, env: dict[str, str], hub_url: str, names: list[str], **extra: str
+    tmp: Path,
+    env: dict[str, str],
+    hub_url: str,
+    names: list[str],
+    *,
+    public_key: str | None = None,
+    models_fs_bytes: int = 0,
+    **extra: str,
 ) -> Iterator[list[Device]]:
-    """Enrolled devices, each a real daemon with a state directory of its own."""
+    """Enrolled devices, each a real daemon with a state directory of its own;
+    ``models_fs_bytes``: their model repositories on a tmpfs of that size."""
     devices: list[Device] = []
     key = ""
+    mounted: list[Path] = []
     for name in names:
         token, key = enroll(env, name)
         root = tmp / name
+        (root / "models").mkdir(parents=True)
+        if models_fs_bytes:
+            mount = ["mount", "-t", "tmpfs", "-o", f"size={models_fs_bytes}", "tmpfs"]
+            subprocess.run([*mount, str(root / "models")], check=True, capture_output=True)
+            mounted.append(root / "models")
         devices.append(Device(name, repository(root / "models"), root / "state", token))
         (root / "state").mkdir()
+    key = public_key or key
     with ExitStack() as stack:
+        for path in mounted:
+            stack.callback(subprocess.run, ["umount", "-l", str(path)], check=False)
         for d in devices:
             d.proc = stack.enter_context(
                 daemon("--models-dir", str(d.models), env=d.env(hub_url, key, **extra))
             )
-        yield devices
+        try:
+            yield devices
+        finally:
+            for d in devices:  # restarted ones too
+                if d.proc is not None:
+                    d.proc.stop()
 
 
 def poll(what: str, check: Any, timeout: float = 60) -> Any:
@@ -234,3 +261,12 @@ def poll(what: str, check: Any, timeout: float = 60) -> Any:
                 return last
         time.sleep(0.1)
     raise AssertionError(f"{what}: not reached in time (last: {last!r})")
+
+
+def restart(device: Device, hub_url: str, public_key: str, **extra: str) -> None:
+    """Start the device's daemon again (same state, models and token)."""
+    proc = start_daemon(
+        "--models-dir", str(device.models), env=device.env(hub_url, public_key, **extra)
+    )
+    device.proc = proc
+    proc.wait_listening(60)

@@ -150,13 +150,17 @@ class Rollouts:
 
     async def _roll_back(self, rollout: Rollout, devices: list[RolloutDevice], why: str) -> None:
         now = time.time()
+        moving = 0
         for d in devices:
             if d.state in plan.ROLL_BACK_FROM:
                 await self.store.set_device(rollout.id, d.device_id, "rolling_back", why, now)
-            elif d.state == "pending":
+                moving += 1
+            elif d.state in ("pending", "skipped"):
                 await self.store.set_device(rollout.id, d.device_id, "cancelled", why, now)
+        # Halted until every device that moved reports it rolled back (see advance).
+        state = "halted" if moving else "rolled_back"
         await self.store.set_rollout(
-            rollout.id, now, state="halted", wave=rollout.wave, reason=why, started=now
+            rollout.id, now, state=state, wave=rollout.wave, reason=why, started=now
         )
         log.warning("rollout %s halted, rolling back: %s", rollout.id, why)
 
@@ -173,7 +177,7 @@ class Rollouts:
         devices = await self.store.rollout_devices(rollout_id)
         if rollout.state == "halted":
             if not any(d.state == "rolling_back" for d in devices) and any(
-                d.state in ("rolled_back", "cancelled") for d in devices
+                d.state == "rolled_back" for d in devices
             ):
                 await self.store.set_rollout(
                     rollout.id,
