@@ -286,6 +286,26 @@ class HubSyncConfig(TlsFilesSection):
         allow_inf_nan=False,
         description="Seconds one upload request may take.",
     )
+    public_key: str = Field(
+        default="",
+        pattern=r"^$|^ed25519:[A-Za-z0-9+/=]{40,60}$",
+        description="The hub's signing key (`ed25519:...`, printed by `appliance hub enroll`). "
+        "Set: the device installs model rollouts the hub signed for it; unset: none.",
+    )
+    update_margin_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        le=1024**4,
+        description="Free space a rollout must leave on the models' file system; a download "
+        "that would leave less is refused before it starts.",
+    )
+    update_rate_bytes: int = Field(
+        default=0,
+        ge=0,
+        le=1024**4,
+        description="Bytes per second a rollout download may take (a slow or metered link); "
+        "0: no limit.",
+    )
 
 
 class MdnsConfig(Section):

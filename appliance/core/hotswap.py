@@ -103,7 +103,10 @@ class HotSwap:
             return
         if old.state is ModelState.READY and old.version == self._table.stable_of(old.name):
             candidate = max(ready, key=lambda h: version_key(h.version))
-            if self._table.canary.start(old, candidate):
+            # Only a newer version is a canary: one left when the stable version's files
+            # were removed (a rollback) takes over at once.
+            newer_one = version_key(candidate.version) > version_key(old.version)
+            if newer_one and self._table.canary.start(old, candidate):
                 return  # a canary compares them; it retires the loser
         self._table.remove(old)
         self._loader.retire(old)

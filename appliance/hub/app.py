@@ -17,6 +17,8 @@ from appliance.hub import backups, fleet, ingest
 from appliance.hub.config import HubConfig
 from appliance.hub.keys import CONFIG, METRICS, STARTED, STORAGE
 from appliance.hub.metrics import HubMetrics
+from appliance.hub.rollout import api as rollout_api
+from appliance.hub.rollout.service import Rollouts
 from appliance.hub.storage.base import Storage
 from appliance.pages import read_page
 from appliance.security.access import AccessPolicy, hub_policy
@@ -141,6 +143,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/api/v1/devices/{device}/records"): "read",
     ("GET", "/api/v1/alerts"): "read",
     **backups.SCOPES,
+    **rollout_api.SCOPES,
 }
 
 
@@ -150,9 +153,14 @@ def scope_of(method: str, template: str) -> str | None:
 
 
 def build_app(
-    storage: Storage, config: HubConfig, metrics: HubMetrics, access: AccessPolicy | None = None
+    storage: Storage,
+    config: HubConfig,
+    metrics: HubMetrics,
+    access: AccessPolicy | None = None,
+    rollouts: Rollouts | None = None,
 ) -> web.Application:
-    """The hub's application; ``access`` defaults to the configured policy."""
+    """The hub's application; ``access`` defaults to the configured policy; without
+    ``rollouts`` it has no rollout routes."""
     if access is None:
         access = hub_policy(config)
     app = web.Application(
@@ -172,4 +180,6 @@ def build_app(
     app.add_routes(ingest.routes)
     app.add_routes(fleet.routes)
     backups.setup(app, storage)
+    if rollouts is not None:
+        rollout_api.setup(app, rollouts)
     return app

@@ -8,6 +8,9 @@ appliance hub config           print the resolved configuration (--toml, --refer
 appliance hub keys create NAME a new API key for the fleet API and dashboard
 appliance hub backup FILE      the hub's database, configuration and keys in one archive
 appliance hub restore FILE     a fresh hub from such an archive
+appliance hub publish PATH     publish a model version for rollouts
+appliance hub rollout ...      start, watch, halt, resume and roll back rollouts
+appliance hub tag DEVICE TAG   tag devices for rollouts; public-key: the signing key
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ConfigError
+from appliance.hub.rollout import cli as rollout_cli
 
 
 def add_parser(subparsers: Any) -> None:
@@ -39,6 +43,7 @@ def add_parser(subparsers: Any) -> None:
     _flags(enroll)
     enroll.add_argument("device", metavar="DEVICE_ID", help="the device's [device] id")
     enroll.add_argument("--name", default="", help="a human name for the fleet view")
+    enroll.add_argument("--tag", action="append", default=[], help="a tag for rollouts")
     revoke = sub.add_parser("revoke", help="revoke a device's token")
     _flags(revoke)
     revoke.add_argument("device", metavar="DEVICE_ID")
@@ -56,6 +61,7 @@ def add_parser(subparsers: Any) -> None:
     shown.add_argument(
         "--reference", action="store_true", help="print the Markdown reference of every key instead"
     )
+    rollout_cli.add_parsers(sub, _flags)
     keys = sub.add_parser("keys", help="create API keys for the fleet API and dashboard")
     from appliance.security.cli import add_create
 
@@ -164,13 +170,17 @@ async def _manage(command: str, args: argparse.Namespace, cfg: Any) -> int:
     storage = from_url(storage_url(cfg), pool_size=2)
     await storage.open()
     try:
+        if command in rollout_cli.COMMANDS:
+            return await rollout_cli.run(command, args, storage, cfg)
         if command == "enroll":
             token = new_token()
             await storage.enroll(args.device, args.name, hash_token(token), time.time())
+            public_key = await rollout_cli.enrolled(args.device, args.tag, storage, cfg)
             print(token)
             print(
                 f"enrolled {args.device}; give the device this token as hub.token, "
-                "hub.token_file or the systemd credential 'hub-token' (it is shown once)",
+                "hub.token_file or the systemd credential 'hub-token' (it is shown once), "
+                f"and the hub's signing key as hub.public_key = {public_key!r}",
                 file=sys.stderr,
             )
             return 0

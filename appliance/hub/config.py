@@ -153,6 +153,28 @@ class HubSecurityConfig(AccessConfig):
     )
 
 
+class RolloutConfig(Section):
+    """Signed model rollouts to the fleet (docs/hub.md#rollouts)."""
+
+    dir: Path | None = Field(
+        default=None,
+        description="Where published artifacts are stored (content-addressed). Unset: "
+        "artifacts/ in the state directory.",
+    )
+    signing_key_file: Path | None = Field(
+        default=None,
+        description="The hub's Ed25519 signing key (PEM), made on first use. Unset: "
+        "hub-signing-key in the state directory.",
+    )
+    interval: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds between checks that move running rollouts along.",
+    )
+
+
 class HubConfig(Section):
     """The whole hub configuration; sections map to ``[section]`` tables in hub.toml."""
 
@@ -163,6 +185,7 @@ class HubConfig(Section):
     logging: HubLoggingConfig = Field(default_factory=HubLoggingConfig)
     security: HubSecurityConfig = Field(default_factory=HubSecurityConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
 
 def load(
@@ -193,6 +216,14 @@ def storage_url(config: HubConfig, env: Mapping[str, str] | None = None) -> str:
 
     state = state_directory(os.environ if env is None else env)
     return f"sqlite:///{state / 'hub.db'}"
+
+
+def state_path(config: HubConfig, name: str, env: Mapping[str, str] | None = None) -> Path:
+    """``name`` in the hub's state directory."""
+    from appliance.ops.instance import default_state_dir
+
+    env = os.environ if env is None else env
+    return default_state_dir(env, is_root=os.geteuid() == 0, home=Path.home()) / name
 
 
 def hub_reference() -> str:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.errors import Forbidden, RequestError, Unauthenticated
 from appliance.hub.keys import METRICS, STORAGE
+from appliance.hub.rollout.service import ROLLOUTS
 from appliance.hub.storage.base import AlertChange, Batch, Incoming, Point
 from appliance.hub.tokens import hash_token
 from appliance.protocol import strictjson
@@ -162,6 +163,17 @@ async def ingest(request: web.Request) -> web.Response:
     metrics.ingest_duration.observe(time.perf_counter() - started)
     metrics.ingest_records.labels("accepted").inc(result.accepted)
     metrics.ingest_records.labels("duplicate").inc(result.duplicates)
-    return web.json_response(
-        {"acked": result.acked, "accepted": result.accepted, "duplicates": result.duplicates}
-    )
+    answer: dict[str, Any] = {
+        "acked": result.acked,
+        "accepted": result.accepted,
+        "duplicates": result.duplicates,
+    }
+    rollouts = request.app.get(ROLLOUTS)
+    if rollouts is not None:  # progress reports in, and what the device should do now
+        for record in batch.records:
+            if record.kind == "rollout":
+                await rollouts.report(device, json.loads(record.body))
+        wanted = await rollouts.wanted(device)
+        if wanted is not None:
+            answer["wanted"] = wanted
+    return web.json_response(answer)

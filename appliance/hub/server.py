@@ -22,6 +22,7 @@ from appliance.hub.app import build_app
 from appliance.hub.config import HubConfig, storage_url
 from appliance.hub.metrics import HubMetrics
 from appliance.hub.monitor import OfflineMonitor, Retention
+from appliance.hub.rollout.service import RolloutEngine, open_rollouts
 from appliance.hub.storage import from_url
 from appliance.ops.signals import ServeSignals
 from appliance.ops.systemd import SystemdNotify
@@ -80,8 +81,9 @@ class HubServer:
         self._stack.push_async_callback(storage.close)
         # Reads key files: off the loop.
         self.access = access = await asyncio.to_thread(hub_policy, config)
+        rollouts = await asyncio.to_thread(open_rollouts, storage, config)
         runner = web.AppRunner(
-            build_app(storage, config, self.metrics, access),
+            build_app(storage, config, self.metrics, access, rollouts),
             handler_cancellation=True,
             shutdown_timeout=config.http.shutdown_timeout,
             access_log=logging.getLogger("aiohttp.access"),
@@ -108,6 +110,7 @@ class HubServer:
             )
         await self._stack.enter_async_context(OfflineMonitor(storage, config, self.metrics))
         await self._stack.enter_async_context(Retention(storage, config, self.metrics))
+        await self._stack.enter_async_context(RolloutEngine(rollouts, config.rollout.interval))
         # Last in: READY=1 once storage and listeners are up; STOPPING=1 first on the way down.
         status = f"{storage.kind} storage; listening on {scheme}://{config.http.host}:{self.port}"
         await self._stack.enter_async_context(

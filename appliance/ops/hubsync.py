@@ -39,6 +39,7 @@ from appliance.ops.instance import state_directory
 from appliance.ops.metrics import HubMetrics, OutboxMetrics
 from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record
 from appliance.ops.snapshot import HealthSnapshot
+from appliance.ops.updater import Updater
 from appliance.security.crypto import load_cipher
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class HubSync:
         self.failures = 0
         self.last_error: str | None = None
         self.last_upload: float | None = None
+        self.updater: Updater | None = None  # with hub.public_key: signed model rollouts
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -142,6 +144,14 @@ class HubSync:
                     "User-Agent": f"appliance/{__version__}",
                 },
             )
+            if self._hub.public_key:
+                self.updater = Updater(
+                    self._config,
+                    self._core,
+                    lambda body: self._put("rollout", body),
+                    lambda: self._session,
+                    self.outbox.path.with_name("updates.json"),
+                )
             for moved in self.outbox.recovered:
                 self._put("event", {"type": "outbox_corrupt", "moved_to": str(moved)})
             self._put(
@@ -223,6 +233,8 @@ class HubSync:
         await self._idle.wait()
 
     async def _close(self) -> None:
+        if self.updater is not None:
+            await self.updater.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -350,3 +362,5 @@ class HubSync:
         acked = answer.get("acked") if isinstance(answer, dict) else None
         if not isinstance(acked, int) or acked < batch[-1].seq:
             raise ValueError(f"the hub acknowledged {acked!r}, not up to {batch[-1].seq}")
+        if self.updater is not None:
+            self.updater.offer(answer.get("wanted"))

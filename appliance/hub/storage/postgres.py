@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from appliance.hub.storage.rollouts import schema
 from appliance.hub.storage.sql import Conn, Row, SqlStorage
 
 SCHEMA = """
@@ -121,7 +122,7 @@ class PostgresStorage(SqlStorage):
             # Several hubs starting at once must not race creating the schema.
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(7262756)")
-                await conn.execute(SCHEMA)
+                await conn.execute(SCHEMA + schema("DOUBLE PRECISION"))
         except BaseException:
             await pool.close()
             raise

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 from appliance.hub.storage.base import (
     OFFLINE_RULE,
@@ -25,8 +23,10 @@ from appliance.hub.storage.base import (
     StoredRecord,
     loads_dict,
 )
-
-Row = Sequence[Any]
+from appliance.hub.storage.rollouts import RolloutStore
+from appliance.hub.storage.rows import Conn as Conn
+from appliance.hub.storage.rows import Row as Row
+from appliance.hub.storage.rows import alert_row, device_row, point_row
 
 _DEVICE_COLUMNS = (
     # A label given at enrolment wins over the name the device reports.
@@ -43,25 +43,7 @@ _ALERT_COLUMNS = (
 )
 
 
-class Conn(abc.ABC):
-    """One connection (inside a transaction for writers)."""
-
-    @abc.abstractmethod
-    async def execute(self, sql: str, *args: Any) -> int:
-        """Run a statement; returns the rows it changed."""
-
-    @abc.abstractmethod
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
-
-    @abc.abstractmethod
-    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
-
-    async def fetchone(self, sql: str, *args: Any) -> Row | None:
-        rows = await self.fetch(sql, *args)
-        return rows[0] if rows else None
-
-
-class SqlStorage(Storage):
+class SqlStorage(RolloutStore, Storage):
     """:class:`Storage` on any SQL backend that supplies connections."""
 
     for_update = ""  # row lock suffix for the stream's high-water mark (PostgreSQL)
@@ -196,14 +178,14 @@ class SqlStorage(Storage):
     async def devices(self) -> list[Device]:
         async with self.reader() as conn:
             rows = await conn.fetch(f"SELECT {_DEVICE_COLUMNS} FROM devices d ORDER BY d.id")
-        return [_device(r) for r in rows]
+        return [device_row(r) for r in rows]
 
     async def device(self, device_id: str) -> Device | None:
         async with self.reader() as conn:
             row = await conn.fetchone(
                 f"SELECT {_DEVICE_COLUMNS} FROM devices d WHERE d.id = ?", device_id
             )
-        return _device(row) if row else None
+        return device_row(row) if row else None
 
     async def points(self, device_id: str, since: float, until: float, limit: int) -> list[Point]:
         async with self.reader() as conn:
@@ -216,7 +198,7 @@ class SqlStorage(Storage):
                 until,
                 limit,
             )
-        return [_point(r) for r in reversed(rows)]
+        return [point_row(r) for r in reversed(rows)]
 
     async def records(self, device_id: str, after: int, limit: int) -> list[StoredRecord]:
         async with self.reader() as conn:
@@ -256,7 +238,7 @@ class SqlStorage(Storage):
                 *args,
                 limit,
             )
-        return [_alert(r) for r in rows]
+        return [alert_row(r) for r in rows]
 
     # -- monitor ----------------------------------------------------------------------
 
@@ -375,47 +357,3 @@ async def _apply_alert(conn: Conn, device_id: str, change: AlertChange, now: flo
             change.at,
             now,
         )
-
-
-def _device(r: Row) -> Device:
-    return Device(
-        id=str(r[0]),
-        name=str(r[1]),
-        version=str(r[2]),
-        enrolled=float(r[3]),
-        revoked=_f(r[4]),
-        last_seen=_f(r[5]),
-        last_heartbeat=_f(r[6]),
-        stream=str(r[7]),
-        last_seq=int(r[8]),
-        dropped={k: int(v) for k, v in json.loads(r[9] or "{}").items()},
-        latest=loads_dict(r[10]),
-        alerts_firing=int(r[11]),
-        offline=int(r[12]) > 0,
-    )
-
-
-def _point(r: Row) -> Point:
-    values = dict(zip(POINT_FIELDS, (_f(v) for v in r[1:-1]), strict=True))
-    return Point(time=float(r[0]), resolution=int(r[-1]), **values)
-
-
-def _alert(r: Row) -> Alert:
-    return Alert(
-        id=int(r[0]),
-        device_id=str(r[1]),
-        rule=str(r[2]),
-        subject=str(r[3]),
-        severity=str(r[4]),
-        state=str(r[5]),
-        value=_f(r[6]),
-        threshold=_f(r[7]),
-        message=str(r[8]),
-        started_at=float(r[9]),
-        resolved_at=_f(r[10]),
-        updated=float(r[11]),
-    )
-
-
-def _f(value: Any) -> float | None:
-    return None if value is None else float(value)

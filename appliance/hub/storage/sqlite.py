@@ -16,6 +16,7 @@ from typing import Any
 
 import aiosqlite
 
+from appliance.hub.storage.rollouts import schema
 from appliance.hub.storage.sql import Conn, Row, SqlStorage
 
 SCHEMA = """
@@ -113,7 +114,7 @@ class SqliteStorage(SqlStorage):
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
-            await db.executescript(SCHEMA)
+            await db.executescript(SCHEMA + schema("REAL"))
         except BaseException:
             await db.close()
             raise

@@ -1,0 +1,346 @@
+"""Model rollouts on the device: what the hub asks for, checked, fetched, installed beside
+the serving version, judged by the canary, and reported.
+
+The hub's ingest answer may carry ``wanted``: a statement signed with the hub's Ed25519
+key (``hub.public_key``) naming this device, a rollout and an action. Nothing unsigned,
+signed by another key, or naming another device is acted on; such a statement is reported
+as refused and nothing on disk changes.
+
+``install`` downloads each file of the model version into
+``<models.dir>/.incoming/<rollout>/v/`` (resuming a cut download with HTTP Range), checks
+its size and sha256, and only then renames the whole directory to
+``<models.dir>/<name>/<version>`` (fsynced files, directories and rename): after power
+loss at any moment the repository holds the old version, or the old and the new, never a
+half-written one. A download that would leave less than ``hub.update_margin_bytes`` free
+is refused before it starts. The repository is then re-read; with canary releases on, the
+canary's verdict decides (promoted: ``healthy``; rolled back: the version is moved aside
+and ``failed`` reported with the canary's reason); without, a version that loads is
+``healthy``. ``rollback`` moves the version aside and re-reads the repository, so the
+previous version serves again. Reports go to the hub through the outbox (kind
+``rollout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from appliance.config import Config
+from appliance.core.canary import CanaryDecision
+from appliance.core.repository import MANIFEST, valid_name
+from appliance.core.service import Core
+from appliance.core.types import ModelState
+from appliance.security import signing
+
+log = logging.getLogger(__name__)
+
+BLOB_PATH = "/api/v1/artifacts/blobs/"
+INCOMING = ".incoming"
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+Report = Callable[[dict[str, Any]], None]
+
+
+class Refused(Exception):
+    """A statement or artifact the device will not act on; the message says why."""
+
+
+class Updater:
+    """Carries out the hub's signed rollout statements, one at a time."""
+
+    def __init__(
+        self,
+        config: Config,
+        core: Core,
+        report: Report,
+        session: Callable[[], aiohttp.ClientSession | None],
+        state_file: Path,
+    ) -> None:
+        self._config = config
+        self._core = core
+        self._report = report
+        self._session = session
+        self._key = signing.parse_public(config.hub.public_key)
+        self._state_file = state_file
+        self._done: set[str] = set(_load(state_file).get("done", []))
+        self._task: asyncio.Task[None] | None = None
+        self._decisions: dict[tuple[str, str], asyncio.Future[CanaryDecision]] = {}
+        self._unsubscribe = core.add_canary_listener(self._on_decision)
+
+    async def close(self) -> None:
+        self._unsubscribe()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def offer(self, signed: Any) -> None:
+        """What an ingest answer said is wanted (None: nothing)."""
+        if signed is None or (self._task is not None and not self._task.done()):
+            return
+        unverified = signed.get("statement") if isinstance(signed, dict) else None
+        rollout = str(unverified.get("rollout", "")) if isinstance(unverified, dict) else ""
+        try:
+            statement = signing.verify(self._key, signed)
+            if statement.get("device") != self._config.device.id:
+                raise signing.SignatureError(
+                    f"the statement is for device {statement.get('device')!r}"
+                )
+        except signing.SignatureError as exc:
+            key = f"{rollout}:refused"
+            if key not in self._done:
+                log.error("rollout %s refused: %s", rollout, exc)
+                self._finish(key, rollout, "failed", f"refused: {exc}")
+            return
+        key = f"{statement['rollout']}:{statement.get('action')}"
+        if key in self._done:
+            return
+        self._task = asyncio.create_task(self._carry_out(key, statement), name="appliance-update")
+
+    async def _carry_out(self, key: str, statement: dict[str, Any]) -> None:
+        rollout = str(statement["rollout"])
+        try:
+            if statement.get("action") == "rollback":
+                moved = await asyncio.to_thread(self._move_aside, statement)
+                await self._core.reload_models()
+                why = "rolled back on the hub's order" if moved else "was not installed"
+                self._finish(key, rollout, "rolled_back", why)
+            elif statement.get("action") == "install":
+                state, why = await self._install(statement)
+                self._finish(key, rollout, state, why)
+            else:
+                raise Refused(f"unknown action {statement.get('action')!r}")
+        except Refused as exc:
+            log.error("rollout %s refused: %s", rollout, exc)
+            if self._config.models.dir is not None:  # nothing half-fetched stays behind
+                stage = self._config.models.dir / INCOMING / rollout
+                await asyncio.to_thread(shutil.rmtree, stage, True)
+            self._finish(key, rollout, "failed", f"refused: {exc}")
+        except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # Not final: the hub asks again and the download resumes where it stopped.
+            log.warning("rollout %s: %s; trying again on the next answer", rollout, exc)
+            await asyncio.sleep(1)
+
+    def _finish(self, key: str, rollout: str, state: str, reason: str) -> None:
+        self._report({"rollout": rollout, "state": state, "reason": reason})
+        self._done.add(key)
+        _save(self._state_file, {"done": sorted(self._done)})
+
+    # -- install ----------------------------------------------------------------------
+
+    def _models_dir(self) -> Path:
+        directory = self._config.models.dir
+        if directory is None:
+            raise Refused("this device has no models.dir to install into")
+        return directory
+
+    async def _install(self, st: dict[str, Any]) -> tuple[str, str]:
+        name, version, files = _checked(st)
+        root = self._models_dir()
+        target = root / name / version
+        stage = root / INCOMING / str(st["rollout"]) / "v"
+        if not await asyncio.to_thread(_verified, target, files):
+            if (root / name / MANIFEST).exists():
+                raise Refused(f"{name} uses the single-version layout; move it into {name}/1/")
+            if target.exists():
+                raise Refused(f"{target} exists with other content")
+            await asyncio.to_thread(self._check_room, root, stage, files)
+            self._report({"rollout": st["rollout"], "state": "downloading", "reason": ""})
+            for entry in files:
+                await self._fetch(stage, entry)
+            await asyncio.to_thread(_publish, stage, target)
+        self._report({"rollout": st["rollout"], "state": "installed", "reason": ""})
+        future = asyncio.get_running_loop().create_future()
+        self._decisions[(name, version)] = future
+        try:
+            await self._core.reload_models()
+            handle = next(
+                (h for h in self._core.models.versions(name) if h.version == version), None
+            )
+            if handle is None or handle.state is ModelState.FAILED:
+                error = handle.error if handle is not None else "not served after the reload"
+                return await self._undo(st, f"version {version} did not load: {error}")
+            if self._core.canary.canary_version(name) == version:
+                decision = await future
+                if decision.decision == "rolled_back":
+                    return await self._undo(st, f"canary rolled back: {decision.reason}")
+                return "healthy", f"canary promoted: {decision.reason}"
+            return "healthy", f"serving {name} {version}"
+        finally:
+            self._decisions.pop((name, version), None)
+
+    async def _undo(self, st: dict[str, Any], why: str) -> tuple[str, str]:
+        await asyncio.to_thread(self._move_aside, st)
+        await self._core.reload_models()
+        return "failed", why
+
+    def _on_decision(self, decision: CanaryDecision) -> None:
+        future = self._decisions.get((decision.model, decision.canary))
+        if future is not None and not future.done():
+            future.set_result(decision)
+
+    def _check_room(self, root: Path, stage: Path, files: list[dict[str, Any]]) -> None:
+        have = 0
+        for entry in files:
+            for path in (stage / entry["path"], stage / (entry["path"] + ".part")):
+                if path.exists():
+                    have += path.stat().st_size
+        needed = sum(int(f["size"]) for f in files) - have
+        fs = os.statvfs(root)
+        free = fs.f_bavail * fs.f_frsize
+        margin = self._config.hub.update_margin_bytes
+        if needed + margin > free:
+            raise Refused(
+                f"not enough disk space: {needed} bytes needed plus a margin of {margin}, "
+                f"{free} free on {root}"
+            )
+
+    async def _fetch(self, stage: Path, entry: dict[str, Any]) -> None:
+        final, part = stage / entry["path"], stage / (entry["path"] + ".part")
+        if await asyncio.to_thread(_matches, final, entry):
+            return
+        await asyncio.to_thread(stage.mkdir, parents=True, exist_ok=True)
+        have = part.stat().st_size if part.exists() else 0
+        if have > int(entry["size"]):
+            await asyncio.to_thread(part.unlink)
+            have = 0
+        session = self._session()
+        if session is None:
+            raise aiohttp.ClientError("the hub session is closed")
+        url = self._config.hub.url.rstrip("/") + BLOB_PATH + entry["sha256"]
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        resumed = have > 0
+        if resumed:
+            log.info("resuming the download of %s at byte %d", entry["path"], have)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+        async with session.get(url, headers=headers, timeout=timeout) as resp:
+            if resp.status == 200:
+                have, resumed = 0, False  # the whole file: start again
+            elif resp.status != 206 and not (resp.status == 416 and have):
+                raise aiohttp.ClientError(f"hub answered {resp.status} for {entry['path']}")
+            rate = self._config.hub.update_rate_bytes
+            began, got = time.monotonic(), 0
+            with part.open("r+b" if have else "wb") as out:
+                out.seek(have)
+                if resp.status != 416:
+                    async for block in resp.content.iter_chunked(1 << 16):
+                        await asyncio.to_thread(out.write, block)
+                        got += len(block)
+                        if rate and (ahead := got / rate - (time.monotonic() - began)) > 0:
+                            await asyncio.sleep(ahead)
+                await asyncio.to_thread(_sync, out)
+        if not await asyncio.to_thread(_matches, part, entry):
+            await asyncio.to_thread(part.unlink)
+            if resumed:  # what was kept may not have reached the disk: fetch it whole
+                raise OSError(f"{entry['path']}: the resumed download did not verify")
+            raise Refused(f"{entry['path']} does not match its size and sha256 (tampered?)")
+        await asyncio.to_thread(os.replace, part, final)
+
+    def _move_aside(self, st: dict[str, Any]) -> bool:
+        name, version = str(st.get("name", "")), str(st.get("version", ""))
+        if not valid_name(name) or not _VERSION.fullmatch(version):
+            raise Refused("the statement names no valid model and version")
+        root = self._models_dir()
+        target = root / name / version
+        if not target.is_dir():
+            return False
+        aside = root / INCOMING / "rolled-back" / f"{name}-{version}-{int(time.time())}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(target, aside)
+        _fsync_dir(target.parent)
+        log.warning("model %s version %s moved aside to %s", name, version, aside)
+        return True
+
+
+def _checked(st: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
+    name, version, files = st.get("name"), st.get("version"), st.get("files")
+    if st.get("kind") != "model":
+        raise Refused(f"unknown artifact kind {st.get('kind')!r}")
+    if not isinstance(name, str) or not valid_name(name):
+        raise Refused(f"model name {name!r} is not valid")
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise Refused(f"version {version!r} is not valid")
+    if not isinstance(files, list) or not files:
+        raise Refused("the statement lists no files")
+    for entry in files:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and _FILE.fullmatch(entry["path"])
+            and isinstance(entry.get("sha256"), str)
+            and _SHA.fullmatch(entry["sha256"])
+            and isinstance(entry.get("size"), int)
+            and entry["size"] >= 0
+        )
+        if not ok:
+            raise Refused(f"file entry {entry!r} is not valid")
+    if MANIFEST not in {f["path"] for f in files}:
+        raise Refused(f"the artifact has no {MANIFEST}")
+    return name, version, files
+
+
+def _matches(path: Path, entry: dict[str, Any]) -> bool:
+    if not path.is_file() or path.stat().st_size != int(entry["size"]):
+        return False
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return bool(digest.hexdigest() == entry["sha256"])
+
+
+def _verified(target: Path, files: list[dict[str, Any]]) -> bool:
+    return target.is_dir() and all(_matches(target / f["path"], f) for f in files)
+
+
+def _sync(fh: Any) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(stage: Path, target: Path) -> None:
+    """Rename the checked staging directory into the repository, durably."""
+    for child in stage.iterdir():
+        with child.open("rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(stage)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(stage, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(stage.parent, ignore_errors=True)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _save(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(value, fh)
+        _sync(fh)
+    os.replace(tmp, path)
