@@ -11,11 +11,12 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance.hub.rollout.artifacts import PublishError, publish_model
-from appliance.hub.rollout.plan import PlanError
-from appliance.hub.rollout.service import NotFound, Rollouts, open_rollouts
+# The rollout machinery (storage, artifacts, numpy via the model repository) is imported
+# when a rollout command runs, never for `appliance --help` (tests/test_cli_imports.py).
+if TYPE_CHECKING:
+    from appliance.hub.rollout.service import Rollouts
 
 COMMANDS = ("publish", "rollout", "tag", "public-key")
 
@@ -58,6 +59,10 @@ def add_parsers(sub: Any, flags: Any) -> None:
 
 
 async def run(command: str, args: argparse.Namespace, storage: Any, cfg: Any) -> int:
+    from appliance.hub.rollout.artifacts import PublishError
+    from appliance.hub.rollout.plan import PlanError
+    from appliance.hub.rollout.service import NotFound, open_rollouts
+
     rollouts = await asyncio.to_thread(open_rollouts, storage, cfg)
     try:
         return await _run(command, args, rollouts)
@@ -68,6 +73,8 @@ async def run(command: str, args: argparse.Namespace, storage: Any, cfg: Any) ->
 
 async def enrolled(device: str, tags: list[str], storage: Any, cfg: Any) -> str:
     """Tags of a device just enrolled; returns the hub's public key to print with its token."""
+    from appliance.hub.rollout.service import open_rollouts
+
     rollouts = await asyncio.to_thread(open_rollouts, storage, cfg)
     await rollouts.store.add_tags(device, tags)
     return rollouts.public_key
@@ -75,6 +82,9 @@ async def enrolled(device: str, tags: list[str], storage: Any, cfg: Any) -> str:
 
 async def _run(command: str, args: argparse.Namespace, rollouts: Rollouts) -> int:
     from pathlib import Path
+
+    from appliance.hub.rollout.artifacts import PublishError, publish_model
+    from appliance.hub.rollout.service import NotFound
 
     if command == "public-key":
         print(rollouts.public_key)
