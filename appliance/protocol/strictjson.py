@@ -7,6 +7,10 @@ plain :class:`ValueError`, nesting beyond the recursion limit a :class:`Recursio
 bytes that are not UTF-8 a :class:`UnicodeDecodeError`; and it accepts lone UTF-16
 surrogates that no UTF-8 text can hold. Each becomes a :class:`RequestError` naming the
 problem here, so no transport can turn a client's bad input into a 500.
+
+Text that is not JSON at all (a syntax error, or an integer no Python int can hold) raises
+the subclass :class:`Unparsable`, so a reader that also takes plain text (MQTT prompts) can
+tell it from JSON that is broken in other ways.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from appliance.errors import RequestError
 # A ``\uD800``-``\uDFFF`` escape: json accepts lone surrogates, which no UTF-8 text can hold.
 _SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class Unparsable(RequestError):
+    """The text does not parse as JSON, or holds an integer past the int-string limit."""
 
 
 def loads(data: str | bytes, *, what: str = "the request body", param: str | None = "body") -> Any:
@@ -47,14 +55,14 @@ def loads(data: str | bytes, *, what: str = "the request body", param: str | Non
             param=param,
         ) from None
     except json.JSONDecodeError as exc:
-        raise RequestError(
+        raise Unparsable(
             f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", param=param
         ) from None
     except RecursionError:
         raise RequestError(f"{what} is nested too deeply", param=param) from None
     except ValueError:
         # The only other ValueError json.loads raises: int("1" * 5000) refuses to convert.
-        raise RequestError(
+        raise Unparsable(
             f"{what} holds an integer with more than {sys.get_int_max_str_digits()} digits; "
             "no field accepts numbers that large",
             param=param,
@@ -62,4 +70,4 @@ def loads(data: str | bytes, *, what: str = "the request body", param: str | Non
     return value
 
 
-__all__ = ["loads"]
+__all__ = ["Unparsable", "loads"]
