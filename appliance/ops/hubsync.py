@@ -3,7 +3,7 @@
 :class:`HubSync` is a lifecycle unit with two tasks. The *writer* appends what the daemon
 produces — a heartbeat (the latest health snapshot) every ``hub.heartbeat_interval``, every
 alert transition, model state changes, start-up and outbox-recovery events — to the durable
-:class:`~appliance.ops.outbox.Outbox`, in the order produced. The *uploader* sends the
+:class:`~appliance.ops.outbox.HubOutbox`, in the order produced. The *uploader* sends the
 oldest records in batches of ``hub.batch_size`` to ``POST {hub.url}/api/v1/ingest`` with the
 device's bearer token and deletes them only once the hub answered 200. A failed upload is
 retried after a capped exponential backoff with jitter (``backoff_initial`` doubling up to
@@ -37,7 +37,7 @@ from appliance.ops.alerts import AlertEngine, AlertEvent
 from appliance.ops.health import HealthCollector
 from appliance.ops.instance import state_directory
 from appliance.ops.metrics import HubMetrics, OutboxMetrics
-from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError, Record
+from appliance.ops.outbox import HEARTBEAT, HubOutbox, OutboxError, Record
 from appliance.ops.snapshot import HealthSnapshot
 from appliance.ops.updater import Updater
 from appliance.security.crypto import load_cipher
@@ -111,7 +111,7 @@ class HubSync:
         self._alerts = alerts
         self._core = collector.core
         self._token = resolve_token(config, env)
-        self.outbox = Outbox(
+        self.outbox = HubOutbox(
             outbox_path(config, env),
             max_records=self._hub.outbox_max_records,
             max_bytes=self._hub.outbox_max_bytes,

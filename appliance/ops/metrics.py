@@ -67,6 +67,16 @@ class AlertMetrics:
             "appliance_alerts_fired", "Times an alert started firing.", ["rule"], registry=r
         )
 
+    def firing(self) -> list[tuple[str, str]]:
+        """``(rule, subject)`` of every alert firing now, as the gauge says: units that do
+        not hold the alert engine (MQTT) read it here."""
+        return [
+            (sample.labels["rule"], sample.labels["subject"])
+            for family in self.alert_firing.collect()
+            for sample in family.samples
+            if sample.value >= 1
+        ]
+
 
 class OutboxMetrics:
     """The hub outbox (``appliance.ops.outbox``)."""

@@ -1,7 +1,7 @@
 """A durable outbox: everything bound for the hub waits here until the hub has it.
 
 Guarantees
-    * **Durable before acknowledged** — :meth:`Outbox.append` returns only after the record's
+    * **Durable before acknowledged** — :meth:`HubOutbox.append` returns only after the record's
       transaction is committed with ``journal_mode=WAL`` and ``synchronous=FULL``: SQLite
       fsyncs the WAL on every commit, so an acknowledged record survives SIGKILL *and* power
       loss. (``NORMAL`` would survive a crash but may lose the last commits on power loss;
@@ -12,7 +12,7 @@ Guarantees
       id; the hub deduplicates on (device, stream, sequence), so an outbox that had to be
       recreated starts a new stream instead of colliding with old numbers.
     * **At-least-once** — records are deleted only after the hub acknowledged them
-      (:meth:`Outbox.ack`); a crash in between means the hub sees them again and drops the
+      (:meth:`HubOutbox.ack`); a crash in between means the hub sees them again and drops the
       duplicates.
     * **Bounded** — by record count, payload bytes and age. When a bound is exceeded the
       *oldest heartbeats* are dropped first (alerts and events are rarer and matter more);
@@ -27,7 +27,7 @@ Guarantees
     * **Corruption is reported, never hidden** — a database that fails ``PRAGMA
       quick_check`` or reports corruption is renamed to ``<name>.corrupt-<UTC time>`` (with
       its ``-wal``/``-shm`` files), an error is logged, a fresh outbox is started and
-      :attr:`Outbox.recovered` names the moved file so the uploader can tell the hub.
+      :attr:`HubOutbox.recovered` names the moved file so the uploader can tell the hub.
 
 Why stdlib ``sqlite3`` on one dedicated thread rather than aiosqlite: an append is several
 statements (insert, bound enforcement, counters) in one transaction, and open is a check,
@@ -75,8 +75,9 @@ class Record:
         return {"seq": self.seq, "kind": self.kind, "time": self.created, "body": self.body}
 
 
-class Outbox:
-    """The SQLite outbox. Use ``async with Outbox(...)`` or :meth:`open` / :meth:`close`."""
+class HubOutbox:
+    """The durable SQLite outbox for the hub. Use ``async with HubOutbox(...)`` or
+    :meth:`open` / :meth:`close`."""
 
     def __init__(
         self,
@@ -108,7 +109,7 @@ class Outbox:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def open(self) -> Outbox:
+    async def open(self) -> HubOutbox:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="appliance-outbox"
         )
@@ -126,7 +127,7 @@ class Outbox:
         finally:
             await asyncio.to_thread(executor.shutdown, wait=True)
 
-    async def __aenter__(self) -> Outbox:
+    async def __aenter__(self) -> HubOutbox:
         return await self.open()
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -387,4 +388,4 @@ def _drops(counts: Mapping[str, int]) -> dict[str, int]:
     }
 
 
-__all__ = ["HEARTBEAT", "Outbox", "OutboxError", "Record"]
+__all__ = ["HEARTBEAT", "HubOutbox", "OutboxError", "Record"]

@@ -15,6 +15,10 @@ accepted, every value and every error message stay those of ``json``. orjson acc
 strict subset of what ``json`` does (no NaN or Infinity literals, no lone surrogates, no
 bytes that are not UTF-8, at most 1,024 levels of nesting), and for the rest parses to the
 same values: duplicate keys keep the last, floats round the same way.
+
+Text that is not JSON at all (a syntax error, or an integer no Python int can hold) raises
+the subclass :class:`Unparsable`, so a reader that also takes plain text (MQTT prompts) can
+tell it from JSON that is broken in other ways.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ _SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
 # zeros, at C speed: a regular expression takes several times longer than orjson's parse.
 _DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
 _LONG_RUN = b"0" * 19
+
+
+class Unparsable(RequestError):
+    """The text does not parse as JSON, or holds an integer past the int-string limit."""
 
 
 def loads(data: str | bytes, *, what: str = "the request body", param: str | None = "body") -> Any:
@@ -72,14 +80,14 @@ def _loads_json(data: str | bytes, what: str, param: str | None) -> Any:
             param=param,
         ) from None
     except json.JSONDecodeError as exc:
-        raise RequestError(
+        raise Unparsable(
             f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", param=param
         ) from None
     except RecursionError:
         raise RequestError(f"{what} is nested too deeply", param=param) from None
     except ValueError:
         # The only other ValueError json.loads raises: int("1" * 5000) refuses to convert.
-        raise RequestError(
+        raise Unparsable(
             f"{what} holds an integer with more than {sys.get_int_max_str_digits()} digits; "
             "no field accepts numbers that large",
             param=param,
@@ -87,4 +95,4 @@ def _loads_json(data: str | bytes, what: str, param: str | None) -> Any:
     return value
 
 
-__all__ = ["loads"]
+__all__ = ["Unparsable", "loads"]

@@ -10,16 +10,16 @@ import pytest
 from appliance.core.metrics import Metrics
 from appliance.ops.instance import default_state_dir
 from appliance.ops.metrics import OutboxMetrics
-from appliance.ops.outbox import HEARTBEAT, Outbox, OutboxError
+from appliance.ops.outbox import HEARTBEAT, HubOutbox, OutboxError
 from tests.hub.conftest import no_leaked_db_threads  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.usefixtures("no_leaked_db_threads"), pytest.mark.timeout(30)]
 
 
-def outbox(path: Path, **kw: object) -> Outbox:
+def outbox(path: Path, **kw: object) -> HubOutbox:
     options: dict[str, object] = {"max_records": 1000, "max_bytes": 1 << 20, "max_age": 3600.0}
     options.update(kw)
-    return Outbox(path, **options)  # type: ignore[arg-type]
+    return HubOutbox(path, **options)  # type: ignore[arg-type]
 
 
 def metric(metrics: Metrics, name: str, **labels: str) -> float:

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.ops.outbox import Outbox
+from appliance.ops.outbox import HubOutbox
 from appliance.security.crypto import FieldCipher, load_cipher, new_data_key
 from tests.conftest import ROOT
 
 SECRET = "prompt from alice.smith@example.com: is 31 °C too warm?"
 
 
-def _outbox(path: Path, cipher: FieldCipher | None) -> Outbox:
-    return Outbox(path, max_records=100, max_bytes=1 << 20, max_age=3600, cipher=cipher)
+def _outbox(path: Path, cipher: FieldCipher | None) -> HubOutbox:
+    return HubOutbox(path, max_records=100, max_bytes=1 << 20, max_age=3600, cipher=cipher)
 
 
 async def test_records_are_encrypted_and_read_back(tmp_path: Path) -> None:

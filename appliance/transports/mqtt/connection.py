@@ -34,7 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from appliance.config import MqttConfig
 from appliance.transports.mqtt.broker import client_options, mqtt_properties
 from appliance.transports.mqtt.metrics import MqttMetrics
-from appliance.transports.mqtt.outbox import Outbox, Outgoing
+from appliance.transports.mqtt.outbox import Outgoing, PublishQueue
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Connection:
         will_topic: str,
         password: str | None,
         tls: ssl.SSLContext | None,
-        outbox: Outbox,
+        outbox: PublishQueue,
         metrics: MqttMetrics,
         on_connect: OnConnect,
         on_message: OnMessage,

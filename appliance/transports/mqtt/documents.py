@@ -146,10 +146,7 @@ def alert_document(
 def firing_alerts(core: Core) -> list[str]:
     """Health alerts firing now, read from ``appliance_alert_firing`` (set by the alerts
     unit when it runs)."""
-    firing = []
-    for family in core.unit_metrics(AlertMetrics).alert_firing.collect():
-        for sample in family.samples:
-            if sample.value >= 1:
-                subject = sample.labels.get("subject") or ""
-                firing.append(sample.labels.get("rule", "") + (f":{subject}" if subject else ""))
-    return firing
+    return [
+        rule + (f":{subject}" if subject else "")
+        for rule, subject in core.unit_metrics(AlertMetrics).firing()
+    ]

@@ -17,8 +17,6 @@ import enum
 import json
 import logging
 import math
-import re
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +28,7 @@ from appliance.errors import (
     RequestError,
     ShuttingDown,
 )
-from appliance.protocol import oip_msgpack
+from appliance.protocol import oip_msgpack, strictjson
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +63,6 @@ class Format(enum.Enum):
 # ------------------------------------------------------------------------------ codecs
 
 # A ``\uD800``-``\uDFFF`` escape: json accepts lone surrogates, which no UTF-8 text can hold.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def decode(raw: bytes, fmt: Format, *, allow_text: bool = False) -> Any:
@@ -80,34 +77,13 @@ def decode(raw: bytes, fmt: Format, *, allow_text: bool = False) -> Any:
     if fmt is Format.MSGPACK:
         return oip_msgpack.unpack(raw)
     try:
-        value = json.loads(raw)
-        if not raw.isascii() or _SURROGATE_ESCAPE.search(raw):
-            # Strings reach tokenizers and numpy as UTF-8; a lone surrogate would fail there.
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeDecodeError:
-        raise RequestError("the payload is not UTF-8 text", param="payload") from None
-    except UnicodeEncodeError:
-        raise RequestError(
-            "the payload holds a lone UTF-16 surrogate (\\uD800-\\uDFFF)", param="payload"
-        ) from None
-    except json.JSONDecodeError as exc:
+        return strictjson.loads(raw, what="the payload", param="payload")
+    except strictjson.Unparsable:
+        # Not JSON (or digits past the int-string limit): a prompt, unless it looks like a
+        # JSON document that went wrong.
         if allow_text and raw.lstrip()[:1] not in (b"{", b"["):
             return _text(raw)
-        raise RequestError(
-            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", param="payload"
-        ) from None
-    except RecursionError:
-        raise RequestError("the JSON payload is nested too deeply", param="payload") from None
-    except ValueError:
-        # Not a JSONDecodeError (caught above): Python's int-string limit, an integer of more
-        # than 4,300 digits (sys.get_int_max_str_digits). The sender's mistake, not a bug.
-        if allow_text and raw.lstrip()[:1] not in (b"{", b"["):
-            return _text(raw)  # a prompt of digits
-        raise RequestError(
-            f"the JSON payload holds an integer of more than {sys.get_int_max_str_digits()} digits",
-            param="payload",
-        ) from None
-    return value
+        raise
 
 
 def _text(raw: bytes) -> str:

@@ -1,13 +1,15 @@
 """What leaves the appliance, and what it remembers having answered.
 
-:class:`Outbox` holds every message to publish. One publisher drains it while the broker is
-there, removing a message only once the broker acknowledged it (QoS 1), so replies produced
-while the broker is away wait here and go out after the reconnect, in order. It is bounded:
-beyond ``limit`` the oldest message is dropped and counted. State documents (info, stats,
-discovery ...) carry a ``key`` and replace their queued predecessor instead of piling up.
-Whoever queued a message can learn its fate: :meth:`Outbox.when_sent` runs a callback once
-the broker has it (a request is acknowledged to the broker only then), and ``on_drop`` of
-:meth:`Outbox.put` runs if it never will (a stream marks the gap in its final message).
+:class:`PublishQueue` is the MQTT outbox: an in-memory queue of every message to publish
+(the durable, on-disk outbox for the hub is :class:`appliance.ops.outbox.HubOutbox`). One
+publisher drains it while the broker is there, removing a message only once the broker
+acknowledged it (QoS 1), so replies produced while the broker is away wait here and go out
+after the reconnect, in order. It is bounded: beyond ``limit`` the oldest message is dropped
+and counted. State documents (info, stats, discovery ...) carry a ``key`` and replace their
+queued predecessor instead of piling up. Whoever queued a message can learn its fate:
+:meth:`PublishQueue.when_sent` runs a callback once the broker has it (a request is
+acknowledged to the broker only then), and ``on_drop`` of :meth:`PublishQueue.put` runs if
+it never will (a stream marks the gap in its final message).
 
 :class:`ReplyCache` remembers recent replies by request id, so a redelivered request (QoS 1
 after a lost acknowledgement, or a client that retries) is answered again, not run twice.
@@ -41,7 +43,7 @@ class Outgoing:
     key: str | None = None  # state documents: a newer one replaces a queued older one
 
 
-class Outbox:
+class PublishQueue:
     """Bounded FIFO of messages waiting for the broker."""
 
     def __init__(self, limit: int, metrics: MqttMetrics) -> None:
@@ -180,7 +182,7 @@ class StreamGaps:
     away); the final message is then rebuilt in place, as it waits behind the chunk.
     """
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: PublishQueue) -> None:
         self._outbox = outbox
         self.dropped: list[int] = []
         self._build: Callable[[dict[str, Any]], Outgoing] | None = None

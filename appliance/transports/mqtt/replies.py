@@ -21,7 +21,7 @@ from appliance.errors import RequestError
 from appliance.transports.mqtt import envelope
 from appliance.transports.mqtt.connection import Delivery
 from appliance.transports.mqtt.envelope import Format
-from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
+from appliance.transports.mqtt.outbox import Outgoing, PublishQueue, ReplyCache
 from appliance.transports.mqtt.topics import Topics, valid_topic_name
 
 
@@ -48,7 +48,9 @@ class ReplyTo:
 class Replies:
     """Builds, addresses and queues the replies of requests."""
 
-    def __init__(self, topics: Topics, outbox: Outbox, cache: ReplyCache, device: str) -> None:
+    def __init__(
+        self, topics: Topics, outbox: PublishQueue, cache: ReplyCache, device: str
+    ) -> None:
         self._topics = topics
         self._outbox = outbox
         self._cache = cache

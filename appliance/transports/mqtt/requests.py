@@ -26,7 +26,7 @@ from appliance.errors import Overloaded, PayloadTooLarge, RequestError, Shutting
 from appliance.transports.mqtt import envelope, forms
 from appliance.transports.mqtt.envelope import Format
 from appliance.transports.mqtt.metrics import MqttMetrics
-from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache, StreamGaps
+from appliance.transports.mqtt.outbox import Outgoing, PublishQueue, ReplyCache, StreamGaps
 from appliance.transports.mqtt.replies import Replies, ReplyTo, Request
 from appliance.transports.mqtt.topics import Topics
 
@@ -43,7 +43,7 @@ class Requests:
         core: Core,
         config: Config,
         topics: Topics,
-        outbox: Outbox,
+        outbox: PublishQueue,
         cache: ReplyCache,
     ) -> None:
         self._core = core

@@ -11,7 +11,6 @@ Readings that cannot be parsed are counted and logged once per source, never fat
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -26,9 +25,10 @@ from appliance.config import StreamRule
 from appliance.core.service import Core
 from appliance.core.types import DATATYPES, ModelState
 from appliance.errors import ModelUnavailable, Overloaded, RequestError
+from appliance.protocol import strictjson
 from appliance.transports.mqtt import envelope, forms
 from appliance.transports.mqtt.metrics import MqttMetrics
-from appliance.transports.mqtt.outbox import Outbox, Outgoing
+from appliance.transports.mqtt.outbox import Outgoing, PublishQueue
 from appliance.transports.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def parse_reading(payload: bytes, fields: Sequence[str]) -> Row:
             raise ValueError(f"expected a number, got {_preview(payload)}") from None
         return (_finite(number, "the reading"),)
     try:
-        document = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        document = strictjson.loads(payload, what="the reading", param=None)
+    except RequestError:
         raise ValueError(f"expected a JSON object, got {_preview(payload)}") from None
     if not isinstance(document, dict):
         raise ValueError(f"expected a JSON object, got {type(document).__name__}")
@@ -115,7 +115,7 @@ class StreamRules:
         self,
         rules: Sequence[StreamRule],
         core: Core,
-        outbox: Outbox,
+        outbox: PublishQueue,
         topics: Topics,
         device_id: str,
         on_alert: Callable[[], None],

@@ -26,14 +26,16 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
 from appliance.core.service import Core
+from appliance.errors import RequestError
 from appliance.ops.instance import instance_suffix
+from appliance.protocol import strictjson
 from appliance.transports.mqtt import documents, homeassistant
 from appliance.transports.mqtt.broker import mqtt_properties, read_password, tls_context
 from appliance.transports.mqtt.connection import Connection, Delivery
 from appliance.transports.mqtt.documents import HealthSource
 from appliance.transports.mqtt.envelope import Format
 from appliance.transports.mqtt.metrics import MqttMetrics
-from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
+from appliance.transports.mqtt.outbox import Outgoing, PublishQueue, ReplyCache
 from appliance.transports.mqtt.replies import Request
 from appliance.transports.mqtt.requests import Requests
 from appliance.transports.mqtt.rules import StreamRules
@@ -75,7 +77,7 @@ class MqttTransport:
             filter(None, ("appliance", config.device.id, suffix))
         )
         self._metrics = core.unit_metrics(MqttMetrics)
-        self._outbox = Outbox(mqtt.reply_queue_size, self._metrics)
+        self._outbox = PublishQueue(mqtt.reply_queue_size, self._metrics)
         self._requests = Requests(
             core, config, self.topics, self._outbox, ReplyCache(mqtt.dedup_ttl, mqtt.dedup_size)
         )
@@ -301,8 +303,8 @@ class MqttTransport:
             return
         online, self._retained_online = self._retained_online, False
         try:
-            other = json.loads(payload).get("instance")
-        except (ValueError, AttributeError):
+            other = strictjson.loads(payload, what="the info document").get("instance")
+        except (RequestError, AttributeError):
             return
         if not isinstance(other, dict) or other.get("id") == self.instance["id"]:
             return

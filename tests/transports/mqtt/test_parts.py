@@ -25,7 +25,7 @@ from appliance.transports.mqtt.broker import read_password, tls_context
 from appliance.transports.mqtt.connection import Backoff
 from appliance.transports.mqtt.envelope import Format
 from appliance.transports.mqtt.metrics import MqttMetrics
-from appliance.transports.mqtt.outbox import Outbox, Outgoing, ReplyCache
+from appliance.transports.mqtt.outbox import Outgoing, PublishQueue, ReplyCache
 from appliance.transports.mqtt.rules import Window, parse_reading, render
 from appliance.transports.mqtt.topics import RequestTopic, Topics
 
@@ -46,7 +46,7 @@ def message(n: int, key: str | None = None, kind: str = "reply") -> Outgoing:
 
 async def test_outbox_is_bounded_drops_the_oldest_and_counts() -> None:
     metrics = Metrics()
-    outbox = Outbox(3, metrics.unit(MqttMetrics))
+    outbox = PublishQueue(3, metrics.unit(MqttMetrics))
     for n in range(5):
         outbox.put(message(n))
     assert len(outbox) == 3
@@ -63,7 +63,7 @@ async def test_outbox_is_bounded_drops_the_oldest_and_counts() -> None:
 
 
 async def test_outbox_state_documents_replace_each_other_and_streams_merge() -> None:
-    outbox = Outbox(10, Metrics().unit(MqttMetrics))
+    outbox = PublishQueue(10, Metrics().unit(MqttMetrics))
     outbox.put(message(1, key="stats"))
     reply = message(2)
     outbox.put(reply)
@@ -85,7 +85,7 @@ async def test_outbox_state_documents_replace_each_other_and_streams_merge() -> 
 
 async def test_outbox_tells_who_queued_a_message_whether_it_went_out() -> None:
     metrics = Metrics()
-    outbox = Outbox(2, metrics.unit(MqttMetrics))
+    outbox = PublishQueue(2, metrics.unit(MqttMetrics))
     sent: list[str] = []
     dropped: list[str] = []
     first, second, third = message(1), message(2), message(3)
