@@ -87,7 +87,7 @@ async def stream_text(http: aiohttp.ClientSession, url: str, body: dict[str, Any
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(stories_gguf: Path) -> AsyncIterator[Server]:
-    async with serving(make_config(models={"files": [stories_gguf]})) as srv:
+    async with serving(make_config(models={"files": [stories_gguf], "parallel": 1})) as srv:
         yield srv
 
 

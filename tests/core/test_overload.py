@@ -161,7 +161,7 @@ async def test_surplus_is_refused_at_once_and_admitted_requests_finish(
 async def test_queue_size_zero_refuses_everything_beyond_the_running_request(
     stories_gguf: Path, http: aiohttp.ClientSession
 ) -> None:
-    config = make_config(models={"files": [stories_gguf], "queue_size": 0})
+    config = make_config(models={"files": [stories_gguf], "queue_size": 0, "parallel": 1})
     async with serving(config) as server:
         url = base_url(server)
         first = asyncio.create_task(send(http, url, slow_completion(1000)))
@@ -186,7 +186,7 @@ async def test_shed_load_raises_no_http_5xx_alert(
     counted apart (appliance_requests_shed_total) and the critical http_5xx alert, which
     fires above 1 % of real 5xx answers, stays quiet through an overload."""
     config = make_config(
-        models={"files": [stories_gguf], "queue_size": 0},
+        models={"files": [stories_gguf], "queue_size": 0, "parallel": 1},
         health={"interval": 3600},  # snapshots taken by hand here
         alerts={"min_requests": 5, "http_5xx_window": 600},
     )

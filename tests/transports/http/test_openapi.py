@@ -621,7 +621,8 @@ async def test_overload_and_size_errors_match_the_documentation(
     stories_gguf: Path, http: aiohttp.ClientSession, document: dict[str, Any]
 ) -> None:
     config = make_config(
-        models={"files": [str(stories_gguf)], "queue_size": 0}, http={"max_body_bytes": 1024}
+        models={"files": [str(stories_gguf)], "queue_size": 0, "parallel": 1},
+        http={"max_body_bytes": 1024},
     )
     async with serving(config) as server:
         url = base_url(server) + "/v1/completions"

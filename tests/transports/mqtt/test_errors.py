@@ -193,7 +193,12 @@ async def test_a_full_queue_answers_busy_with_a_retry_hint(
 ) -> None:
     client = paho_clients(broker)
     client.subscribe("replies/busy/#")
-    models: dict[str, Any] = {"dir": str(stories_repo), "queue_size": 0, "retry_after": 2.5}
+    models: dict[str, Any] = {
+        "dir": str(stories_repo),
+        "queue_size": 0,
+        "parallel": 1,
+        "retry_after": 2.5,
+    }
     async with appliance(broker, device="busy-box", models=models):
         for n in range(5):
             client.publish(

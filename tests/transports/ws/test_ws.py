@@ -37,7 +37,8 @@ TERMINAL = {"done", "result", "embeddings", "models", "error", "cancelled", "pon
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(default_models: Path, stories_gguf: Path) -> AsyncIterator[Server]:
     config = make_config(
-        models={"dir": default_models, "files": [stories_gguf]}, websocket={"max_in_flight": 6}
+        models={"dir": default_models, "files": [stories_gguf], "parallel": 1},
+        websocket={"max_in_flight": 6},
     )
     async with serving(config) as srv:
         yield srv
