@@ -171,6 +171,10 @@ class Core:
         """Call ``listener(decision)`` on the loop for every canary promotion and rollback."""
         return self.canary.add_listener(listener)
 
+    def canary_version(self, name: str) -> str | None:
+        """The version of ``name`` running as a canary now, if any."""
+        return self.canary.canary_version(name)
+
     def count_request(
         self,
         transport: str,

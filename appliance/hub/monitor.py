@@ -8,59 +8,18 @@ the whole fleet offline.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from types import TracebackType
 
 from appliance.hub.config import HubConfig
 from appliance.hub.metrics import HubMetrics
+from appliance.hub.periodic import Periodic
 from appliance.hub.storage.base import Storage
 
 log = logging.getLogger(__name__)
 
 
-class _Periodic:
-    """A named task running ``tick`` every ``interval`` seconds until exit."""
-
-    name = "hub-periodic"
-
-    def __init__(self, interval: float, first_delay: float = 0.0) -> None:
-        self._interval = interval
-        self._first_delay = first_delay
-        self._task: asyncio.Task[None] | None = None
-
-    async def tick(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> _Periodic:
-        self._task = asyncio.create_task(self._run(), name=self.name)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        await asyncio.sleep(self._first_delay)
-        while True:
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("%s failed", self.name)
-            await asyncio.sleep(self._interval)
-
-
-class OfflineMonitor(_Periodic):
+class OfflineMonitor(Periodic):
     """Marks silent devices offline and keeps the fleet gauges current."""
 
     name = "hub-offline-monitor"
@@ -95,7 +54,7 @@ class OfflineMonitor(_Periodic):
         self._metrics.alerts_firing.set(len(firing))
 
 
-class Retention(_Periodic):
+class Retention(Periodic):
     """Downsamples old heartbeats and deletes history past its retention."""
 
     name = "hub-retention"

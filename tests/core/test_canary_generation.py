@@ -103,7 +103,7 @@ async def test_shadowed_canary_is_measured_per_token_and_promoted(
             "mode": "shadow",
             "min_requests": 3,
             "window": 1.5,
-            "max_latency_ratio": 4,
+            "max_latency_ratio": 50,
         },
     )
     async with serving(config) as server:

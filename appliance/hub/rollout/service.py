@@ -7,17 +7,16 @@ Every decision is made from the database alone, so a restarted hub carries on.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.hub.config import HubConfig, state_path
+from appliance.hub.periodic import Periodic
 from appliance.hub.rollout import plan
 from appliance.hub.rollout.artifacts import BlobStore
 from appliance.hub.rollout.plan import PlanError
@@ -286,36 +285,17 @@ def _serving(device: Device, name: str) -> str:
     return str(version) if version else ""
 
 
-class RolloutEngine:
+class RolloutEngine(Periodic):
     """Lifecycle unit: moves running rollouts along every ``interval`` seconds."""
 
+    name = "appliance-hub-rollouts"
+
     def __init__(self, rollouts: Rollouts, interval: float) -> None:
+        super().__init__(interval)
         self._rollouts = rollouts
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> RolloutEngine:
-        self._task = asyncio.create_task(self._run(), name="appliance-hub-rollouts")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self._rollouts.advance_all()
-            except Exception:
-                log.exception("moving rollouts along failed; trying again")
-            await asyncio.sleep(self._interval)
+    async def tick(self) -> None:
+        await self._rollouts.advance_all()
 
 
 def open_rollouts(store: Any, config: HubConfig) -> Rollouts:

@@ -26,6 +26,7 @@ from appliance.core.sampling import SEED_SCHEMA, STOP_SCHEMA, sampling_params
 from appliance.core.tools import conversation, tool_use
 from appliance.core.types import ChatMessage, GenerateRequest, SamplingParams
 from appliance.errors import RequestError
+from appliance.protocol.problems import first_problem
 
 # The Ollama API level this implements; clients such as Open WebUI only display it.
 OLLAMA_VERSION = "0.9.0"
@@ -303,23 +304,5 @@ def parse(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        # Union members and literals add their type names to the location; drop them.
-        loc = [str(p) for p in err["loc"] if not isinstance(p, str) or not _type_part(p)]
-        field = ".".join(loc) or "body"
-        if err["type"] == "missing":
-            raise RequestError(f"{field} is required", param=field) from None
-        shown = repr(err.get("input"))
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        raise RequestError(f"{field}: {err['msg']} (got {shown})", param=field) from None
-
-
-def _type_part(part: str) -> bool:
-    return part.startswith(("function-", "literal[", "list[", "dict[")) or part in {
-        "str",
-        "int",
-        "float",
-        "bool",
-        "Options",
-        "Message",
-    }
+        problem = first_problem(exc, type_names=frozenset({"Options", "Message"}))
+        raise problem.request_error("body") from None

@@ -14,6 +14,7 @@ from appliance.core.sampling import STOP_SCHEMA, sampling_params
 from appliance.core.tools import conversation, tool_use
 from appliance.core.types import GenerateRequest, SamplingParams
 from appliance.errors import RequestError
+from appliance.protocol.problems import first_problem
 
 MAX_STOP = 16
 
@@ -338,17 +339,10 @@ def parse(model: type[_Request], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
-        # Union members add their type names to the location; keep the field path only.
-        loc = [p for p in loc if p not in {"str", "list[str]", "list[TextPart]", "int", "float"}]
+        problem = first_problem(exc)
+        loc = problem.loc
         if loc[:1] == ["response_format"] and loc[1:2] and loc[1] in FORMAT_TYPES:
             del loc[1]  # the union's tag, not a field
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            loc.append(str(err.get("ctx", {}).get("discriminator", "type")).strip("'"))
-        field = ".".join(loc) or "body"
-        if err["type"] == "missing":
-            raise RequestError(f"{field}: this field is required", param=field) from None
-        value = err.get("input")
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise RequestError(f"{field}: {err['msg']} (got {shown})", param=field) from None
+        if problem.kind in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append(str(exc.errors()[0].get("ctx", {}).get("discriminator", "type")).strip("'"))
+        raise problem.request_error("body", missing="{field}: this field is required") from None

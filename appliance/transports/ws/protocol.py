@@ -36,6 +36,7 @@ from appliance.core.tools import conversation, tool_use
 from appliance.core.types import GenerateRequest, ToolCall, ToolCallDelta
 from appliance.errors import RequestError
 from appliance.protocol import oip_msgpack, strictjson
+from appliance.protocol.problems import first_problem
 
 # Strict: true is not the id 1, and 1 is not the id "1"; replies echo the id as sent.
 RequestId = Annotated[str, Field(min_length=1, max_length=128)] | StrictInt
@@ -202,24 +203,8 @@ def _document(data: str | bytes) -> Any:
 
 
 def _request_error(exc: ValidationError) -> RequestError:
-    err = exc.errors()[0]
-    # The discriminator's tag and union members' type names are not fields; drop them.
-    loc = [str(p) for p in err["loc"][1:] if not _type_part(str(p))]
-    field = ".".join(loc) or "message"
-    if err["type"] == "missing":
-        return RequestError(f"{field} is required", param=field)
-    shown = repr(err.get("input"))
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return RequestError(f"{field}: {err['msg']} (got {shown})", param=field)
-
-
-def _type_part(part: str) -> bool:
-    return part.startswith(("function-", "literal[", "list[", "constrained-")) or part in {
-        "str",
-        "int",
-        "float",
-        "bool",
-    }
+    # The discriminator's tag is not a field; drop it.
+    return first_problem(exc, skip=1).request_error("message")
 
 
 # -------------------------------------------------------------------- server → client
