@@ -31,7 +31,7 @@ from appliance.core.repository import collect
 from appliance.core.service import Core
 from appliance.core.types import ModelState
 from appliance.errors import ConfigError
-from appliance.ops.signals import ServeSignals
+from appliance.ops.signals import ServeSignals, SignalledServer
 from appliance.security.access import AccessPolicy, daemon_policy, reload_daemon_keys
 from appliance.security.crypto import load_cipher
 from appliance.security.tls import async_reload_certificate, server_context
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Server:
+class Server(SignalledServer):
     """One running appliance.
 
     ``load_config`` reads the configuration again the way it was read at start (file,
@@ -84,23 +84,6 @@ class Server:
         self.reload_observers: list[Callable[[bool], None]] = []
         self._signals = ServeSignals(self.reload, name="appliance-reload")
         self.systemd: SystemdNotify | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound HTTP port (useful with port 0)."""
-        return self.addresses[0][1]
-
-    async def serve(self) -> None:
-        """Run until :meth:`request_stop` or a signal."""
-        self._signals.install()
-        try:
-            await self.startup()
-            await self._signals.stop.wait()
-        finally:
-            await self.shutdown()
-
-    def request_stop(self) -> None:
-        self._signals.stop.set()
 
     async def startup(self) -> None:
         config = self.config

@@ -24,7 +24,7 @@ from appliance.hub.metrics import HubMetrics
 from appliance.hub.monitor import OfflineMonitor, Retention
 from appliance.hub.rollout.service import RolloutEngine, open_rollouts
 from appliance.hub.storage import from_url
-from appliance.ops.signals import ServeSignals
+from appliance.ops.signals import ServeSignals, SignalledServer
 from appliance.ops.systemd import SystemdNotify
 from appliance.security.access import AccessPolicy, hub_policy, reload_hub_keys
 from appliance.security.tls import async_reload_certificate, server_context
@@ -33,7 +33,7 @@ from appliance.transports.http.security import runner_options
 log = logging.getLogger(__name__)
 
 
-class HubServer:
+class HubServer(SignalledServer):
     """One running hub.
 
     ``load_config`` reads the configuration again the way it was read at start; SIGHUP
@@ -52,21 +52,6 @@ class HubServer:
         self.tls: ssl.SSLContext | None = None
         self._stack = contextlib.AsyncExitStack()
         self._signals = ServeSignals(self.reload, name="hub-reload")
-
-    @property
-    def port(self) -> int:
-        return self.addresses[0][1]
-
-    async def serve(self) -> None:
-        self._signals.install()
-        try:
-            await self.startup()
-            await self._signals.stop.wait()
-        finally:
-            await self.shutdown()
-
-    def request_stop(self) -> None:
-        self._signals.stop.set()
 
     async def startup(self) -> None:
         config = self.config

@@ -67,3 +67,37 @@ class ServeSignals:
             raise SystemExit(130)
         log.info("received %s; stopping gracefully", signal.Signals(sig).name)
         self.stop.set()
+
+
+class SignalledServer:
+    """What the daemon and the hub share: serve until a stop signal, then shut down.
+
+    Subclasses set ``addresses`` once bound, ``_signals`` in their constructor, and implement
+    :meth:`startup` and :meth:`shutdown`.
+    """
+
+    addresses: list[tuple[str, int]]
+    _signals: ServeSignals
+
+    @property
+    def port(self) -> int:
+        """The bound HTTP port (useful with port 0)."""
+        return self.addresses[0][1]
+
+    async def serve(self) -> None:
+        """Run until :meth:`request_stop` or a signal."""
+        self._signals.install()
+        try:
+            await self.startup()
+            await self._signals.stop.wait()
+        finally:
+            await self.shutdown()
+
+    def request_stop(self) -> None:
+        self._signals.stop.set()
+
+    async def startup(self) -> None:
+        raise NotImplementedError
+
+    async def shutdown(self) -> None:
+        raise NotImplementedError
