@@ -93,7 +93,8 @@ class ConfigUpdate:
         problems = await self._reload()
         problem = "; ".join(problems) or self._check(fragment, failed_before)
         soak = st.get("soak")
-        until = time.monotonic() + min(MAX_SOAK, float(soak) if _number(soak) else 0.0)
+        soak = float(soak) if isinstance(soak, int | float) else 0.0
+        until = time.monotonic() + min(MAX_SOAK, soak)
         while not problem and time.monotonic() < until:
             await asyncio.sleep(min(0.5, max(0.0, until - time.monotonic())))
             problem = self._check(fragment, failed_before)
@@ -165,10 +166,6 @@ class ConfigUpdate:
         problems = await self._reload()
         if problems:
             log.error("reloading the previous configuration: %s", "; ".join(problems))
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 __all__ = ["ConfigUpdate", "Fetch", "Reload"]
