@@ -138,8 +138,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config" and args.reference:
         print(config_mod.reference(), end="")
         return 0
+    from appliance.config.remote import DROPIN_NAME
+    from appliance.ops.instance import state_directory
+
+    # The hub's configuration drop-in (docs/hub.md), read after appliance.toml.
+    dropin = state_directory(os.environ) / DROPIN_NAME
+    dropin_error = None
     try:
-        cfg = config_mod.load(path=args.config, env=os.environ, overrides=_overrides(args))
+        try:
+            cfg = config_mod.load(
+                path=args.config, env=os.environ, overrides=_overrides(args), dropin=dropin
+            )
+        except ConfigError as exc:
+            if not dropin.exists():
+                raise
+            # A drop-in this daemon cannot take never keeps it from starting: it runs on
+            # the operator's own configuration and says why in /health.
+            cfg = config_mod.load(path=args.config, env=os.environ, overrides=_overrides(args))
+            dropin_error = f"the hub's configuration drop-in is ignored: {exc}"
+            print(f"appliance: {dropin_error}", file=sys.stderr)
     except ConfigError as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 2
@@ -162,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from appliance.ops import instance, logs
 
     logs.setup(cfg.logging.level)
-    config_error = _config_error(args.config_error)
+    config_error = _config_error(args.config_error) or dropin_error
     try:
         # One daemon per state directory: it holds the outbox, the key and the MQTT session.
         with instance.StateLock(instance.state_directory(os.environ)):
@@ -170,13 +187,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return server.run(
                 cfg,
                 load_config=lambda: config_mod.load(
-                    path=args.config, env=os.environ, overrides=_overrides(args)
+                    path=args.config, env=os.environ, overrides=_overrides(args), dropin=dropin
                 ),
                 config_error=config_error,
+                config_path=args.config
+                or (
+                    Path(os.environ["APPLIANCE_CONFIG"])
+                    if os.environ.get("APPLIANCE_CONFIG")
+                    else None
+                ),
             )
     except instance.AlreadyRunning as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 1
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def _config_error(path: Path | None) -> str | None:

@@ -5,8 +5,9 @@ Each long-lived resource is a lifecycle unit started in order and stopped in rev
 (no new requests, in-flight ones finish up to ``http.shutdown_timeout``), a second SIGINT
 forces the exit. SIGHUP runs the reload hooks (:meth:`Server.reload`): the API keys are
 read again (the configuration file, ``keys_file``, the ``api-keys`` credential), then the
-TLS certificate, then the model repository; under systemd the daemon reports RELOADING=1 /
-READY=1 around them (``appliance.ops.systemd``).
+TLS certificate, then the configuration's alert rules and log level (with the hub's
+drop-in, ``appliance.config.remote``), then the model repository; under systemd the
+daemon reports RELOADING=1 / READY=1 around them (``appliance.ops.systemd``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -64,8 +66,10 @@ class Server(SignalledServer):
         *,
         load_config: Callable[[], Config] | None = None,
         config_error: str | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path  # appliance.toml, for the periodic backups
         self._load_config = load_config
         # A configuration rejected before the start (this one is the fallback): in /health.
         self.config_error = config_error
@@ -80,13 +84,17 @@ class Server(SignalledServer):
         self.tls: ssl.SSLContext | None = None
         # SIGHUP: ``reload_hooks`` run in order (e.g. re-reading models); each observer is
         # told True before and False after (the systemd unit sends RELOADING=1 / READY=1).
-        self.reload_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.reload_hooks: list[Callable[[], Awaitable[None]]] = [self.reload_config]
         self.reload_observers: list[Callable[[bool], None]] = []
         self._signals = ServeSignals(self.reload, name="appliance-reload")
         self.systemd: SystemdNotify | None = None
 
     async def startup(self) -> None:
         config = self.config
+        if config.hub.url and config.hub.public_key:  # before the repository is read
+            from appliance.ops.hubsync import recover_updates
+
+            await asyncio.to_thread(recover_updates, config, os.environ)
         specs = await asyncio.to_thread(collect, config.models.dir, config.models.files)
         models = ModelManager(specs, config.models, self.metrics)
         self._stack.push_async_callback(models.close)
@@ -246,19 +254,44 @@ class Server(SignalledServer):
             self.tls, http.tls_cert_file, http.tls_key_file, http.tls_min_version
         )
 
-    async def reload(self) -> None:
-        """Run the reload hooks (what SIGHUP does); observers hear the start and the end."""
+    async def reload_config(self) -> None:
+        """Read the configuration again (the hub's drop-in too) and apply what changes while
+        running: alert rules and the log level; the rest takes effect at the next start. A
+        configuration that does not load changes nothing (ConfigError: the step fails)."""
+        if self._load_config is None:
+            return
+        new = await asyncio.to_thread(self._load_config)
+        from appliance.config.remote import LIVE
+        from appliance.ops import logs
+
+        if new.logging.level != self.config.logging.level:
+            logs.set_level(new.logging.level)
+            log.info("log level now %s", new.logging.level)
+        if self.alerts is not None and new.alerts != self.config.alerts:
+            self.alerts.reconfigure(new.alerts)
+            log.info("alert rules reloaded")
+        self.config = self.config.model_copy(update={s: getattr(new, s) for s in LIVE})
+
+    async def reload(self) -> list[str]:
+        """Run the reload hooks (what SIGHUP does); observers hear the start and the end.
+        Returns the problems of the steps that failed (none: an empty list)."""
+        problems: list[str] = []
         for observer in self.reload_observers:
             observer(True)
         try:
             for hook in self.reload_hooks:
                 try:
                     await hook()
-                except Exception:
+                except ConfigError as exc:
+                    log.error("reload: %s", exc)
+                    problems.append(str(exc))
+                except Exception as exc:
                     log.exception("reload step failed")
+                    problems.append(f"{type(exc).__name__}: {exc}")
         finally:
             for observer in self.reload_observers:
                 observer(False)
+        return problems
 
     def _health_units(self, core: Core) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Health snapshots, alert rules on them, and (with ``hub.url``) the hub uploader."""
@@ -274,7 +307,19 @@ class Server(SignalledServer):
         if self.config.hub.url:
             from appliance.ops.hubsync import HubSync
 
-            units.append(HubSync(self.config, self.health, self.alerts))
+            units.append(
+                HubSync(
+                    self.config,
+                    self.health,
+                    self.alerts,
+                    reload=self.reload if self._load_config is not None else None,
+                    current=lambda: self.config,
+                )
+            )
+            if self.config.hub.backup_interval > 0:
+                from appliance.ops.backup_upload import PeriodicBackup
+
+                units.append(PeriodicBackup(self.config, core, self.config_path, os.environ))
         return units
 
     @property
@@ -305,10 +350,13 @@ def run(
     *,
     load_config: Callable[[], Config] | None = None,
     config_error: str | None = None,
+    config_path: Path | None = None,
 ) -> int:
-    """Serve until stopped; the exit status for the CLI. ``load_config``, ``config_error``:
-    see :class:`Server`."""
-    server = Server(config, load_config=load_config, config_error=config_error)
+    """Serve until stopped; the exit status for the CLI. ``load_config``, ``config_error``,
+    ``config_path``: see :class:`Server`."""
+    server = Server(
+        config, load_config=load_config, config_error=config_error, config_path=config_path
+    )
     try:
         asyncio.run(server.serve())
     except OSError as exc:

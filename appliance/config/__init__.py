@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from appliance.config import base
+from appliance.config import base, remote
 from appliance.config.base import (
     DEVICE_ID_PATTERN,
     ENV_CONFIG_FILE,
@@ -80,17 +80,30 @@ def load(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    dropin: Path | None = None,
 ) -> Config:
     """Merge defaults, file, environment and flag overrides; validate; resolve derived values.
 
-    ``overrides`` is ``{section: {key: value}}`` as the CLI produces it. Raises
-    :class:`ConfigError` for anything invalid.
+    ``overrides`` is ``{section: {key: value}}`` as the CLI produces it. ``dropin``: a
+    fragment the hub rolled out (``appliance.config.remote``), read after the file when it
+    exists. Raises :class:`ConfigError` for anything invalid.
     """
+    layers = []
+    if dropin is not None and dropin.exists():
+        layers.append((remote.read(dropin), f"the hub's drop-in {dropin}"))
     if env is not None:
         # APPLIANCE_HUB_<SECTION>__<KEY> configures the fleet hub (appliance.hub.config), not
         # this daemon; APPLIANCE_HUB__<KEY> (two underscores) is this daemon's [hub] section.
         env = {k: v for k, v in env.items() if not _HUB_SERVICE_VARIABLE.match(k)}
-    return _resolve(load_model(Config, path=path, env=env, overrides=overrides))
+    return _resolve(load_model(Config, path=path, env=env, overrides=overrides, layers=layers))
+
+
+def validate_fragment(fragment: Any, *, origin: str = "fragment") -> dict[str, dict[str, Any]]:
+    """A fragment (parsed TOML) that names only remotely changeable keys and whose values
+    the configuration accepts (over the defaults); else :class:`ConfigError` naming the key."""
+    checked = remote.check(fragment, origin=origin)
+    load_model(Config, layers=[(checked, origin)])
+    return checked
 
 
 _HUB_SERVICE_VARIABLE = re.compile(r"^APPLIANCE_HUB_(?!_)")
@@ -198,4 +211,5 @@ __all__ = [
     "load_model",
     "reference",
     "to_toml",
+    "validate_fragment",
 ]

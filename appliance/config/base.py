@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,8 +93,12 @@ def load_model(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     env_prefix: str = ENV_PREFIX,
     env_config_file: str = ENV_CONFIG_FILE,
+    layers: Sequence[tuple[Mapping[str, Mapping[str, Any]], str]] = (),
 ) -> RootT:
-    """Load any sectioned configuration model (the daemon's, the hub's) the same way."""
+    """Load any sectioned configuration model (the daemon's, the hub's) the same way.
+
+    ``layers``: (values, where they come from) merged after the file and before the
+    environment, e.g. a drop-in the hub rolled out (``appliance.config.remote``)."""
     env = {} if env is None else env
     raw: dict[str, dict[str, Any]] = {}
     sources: dict[tuple[str, str], str] = {}
@@ -103,6 +107,8 @@ def load_model(
         path = Path(env[env_config_file])
     if path is not None:
         _merge(raw, sources, _read_file(root, path), str(path))
+    for values, origin in layers:
+        _merge(raw, sources, values, origin)
     _merge(raw, sources, _from_env(root, env, sources, env_prefix), None)
     if overrides:
         _merge(raw, sources, overrides, "command line")

@@ -306,6 +306,18 @@ class HubSyncConfig(TlsFilesSection):
         description="Bytes per second a rollout download may take (a slow or metered link); "
         "0: no limit.",
     )
+    backup_interval: float = Field(
+        default=0.0,
+        ge=0,
+        le=30 * 86_400,
+        description="Seconds between uploads of the configuration backup to the hub (what "
+        "`appliance backup --to-hub` sends); 0: off.",
+    )
+    backup_key_file: Path | None = Field(
+        default=None,
+        description="A file of random bytes sealing the periodic backups (as `appliance "
+        "backup --key-file`); unset: the passphrase in $APPLIANCE_BACKUP_PASSPHRASE.",
+    )
 
 
 class MdnsConfig(Section):

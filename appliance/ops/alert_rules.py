@@ -54,6 +54,10 @@ class History:
         self._keep = keep
         self._items: collections.deque[HealthSnapshot] = collections.deque()
 
+    def keep(self, seconds: float) -> None:
+        """Cover ``seconds`` from now on (new rules with longer windows)."""
+        self._keep = seconds
+
     def add(self, snap: HealthSnapshot) -> None:
         self._items.append(snap)
         cutoff = snap.monotonic - self._keep

@@ -96,9 +96,27 @@ class AlertEngine:
                 out.append(self._event(rule, subject, "firing", state.value, state.started_at))
         return out
 
+    def reconfigure(self, config: AlertsConfig) -> None:
+        """New rules and thresholds (a reload); alerts of rules no longer there resolve."""
+        rules = build_rules(config) if config.enabled else []
+        names = {r.name for r in rules}
+        old = {r.name: r for r in self.rules}
+        for (name, subject), state in list(self._states.items()):
+            if name in names:
+                continue
+            del self._states[(name, subject)]
+            if state.firing:
+                now = time.time()
+                rule = old[name]
+                self._publish(
+                    self._event(rule, subject, "resolved", None, state.started_at, at=now)
+                )
+        self._config, self.rules = config, rules
+        self._history.keep(max([r.window for r in rules] + [0.0]) + self._collector.interval)
+
     async def __aenter__(self) -> AlertEngine:
-        if self.rules:
-            self._unsubscribe = self._collector.add_listener(self._on_snapshot)
+        # Subscribed with no rules too: a reload may bring some.
+        self._unsubscribe = self._collector.add_listener(self._on_snapshot)
         self._remove_status = self._collector_core_status()
         return self
 

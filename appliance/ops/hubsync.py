@@ -34,12 +34,13 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.errors import ConfigError
 from appliance.ops.alerts import AlertEngine, AlertEvent
+from appliance.ops.config_update import Reload
 from appliance.ops.health import HealthCollector
 from appliance.ops.instance import state_directory
 from appliance.ops.metrics import HubMetrics, OutboxMetrics
 from appliance.ops.outbox import HEARTBEAT, HubOutbox, OutboxError, Record
 from appliance.ops.snapshot import HealthSnapshot
-from appliance.ops.updater import Updater
+from appliance.ops.updater import Updater, recover
 from appliance.security.crypto import load_cipher
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,16 @@ def outbox_path(config: Config, env: Mapping[str, str]) -> Path:
     return state_directory(env) / "outbox.db"
 
 
+def updates_path(config: Config, env: Mapping[str, str]) -> Path:
+    """What the updater has done and has pending (beside the outbox)."""
+    return outbox_path(config, env).with_name("updates.json")
+
+
+def recover_updates(config: Config, env: Mapping[str, str]) -> str | None:
+    """At start, before models load: see :func:`appliance.ops.updater.recover`."""
+    return recover(config, updates_path(config, env))
+
+
 class HubSync:
     """Lifecycle unit: durable queueing and upload of everything bound for the hub."""
 
@@ -103,8 +114,13 @@ class HubSync:
         alerts: AlertEngine | None,
         *,
         env: Mapping[str, str] | None = None,
+        reload: Reload | None = None,
+        current: Callable[[], Config] | None = None,
     ) -> None:
         env = os.environ if env is None else env
+        self._env = env
+        self._reload = reload  # with it, configuration fragments from the hub are applied
+        self._current = current
         self._config = config
         self._hub = config.hub
         self._collector = collector
@@ -150,7 +166,10 @@ class HubSync:
                     self._core,
                     lambda body: self._put("rollout", body),
                     lambda: self._session,
-                    self.outbox.path.with_name("updates.json"),
+                    updates_path(self._config, self._env),
+                    reload=self._reload,
+                    current=self._current,
+                    state_dir=state_directory(self._env),
                 )
             for moved in self.outbox.recovered:
                 self._put("event", {"type": "outbox_corrupt", "moved_to": str(moved)})

@@ -26,7 +26,12 @@ def setup(level: str) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """The lowest level logged (at start, and on a reload that changes ``logging.level``)."""
+    logging.getLogger().setLevel(level.upper())
     # aiohttp's access log is noisy on a busy box; it follows the debug level only.
     logging.getLogger("aiohttp.access").setLevel(
         logging.DEBUG if level == "debug" else logging.WARNING

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class ServeSignals:
     """The stop flag and the SIGHUP reloads of one serving process."""
 
-    def __init__(self, reload: Callable[[], Awaitable[None]], *, name: str) -> None:
+    def __init__(self, reload: Callable[[], Awaitable[object]], *, name: str) -> None:
         self.stop = asyncio.Event()
         self._reload = reload
         self._name = name

@@ -18,16 +18,24 @@ and ``failed`` reported with the canary's reason); without, a version that loads
 ``healthy``. ``rollback`` moves the version aside and re-reads the repository, so the
 previous version serves again. Reports go to the hub through the outbox (kind
 ``rollout``).
+
+A canary that after ``max(canary.window, soak)`` has too few requests to judge and no
+error is reported ``no_traffic`` (the rollout counts it as settled, see docs/hub.md) and
+stays armed: the first real traffic still promotes or rolls it back, and that is
+reported too. Before the reload that serves a new version the install is recorded as
+pending; a daemon killed before the verdict finds it at start (:func:`recover`), moves
+the version back to staging so that it never serves unjudged, and installs it again,
+canary and all, when the hub next asks (nothing is downloaded twice).
+
+Artifacts of kind ``config`` (configuration fragments) are applied by
+:class:`~appliance.ops.config_update.ConfigUpdate`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -41,21 +49,53 @@ from appliance.core.canary import CanaryDecision
 from appliance.core.repository import MANIFEST, valid_name
 from appliance.core.service import Core
 from appliance.core.types import ModelState
+from appliance.ops.config_update import ConfigUpdate, Reload
+from appliance.ops.update_files import (
+    VERSION,
+    Refused,
+    checked_model,
+    fsync_dir,
+    load_state,
+    matches,
+    publish,
+    save_state,
+    sync,
+    unpublish,
+    verified,
+)
 from appliance.security import signing
 
 log = logging.getLogger(__name__)
 
 BLOB_PATH = "/api/v1/artifacts/blobs/"
 INCOMING = ".incoming"
-_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 Report = Callable[[dict[str, Any]], None]
 
 
-class Refused(Exception):
-    """A statement or artifact the device will not act on; the message says why."""
+def recover(config: Config, state_file: Path) -> str | None:
+    """At start, before the repository is read: an install the daemon did not live to see
+    judged goes back to staging. Blocking; returns what was set aside."""
+    pending = load_state(state_file).get("pending")
+    root = config.models.dir
+    if not isinstance(pending, dict) or root is None:
+        return None
+    name, version = str(pending.get("name", "")), str(pending.get("version", ""))
+    rollout = str(pending.get("rollout", ""))
+    if not valid_name(name) or not VERSION.fullmatch(version) or not rollout:
+        return None
+    target = root / name / version
+    if not target.is_dir():
+        return None
+    unpublish(target, root / INCOMING / rollout / "v")
+    log.warning(
+        "model %s version %s was installed but not judged before the daemon stopped: set "
+        "aside until rollout %s installs it again with its canary",
+        name,
+        version,
+        rollout,
+    )
+    return f"{name}:{version}"
 
 
 class Updater:
@@ -68,6 +108,10 @@ class Updater:
         report: Report,
         session: Callable[[], aiohttp.ClientSession | None],
         state_file: Path,
+        *,
+        reload: Reload | None = None,
+        current: Callable[[], Config] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self._config = config
         self._core = core
@@ -75,20 +119,30 @@ class Updater:
         self._session = session
         self._key = signing.parse_public(config.hub.public_key)
         self._state_file = state_file
-        self._done: set[str] = set(_load(state_file).get("done", []))
+        state = load_state(state_file)
+        self._done: set[str] = set(state.get("done", []))
+        self._pending: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._rollout = ""  # the rollout the running task carries out
         self._decisions: dict[tuple[str, str], asyncio.Future[CanaryDecision]] = {}
-        self._unsubscribe = core.add_canary_listener(self._on_decision)
+        self._unsubscribe = [core.add_canary_listener(self._on_decision)]
+        self.configs: ConfigUpdate | None = None
+        if reload is not None:
+            self.configs = ConfigUpdate(
+                state_dir or state_file.parent, core, reload, current or (lambda: config), report
+            )
+            self._unsubscribe.append(core.add_status("remote_config", self.configs.status))
 
     async def close(self) -> None:
-        self._unsubscribe()
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
     def offer(self, signed: Any) -> None:
         """What an ingest answer said is wanted (None: nothing)."""
-        if signed is None or (self._task is not None and not self._task.done()):
+        if signed is None:
             return
         unverified = signed.get("statement") if isinstance(signed, dict) else None
         rollout = str(unverified.get("rollout", "")) if isinstance(unverified, dict) else ""
@@ -107,12 +161,38 @@ class Updater:
         key = f"{statement['rollout']}:{statement.get('action')}"
         if key in self._done:
             return
-        self._task = asyncio.create_task(self._carry_out(key, statement), name="appliance-update")
+        running = self._task
+        if running is not None and not running.done():
+            # Busy (a canary judging, say): only a rollback of that rollout cuts in.
+            if statement.get("action") != "rollback" or statement["rollout"] != self._rollout:
+                return
+            running.cancel()
+        self._rollout = str(statement["rollout"])
+        self._task = asyncio.create_task(
+            self._carry_out(key, statement, running), name="appliance-update"
+        )
 
-    async def _carry_out(self, key: str, statement: dict[str, Any]) -> None:
+    async def _carry_out(
+        self, key: str, statement: dict[str, Any], before: asyncio.Task[None] | None = None
+    ) -> None:
+        if before is not None:
+            await asyncio.gather(before, return_exceptions=True)
         rollout = str(statement["rollout"])
+        kind = statement.get("kind", "model")
         try:
-            if statement.get("action") == "rollback":
+            if kind == "config":
+                if self.configs is None:
+                    raise Refused("this device takes no configuration from the hub")
+                if statement.get("action") == "rollback":
+                    state, why = "rolled_back", await self.configs.revert(rollout)
+                elif statement.get("action") == "install":
+                    state, why = await self.configs.apply(statement, self._fetch)
+                else:
+                    raise Refused(f"unknown action {statement.get('action')!r}")
+                self._finish(key, rollout, state, why)
+            elif kind != "model":
+                raise Refused(f"unknown artifact kind {kind!r}")
+            elif statement.get("action") == "rollback":
                 moved = await asyncio.to_thread(self._move_aside, statement)
                 await self._core.reload_models()
                 why = "rolled back on the hub's order" if moved else "was not installed"
@@ -136,7 +216,15 @@ class Updater:
     def _finish(self, key: str, rollout: str, state: str, reason: str) -> None:
         self._report({"rollout": rollout, "state": state, "reason": reason})
         self._done.add(key)
-        _save(self._state_file, {"done": sorted(self._done)})
+        if self._pending is not None and self._pending.get("rollout") == rollout:
+            self._pending = None
+        self._save()
+
+    def _save(self) -> None:
+        state: dict[str, Any] = {"done": sorted(self._done)}
+        if self._pending is not None:
+            state["pending"] = self._pending
+        save_state(self._state_file, state)
 
     # -- install ----------------------------------------------------------------------
 
@@ -147,11 +235,15 @@ class Updater:
         return directory
 
     async def _install(self, st: dict[str, Any]) -> tuple[str, str]:
-        name, version, files = _checked(st)
+        name, version, files = checked_model(st)
         root = self._models_dir()
         target = root / name / version
         stage = root / INCOMING / str(st["rollout"]) / "v"
-        if not await asyncio.to_thread(_verified, target, files):
+        # Recorded before the version can serve: a daemon killed before the verdict sets it
+        # aside at its next start (recover) instead of serving it unjudged.
+        self._pending = {"rollout": str(st["rollout"]), "name": name, "version": version}
+        await asyncio.to_thread(self._save)
+        if not await asyncio.to_thread(verified, target, files):
             if (root / name / MANIFEST).exists():
                 raise Refused(f"{name} uses the single-version layout; move it into {name}/1/")
             if target.exists():
@@ -160,7 +252,7 @@ class Updater:
             self._report({"rollout": st["rollout"], "state": "downloading", "reason": ""})
             for entry in files:
                 await self._fetch(stage, entry)
-            await asyncio.to_thread(_publish, stage, target)
+            await asyncio.to_thread(publish, stage, target)
         self._report({"rollout": st["rollout"], "state": "installed", "reason": ""})
         future = asyncio.get_running_loop().create_future()
         self._decisions[(name, version)] = future
@@ -173,13 +265,37 @@ class Updater:
                 error = handle.error if handle is not None else "not served after the reload"
                 return await self._undo(st, f"version {version} did not load: {error}")
             if self._core.canary.canary_version(name) == version:
-                decision = await future
+                decision = await self._verdict(st, name, future)
                 if decision.decision == "rolled_back":
                     return await self._undo(st, f"canary rolled back: {decision.reason}")
                 return "healthy", f"canary promoted: {decision.reason}"
             return "healthy", f"serving {name} {version}"
         finally:
             self._decisions.pop((name, version), None)
+
+    async def _verdict(
+        self, st: dict[str, Any], name: str, future: asyncio.Future[CanaryDecision]
+    ) -> CanaryDecision:
+        """The canary's decision; reported ``no_traffic`` meanwhile if it gets none."""
+        soak = st.get("soak")
+        wait = max(self._config.canary.window, float(soak) if isinstance(soak, int | float) else 0)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait)
+        except asyncio.TimeoutError:
+            pass
+        stats = self._core.canary.status()["running"].get(name, {}).get("canary_stats", {})
+        seen, errors = int(stats.get("requests", 0)), int(stats.get("errors", 0))
+        if seen < self._config.canary.min_requests and errors == 0:
+            self._report(
+                {
+                    "rollout": st["rollout"],
+                    "state": "no_traffic",
+                    "reason": f"canary {st['version']} had {seen} of the "
+                    f"{self._config.canary.min_requests} requests it needs after {wait:g}s, "
+                    "no errors; it keeps running until traffic decides",
+                }
+            )
+        return await future
 
     async def _undo(self, st: dict[str, Any], why: str) -> tuple[str, str]:
         await asyncio.to_thread(self._move_aside, st)
@@ -209,7 +325,7 @@ class Updater:
 
     async def _fetch(self, stage: Path, entry: dict[str, Any]) -> None:
         final, part = stage / entry["path"], stage / (entry["path"] + ".part")
-        if await asyncio.to_thread(_matches, final, entry):
+        if await asyncio.to_thread(matches, final, entry):
             return
         await asyncio.to_thread(stage.mkdir, parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
@@ -240,8 +356,8 @@ class Updater:
                         got += len(block)
                         if rate and (ahead := got / rate - (time.monotonic() - began)) > 0:
                             await asyncio.sleep(ahead)
-                await asyncio.to_thread(_sync, out)
-        if not await asyncio.to_thread(_matches, part, entry):
+                await asyncio.to_thread(sync, out)
+        if not await asyncio.to_thread(matches, part, entry):
             await asyncio.to_thread(part.unlink)
             if resumed:  # what was kept may not have reached the disk: fetch it whole
                 raise OSError(f"{entry['path']}: the resumed download did not verify")
@@ -250,7 +366,7 @@ class Updater:
 
     def _move_aside(self, st: dict[str, Any]) -> bool:
         name, version = str(st.get("name", "")), str(st.get("version", ""))
-        if not valid_name(name) or not _VERSION.fullmatch(version):
+        if not valid_name(name) or not VERSION.fullmatch(version):
             raise Refused("the statement names no valid model and version")
         root = self._models_dir()
         target = root / name / version
@@ -259,88 +375,6 @@ class Updater:
         aside = root / INCOMING / "rolled-back" / f"{name}-{version}-{int(time.time())}"
         aside.parent.mkdir(parents=True, exist_ok=True)
         os.replace(target, aside)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         log.warning("model %s version %s moved aside to %s", name, version, aside)
         return True
-
-
-def _checked(st: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
-    name, version, files = st.get("name"), st.get("version"), st.get("files")
-    if st.get("kind") != "model":
-        raise Refused(f"unknown artifact kind {st.get('kind')!r}")
-    if not isinstance(name, str) or not valid_name(name):
-        raise Refused(f"model name {name!r} is not valid")
-    if not isinstance(version, str) or not _VERSION.fullmatch(version):
-        raise Refused(f"version {version!r} is not valid")
-    if not isinstance(files, list) or not files:
-        raise Refused("the statement lists no files")
-    for entry in files:
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("path"), str)
-            and _FILE.fullmatch(entry["path"])
-            and isinstance(entry.get("sha256"), str)
-            and _SHA.fullmatch(entry["sha256"])
-            and isinstance(entry.get("size"), int)
-            and entry["size"] >= 0
-        )
-        if not ok:
-            raise Refused(f"file entry {entry!r} is not valid")
-    if MANIFEST not in {f["path"] for f in files}:
-        raise Refused(f"the artifact has no {MANIFEST}")
-    return name, version, files
-
-
-def _matches(path: Path, entry: dict[str, Any]) -> bool:
-    if not path.is_file() or path.stat().st_size != int(entry["size"]):
-        return False
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return bool(digest.hexdigest() == entry["sha256"])
-
-
-def _verified(target: Path, files: list[dict[str, Any]]) -> bool:
-    return target.is_dir() and all(_matches(target / f["path"], f) for f in files)
-
-
-def _sync(fh: Any) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(stage: Path, target: Path) -> None:
-    """Rename the checked staging directory into the repository, durably."""
-    for child in stage.iterdir():
-        with child.open("rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(stage)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(stage, target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(stage.parent, ignore_errors=True)
-
-
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _save(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(value, fh)
-        _sync(fh)
-    os.replace(tmp, path)

@@ -1,7 +1,10 @@
-"""Published artifacts: model versions stored once, by content (sha256).
+"""Published artifacts: model versions and configuration fragments stored once, by content
+(sha256).
 
 An artifact is a model version: its ``manifest.toml`` and the files beside it (a model
-directory), or a single ``.gguf``/``.onnx`` file for which the hub writes the manifest.
+directory), or a single ``.gguf``/``.onnx`` file for which the hub writes the manifest;
+or a configuration fragment (kind ``config``: one file, ``fragment.toml``, holding only
+keys that may change remotely, see ``appliance.config.remote``).
 Each file is a blob named by its sha256 under ``<rollout.dir>/blobs/``; the artifact's id
 is the sha256 of its canonical description (kind, name, version, files), so publishing
 the same thing twice stores nothing new. Blocking file work: call off the event loop.
@@ -18,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.config import validate_fragment
+from appliance.config.remote import parse
 from appliance.core.repository import MANIFEST, read_manifest
+from appliance.errors import ConfigError
 from appliance.hub.storage.rollouts import Artifact
 from appliance.runtimes import SUFFIXES
 
@@ -30,6 +36,8 @@ else:  # pragma: no cover
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FRAGMENT = "fragment.toml"
 
 
 class PublishError(ValueError):
@@ -104,6 +112,38 @@ def publish_model(
         version=version,
         files=files,
         size=sum(int(f["size"]) for f in files),
+        created=time.time(),
+    )
+
+
+def publish_config(
+    store: BlobStore, source: Path, *, name: str | None = None, version: str | None = None
+) -> Artifact:
+    """Store a configuration fragment, refused unless every key may change remotely and
+    every value is one the configuration accepts."""
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PublishError(f"cannot read {source}: {exc}") from None
+    try:
+        validate_fragment(parse(text, origin=str(source)), origin=str(source))
+    except ConfigError as exc:
+        raise PublishError(str(exc)) from None
+    data = text.encode()
+    name = name or "config"
+    if not _NAME.fullmatch(name):
+        raise PublishError(f"name {name!r}: letters, digits, '.', '_' and '-' only")
+    sha, size = store.put(data=data)
+    version = version or sha[:12]  # the content names it unless the operator does
+    _check_version(version)
+    files = [{"path": FRAGMENT, "sha256": sha, "size": size}]
+    return Artifact(
+        id=artifact_id("config", name, version, files),
+        kind="config",
+        name=name,
+        version=version,
+        files=files,
+        size=size,
         created=time.time(),
     )
 

@@ -23,11 +23,23 @@ COMMANDS = ("publish", "rollout", "tag", "public-key")
 
 def add_parsers(sub: Any, flags: Any) -> None:
     """The rollout commands, under ``appliance hub``."""
-    publish = sub.add_parser("publish", help="publish a model version for rollouts")
+    publish = sub.add_parser(
+        "publish", help="publish a model version or a configuration fragment for rollouts"
+    )
     flags(publish)
-    publish.add_argument("path", help="a model directory with manifest.toml, or a model file")
-    publish.add_argument("--name", help="model name (default: the manifest's or file's)")
-    publish.add_argument("--version", help="version (default: the manifest's)")
+    publish.add_argument(
+        "path", nargs="?", help="a model directory with manifest.toml, or a model file"
+    )
+    publish.add_argument(
+        # Not --config: on every hub command that names the hub's own hub.toml.
+        "--fragment",
+        metavar="FILE",
+        help="a TOML configuration fragment (models, mqtt rules, alerts, logging) instead",
+    )
+    publish.add_argument("--name", help="name (default: the manifest's, file's, or 'config')")
+    publish.add_argument(
+        "--version", help="version (default: the manifest's; a fragment's content hash)"
+    )
     tag = sub.add_parser("tag", help="add or remove tags of a device")
     flags(tag)
     tag.add_argument("device", metavar="DEVICE_ID")
@@ -47,7 +59,13 @@ def add_parsers(sub: Any, flags: Any) -> None:
     start.add_argument("--waves", default="100%", help="cumulative waves, e.g. 1,25%%,100%%")
     start.add_argument("--soak", type=float, default=60.0, help="seconds healthy per wave")
     start.add_argument("--max-failures", type=int, default=0, help="failures before halting")
-    start.add_argument("--offline", choices=["wait", "skip"], default="wait")
+    start.add_argument(
+        "--offline",
+        choices=["wait", "skip", "catch-up"],
+        default="wait",
+        help="devices away when their wave starts: waited for, skipped, or skipped and "
+        "installed once back",
+    )
     for name in ("status", "halt", "resume", "rollback"):
         action = actions.add_parser(name, help=f"{name} a rollout")
         flags(action)
@@ -83,15 +101,22 @@ async def enrolled(device: str, tags: list[str], storage: Any, cfg: Any) -> str:
 async def _run(command: str, args: argparse.Namespace, rollouts: Rollouts) -> int:
     from pathlib import Path
 
-    from appliance.hub.rollout.artifacts import PublishError, publish_model
+    from appliance.hub.rollout.artifacts import PublishError, publish_config, publish_model
     from appliance.hub.rollout.service import NotFound
 
     if command == "public-key":
         print(rollouts.public_key)
         return 0
     if command == "publish":
+        if (args.path is None) == (args.fragment is None):
+            raise PublishError("give a model (PATH) or --fragment FILE, one of them")
+        how = publish_model if args.fragment is None else publish_config
         artifact = await asyncio.to_thread(
-            publish_model, rollouts.blobs, Path(args.path), name=args.name, version=args.version
+            how,
+            rollouts.blobs,
+            Path(args.path or args.fragment),
+            name=args.name,
+            version=args.version,
         )
         try:
             await rollouts.store.put_artifact(artifact)

@@ -22,15 +22,29 @@ _DEVICE_ID = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _TAG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _WAVE = re.compile(r"^(?:(\d{1,6})|(\d{1,3}(?:\.\d+)?)%)$")
 
-# What a device's report may move it to, from which states.
+# What a device's report may move it to, from which states. ``no_traffic``: installed, its
+# canary armed but without the requests to judge; settled for the wave (docs/hub.md), and
+# still moved on to healthy or failed by the canary's verdict when traffic comes.
 REPORTS: dict[str, tuple[str, ...]] = {
     "downloading": ("wanted",),
     "installed": ("wanted", "downloading"),
-    "healthy": ("wanted", "downloading", "installed"),
-    "failed": ("wanted", "downloading", "installed", "healthy"),
-    "rolled_back": ("rolling_back", "wanted", "downloading", "installed", "healthy"),
+    "no_traffic": ("wanted", "downloading", "installed"),
+    "healthy": ("wanted", "downloading", "installed", "no_traffic"),
+    "failed": ("wanted", "downloading", "installed", "healthy", "no_traffic"),
+    "rolled_back": (
+        "rolling_back",
+        "wanted",
+        "downloading",
+        "installed",
+        "healthy",
+        "no_traffic",
+    ),
 }
-ROLL_BACK_FROM = ("wanted", "downloading", "installed", "healthy")
+ROLL_BACK_FROM = ("wanted", "downloading", "installed", "healthy", "no_traffic")
+# A wave is over once each of its devices is in one of these (and the soak has passed).
+SETTLED = ("healthy", "no_traffic", "skipped", "failed")
+# Devices that count as away for ``offline``.
+AWAY = ("offline", "never seen", "revoked", None)
 
 
 class PlanError(ValueError):
@@ -65,7 +79,9 @@ class RolloutRequest(BaseModel):
     waves: list[str] = Field(default_factory=lambda: ["100%"], min_length=1, max_length=20)
     soak: float = Field(default=60.0, ge=0, le=7 * 86_400, allow_inf_nan=False)
     max_failures: int = Field(default=0, ge=0, le=100_000)
-    offline: Literal["wait", "skip"] = "wait"
+    # wait: a wave waits for its offline devices; skip: they are skipped when their wave
+    # starts; catch-up: skipped too, and installed whenever they come back.
+    offline: Literal["wait", "skip", "catch-up"] = "wait"
 
     @model_validator(mode="after")
     def _waves(self) -> RolloutRequest:
@@ -133,8 +149,15 @@ def new_rollout(req: RolloutRequest, artifact_id: str, waves: list[str], now: fl
     )
 
 
-def status(rollout: Rollout, devices: list[RolloutDevice], artifact: Any) -> dict[str, Any]:
-    """The document of ``rollout status --json`` and ``GET /api/v1/rollouts/{id}``."""
+def status(
+    rollout: Rollout,
+    devices: list[RolloutDevice],
+    artifact: Any,
+    fleet: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The document of ``rollout status --json`` and ``GET /api/v1/rollouts/{id}``;
+    ``fleet``: each device's fleet status, to say what the offline choice will do."""
+    fleet = fleet or {}
     counts: dict[str, int] = {}
     for d in devices:
         counts[d.state] = counts.get(d.state, 0) + 1
@@ -164,9 +187,24 @@ def status(rollout: Rollout, devices: list[RolloutDevice], artifact: Any) -> dic
         "counts": counts,
         "waves": waves,
         "wave_count": len(rollout.waves),
-        "devices": [d.to_dict() for d in devices],
+        "devices": [_explained(rollout, d, fleet.get(d.device_id)) for d in devices],
         "now": time.time(),
     }
+
+
+def _explained(rollout: Rollout, d: RolloutDevice, seen: str | None) -> dict[str, Any]:
+    """A device's row; a pending one that is away says what its wave's start will do."""
+    row = d.to_dict()
+    if d.state == "pending" and not d.reason and seen in AWAY and rollout.state == "running":
+        fate = {
+            "wait": "its wave will wait for it",
+            "skip": "it will be skipped",
+            "catch-up": "it will be skipped, and installed once it is back",
+        }[rollout.offline]
+        row["reason"] = (
+            f"{seen or 'unknown'} now; if still away when wave {d.wave + 1} starts, {fate}"
+        )
+    return row
 
 
 def failures(devices: list[RolloutDevice]) -> list[RolloutDevice]:

@@ -102,7 +102,9 @@ class Rollouts:
     async def status(self, rollout_id: str) -> dict[str, Any]:
         rollout = await self._get(rollout_id)
         devices = await self.store.rollout_devices(rollout_id)
-        return plan.status(rollout, devices, await self.store.artifact(rollout.artifact_id))
+        fleet = {d.id: d.status() for d in await self._devices.devices()}
+        artifact = await self.store.artifact(rollout.artifact_id)
+        return plan.status(rollout, devices, artifact, fleet)
 
     async def halt(self, rollout_id: str, reason: str = "halted by an operator") -> dict[str, Any]:
         rollout = await self._get(rollout_id)
@@ -166,8 +168,9 @@ class Rollouts:
     # -- moving along -----------------------------------------------------------------
 
     async def advance_all(self) -> None:
-        for rollout in await self.store.rollouts(("running", "halted")):
-            await self.advance(rollout.id)
+        for rollout in await self.store.rollouts(("running", "halted", "done")):
+            if rollout.state != "done" or rollout.offline == "catch-up":
+                await self.advance(rollout.id)
 
     async def advance(self, rollout_id: str, now: float | None = None) -> None:
         """One step of the rules; called every ``rollout.interval`` and on each report."""
@@ -187,6 +190,13 @@ class Rollouts:
                     started=rollout.wave_started,
                 )
             return
+        status = {d.id: d.status() for d in await self._devices.devices()}
+        if rollout.offline == "catch-up" and rollout.state in ("running", "done"):
+            for d in devices:  # skipped while away, back now: installed after all
+                if d.state == "skipped" and status.get(d.device_id) not in plan.AWAY:
+                    await self.store.set_device(
+                        rollout.id, d.device_id, "wanted", "back online: catching up", now
+                    )
         if rollout.state != "running":
             return
         failed = plan.failures(devices)
@@ -194,19 +204,20 @@ class Rollouts:
             why = "; ".join(f"{d.device_id}: {d.reason}" for d in failed)[:1000]
             await self._roll_back(rollout, devices, f"{len(failed)} device(s) failed: {why}")
             return
-        status = {d.id: d.status() for d in await self._devices.devices()}
         current = [d for d in devices if d.wave <= rollout.wave]
         for d in current:
-            away = status.get(d.device_id) in ("offline", "never seen", "revoked", None)
-            if rollout.offline == "skip" and away and d.state in ("pending", "wanted"):
-                await self.store.set_device(
-                    rollout.id, d.device_id, "skipped", f"device {status.get(d.device_id)}", now
-                )
+            # Decided when the device's wave starts (and while it runs), never before.
+            away = status.get(d.device_id) in plan.AWAY
+            if rollout.offline != "wait" and away and d.state in ("pending", "wanted"):
+                why = f"device {status.get(d.device_id)} when wave {d.wave + 1} ran"
+                if rollout.offline == "catch-up":
+                    why += "; installed once it is back"
+                await self.store.set_device(rollout.id, d.device_id, "skipped", why, now)
             elif d.state == "pending":
                 await self.store.set_device(rollout.id, d.device_id, "wanted", "", now)
         devices = await self.store.rollout_devices(rollout_id)
         current = [d for d in devices if d.wave <= rollout.wave]
-        settled = [d for d in current if d.state in ("healthy", "skipped", "failed")]
+        settled = [d for d in current if d.state in plan.SETTLED]
         if len(settled) < len(current):
             return
         healthy = [d.healthy_at for d in current if d.healthy_at is not None]
@@ -235,19 +246,28 @@ class Rollouts:
 
     async def wanted(self, device_id: str) -> dict[str, Any] | None:
         """The signed statement of what ``device_id`` should do now, if anything."""
+        newer: set[tuple[str, str]] = set()  # (kind, name) of rollouts newer than this one
         for rollout, d in await self.store.device_rollouts(device_id):
             artifact = await self.store.artifact(rollout.artifact_id)
             if artifact is None:
                 continue
+            what = (artifact.kind, artifact.name)
+            if rollout.state == "done" and what in newer:
+                continue  # a catch-up a newer rollout of the same thing overtook
+            newer.add(what)
             base = {
                 "rollout": rollout.id,
                 "device": device_id,
+                "kind": artifact.kind,
                 "name": artifact.name,
                 "version": artifact.version,
             }
             if d.state == "rolling_back":
                 return signing.sign(self.key, {**base, "action": "rollback"})
-            if rollout.state == "running" and d.state in ("wanted", "downloading", "installed"):
+            going = rollout.state == "running" or (
+                rollout.state == "done" and rollout.offline == "catch-up"
+            )
+            if going and d.state in ("wanted", "downloading", "installed", "no_traffic"):
                 statement = {
                     **base,
                     "action": "install",
@@ -255,6 +275,7 @@ class Rollouts:
                     "kind": artifact.kind,
                     "files": artifact.files,
                     "size": artifact.size,
+                    "soak": rollout.soak,
                 }
                 return signing.sign(self.key, statement)
         return None

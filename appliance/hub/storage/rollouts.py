@@ -75,7 +75,7 @@ ACTIVE = ("running", "halted")
 @dataclass(frozen=True)
 class Artifact:
     id: str  # sha256 of the canonical description (kind, name, version, files)
-    kind: str  # "model"
+    kind: str  # "model" | "config"
     name: str
     version: str
     files: list[dict[str, Any]]  # {"path", "sha256", "size"}
@@ -94,7 +94,7 @@ class Rollout:
     waves: list[str]
     soak: float
     max_failures: int
-    offline: str  # "wait" | "skip"
+    offline: str  # "wait" | "skip" | "catch-up"
     state: str  # running | done | halted | rolled_back
     wave: int  # the wave now running (0-based)
     wave_started: float
@@ -309,13 +309,15 @@ class RolloutStore(abc.ABC):
         return changed > 0
 
     async def device_rollouts(self, device_id: str) -> list[tuple[Rollout, RolloutDevice]]:
-        """The device's rows in running or halted rollouts, newest rollout first."""
+        """The device's rows in running or halted rollouts (and done ones that catch up
+        devices that were away), newest rollout first."""
         async with self.reader() as conn:
             rows = await conn.fetch(
                 f"SELECT {', '.join('r.' + c for c in _ROLLOUT.split(', '))}, "
                 f"{', '.join('d.' + c for c in _RDEV.split(', '))} FROM rollouts r "
                 "JOIN rollout_devices d ON d.rollout_id = r.id "
-                "WHERE d.device_id = ? AND r.state IN ('running', 'halted') "
+                "WHERE d.device_id = ? AND (r.state IN ('running', 'halted') "
+                "OR (r.state = 'done' AND r.offline = 'catch-up')) "
                 "ORDER BY r.created DESC",
                 device_id,
             )
