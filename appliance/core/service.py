@@ -175,6 +175,11 @@ class Core:
         """The version of ``name`` running as a canary now, if any."""
         return self.canary.canary_version(name)
 
+    def canary_stats(self, name: str) -> dict[str, Any]:
+        """The running canary of ``name``'s measurements so far (empty when none runs)."""
+        running = self.canary.status()["running"].get(name)
+        return dict(running.get("canary_stats", {})) if isinstance(running, dict) else {}
+
     def count_request(
         self,
         transport: str,

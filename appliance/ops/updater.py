@@ -258,13 +258,11 @@ class Updater:
         self._decisions[(name, version)] = future
         try:
             await self._core.reload_models()
-            handle = next(
-                (h for h in self._core.models.versions(name) if h.version == version), None
-            )
+            handle = next((h for h in self._core.versions(name) if h.version == version), None)
             if handle is None or handle.state is ModelState.FAILED:
                 error = handle.error if handle is not None else "not served after the reload"
                 return await self._undo(st, f"version {version} did not load: {error}")
-            if self._core.canary.canary_version(name) == version:
+            if self._core.canary_version(name) == version:
                 decision = await self._verdict(st, name, future)
                 if decision.decision == "rolled_back":
                     return await self._undo(st, f"canary rolled back: {decision.reason}")
@@ -283,7 +281,7 @@ class Updater:
             return await asyncio.wait_for(asyncio.shield(future), wait)
         except asyncio.TimeoutError:
             pass
-        stats = self._core.canary.status()["running"].get(name, {}).get("canary_stats", {})
+        stats = self._core.canary_stats(name)
         seen, errors = int(stats.get("requests", 0)), int(stats.get("errors", 0))
         if seen < self._config.canary.min_requests and errors == 0:
             self._report(
