@@ -308,16 +308,20 @@ class RolloutStore(abc.ABC):
             )
         return changed > 0
 
-    async def device_rollouts(self, device_id: str) -> list[tuple[Rollout, RolloutDevice]]:
-        """The device's rows in running or halted rollouts, newest rollout first."""
+    async def device_rollouts(
+        self, device_id: str, states: tuple[str, ...] | None = ACTIVE
+    ) -> list[tuple[Rollout, RolloutDevice]]:
+        """The device's rows in rollouts in ``states`` (running or halted; None: any),
+        newest rollout first."""
+        where = f" AND r.state IN ({', '.join('?' * len(states))})" if states else ""
         async with self.reader() as conn:
             rows = await conn.fetch(
                 f"SELECT {', '.join('r.' + c for c in _ROLLOUT.split(', '))}, "
                 f"{', '.join('d.' + c for c in _RDEV.split(', '))} FROM rollouts r "
                 "JOIN rollout_devices d ON d.rollout_id = r.id "
-                "WHERE d.device_id = ? AND r.state IN ('running', 'halted') "
-                "ORDER BY r.created DESC",
+                f"WHERE d.device_id = ?{where} ORDER BY r.created DESC",
                 device_id,
+                *(states or ()),
             )
         n = len(_ROLLOUT.split(", "))
         return [(_rollout(r[:n]), _rdev(r[n:])) for r in rows]
