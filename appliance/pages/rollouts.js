@@ -38,7 +38,7 @@ function renderRollout(r) {
     .map(([s, n]) => `${n} ${s.replace("_", " ")}`).join(", ");
   const waves = el("ol", {class: "waves"}, r.waves.map((w) =>
     el("li", {"data-wave": w.index, "data-state": w.state},
-       el("b", {}, w.wave), ` ${w.state}, ${w.healthy}/${w.devices.length} healthy`)));
+       el("b", {}, `wave ${w.index + 1}`), ` (${w.wave}) ${w.state}, ${w.healthy}/${w.devices.length} healthy`)));
   const devices = el("table", {class: "rollout-devices"},
     el("thead", {}, el("tr", {}, ["Wave", "Device", "State", "Before", "Reason", "Updated"]
       .map((h) => el("th", {}, h)))),

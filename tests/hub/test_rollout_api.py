@@ -21,7 +21,7 @@ import pytest
 
 from appliance.security.keys import hash_key
 from tests.conftest import DEFAULT_MODELS, DaemonProcess
-from tests.hub.conftest import enroll_direct, hub
+from tests.hub.conftest import enroll_direct, fresh_database, hub
 from tests.hub.rollout_parts import publish, setting
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,14 +45,25 @@ class Hub:
         return self.proc.url
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def running(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hub]:
+    """One hub per backend for the module, with an admin and a read key."""
     if CURL is None:
         pytest.skip("curl is not installed (apt-get install curl)")
     tmp = tmp_path_factory.mktemp("rollout-api")
+    if request.param == "sqlite":
+        yield from _running(tmp, None)
+        return
+    with fresh_database(request.getfixturevalue("postgres_server")) as url:
+        yield from _running(tmp, url)
+
+
+def _running(tmp: Path, storage_url: str | None) -> Iterator[Hub]:
     keys = tmp / "hub-keys"
     keys.write_text(f"ops admin {hash_key(ADMIN)}\nwall read {hash_key(READER)}\n")
-    storage, env = setting(tmp)
+    storage, env = setting(tmp, storage_url)
     env.update(
         APPLIANCE_HUB_SECURITY__AUTH="on",
         APPLIANCE_HUB_SECURITY__KEYS_FILE=str(keys),
