@@ -18,6 +18,7 @@ from appliance.hub.config import HubConfig
 from appliance.hub.keys import CONFIG, METRICS, STARTED, STORAGE
 from appliance.hub.metrics import HubMetrics
 from appliance.hub.rollout import api as rollout_api
+from appliance.hub.rollout import upload
 from appliance.hub.rollout.service import Rollouts
 from appliance.hub.storage.base import Storage
 from appliance.pages import read_page
@@ -167,7 +168,13 @@ def build_app(
         client_max_size=config.http.max_body_bytes,
         middlewares=[
             _errors_and_metrics,
-            *security.middlewares(access, scope_of, config.limits, config.http.max_body_bytes),
+            *security.middlewares(
+                access,
+                scope_of,
+                config.limits,
+                config.http.max_body_bytes,
+                streamed=upload.STREAMED if rollouts is not None else frozenset(),
+            ),
         ],
     )
     app[security.POLICY] = access
@@ -182,4 +189,5 @@ def build_app(
     backups.setup(app, storage)
     if rollouts is not None:
         rollout_api.setup(app, rollouts)
+        upload.setup(app, config.rollout.max_upload_bytes, config.limits.request_timeout)
     return app

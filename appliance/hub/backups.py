@@ -6,6 +6,7 @@
 | ``GET /api/v1/devices/{id}/backup`` | that device's token | the archive, as uploaded |
 | ``GET /api/v1/devices/{id}/backup/info`` | ``read`` key | time, size, versions |
 | ``GET /api/v1/backups`` | ``read`` key | the same for every device |
+| ``GET /api/v1/backups/{id}`` | ``admin`` key | the archive, for an operator |
 
 The hub reads only the archive's plain header and manifest (format version, device,
 versions, member list) to check it is a device backup for this device; the secret members
@@ -95,7 +96,22 @@ async def upload(request: web.Request) -> web.Response:
 async def download(request: web.Request) -> web.Response:
     """The device's latest backup, exactly as it was uploaded."""
     device = await _own_device(request)
-    data = await store.archive(request.app[STORAGE], device)
+    return _archive(device, await store.archive(request.app[STORAGE], device))
+
+
+@routes.get("/api/v1/backups/{device}")
+async def admin_download(request: web.Request) -> web.Response:
+    """The device's latest backup for an operator (admin key): to keep elsewhere, or to
+    restore a box that lost its token. Its secrets stay encrypted with the device's own
+    passphrase or key file."""
+    storage = request.app[STORAGE]
+    device = request.match_info["device"]
+    if await storage.device(device) is None:
+        raise web.HTTPNotFound(text=f"no device {device!r}")
+    return _archive(device, await store.archive(storage, device))
+
+
+def _archive(device: str, data: bytes | None) -> web.Response:
     if data is None:
         raise web.HTTPNotFound(text=f"the hub keeps no backup of device {device!r}")
     return web.Response(

@@ -8,6 +8,7 @@ appliance hub config           print the resolved configuration (--toml, --refer
 appliance hub keys create NAME a new API key for the fleet API and dashboard
 appliance hub backup FILE      the hub's database, configuration and keys in one archive
 appliance hub restore FILE     a fresh hub from such an archive
+appliance hub backup-download DEVICE FILE   a device's latest backup, kept by the hub
 appliance hub publish PATH     publish a model version for rollouts
 appliance hub rollout ...      start, watch, halt, resume and roll back rollouts
 appliance hub tag DEVICE TAG   tag devices for rollouts; public-key: the signing key
@@ -61,6 +62,13 @@ def add_parser(subparsers: Any) -> None:
     shown.add_argument(
         "--reference", action="store_true", help="print the Markdown reference of every key instead"
     )
+    download = sub.add_parser(
+        "backup-download", help="save the latest backup a device keeps on the hub"
+    )
+    _flags(download)
+    download.add_argument("device", metavar="DEVICE_ID")
+    download.add_argument("file", metavar="FILE", help="where to write the archive ('-': stdout)")
+    download.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     rollout_cli.add_parsers(sub, _flags)
     keys = sub.add_parser("keys", help="create API keys for the fleet API and dashboard")
     from appliance.security.cli import add_create
@@ -184,6 +192,8 @@ async def _manage(command: str, args: argparse.Namespace, cfg: Any) -> int:
                 file=sys.stderr,
             )
             return 0
+        if command == "backup-download":
+            return await _backup_download(storage, args)
         if command == "revoke":
             if not await storage.revoke(args.device, time.time()):
                 print(f"appliance hub: no device {args.device!r}", file=sys.stderr)
@@ -204,3 +214,33 @@ async def _manage(command: str, args: argparse.Namespace, cfg: Any) -> int:
         return 0
     finally:
         await storage.close()
+
+
+async def _backup_download(storage: Any, args: argparse.Namespace) -> int:
+    """Write the device's latest hub-kept backup to ``args.file`` (what
+    ``GET /api/v1/backups/{id}`` answers); restore it with ``appliance restore``."""
+    from appliance.hub.storage import backups
+
+    if await storage.device(args.device) is None:
+        print(f"appliance hub: no device {args.device!r}", file=sys.stderr)
+        return 1
+    await backups.create_schema(storage)
+    data = await backups.archive(storage, args.device)
+    if data is None:
+        print(f"appliance hub: the hub keeps no backup of {args.device!r}", file=sys.stderr)
+        return 1
+    if args.file == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return 0
+    target = Path(args.file)
+    if await asyncio.to_thread(target.exists) and not args.force:
+        print(f"appliance hub: {target} exists; give --force to overwrite it", file=sys.stderr)
+        return 1
+    tmp = target.with_name(f".{target.name}.part")
+    await asyncio.to_thread(tmp.write_bytes, data)
+    await asyncio.to_thread(os.replace, tmp, target)
+    (info,) = await backups.info(storage, args.device)
+    made = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
+    print(f"wrote {target}: {args.device}'s backup of {made}, {len(data)} bytes", file=sys.stderr)
+    return 0

@@ -173,6 +173,13 @@ class RolloutConfig(Section):
         allow_inf_nan=False,
         description="Seconds between checks that move running rollouts along.",
     )
+    max_upload_bytes: int = Field(
+        default=16 << 30,
+        ge=1,
+        le=1 << 40,
+        description="Largest artifact `POST /api/v1/artifacts` takes (all its files "
+        "together); it is written to disk as it arrives, never held in memory.",
+    )
 
 
 class HubConfig(Section):

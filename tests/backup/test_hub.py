@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.backup.conftest import cli, make_box, passphrase_file
-from tests.hub.conftest import enroll, get_json, hub
+from tests.hub.conftest import enroll, get_json, hub, hub_cli
 from tests.hub.test_dashboard import CHROMIUM, Dom, chromium
 from tests.hub.test_sync import hub_records
 
@@ -128,6 +128,22 @@ def test_the_backup_api_names_every_problem(tmp_path: Path) -> None:
         # Nothing bad was kept; a good upload still works after them all.
         assert _call("PUT", url.format("box-1"), one, archive)[0] == 200
         assert _call("GET", url.format("box-1"), one)[2] == archive
+        # An operator fetches it (an admin key: none needed on loopback), over REST and CLI.
+        status, _, kept = _call("GET", f"{running.url}/api/v1/backups/box-1")
+        assert status == 200 and kept == archive
+        status, answer, _ = _call("GET", f"{running.url}/api/v1/backups/box-2")
+        assert status == 404 and "no backup of device 'box-2'" in answer["error"]
+        saved = tmp_path / "saved.tar"
+        got = hub_cli(storage, "backup-download", "box-1", str(saved))
+        assert got.returncode == 0, got.stderr
+        assert saved.read_bytes() == archive and "box-1's backup of" in got.stderr
+        again = hub_cli(storage, "backup-download", "box-1", str(saved))
+        assert again.returncode == 1 and "--force" in again.stderr
+        assert hub_cli(storage, "backup-download", "box-1", str(saved), "--force").returncode == 0
+        for device, problem in (("box-2", "keeps no backup"), ("nobody", "no device 'nobody'")):
+            refused = hub_cli(storage, "backup-download", device, str(tmp_path / "x.tar"))
+            assert refused.returncode == 1 and problem in refused.stderr, refused.stderr
+        assert not (tmp_path / "x.tar").exists()
 
 
 def _batch(device: str, seq: int) -> bytes:

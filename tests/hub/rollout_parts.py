@@ -1,6 +1,13 @@
 """Parts of the rollout tests: model versions built from the real sensor-anomaly model,
-a hub with its own artifact directory and signing key, devices as real daemons, and
-steady inference traffic for their canaries."""
+a hub with its own artifact directory and signing key, devices as real daemons, steady
+inference traffic for their canaries, and the CLI calls that publish, start and watch.
+
+The usual set-up, once::
+
+    storage, env = setting(tmp_path)
+    with hub_and_fleet(tmp_path, storage, env, ["dev-a", "dev-b"]) as (proc, devices):
+        ...
+"""
 
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT, DaemonProcess, daemon, start_daemon
-from tests.hub.conftest import hub_env
+from tests.hub.conftest import hub, hub_env
 
 MODEL = ROOT / "models" / "sensor-anomaly"
 NORMAL = [21.0, 45.0, 0.6] * 32
@@ -95,6 +102,44 @@ def rollout_hub_env(storage_url: str, state: Path) -> dict[str, str]:
         APPLIANCE_HUB_FLEET__OFFLINE_AFTER="3",
         APPLIANCE_HUB_FLEET__CHECK_INTERVAL="0.5",
     )
+
+
+def setting(tmp: Path, storage: str | None = None) -> tuple[str, dict[str, str]]:
+    """(storage URL, hub environment): SQLite in ``tmp`` unless ``storage`` is given."""
+    storage = storage or f"sqlite:///{tmp / 'hub.db'}"
+    return storage, rollout_hub_env(storage, tmp)
+
+
+def status(env: dict[str, str], rollout: str) -> dict[str, Any]:
+    """`appliance hub rollout status ID --json`."""
+    result = hub_cli(env, "rollout", "status", rollout, "--json")
+    assert result.returncode == 0, result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def publish(env: dict[str, str], path: Path) -> str:
+    """`appliance hub publish PATH`; the artifact id."""
+    result = hub_cli(env, "publish", str(path))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def start(env: dict[str, str], artifact: str, *args: str) -> str:
+    """`appliance hub rollout start ARTIFACT --all ...`; the rollout id."""
+    result = hub_cli(env, "rollout", "start", artifact, "--all", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def ended(env: dict[str, str], rollout: str, state: str, timeout: float = 90) -> dict[str, Any]:
+    """The rollout's status once it is in ``state``."""
+    doc: dict[str, Any] = poll(
+        f"rollout {state}",
+        lambda: (s := status(env, rollout))["state"] == state and s,
+        timeout=timeout,
+    )
+    return doc
 
 
 def enroll(env: dict[str, str], device: str) -> tuple[str, str]:
@@ -246,6 +291,15 @@ def fleet(
             for d in devices:  # restarted ones too
                 if d.proc is not None:
                     d.proc.stop()
+
+
+@contextmanager
+def hub_and_fleet(
+    tmp: Path, storage: str, env: dict[str, str], names: list[str], **options: Any
+) -> Iterator[tuple[DaemonProcess, list[Device]]]:
+    """A running hub and its enrolled devices (``fleet``'s options); all stopped on exit."""
+    with hub(storage, env=env) as proc, fleet(tmp, env, proc.url, names, **options) as devices:
+        yield proc, devices
 
 
 def poll(what: str, check: Any, timeout: float = 60) -> Any:

@@ -7,46 +7,30 @@ Traffic runs against every device so that its canary can judge the new version.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.hub.conftest import hub
 from tests.hub.rollout_parts import (
     build_version,
     call,
-    fleet,
+    ended,
+    hub_and_fleet,
     hub_cli,
     poll,
-    rollout_hub_env,
+    publish,
+    setting,
     traffic,
 )
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def status(env: dict[str, str], rollout: str) -> dict[str, Any]:
-    result = hub_cli(env, "rollout", "status", rollout, "--json")
-    assert result.returncode == 0, result.stderr
-    doc: dict[str, Any] = json.loads(result.stdout)
-    return doc
-
-
-def publish(env: dict[str, str], path: Path) -> str:
-    result = hub_cli(env, "publish", str(path))
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def test_rollout_completes_in_three_waves(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = rollout_hub_env(storage, tmp_path)
+    storage, env = setting(tmp_path)
     artifact = publish(env, build_version(tmp_path / "v2", "2"))
     with (
-        hub(storage, env=env) as proc,
-        fleet(tmp_path, env, proc.url, ["dev-a", "dev-b", "dev-c"]) as devices,
+        hub_and_fleet(tmp_path, storage, env, ["dev-a", "dev-b", "dev-c"]) as (proc, devices),
         traffic(devices),
     ):
         assert all(d.serving() == "1" for d in devices)
@@ -55,7 +39,7 @@ def test_rollout_completes_in_three_waves(tmp_path: Path) -> None:
         )
         assert started.returncode == 0, started.stderr
         rollout = started.stdout.strip()
-        doc = poll("the rollout done", lambda: (s := status(env, rollout))["state"] == "done" and s)
+        doc = ended(env, rollout, "done", timeout=60)
         assert [w["wave"] for w in doc["waves"]] == ["1", "2", "100%"]
         by_wave = sorted(doc["devices"], key=lambda d: d["wave"])
         assert [d["wave"] for d in by_wave] == [0, 1, 2]
@@ -75,13 +59,9 @@ def test_rollout_completes_in_three_waves(tmp_path: Path) -> None:
 
 
 def test_failing_canary_halts_and_rolls_back_the_others(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = rollout_hub_env(storage, tmp_path)
+    storage, env = setting(tmp_path)
     artifact = publish(env, build_version(tmp_path / "v2", "2", nan_above=1000))
-    with (
-        hub(storage, env=env) as proc,
-        fleet(tmp_path, env, proc.url, ["dev-a", "dev-b", "dev-c"]) as devices,
-    ):
+    with hub_and_fleet(tmp_path, storage, env, ["dev-a", "dev-b", "dev-c"]) as (proc, devices):
         devices[2].loud = True  # only dev-c sees the readings the new version fails on
         with traffic(devices):
             code, doc = call(
@@ -90,11 +70,7 @@ def test_failing_canary_halts_and_rolls_back_the_others(tmp_path: Path) -> None:
             )
             assert code == 201, doc
             rollout = doc["id"]
-            doc = poll(
-                "the rollout rolled back",
-                lambda: (s := status(env, rollout))["state"] == "rolled_back" and s,
-                timeout=120,
-            )
+            doc = ended(env, rollout, "rolled_back", timeout=120)
         states = {d["device_id"]: d for d in doc["devices"]}
         assert states["dev-c"]["state"] == "failed"
         assert "canary rolled back" in states["dev-c"]["reason"]

@@ -6,65 +6,37 @@ Real hub, real daemons, real model files (see test_rollout.py).
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.security import signing
-from tests.hub.conftest import free_port, hub, start_hub
+from tests.hub.conftest import free_port, start_hub
 from tests.hub.rollout_parts import (
     build_version,
+    ended,
     enroll,
     fleet,
-    hub_cli,
+    hub_and_fleet,
     poll,
+    publish,
     restart,
-    rollout_hub_env,
+    setting,
+    start,
+    status,
     traffic,
 )
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def status(env: dict[str, str], rollout: str) -> dict[str, Any]:
-    result = hub_cli(env, "rollout", "status", rollout, "--json")
-    assert result.returncode == 0, result.stderr
-    doc: dict[str, Any] = json.loads(result.stdout)
-    return doc
-
-
-def publish(env: dict[str, str], path: Path) -> dict[str, Any]:
-    result = hub_cli(env, "publish", str(path))
-    assert result.returncode == 0, result.stderr
-    listing = hub_cli(env, "rollout", "list", "--json")
-    assert listing.returncode == 0
-    return {"id": result.stdout.strip()}
-
-
-def start(env: dict[str, str], artifact: str, *args: str) -> str:
-    result = hub_cli(env, "rollout", "start", artifact, "--all", *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def ended(env: dict[str, str], rollout: str, state: str, timeout: float = 90) -> dict[str, Any]:
-    return poll(  # type: ignore[no-any-return]
-        f"rollout {state}",
-        lambda: (s := status(env, rollout))["state"] == state and s,
-        timeout=timeout,
-    )
-
-
 def test_tampered_artifact_is_refused_and_nothing_changes(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = rollout_hub_env(storage, tmp_path)
+    storage, env = setting(tmp_path)
     v2 = build_version(tmp_path / "v2", "2")
-    artifact = publish(env, v2)["id"]
+    artifact = publish(env, v2)
     # Someone with access to the hub's disk swaps the model's bytes (same size).
     blobs = tmp_path / "artifacts" / "blobs"
     model_blob = next(
@@ -73,7 +45,7 @@ def test_tampered_artifact_is_refused_and_nothing_changes(tmp_path: Path) -> Non
     data = bytearray(model_blob.read_bytes())
     data[-1] ^= 0xFF
     model_blob.write_bytes(bytes(data))
-    with hub(storage, env=env) as proc, fleet(tmp_path, env, proc.url, ["dev-a"]) as (dev,):
+    with hub_and_fleet(tmp_path, storage, env, ["dev-a"]) as (_, (dev,)):
         rollout = start(env, artifact)
         doc = ended(env, rollout, "rolled_back")
         (row,) = doc["devices"]
@@ -85,14 +57,10 @@ def test_tampered_artifact_is_refused_and_nothing_changes(tmp_path: Path) -> Non
 
 
 def test_statement_signed_by_another_key_is_refused(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = rollout_hub_env(storage, tmp_path)
-    artifact = publish(env, build_version(tmp_path / "v2", "2"))["id"]
+    storage, env = setting(tmp_path)
+    artifact = publish(env, build_version(tmp_path / "v2", "2"))
     other = signing.public_text(Ed25519PrivateKey.generate())
-    with (
-        hub(storage, env=env) as proc,
-        fleet(tmp_path, env, proc.url, ["dev-a"], public_key=other) as (dev,),
-    ):
+    with hub_and_fleet(tmp_path, storage, env, ["dev-a"], public_key=other) as (_, (dev,)):
         rollout = start(env, artifact)
         doc = ended(env, rollout, "rolled_back")
         (row,) = doc["devices"]
@@ -120,13 +88,9 @@ def test_unsigned_tampered_or_misaddressed_statements_do_not_verify() -> None:
 
 
 def test_disk_too_small_is_refused_before_download(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = rollout_hub_env(storage, tmp_path)
-    artifact = publish(env, build_version(tmp_path / "v2", "2", padding=3 << 20))["id"]
-    with (
-        hub(storage, env=env) as proc,
-        fleet(tmp_path, env, proc.url, ["dev-a"], models_fs_bytes=2 << 20) as (dev,),
-    ):
+    storage, env = setting(tmp_path)
+    artifact = publish(env, build_version(tmp_path / "v2", "2", padding=3 << 20))
+    with hub_and_fleet(tmp_path, storage, env, ["dev-a"], models_fs_bytes=2 << 20) as (_, (dev,)):
         rollout = start(env, artifact)
         doc = ended(env, rollout, "rolled_back")
         (row,) = doc["devices"]
@@ -137,13 +101,11 @@ def test_disk_too_small_is_refused_before_download(tmp_path: Path) -> None:
 
 
 def test_device_killed_mid_download_resumes_and_finishes(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = rollout_hub_env(storage, tmp_path)
-    artifact = publish(env, build_version(tmp_path / "v2", "2", padding=6 << 20))["id"]
+    storage, env = setting(tmp_path)
+    artifact = publish(env, build_version(tmp_path / "v2", "2", padding=6 << 20))
     slow = {"APPLIANCE_HUB__UPDATE_RATE_BYTES": str(2 << 20)}  # ~3 s for the file
     with (
-        hub(storage, env=env) as proc,
-        fleet(tmp_path, env, proc.url, ["dev-a"], **slow) as (dev,),
+        hub_and_fleet(tmp_path, storage, env, ["dev-a"], **slow) as (proc, (dev,)),
         traffic([dev]),
     ):
         rollout = start(env, artifact, "--soak", "0")
@@ -167,9 +129,8 @@ def test_device_killed_mid_download_resumes_and_finishes(tmp_path: Path) -> None
 
 
 def test_hub_killed_mid_rollout_resumes_after_restart(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = rollout_hub_env(storage, tmp_path)
-    artifact = publish(env, build_version(tmp_path / "v2", "2"))["id"]
+    storage, env = setting(tmp_path)
+    artifact = publish(env, build_version(tmp_path / "v2", "2"))
     port = free_port()
     first = start_hub(storage, port=port, env=env)
     url = first.wait_listening(30)

@@ -26,6 +26,7 @@ SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/api/v1/rollouts"): "read",
     ("GET", "/api/v1/rollouts/{rollout}"): "read",
     ("GET", "/api/v1/signing-key"): "read",
+    ("GET", "/api/v1/devices/{device}/rollouts"): "read",
 }
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -103,6 +104,31 @@ async def act(request: web.Request) -> web.Response:
     if action == "rollback":
         return await _call(rollouts.rollback(rollout_id))
     raise web.HTTPNotFound(text=f"no action {action!r}: halt, resume or rollback")
+
+
+@routes.get("/api/v1/devices/{device}/rollouts")
+async def device_rollouts(request: web.Request) -> web.Response:
+    """The device's part in each rollout (newest first): the model name and version
+    rolled out, the version it had before, and how far it got; and its tags."""
+    device = request.match_info["device"]
+    store = request.app[ROLLOUTS].store
+    if not any(d.id == device for d in await request.app[ROLLOUTS].devices()):
+        raise web.HTTPNotFound(text=f"no device {device!r}")
+    rows = []
+    for rollout, row in (await store.device_rollouts(device, None))[:50]:
+        artifact = await store.artifact(rollout.artifact_id)
+        rows.append(
+            {
+                "rollout": rollout.id,
+                "rollout_state": rollout.state,
+                "name": artifact.name if artifact else None,
+                "version": artifact.version if artifact else None,
+                **row.to_dict(),
+            }
+        )
+    return web.json_response(
+        {"device": device, "tags": (await store.tags()).get(device, []), "rollouts": rows}
+    )
 
 
 @routes.post("/api/v1/devices/{device}/tags")

@@ -308,18 +308,30 @@ class RolloutStore(abc.ABC):
             )
         return changed > 0
 
-    async def device_rollouts(self, device_id: str) -> list[tuple[Rollout, RolloutDevice]]:
-        """The device's rows in running or halted rollouts (and done ones that catch up
-        devices that were away), newest rollout first."""
+    async def device_rollouts(
+        self, device_id: str, states: tuple[str, ...] | None = ACTIVE
+    ) -> list[tuple[Rollout, RolloutDevice]]:
+        """The device's rows in rollouts in ``states``, newest rollout first. By default the
+        running and halted ones, and done ones that catch up devices that were away; None:
+        every rollout."""
+        if states is None:
+            where = ""
+        elif states == ACTIVE:
+            where = (
+                " AND (r.state IN ('running', 'halted') "
+                "OR (r.state = 'done' AND r.offline = 'catch-up'))"
+            )
+            states = ()
+        else:
+            where = f" AND r.state IN ({', '.join('?' * len(states))})"
         async with self.reader() as conn:
             rows = await conn.fetch(
                 f"SELECT {', '.join('r.' + c for c in _ROLLOUT.split(', '))}, "
                 f"{', '.join('d.' + c for c in _RDEV.split(', '))} FROM rollouts r "
                 "JOIN rollout_devices d ON d.rollout_id = r.id "
-                "WHERE d.device_id = ? AND (r.state IN ('running', 'halted') "
-                "OR (r.state = 'done' AND r.offline = 'catch-up')) "
-                "ORDER BY r.created DESC",
+                f"WHERE d.device_id = ?{where} ORDER BY r.created DESC",
                 device_id,
+                *(states or ()),
             )
         n = len(_ROLLOUT.split(", "))
         return [(_rollout(r[:n]), _rdev(r[n:])) for r in rows]

@@ -12,7 +12,10 @@
 2. ``body_limits`` — reads the body itself, counting HTTP chunks (``limits.max_chunks``)
    and bytes after Content-Encoding is undone (the body limit: a gzip bomb stops as soon
    as it passes it; aiohttp inflates in bounded steps), within ``limits.request_timeout``.
-   Handlers then get it from ``request.read()`` as usual.
+   Handlers then get it from ``request.read()`` as usual. Routes named in ``streamed``
+   (method, route template) are left alone: their handlers read ``request.content`` in
+   pieces and enforce limits of their own (the hub's artifact upload, far larger than
+   any JSON body, is written to disk as it arrives).
 
 Errors are raised as the shared exceptions (``appliance.errors``) so the one error mapper
 of each application gives them its usual shape.
@@ -55,7 +58,11 @@ CLIENT: Final[web.RequestKey[str] | str] = (
 
 
 def middlewares(
-    policy: AccessPolicy, scope_of: ScopeOf, limits: LimitsConfig, max_body_bytes: int
+    policy: AccessPolicy,
+    scope_of: ScopeOf,
+    limits: LimitsConfig,
+    max_body_bytes: int,
+    streamed: frozenset[tuple[str, str]] = frozenset(),
 ) -> list[Middleware]:
     """The guard and the body limits for one application."""
 
@@ -90,6 +97,9 @@ def middlewares(
 
     @web.middleware
     async def body_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        if resource is not None and (request.method, resource.canonical) in streamed:
+            return await handler(request)
         if request.body_exists and request.headers.get(hdrs.UPGRADE) is None:
             length = request.content_length
             if length is not None and length > max_body_bytes:
