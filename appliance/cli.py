@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models" and args.models_command == "quantize":
         return tools_cli.run_quantize(args)
     if args.command == "run":
+        from appliance.ops import memory
+
+        memory.limit_arenas()  # before any thread starts: see appliance/ops/memory.py
         _load_llama_first()
     # The configuration models (pydantic) load only now: ``--help`` stays quick.
     from appliance import config as config_mod

@@ -173,8 +173,11 @@ class Server(SignalledServer):
         Each is an async context manager that starts its background work on enter and stops
         it (with a timeout) on exit. Optional units import their modules lazily.
         """
+        from appliance.ops.memory import HeapTrim
+
         units: list[contextlib.AbstractAsyncContextManager[Any]] = []
         units += self._health_units(core)
+        units.append(HeapTrim(core.wait_loaded))  # the start-up's freed heap, once loaded
         if self.config.mqtt.enabled:  # HTTP serves whether or not the broker is there
             from appliance.transports.mqtt import MqttTransport
 

@@ -48,12 +48,20 @@ def render(r: dict[str, Any]) -> str:
     if "start" in r:
         s = r["start"]
         rows = [
-            [label, v["ready_s"], v["idle_rss_mb"]] for label, v in s.items() if isinstance(v, dict)
+            [
+                label,
+                v["ready_s"],
+                v["idle_rss_mb"],
+                v.get("rss_anon_mb", float("nan")),
+                v.get("rss_file_mb", float("nan")),
+            ]
+            for label, v in s.items()
+            if isinstance(v, dict)
         ]
         out += [
             "## 5. Start and idle memory",
             "",
-            table(["setup", "start → ready s", "idle RSS MiB"], rows),
+            table(["setup", "start → ready s", "idle RSS MiB", "anon", "file-backed"], rows),
             "",
             f"`appliance --help`: {fmt(s['help_s_median'], 3)} s median, "
             f"{fmt(s['help_s_min'], 3)} s best of 5 (target < 0.5 s).",

@@ -59,14 +59,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.get("/openapi.json")
 async def openapi_json(request: web.Request) -> web.Response:
-    """The OpenAPI 3.1 document, built once at start-up (``openapi.publish``)."""
-    return web.Response(body=request.app[openapi.PUBLISHED].json, content_type="application/json")
+    """The OpenAPI 3.1 document, built once, when first asked for (``openapi.publish``)."""
+    published = await request.app[openapi.PUBLISHED].get()
+    return web.Response(body=published.json, content_type="application/json")
 
 
 @routes.get("/docs")
 async def docs(request: web.Request) -> web.Response:
     """The human docs page rendered from the same document."""
-    page = request.app[openapi.PUBLISHED].page
+    page = (await request.app[openapi.PUBLISHED].get()).page
     return web.Response(
         text=page.render(request.scheme, request.host),
         content_type="text/html",

@@ -8,8 +8,10 @@ serves, because missing docs are no reason to take a box off the LAN.
 
 Request and response bodies of the OpenAI- and Ollama-compatible routes come from the
 pydantic models that validate them; the rest are hand-written JSON Schemas
-(``schemas.py``). The document and the docs page (``docs_page.py``) are rendered
-once, in an ``on_startup`` hook, and served from the application's state.
+(``schemas.py``). An ``on_startup`` hook checks that every route is documented (and
+logs those that are not); the document and the docs page (``docs_page.py``) are rendered
+once, when they are first asked for, and served from the application's state after that:
+a box nobody reads the docs of keeps the megabytes they take.
 """
 
 from __future__ import annotations
@@ -191,14 +193,39 @@ class Published:
     page: docs_page.Page
 
 
-PUBLISHED = web.AppKey("openapi", Published)
+class Publication:
+    """The description of one application, rendered on first use and kept.
+
+    Rendering takes tens of milliseconds, a few hundred on a Pi 4: on a worker thread,
+    once, however many requests ask at the same time; a client that goes away meanwhile
+    does not cancel it for the others. The router is complete when this is made.
+    """
+
+    def __init__(self, router: web.UrlDispatcher) -> None:
+        self._router = router
+        self._rendering: asyncio.Task[Published] | None = None
+
+    async def get(self) -> Published:
+        task = self._rendering
+        if task is None or (task.done() and (task.cancelled() or task.exception())):  # retry
+            task = self._rendering = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(_render, self._router), name="appliance-openapi-render"
+            )
+        return await asyncio.shield(task)
+
+
+PUBLISHED = web.AppKey("openapi", Publication)
 
 
 async def publish(app: web.Application) -> None:
-    """``on_startup`` hook: describe the app once its router is complete."""
-    # Tens of milliseconds here, a few hundred on a Pi 4: off the loop, which other
-    # lifecycle units may already be using. Nothing changes the router meanwhile.
-    app[PUBLISHED] = await asyncio.to_thread(_render, app.router)
+    """``on_startup`` hook: the router is complete; log routes nobody documented, and
+    describe the app when the document or the docs page is first asked for."""
+    for method, path in routes_of(app.router):
+        if (method, path) not in OPERATIONS:
+            log.warning(
+                "route %s %s has no documentation in openapi.routes.OPERATIONS", method, path
+            )
+    app[PUBLISHED] = Publication(app.router)
 
 
 def _render(router: web.UrlDispatcher) -> Published:
@@ -213,6 +240,7 @@ def _render(router: web.UrlDispatcher) -> Published:
 __all__ = [
     "PUBLISHED",
     "UNDOCUMENTED",
+    "Publication",
     "Published",
     "UndocumentedRoute",
     "build",
