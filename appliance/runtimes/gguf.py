@@ -25,6 +25,7 @@ the transports never see it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -127,7 +128,10 @@ class GgufRuntime(Runtime):
                 threads=opts.threads or max(1, cpus // 2),
                 threads_batch=opts.threads or cpus,
                 kv=(opts.type_k, opts.type_v, opts.flash_attn),
-                is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+                # Memoized: a foreign call per token would release the GIL once more.
+                is_eog=functools.cache(
+                    lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+                ),
                 stats=self.stats,
                 prompt_cache=open_prompt_cache(self.name, self.path, opts),
             )

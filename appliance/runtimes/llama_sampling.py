@@ -151,7 +151,12 @@ def free_sampler(sampler: Any) -> None:
 
 
 class Detokenizer:
-    """Token id → bytes through one reusable buffer (called on the decode thread only)."""
+    """Token id → bytes, each token's piece looked up in llama.cpp once (decode thread only).
+
+    A piece never changes for a vocabulary, so after its first use a token costs a dict
+    lookup instead of a foreign call — each such call releases and retakes the GIL, a chance
+    for the event loop's thread to take it while the next decode step waits.
+    """
 
     def __init__(self, vocab: Any) -> None:
         import llama_cpp
@@ -160,8 +165,15 @@ class Detokenizer:
         self._piece = llama_cpp.llama_token_to_piece
         self._size = 64
         self._buffer = ctypes.create_string_buffer(self._size)
+        self._pieces: dict[int, bytes] = {}
 
     def __call__(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._lookup(token)
+        return piece
+
+    def _lookup(self, token: int) -> bytes:
         n = self._piece(self._vocab, token, self._buffer, self._size, 0, False)
         if n < 0:  # a piece longer than the buffer: grow it once and retry
             self._size = -n

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 from aiohttp import web
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 from appliance.core.repository import model_ref
 from appliance.core.service import TokenStream
@@ -244,6 +245,7 @@ async def _sse(
     *,
     opening: bool,
 ) -> web.StreamResponse:
+    events = _Events(event)
     async with stream:
         chunks: AsyncIterator[TokenChunk] = aiter(stream)
         # Wait for the first piece before committing to a 200: errors raised by the model
@@ -264,7 +266,7 @@ async def _sse(
         try:
             while chunk is not None:
                 last = chunk
-                await _send(response, event(chunk))
+                await response.write(events.encode(chunk))
                 chunk = await anext(chunks, None)
         except (ConnectionError, asyncio.CancelledError):
             raise
@@ -289,7 +291,35 @@ async def _sse(
 
 
 async def _send(response: web.StreamResponse, event: BaseModel) -> None:
-    await response.write(b"data: " + event.model_dump_json(exclude_none=False).encode() + b"\n\n")
+    await response.write(_event_bytes(event))
+
+
+def _event_bytes(event: BaseModel) -> bytes:
+    return b"data: " + event.model_dump_json(exclude_none=False).encode() + b"\n\n"
+
+
+class _Events:
+    """The SSE bytes of one stream's events.
+
+    A plain text piece — no finish reason, no tool calls, nearly every event of a stream —
+    is spliced into bytes pydantic wrote once for the stream, its text encoded by the same
+    serializer: the same bytes as building and dumping the event model, which cost ~50 µs
+    a token on the event loop (most of the loop's work per streamed token).
+    """
+
+    _MARK = "\x00text\x00"
+
+    def __init__(self, event: EventFactory) -> None:
+        self._event = event
+        mark = to_json(self._MARK)
+        head, found, tail = _event_bytes(event(TokenChunk(text=self._MARK))).partition(mark)
+        self._parts = (head, tail) if found and mark not in tail else None
+
+    def encode(self, chunk: TokenChunk) -> bytes:
+        if self._parts is not None and chunk.finish_reason is None and not chunk.tool_calls:
+            head, tail = self._parts
+            return head + to_json(chunk.text) + tail
+        return _event_bytes(self._event(chunk))
 
 
 def _usage(chunk: TokenChunk) -> Usage:
