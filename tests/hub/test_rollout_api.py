@@ -171,6 +171,50 @@ def test_publish_one_model_file_with_curl(running: Hub) -> None:
     assert cli.stdout.strip() == artifact["id"]
 
 
+def test_publish_a_configuration_fragment_with_curl(running: Hub) -> None:
+    fragment = running.tmp / "fragment.toml"
+    fragment.write_text('[logging]\nlevel = "debug"\n\n[alerts]\nlatency_high_threshold = 900\n')
+    args = ["-F", f"fragment=@{fragment}", "-F", "name=quiet-logs", "-F", "version=3"]
+    code, artifact = curl(running.url + "/api/v1/artifacts", *args)
+    assert code == 201, artifact
+    assert (artifact["kind"], artifact["name"], artifact["version"]) == (
+        "config",
+        "quiet-logs",
+        "3",
+    )
+    assert [f["path"] for f in artifact["files"]] == ["fragment.toml"]
+    assert artifact["files"][0]["sha256"] == hashlib.sha256(fragment.read_bytes()).hexdigest()
+    cli = subprocess.run(  # the CLI, from the same file: the same artifact
+        [
+            *_hub_cmd(),
+            "publish",
+            "--fragment",
+            str(fragment),
+            "--name",
+            "quiet-logs",
+            "--version",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=running.env,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == artifact["id"]
+    # What may not change remotely is refused here as on the command line, naming the key.
+    fragment.write_text('[hub]\nurl = "http://elsewhere:9000"\n')
+    code, answer = curl(running.url + "/api/v1/artifacts", "-F", f"fragment=@{fragment}")
+    assert code == 400 and "[hub] may not change remotely" in answer["error"], answer
+    assert str(running.tmp) not in answer["error"], "no hub paths in the answer"
+    model = DEFAULT_MODELS / "sensor-anomaly" / "model.onnx"
+    code, answer = curl(
+        running.url + "/api/v1/artifacts", "-F", f"fragment=@{fragment}", "-F", f"file=@{model}"
+    )
+    assert code == 400 and "alone" in answer["error"], answer
+    assert not list((running.tmp / "artifacts" / "uploads").iterdir())
+
+
 def _hub_cmd() -> list[str]:
     import sys
 

@@ -4,7 +4,9 @@ publish`` does from the hub's own disk.
 The body is ``multipart/form-data``, what ``curl -F`` sends: optional text fields ``name``
 and ``version``, and one ``file`` part per file. One file part that is not a manifest is a
 single model file (``version`` needed); parts with a ``manifest.toml`` among them are a
-model directory. Each part is written to a directory of its own under the artifact
+model directory. A ``fragment`` part instead (``-F fragment=@fragment.toml``) publishes a
+configuration fragment, checked as ``appliance hub publish --fragment`` checks it. Each part
+is written to a directory of its own under the artifact
 directory as it arrives (never held whole in memory), bounded by ``rollout.max_upload_bytes``
 in all, then published like a directory on disk and removed. The security middleware
 leaves this route's body alone (``STREAMED``); the API-key guard still runs first, so a
@@ -24,7 +26,7 @@ from aiohttp import BodyPartReader, web
 
 from appliance.core.repository import MANIFEST, read_manifest
 from appliance.errors import PayloadTooLarge, RequestError, RequestTimeout
-from appliance.hub.rollout.artifacts import PublishError, publish_model
+from appliance.hub.rollout.artifacts import FRAGMENT, PublishError, publish_config, publish_model
 from appliance.hub.rollout.service import ROLLOUTS, Rollouts
 from appliance.hub.storage.rollouts import Artifact
 
@@ -93,9 +95,11 @@ async def _receive(
             value = (await _within(timeout, part.read(decode=True)))[:200]
             fields[str(part.name)] = value.decode("utf-8", "replace").strip()
             continue
-        if part.name != "file":
-            raise RequestError(f"unknown form field {part.name!r}: file, name or version")
-        filename = Path(part.filename or "").name
+        if part.name not in ("file", "fragment"):
+            raise RequestError(f"unknown form field {part.name!r}: file, fragment, name or version")
+        if (part.name == "fragment") != (FRAGMENT in files) and files:
+            raise RequestError("a fragment part is published alone, without file parts")
+        filename = FRAGMENT if part.name == "fragment" else Path(part.filename or "").name
         if not _FILE.fullmatch(filename):
             raise RequestError(
                 f"file name {part.filename!r}: letters, digits, '.', '_' and '-' only"
@@ -124,7 +128,10 @@ async def _receive(
         finally:
             await asyncio.to_thread(out.close)
     if not files:
-        raise RequestError("no file part: send the model as -F file=@PATH")
+        raise RequestError(
+            "no file part: send a model as -F file=@PATH or a configuration fragment as "
+            "-F fragment=@PATH"
+        )
     return fields, files
 
 
@@ -141,6 +148,8 @@ def _prepare(
 ) -> Artifact:
     """Blocking: check the upload looks like a model, then store its blobs."""
     name, version = fields.get("name") or None, fields.get("version") or None
+    if files == [FRAGMENT]:
+        return publish_config(rollouts.blobs, staging / FRAGMENT, name=name, version=version)
     if MANIFEST in files:
         spec = read_manifest(staging / MANIFEST)
         if spec.problem:
