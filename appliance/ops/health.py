@@ -190,6 +190,7 @@ class HealthCollector:
 
             models[name] = ModelStats(
                 name=name,
+                version=handle.version,
                 state=handle.state.value,
                 requests_total=requests,
                 errors_total=errors,

@@ -107,6 +107,7 @@ class ModelStats:
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     latency_p99_ms: float | None
+    version: str = ""  # the version serving requests that name none (the hub's rollouts read it)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ def test_rollout_completes_in_three_waves(tmp_path: Path) -> None:
         assert [d["wave"] for d in by_wave] == [0, 1, 2]
         assert all(d["state"] == "healthy" for d in by_wave), by_wave
         assert all("canary promoted" in d["reason"] for d in by_wave), by_wave
+        # The hub knew what each device served before, from its heartbeats.
+        assert all(d["previous"] == "1" for d in by_wave), by_wave
         # A wave starts only after the one before soaked: healthy times are ordered by
         # wave, at least the soak apart.
         times = [d["healthy_at"] for d in by_wave]
