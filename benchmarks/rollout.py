@@ -291,9 +291,8 @@ async def drive(
             await asyncio.sleep(0.2)
         out["all_seen_s"] = time.monotonic() - began
         # Heartbeats alone, one interval: what the fleet costs the hub without a rollout.
-        await asyncio.sleep(fleet.interval)
         c0, p0, m0 = hub.cpu(), pg.cpu() if pg else 0.0, time.monotonic()
-        await asyncio.sleep(fleet.interval * 2)
+        await asyncio.sleep(fleet.interval)
         idle = time.monotonic() - m0
         out["idle_hub_cpu_per_s"] = (hub.cpu() - c0) / idle
         out["idle_db_cpu_per_s"] = ((pg.cpu() if pg else 0.0) - p0) / idle
@@ -593,7 +592,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--size-mb", type=float, default=30.0)
     parser.add_argument("--soak", type=float, default=2.0, help="seconds per wave")
     parser.add_argument("--devices", type=int, default=1000)
-    parser.add_argument("--interval", type=float, default=10.0, help="simulated heartbeats")
+    parser.add_argument(
+        "--interval", type=float, default=30.0, help="heartbeat seconds (the daemon's default)"
+    )
     parser.add_argument("--waves", default="1%,10%,100%")
     parser.add_argument("--backends", nargs="+", default=["postgresql", "sqlite"])
     return parser
@@ -627,6 +628,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # the fleet part's figures are still worth having
             print(f"  failed: {exc}", flush=True)
             results.setdefault("failed", {})["real"] = str(exc)
+        _save_partial(results)
     if "fleet" in args.only:
         heartbeat = heartbeat or fallback_heartbeat(work)
         waves = [w for w in args.waves.split(",") if w]
@@ -641,8 +643,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:
                 print(f"  failed: {exc}", flush=True)
                 results.setdefault("failed", {})[f"fleet_{backend}"] = str(exc)
+            _save_partial(results)
     results["load_average_after"] = os.getloadavg()
     return results
+
+
+def _save_partial(results: dict[str, Any]) -> None:
+    """What is measured so far, in case a later part is stopped."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "rollout-partial.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

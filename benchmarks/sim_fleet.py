@@ -205,6 +205,7 @@ class SimDevice:
                     held += block
                     if self.cut and len(held) >= size // 2:
                         self.cut = False
+                        del held[size // 2 :]  # what reached the device before the link dropped
                         raise _Cut("cut half way")
         if len(held) != size or hashlib.sha256(held).hexdigest() != sha:
             self.held.pop(sha, None)
@@ -230,7 +231,7 @@ class SimFleet:
         self.interval = interval
         self._heartbeat = heartbeat
         self.devices = [
-            SimDevice(self, d, t, cut_every > 0 and i % cut_every == 0)
+            SimDevice(self, d, t, cut_every > 0 and i % cut_every == cut_every - 1)
             for i, (d, t) in enumerate(tokens.items())
         ]
         self.latencies: list[float] = []
