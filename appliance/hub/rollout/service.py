@@ -195,8 +195,13 @@ class Rollouts:
             why = "; ".join(f"{d.device_id}: {d.reason}" for d in failed)[:1000]
             await self._roll_back(rollout, devices, f"{len(failed)} device(s) failed: {why}")
             return
-        status = {d.id: d.status() for d in await self._devices.devices()}
         current = [d for d in devices if d.wave <= rollout.wave]
+        status: dict[str, str] = {}
+        if rollout.offline == "skip" and any(d.state in ("pending", "wanted") for d in current):
+            # Only the skip rule asks who is online: reading the whole fleet (each device's
+            # latest heartbeat) on every report made a wave cost the square of its size.
+            status = {d.id: d.status() for d in await self._devices.devices()}
+        pending = []
         for d in current:
             away = status.get(d.device_id) in ("offline", "never seen", "revoked", None)
             if rollout.offline == "skip" and away and d.state in ("pending", "wanted"):
@@ -204,7 +209,10 @@ class Rollouts:
                     rollout.id, d.device_id, "skipped", f"device {status.get(d.device_id)}", now
                 )
             elif d.state == "pending":
-                await self.store.set_device(rollout.id, d.device_id, "wanted", "", now)
+                pending.append(d.device_id)
+        # A wave's devices in one transaction: one each let every report that came in
+        # meanwhile start the same wave over, device by device.
+        await self.store.set_devices(rollout.id, pending, "wanted", now, only_from=("pending",))
         devices = await self.store.rollout_devices(rollout_id)
         current = [d for d in devices if d.wave <= rollout.wave]
         settled = [d for d in current if d.state in ("healthy", "skipped", "failed")]
