@@ -1,7 +1,9 @@
 """``python -m benchmarks``: run every benchmark, print and save the tables.
 
 Options: ``--threads N`` (compute threads for every peer, default 2), ``--only`` a subset
-(llm, llm-small, onnx, mqtt, start), ``--seconds`` per ONNX/MQTT point. Results go to
+(llm, llm-small, onnx, mqtt, start; and rollout, which only runs when named: several
+minutes, ``python -m benchmarks.rollout`` has its options), ``--seconds`` per ONNX/MQTT
+point. Results go to
 ``benchmarks/results/<time>.json`` and ``.md`` (and ``latest.*``).
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import llm, mqtt_rr, onnx_http, start
+from benchmarks import llm, mqtt_rr, onnx_http, rollout, start
 from benchmarks.common import ROOT
 from benchmarks.models import build_gguf, build_mlp
 from benchmarks.report import render
@@ -24,12 +26,13 @@ from benchmarks.report import render
 RESULTS = Path(__file__).resolve().parent / "results"
 STORIES = ROOT.parent / "shared" / "models" / "stories260K.gguf"
 ALL = ("llm", "llm-small", "onnx", "mqtt", "start")
+EXTRA = ("rollout",)  # run only when named
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="+", choices=ALL, default=list(ALL))
+    parser.add_argument("--only", nargs="+", choices=ALL + EXTRA, default=list(ALL))
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -62,6 +65,11 @@ def main() -> None:
             "mqtt",
             "benchmark 4: MQTT round trip",
             lambda: mqtt_rr.run(work, args.threads, seconds=args.seconds),
+        ),
+        (
+            "rollout",
+            "rollouts: 3 real daemons, 1,000 simulated devices",
+            lambda: rollout.run(rollout.parser().parse_args([])),
         ),
         (
             "start",

@@ -67,6 +67,10 @@ def render(r: dict[str, Any]) -> str:
             f"{fmt(s['help_s_min'], 3)} s best of 5 (target < 0.5 s).",
             "",
         ]
+    if "rollout" in r:
+        from benchmarks.rollout import sections
+
+        out += sections(r["rollout"])
     return "\n".join(out)
 
 

@@ -205,6 +205,12 @@ class Rollouts:
             await self._roll_back(rollout, devices, f"{len(failed)} device(s) failed: {why}")
             return
         current = [d for d in devices if d.wave <= rollout.wave]
+        status: dict[str, str] = {}
+        if rollout.offline == "skip" and any(d.state in ("pending", "wanted") for d in current):
+            # Only the skip rule asks who is online: reading the whole fleet (each device's
+            # latest heartbeat) on every report made a wave cost the square of its size.
+            status = {d.id: d.status() for d in await self._devices.devices()}
+        pending = []
         for d in current:
             # Decided when the device's wave starts (and while it runs), never before.
             away = status.get(d.device_id) in plan.AWAY
@@ -214,7 +220,10 @@ class Rollouts:
                     why += "; installed once it is back"
                 await self.store.set_device(rollout.id, d.device_id, "skipped", why, now)
             elif d.state == "pending":
-                await self.store.set_device(rollout.id, d.device_id, "wanted", "", now)
+                pending.append(d.device_id)
+        # A wave's devices in one transaction: one each let every report that came in
+        # meanwhile start the same wave over, device by device.
+        await self.store.set_devices(rollout.id, pending, "wanted", now, only_from=("pending",))
         devices = await self.store.rollout_devices(rollout_id)
         current = [d for d in devices if d.wave <= rollout.wave]
         settled = [d for d in current if d.state in plan.SETTLED]

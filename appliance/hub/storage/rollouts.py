@@ -308,6 +308,27 @@ class RolloutStore(abc.ABC):
             )
         return changed > 0
 
+    async def set_devices(
+        self,
+        rollout_id: str,
+        device_ids: list[str],
+        state: str,
+        now: float,
+        *,
+        only_from: tuple[str, ...],
+    ) -> None:
+        """Move many devices (from the states in ``only_from``) to ``state``, not healthy,
+        in one transaction."""
+        if not device_ids:
+            return
+        where = ", ".join("?" * len(only_from))
+        async with self.transaction() as conn:
+            await conn.executemany(
+                "UPDATE rollout_devices SET state = ?, reason = '', updated = ? "
+                f"WHERE rollout_id = ? AND device_id = ? AND state IN ({where})",
+                [(state, now, rollout_id, d, *only_from) for d in device_ids],
+            )
+
     async def device_rollouts(
         self, device_id: str, states: tuple[str, ...] | None = ACTIVE
     ) -> list[tuple[Rollout, RolloutDevice]]:
