@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures.thread import _worker as _pool_worker
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -189,13 +190,27 @@ def _long_lived(thread: threading.Thread) -> bool:
     return any(re.fullmatch(pattern, thread.name) for pattern in LONG_LIVED)
 
 
+def _grown_pool(thread: threading.Thread, before: set[threading.Thread]) -> bool:
+    """A worker a thread pool that predates the test added (pools start workers on demand),
+    e.g. a module-scoped server's runtime: the pool's owner outlives the test."""
+    args = getattr(thread, "_args", ())  # concurrent.futures' _worker(executor_ref, ...)
+    if getattr(thread, "_target", None) is not _pool_worker or not args:
+        return False
+    executor = args[0]() if callable(args[0]) else None
+    threads = getattr(executor, "_threads", ())
+    return any(t in before for t in threads)
+
+
 def _new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
     deadline = time.monotonic() + GRACE
     while True:
         new = [
             t
             for t in threading.enumerate()
-            if t not in before and t.is_alive() and not _long_lived(t)
+            if t not in before
+            and t.is_alive()
+            and not _long_lived(t)
+            and not _grown_pool(t, before)
         ]
         if not new or time.monotonic() >= deadline:
             return new
