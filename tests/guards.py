@@ -17,9 +17,10 @@ A pytest plugin (``tests/conftest.py`` loads it; ``tests/test_guards.py`` proves
 - **Leaked threads.** Threads alive after the test's fixtures are torn down that were not
   there before fail it, after a grace of ``GRACE`` seconds for threads that are finishing.
   ``LONG_LIVED`` names the process-wide threads libraries keep on purpose.
-- **Leaked tasks.** For an async test, tasks of the test's loop that were not there
-  before and are still pending after teardown (and the grace) fail it; they are
-  cancelled so they cannot spill into the next test of a shared loop.
+- **Leaked tasks.** For an async test on a loop of its own (pytest-asyncio's default
+  function scope), tasks of that loop that were not there before and are still pending
+  after teardown (and the grace) fail it; they are cancelled then. A loop shared by a
+  module is not judged: its tasks belong to the module's fixtures too.
 """
 
 from __future__ import annotations
@@ -228,9 +229,14 @@ def _test_loop(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoop | No
         or request.config.getini("asyncio_default_test_loop_scope")
         or "function"
     )
+    if scope != "function":
+        # A shared loop's tasks belong to its module's fixtures too (a server's handlers
+        # of the keep-alive connections a module-scoped client holds): not judged here,
+        # and never cancelled under the next test.
+        return None
     # Requested here, before the test's own fixtures: the runner then closes the loop
     # only after this guard's teardown has looked at it.
-    runner = request.getfixturevalue(f"_{scope}_scoped_runner")
+    runner = request.getfixturevalue("_function_scoped_runner")
     loop: asyncio.AbstractEventLoop = runner.get_loop()
     return loop
 
