@@ -59,6 +59,10 @@ CAN_BLOCK_IN: list[tuple[str, set[str]]] = [
     # The daemon logs to stderr (journald under systemd), which blockbuster lets through;
     # a handler set up by an earlier test may still hold that test's captured stderr.
     ("logging/__init__.py", {"emit", "flush"}),
+    # asyncpg itself looks for libpq's password file (~/.pgpass: a stat, perhaps a read)
+    # while it parses the DSN of each new pool connection; the library's choice, inside
+    # its own connect, that the hub cannot move off the loop.
+    ("asyncpg/connect_utils.py", {"_parse_connect_dsn_and_args"}),
 ]
 
 _CODE_ASYNC = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
