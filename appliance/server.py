@@ -33,6 +33,7 @@ from appliance.core.repository import collect
 from appliance.core.service import Core
 from appliance.core.types import ModelState
 from appliance.errors import ConfigError
+from appliance.ops.instance import instance_suffix
 from appliance.ops.signals import ServeSignals, SignalledServer
 from appliance.security.access import AccessPolicy, daemon_policy, reload_daemon_keys
 from appliance.security.crypto import load_cipher
@@ -164,10 +165,14 @@ class Server(SignalledServer):
             )
         # Models load after the socket is bound so /health can answer "loading" meanwhile.
         await models.start()
-        for unit in self._units(core):
+        # The state directory's suffix (MQTT client id) resolves a path: off the loop.
+        instance = await asyncio.to_thread(instance_suffix, os.environ)
+        for unit in self._units(core, instance):
             await self._stack.enter_async_context(unit)
 
-    def _units(self, core: Core) -> list[contextlib.AbstractAsyncContextManager[Any]]:
+    def _units(
+        self, core: Core, instance: str
+    ) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Lifecycle units started after HTTP is bound, in this order; stopped in reverse.
 
         Each is an async context manager that starts its background work on enter and stops
@@ -188,6 +193,7 @@ class Server(SignalledServer):
                     self.config,
                     http_url=self.http_url,
                     health=lambda: health.latest.to_dict() if health and health.latest else None,
+                    instance=instance,
                 )
             )
         if self.config.grpc.enabled:  # grpcio is an optional extra: import only when asked

@@ -32,6 +32,10 @@ SHARED_MODELS = ROOT.parent / "shared" / "models"
 DEFAULT_MODELS = ROOT / "models"
 STORIES = SHARED_MODELS / "stories260K.gguf"
 
+# The loop and leak guards every test runs under (tests/guards.py); pytester proves them
+# in tests/test_guards.py.
+pytest_plugins = ["tests.guards", "pytester"]
+
 _LISTENING = re.compile(r"listening on (https?)://([^\s:]+|\[[^\]]+\]):(\d+)")
 
 

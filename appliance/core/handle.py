@@ -49,11 +49,8 @@ class ModelHandle:
             {},
         )
         self.load_lock = asyncio.Lock()  # one load at a time
-        try:
-            stat = spec.path.stat()
-            self.created, self.size = int(stat.st_mtime), stat.st_size
-        except OSError:
-            self.created = self.size = 0
+        # Stated when the repository was read (off the loop), not here on the loop.
+        self.created, self.size = spec.created, spec.size
 
     @property
     def name(self) -> str:

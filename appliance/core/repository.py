@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,11 @@ class ModelSpec:
     options: RuntimeOptions
     source: Path  # the manifest, or the model file itself
     problem: str | None = None
+    # The file's modification time (whole seconds) and size when the repository was read,
+    # 0 when it cannot be read: stated on the scan's thread, never on the event loop.
+    # Not compared: a hot swap goes by what the manifest says, as before.
+    created: int = field(default=0, compare=False)
+    size: int = field(default=0, compare=False)
 
 
 def valid_name(name: str) -> bool:
@@ -194,8 +199,16 @@ def collect(directory: Path | None, files: Iterable[Path]) -> list[ModelSpec]:
                 spec, f"model name {spec.name!r} is already used by {other}", name=name
             )
         seen[(spec.name, spec.version)] = spec
-        result.append(spec)
+        result.append(_with_file_facts(spec))
     return result
+
+
+def _with_file_facts(spec: ModelSpec) -> ModelSpec:
+    try:
+        stat = spec.path.stat()
+    except OSError:
+        return spec
+    return replace(spec, created=int(stat.st_mtime), size=stat.st_size)
 
 
 def _free_name(base: str, taken: set[str]) -> str:

@@ -110,10 +110,6 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-def _dashboard_page() -> str:
-    return read_page("appliance.hub", "static/dashboard.html")
-
-
 @routes.get("/")
 async def dashboard(request: web.Request) -> web.Response:
     """The fleet dashboard: one self-contained page (no CDN; the hub may be offline)."""
@@ -129,6 +125,8 @@ async def dashboard(request: web.Request) -> web.Response:
 
 
 PAGE = web.AppKey("page", str)
+# Read once at import, never on the event loop (the hub builds its app inside its loop).
+_DASHBOARD = read_page("appliance.hub", "static/dashboard.html")
 
 
 # The API-key scope of each hub route (see appliance/transports/http/scopes.py); None: the
@@ -182,7 +180,7 @@ def build_app(
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STARTED] = time.time()
-    app[PAGE] = _dashboard_page()
+    app[PAGE] = _DASHBOARD
     app.add_routes(routes)
     app.add_routes(ingest.routes)
     app.add_routes(fleet.routes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -61,9 +62,15 @@ class HealthCollector:
     ) -> None:
         self._core = core
         self._config = config
-        self._probe = sensors.SystemProbe(
-            disk_paths=[str(p) for p in config.disk_paths], sysfs=sysfs, nvidia_smi=nvidia_smi
+        # Built on a worker thread on first use: finding nvidia-smi on PATH and opening
+        # this process in /proc are file-system calls the event loop must not wait for.
+        self._make_probe = functools.partial(
+            sensors.SystemProbe,
+            disk_paths=[str(p) for p in config.disk_paths],
+            sysfs=sysfs,
+            nvidia_smi=nvidia_smi,
         )
+        self._probe: sensors.SystemProbe | None = None
         self.latest: HealthSnapshot | None = None
         self._previous: Counters | None = None
         self._listeners: list[Listener] = []
@@ -90,11 +97,22 @@ class HealthCollector:
 
     async def __aenter__(self) -> HealthCollector:
         # The first reading only primes CPU counters; rates start with the second.
-        await asyncio.to_thread(self._probe.prime)
+        await asyncio.to_thread(self._prime_blocking)
         self._previous = read_counters(self._core)
         self._remove_status = self._core.add_status("health", self._status)
         self._task = asyncio.create_task(self._run(), name="appliance-health")
         return self
+
+    def _probe_blocking(self) -> sensors.SystemProbe:
+        if self._probe is None:
+            self._probe = self._make_probe()
+        return self._probe
+
+    def _prime_blocking(self) -> None:
+        self._probe_blocking().prime()
+
+    def _read_blocking(self) -> sensors.Reading:
+        return self._probe_blocking().read()
 
     def _status(self) -> dict[str, Any]:
         snap = self.latest
@@ -135,7 +153,7 @@ class HealthCollector:
     async def snapshot(self) -> HealthSnapshot:
         """Measure now, make it :attr:`latest` and hand it to every listener."""
         async with self._lock:
-            system = await asyncio.to_thread(self._probe.read)
+            system = await asyncio.to_thread(self._read_blocking)
             snap = self._build(system)
             self.latest = snap
             self._export(snap)

@@ -136,7 +136,8 @@ class Runtime(ABC):
     async def close(self) -> None:
         """Release the model and the worker threads."""
         await self.run_blocking(self._locked, self.close_blocking)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Joining the worker threads waits: on a thread of its own, never on the loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     def _locked(self, step: Callable[[], None]) -> None:
         with self._lifecycle:

@@ -190,7 +190,14 @@ class Rollouts:
                     started=rollout.wave_started,
                 )
             return
-        status = {d.id: d.status() for d in await self._devices.devices()}
+        status: dict[str, str] = {}
+        if rollout.offline != "wait" and any(
+            d.state in ("pending", "wanted", "skipped") for d in devices
+        ):
+            # Only the skip and catch-up rules ask who is online: reading the whole fleet
+            # (each device's latest heartbeat) on every report made a wave cost the square
+            # of its size.
+            status = {d.id: d.status() for d in await self._devices.devices()}
         if rollout.offline == "catch-up" and rollout.state in ("running", "done"):
             for d in devices:  # skipped while away, back now: installed after all
                 if d.state == "skipped" and status.get(d.device_id) not in plan.AWAY:
@@ -205,11 +212,6 @@ class Rollouts:
             await self._roll_back(rollout, devices, f"{len(failed)} device(s) failed: {why}")
             return
         current = [d for d in devices if d.wave <= rollout.wave]
-        status: dict[str, str] = {}
-        if rollout.offline == "skip" and any(d.state in ("pending", "wanted") for d in current):
-            # Only the skip rule asks who is online: reading the whole fleet (each device's
-            # latest heartbeat) on every report made a wave cost the square of its size.
-            status = {d.id: d.status() for d in await self._devices.devices()}
         pending = []
         for d in current:
             # Decided when the device's wave starts (and while it runs), never before.

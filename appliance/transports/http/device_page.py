@@ -26,6 +26,8 @@ from appliance.transports.http.keys import CONFIG, CORE
 
 RECENT = web.AppKey("recent", Recent)
 PAGE = web.AppKey("device_page", str)
+# Read once at import, never on the event loop (an app is built inside Server.startup).
+_PAGE = read_page("appliance.transports.http", "static/device.html")
 
 routes = web.RouteTableDef()
 
@@ -42,7 +44,7 @@ def setup(app: web.Application) -> Recent:
     """Add ``/device`` and the page to ``app``; the returned :class:`Recent` is to be
     attached to the health units once they run."""
     app[RECENT] = recent = Recent()
-    app[PAGE] = read_page("appliance.transports.http", "static/device.html")
+    app[PAGE] = _PAGE
     app.add_routes(routes)
     return recent
 

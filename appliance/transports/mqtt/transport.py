@@ -27,7 +27,6 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from appliance.config import Config
 from appliance.core.service import Core
 from appliance.errors import RequestError
-from appliance.ops.instance import instance_suffix
 from appliance.protocol import strictjson
 from appliance.transports.mqtt import documents, homeassistant
 from appliance.transports.mqtt.broker import mqtt_properties, read_password, tls_context
@@ -56,6 +55,7 @@ class MqttTransport:
         config: Config,
         *,
         http_url: str,
+        instance: str,
         health: HealthSource | None = None,
     ) -> None:
         self._core = core
@@ -70,11 +70,10 @@ class MqttTransport:
             discovery_prefix=mqtt.discovery_prefix if mqtt.homeassistant else None,
         )
         # Daemons on one host share the device id (from /etc/machine-id); one on a state
-        # directory of its own gets a client id of its own, or the two would take each
-        # other's session over and back (one per state directory: ops/instance.py).
-        suffix = instance_suffix(os.environ)
+        # directory of its own gets a client id of its own (``instance``: ops/instance.py's
+        # instance_suffix), or the two would take each other's session over and back.
         self.client_id = mqtt.client_id or "-".join(
-            filter(None, ("appliance", config.device.id, suffix))
+            filter(None, ("appliance", config.device.id, instance))
         )
         self._metrics = core.unit_metrics(MqttMetrics)
         self._outbox = PublishQueue(mqtt.reply_queue_size, self._metrics)
