@@ -48,6 +48,7 @@ class Loader:
         self._changed = changed
         self.retiring: set[ModelHandle] = set()  # out of routing, closed once idle
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Future[None]] = set()
 
     def handle(self, spec: ModelSpec) -> ModelHandle:
         """A new (unloaded) handle of ``spec``, its queue sized by the configuration."""
@@ -92,6 +93,7 @@ class Loader:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for handle in [*self._table.all_handles(), *self.retiring]:
             await self.unload(handle)
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     # -- loading ----------------------------------------------------------------------
 
@@ -232,8 +234,13 @@ class Loader:
         if not any(h.runtime is not None for h in self._table.of(handle.name)):
             self._metrics.model_ready.labels(handle.name).set(0)
         if runtime is not None:
+            # A close runs to its end even when its caller is cancelled (the janitor, on
+            # shutdown): :meth:`close` waits for it, so no worker thread outlives the core.
+            closing = asyncio.ensure_future(runtime.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             try:
-                await runtime.close()
+                await asyncio.shield(closing)
             except Exception:
                 log.exception("model %s: error while unloading", handle.name)
             log.info("model %s version %s unloaded", handle.name, handle.version)

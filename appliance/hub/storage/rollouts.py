@@ -70,6 +70,9 @@ def schema(real: str) -> str:
 # Device states that count as "moved" (the new version is or may be on the device).
 MOVED = ("wanted", "downloading", "installed", "healthy", "failed")
 ACTIVE = ("running", "halted")
+_ACTIVE_OR_CATCHING_UP = (
+    " AND (r.state IN ('running', 'halted') OR (r.state = 'done' AND r.offline = 'catch-up'))"
+)
 
 
 @dataclass(frozen=True)
@@ -338,11 +341,7 @@ class RolloutStore(abc.ABC):
         if states is None:
             where = ""
         elif states == ACTIVE:
-            where = (
-                " AND (r.state IN ('running', 'halted') "
-                "OR (r.state = 'done' AND r.offline = 'catch-up'))"
-            )
-            states = ()
+            where, states = _ACTIVE_OR_CATCHING_UP, ()
         else:
             where = f" AND r.state IN ({', '.join('?' * len(states))})"
         async with self.reader() as conn:
