@@ -140,5 +140,5 @@ async def test_inline_and_threaded_runs_answer_and_count_alike(
         # 5 ms, so the later ones ran inline. The other never does.
         assert onloop.inline_policy.inline(size)
         assert not threaded.inline_policy.inline(size)
-        # One thread on the CPU: runs share nothing, and are timed in CPU time.
+        # One thread on the CPU: runs share nothing; threaded ones are timed in CPU time.
         assert onloop.inline_policy.alone and threaded.inline_policy.alone
