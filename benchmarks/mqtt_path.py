@@ -62,7 +62,7 @@ def payload() -> bytes:
 class Loader:
     """One MQTT 5 client keeping requests in flight; a reply sends the next request."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, name: str = "bench-load", reply_topic: str = REPLY_TOPIC) -> None:
         import paho.mqtt.client as mqtt
 
         self._lock = threading.Lock()
@@ -75,10 +75,9 @@ class Loader:
         self.replies: dict[str, bytes] = {}
         self._drained = threading.Event()
         subscribed = threading.Event()
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id="bench-load", protocol=mqtt.MQTTv5
-        )
-        client.on_connect = lambda c, *_: c.subscribe(REPLY_TOPIC, qos=0)
+        self._reply_topic = reply_topic
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        client.on_connect = lambda c, *_: c.subscribe(reply_topic, qos=0)
         client.on_subscribe = lambda *_: subscribed.set()
         client.on_message = self._on_message
         client.connect("127.0.0.1", port)
@@ -100,7 +99,7 @@ class Loader:
         with self._lock:
             cid = str(next(self._ids)).encode()
             self._pending[cid] = time.perf_counter()
-        props.ResponseTopic, props.CorrelationData = REPLY_TOPIC, cid
+        props.ResponseTopic, props.CorrelationData = self._reply_topic, cid
         self._client.publish(topic, self._payload, qos=0, properties=props)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
