@@ -7,6 +7,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,10 @@ class Daemon:
                 "APPLIANCE_LOGGING__LEVEL": "warning",
             }
         )
+        # A state directory of its own: two daemons on one (another benchmark's, a test's)
+        # refuse to start.
+        self._state = tempfile.TemporaryDirectory(prefix="appliance-bench-")
+        full_env["STATE_DIRECTORY"] = self._state.name
         full_env.update(env or {})
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -80,6 +85,7 @@ class Daemon:
 
     def stop(self) -> None:
         stop(self.proc)
+        self._state.cleanup()
 
 
 def rss_of(pid: int) -> int:

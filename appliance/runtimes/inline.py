@@ -10,7 +10,11 @@ so a run is taken inline only when all of this holds:
   ``limit`` seconds: a model's first runs, and any larger input, go to the worker thread,
   which measures them;
 - no run of the model is in flight on its worker threads (nothing else waits for it, and
-  an inline run never competes with a threaded one for the session);
+  an inline run never competes with a threaded one for the session), unless the policy
+  is ``alone``: a session whose runs compute each on the thread that calls it (one
+  thread, on the CPU) shares nothing between concurrent runs, and waiting for the
+  threaded ones to drain would keep every run of a busy model on the thread hop, since
+  under steady concurrency one is nearly always in flight;
 - no run since the last fast one was over the limit: one slow run (inline or threaded: a
   busier box, a bigger input, a slower path in the model) sends every run back to the
   thread until a threaded run measures fast again.
@@ -25,15 +29,16 @@ from __future__ import annotations
 class InlinePolicy:
     """Decides, per run, between the loop and the worker thread, from measured runs."""
 
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, *, alone: bool = False) -> None:
         self.limit = limit  # seconds; 0: never inline
+        self.alone = alone  # concurrent runs share nothing (see the module docstring)
         # The largest input (bytes) of a fast run since the last slow one; -1: none.
         self._fits = -1
         self._threaded = 0  # runs in flight on the worker threads
 
     def inline(self, size: int) -> bool:
         """Whether a run over ``size`` bytes of inputs goes inline now."""
-        return self._threaded == 0 and 0 <= size <= self._fits
+        return (self.alone or self._threaded == 0) and 0 <= size <= self._fits
 
     def threaded(self) -> None:
         """A run starts on a worker thread."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -126,6 +126,9 @@ class OnnxRuntime(Runtime):
         super().__init__(name, path, options, workers)
         assert isinstance(options, OnnxOptions)
         self.inline_policy = InlinePolicy(options.inline_max_ms / 1000)
+        # What a threaded run is timed with for the inline policy (set once loaded, see
+        # _computes_alone).
+        self._clock: Callable[[], float] = time.perf_counter
 
     def load_blocking(self) -> None:
         import onnxruntime as ort
@@ -154,6 +157,9 @@ class OnnxRuntime(Runtime):
             outputs=tuple(_spec(arg) for arg in self._session.get_outputs()),
         )
         log.info("model %s: onnxruntime providers %s", self.name, self._session.get_providers())
+        alone = _computes_alone(options, self._session.get_providers())
+        self._clock = time.thread_time if alone else time.perf_counter
+        self.inline_policy.alone = alone
 
     async def load(self) -> None:
         await super().load()
@@ -208,6 +214,7 @@ class OnnxRuntime(Runtime):
         size = -1 if any(v.dtype == np.object_ for v in feed.values()) else _nbytes(feed)
         policy = self.inline_policy
         if policy.inline(size):
+            # Wall time: what the loop loses (and a cheap clock, unlike thread CPU time).
             started = time.perf_counter()
             try:
                 return self._run(feed, wanted)
@@ -224,11 +231,12 @@ class OnnxRuntime(Runtime):
     def _timed_run(
         self, inputs: dict[str, Array], outputs: list[str], took: list[float]
     ) -> dict[str, Array]:
-        started = time.perf_counter()
+        clock = self._clock
+        started = clock()
         try:
             return self._run(inputs, outputs)
         finally:
-            took.append(time.perf_counter() - started)
+            took.append(clock() - started)
 
     async def _infer_one(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
         return await self.run_blocking(self._run, inputs, outputs)
@@ -240,6 +248,18 @@ class OnnxRuntime(Runtime):
         }
         results = self._session.run(outputs, feed)
         return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}
+
+
+def _computes_alone(options: OnnxOptions, providers: Sequence[str]) -> bool:
+    """Whether each run computes on the thread that calls it and nowhere else: a session
+    of one thread on the CPU alone. Then concurrent runs share nothing (an inline run
+    may go while threaded ones are in flight, see ``runtimes/inline.py``), and a worker
+    thread's CPU time is its run's work, so the inline policy times threaded runs by it:
+    their wall time also counts the wait for the GIL once the run is done, which on a
+    busy loop is longer than the run, and one run measured slow that way would keep every
+    run on the thread hop. Other sessions (a thread pool, an accelerator) are timed by
+    the wall clock."""
+    return options.threads == 1 and list(providers) == ["CPUExecutionProvider"]
 
 
 def _nbytes(feed: Mapping[str, Array]) -> int:

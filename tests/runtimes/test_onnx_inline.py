@@ -45,6 +45,18 @@ def test_a_run_goes_inline_only_once_a_threaded_run_that_size_was_fast() -> None
     assert not policy.inline(-1)
 
 
+def test_a_session_that_computes_alone_goes_inline_beside_threaded_runs() -> None:
+    policy = InlinePolicy(0.001, alone=True)
+    policy.threaded()
+    assert not policy.inline(100)  # nothing measured yet
+    policy.threaded()
+    policy.observe(100, 0.0002, threaded=True)
+    assert policy.inline(100)  # one run still in flight on a worker: no matter
+    assert not policy.inline(101)
+    policy.observe(100, 0.002, threaded=True)  # a slow one still turns it off
+    assert not policy.inline(10)
+
+
 def test_a_zero_limit_never_runs_inline() -> None:
     policy = InlinePolicy(0)
     policy.threaded()
@@ -128,3 +140,5 @@ async def test_inline_and_threaded_runs_answer_and_count_alike(
         # 5 ms, so the later ones ran inline. The other never does.
         assert onloop.inline_policy.inline(size)
         assert not threaded.inline_policy.inline(size)
+        # One thread on the CPU: runs share nothing; threaded ones are timed in CPU time.
+        assert onloop.inline_policy.alone and threaded.inline_policy.alone

@@ -39,6 +39,7 @@ from appliance.transports.mqtt.outbox import Outgoing, PublishQueue
 log = logging.getLogger(__name__)
 
 _CONNECTION_GONE = (paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST)
+PUBLISH_WINDOW = 10  # awaiting the broker's acknowledgement at once (aiomqtt warns beyond)
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
 
 
@@ -261,25 +262,61 @@ class Connection:
             session.ack(mid, qos)
 
     async def _write(self, client: aiomqtt.Client) -> None:
-        while True:
-            message = await self._outbox.next()
+        """Publish the outbox, :data:`PUBLISH_WINDOW` messages in flight (one at a time, the
+        replies of concurrent requests would each wait a broker round trip), handed to paho
+        in queue order, which the broker keeps. Raises why publishing stopped."""
+        self._outbox.rewind()  # what the last connection left unacknowledged goes again
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        feeder = asyncio.create_task(self._feed(client, failed), name="appliance-mqtt-feed")
+        try:
+            await failed
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+
+    async def _feed(self, client: aiomqtt.Client, failed: asyncio.Future[None]) -> None:
+        window = asyncio.Semaphore(PUBLISH_WINDOW)
+        publishing: set[asyncio.Task[None]] = set()
+
+        async def publish(message: Outgoing) -> None:
             try:
-                await client.publish(
-                    message.topic,
-                    message.payload,
-                    qos=1,
-                    retain=message.retain,
-                    properties=self._properties(message),
-                )
-            except aiomqtt.MqttCodeError as exc:
-                if exc.rc in _CONNECTION_GONE:
-                    raise
-                self._undeliverable(message, exc)  # e.g. larger than the broker allows
-                continue
-            except ValueError as exc:  # paho refuses the message itself
-                self._undeliverable(message, exc)
-                continue
-            self._outbox.done(message)
+                await self._publish(client, message)
+            except Exception as exc:
+                if not failed.done():
+                    failed.set_exception(exc)
+            finally:
+                window.release()
+
+        try:
+            while True:
+                await window.acquire()
+                message = await self._outbox.next()
+                task = asyncio.create_task(publish(message), name="appliance-mqtt-publish")
+                publishing.add(task)
+                task.add_done_callback(publishing.discard)
+        finally:
+            for task in publishing:
+                task.cancel()
+            await asyncio.gather(*publishing, return_exceptions=True)
+
+    async def _publish(self, client: aiomqtt.Client, message: Outgoing) -> None:
+        try:
+            await client.publish(
+                message.topic,
+                message.payload,
+                qos=1,
+                retain=message.retain,
+                properties=self._properties(message),
+            )
+        except aiomqtt.MqttCodeError as exc:
+            if exc.rc in _CONNECTION_GONE:
+                raise
+            self._undeliverable(message, exc)  # e.g. larger than the broker allows
+            return
+        except ValueError as exc:  # paho refuses the message itself
+            self._undeliverable(message, exc)
+            return
+        self._outbox.done(message)
 
     def _undeliverable(self, message: Outgoing, exc: Exception) -> None:
         log.error(

@@ -2,14 +2,16 @@
 
 :class:`PublishQueue` is the MQTT outbox: an in-memory queue of every message to publish
 (the durable, on-disk outbox for the hub is :class:`appliance.ops.outbox.HubOutbox`). One
-publisher drains it while the broker is there, removing a message only once the broker
-acknowledged it (QoS 1), so replies produced while the broker is away wait here and go out
-after the reconnect, in order. It is bounded: beyond ``limit`` the oldest message is dropped
-and counted. State documents (info, stats, discovery ...) carry a ``key`` and replace their
-queued predecessor instead of piling up. Whoever queued a message can learn its fate:
-:meth:`PublishQueue.when_sent` runs a callback once the broker has it (a request is
-acknowledged to the broker only then), and ``on_drop`` of :meth:`PublishQueue.put` runs if
-it never will (a stream marks the gap in its final message).
+publisher drains it while the broker is there, a few messages in flight at once and in
+order, removing a message only once the broker acknowledged it (QoS 1), so replies
+produced while the broker is away, or unacknowledged when the connection ended, wait
+here and go out after the reconnect, in order. It is bounded: beyond ``limit`` the
+oldest message is dropped and counted. State documents (info, stats, discovery ...)
+carry a ``key`` and replace their queued predecessor instead of piling up. Whoever queued
+a message can learn its fate: :meth:`PublishQueue.when_sent` runs a callback once the
+broker has it (a request is acknowledged to the broker only then), and ``on_drop`` of
+:meth:`PublishQueue.put` runs if it never will (a stream marks the gap in its final
+message).
 
 :class:`ReplyCache` remembers recent replies by request id, so a redelivered request (QoS 1
 after a lost acknowledgement, or a client that retries) is answered again, not run twice.
@@ -54,7 +56,8 @@ class PublishQueue:
         self._empty = asyncio.Event()
         self._empty.set()
         self._dropping = False  # logged once per overflow episode
-        self._sending: Outgoing | None = None  # handed to the publisher, not yet done
+        # Handed to the publisher, not yet done (by id(); they lead the queue).
+        self._sending: dict[int, Outgoing] = {}
         # Keyed by id(): the message objects are alive while queued, so ids are unique.
         self._sent_callbacks: dict[int, list[Callable[[], None]]] = {}
         self._drop_callbacks: dict[int, Callable[[], None]] = {}
@@ -70,13 +73,14 @@ class PublishQueue:
         """Queue ``message``; ``on_drop`` runs if it is dropped instead of published."""
         if message.key is not None:
             for i, queued in enumerate(self._items):
-                if queued.key == message.key and queued is not self._sending:
+                if queued.key == message.key and id(queued) not in self._sending:
                     self._items[i] = message
                     self._forget(queued)
                     return
         if len(self._items) >= self.limit:
-            # The oldest goes, but never the one being published: it may reach the broker.
-            index = 1 if self._items[0] is self._sending and len(self._items) > 1 else 0
+            # The oldest goes, but never one being published: it may reach the broker.
+            sending = self._sending
+            index = next((i for i, m in enumerate(self._items) if id(m) not in sending), 0)
             dropped = self._items[index]
             del self._items[index]
             self._dropped(dropped)
@@ -95,7 +99,7 @@ class PublishQueue:
     def replace(self, old: Outgoing, new: Outgoing) -> bool:
         """Swap ``old`` for ``new`` if ``old`` still waits (is neither being published nor
         gone); ``False`` otherwise. Streams merge their latest chunk this way."""
-        if old is self._sending:
+        if id(old) in self._sending:
             return False
         for i in range(len(self._items) - 1, -1, -1):  # a stream's latest is near the end
             if self._items[i] is old:
@@ -125,22 +129,38 @@ class PublishQueue:
         self._changed()
 
     async def next(self) -> Outgoing:
-        """The oldest message, left in place until :meth:`done` (waits while empty)."""
-        while not self._items:
+        """The oldest message not yet handed out, left in place until :meth:`done` (waits
+        while there is none)."""
+        sending = self._sending
+        while True:
+            for message in self._items:
+                if id(message) not in sending:
+                    # Once handed out a message may reach the broker even if its
+                    # confirmation never comes back: from then on it is never replaced,
+                    # only resent.
+                    sending[id(message)] = message
+                    return message
             self._ready.clear()
             await self._ready.wait()
-        # Once handed out a message may reach the broker even if its confirmation never
-        # comes back: from then on it is never replaced, only resent.
-        self._sending = self._items[0]
-        return self._sending
+
+    def rewind(self) -> None:
+        """A new connection: every message still here is handed out again, in order (those
+        handed out before may or may not have reached the broker)."""
+        self._sending.clear()
+        self._changed()
 
     def done(self, message: Outgoing, *, delivered: bool = True) -> None:
         """``message`` reached the broker, or (``delivered=False``) never can: the broker
         refused it. Either way it leaves the outbox."""
-        if self._sending is message:
-            self._sending = None
-        if self._items and self._items[0] is message:
-            self._items.popleft()
+        self._sending.pop(id(message), None)
+        items = self._items
+        if items and items[0] is message:
+            items.popleft()
+        else:
+            for i, queued in enumerate(items):
+                if queued is message:
+                    del items[i]
+                    break
         if delivered:
             self._metrics.mqtt_published.labels(message.kind).inc()
             self._drop_callbacks.pop(id(message), None)

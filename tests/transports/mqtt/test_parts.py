@@ -118,6 +118,28 @@ async def test_outbox_tells_who_queued_a_message_whether_it_went_out() -> None:
     )
 
 
+async def test_outbox_hands_out_several_in_order_and_again_after_a_reconnect() -> None:
+    outbox = PublishQueue(3, Metrics().unit(MqttMetrics))
+    first, second, third = message(1), message(2), message(3)
+    for item in (first, second):
+        outbox.put(item)
+    assert [await outbox.next(), await outbox.next()] == [first, second]
+    waiting = asyncio.create_task(outbox.next())  # both are out: nothing left to hand
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    outbox.put(third)
+    assert await asyncio.wait_for(waiting, 5) is third
+    # Full, every message handed out: the overflow drops the oldest, which may then still
+    # reach the broker (as with one message out).
+    outbox.put(message(4))
+    assert [m.topic for m in outbox._items] == ["t/2", "t/3", "t/4"]
+    assert not outbox.replace(second, message(5))  # handed out: never replaced
+    outbox.done(third)  # acknowledged out of order: it alone leaves
+    assert [m.topic for m in outbox._items] == ["t/2", "t/4"]
+    outbox.rewind()  # a new connection: what is left goes again, in order
+    assert [(await outbox.next()).topic, (await outbox.next()).topic] == ["t/2", "t/4"]
+
+
 def test_reply_cache_acknowledges_copies_with_the_original() -> None:
     cache = ReplyCache(ttl=10, size=10)
     acks: list[str] = []
