@@ -28,8 +28,6 @@ from tests.hub.rollout_parts import (
     traffic,
 )
 
-pytest.importorskip("gguf", reason="the gguf package writes home-intent's second version")
-
 pytestmark = pytest.mark.timeout(240)
 
 
