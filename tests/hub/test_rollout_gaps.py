@@ -154,10 +154,10 @@ def test_canary_without_traffic_is_reported_and_counted_then_judged(tmp_path: Pa
 
 def test_daemon_killed_before_the_verdict_resumes_its_canary(tmp_path: Path) -> None:
     storage, env, artifact, key = prepare(tmp_path)
-    slow = {"APPLIANCE_CANARY__WINDOW": "600"}  # no verdict before the power cut
     with (
         hub(storage, env=env) as proc,
-        fleet(tmp_path, env, proc.url, ["dev-a"], **slow) as (dev,),
+        # No verdict before the power cut.
+        fleet(tmp_path, env, proc.url, ["dev-a"], APPLIANCE_CANARY__WINDOW="600") as (dev,),
     ):
         rollout = start(env, artifact, "--soak", "0")
         poll(
