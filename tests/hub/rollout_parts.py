@@ -1,6 +1,7 @@
-"""Parts of the rollout tests: model versions built from the real sensor-anomaly model,
-a hub with its own artifact directory and signing key, devices as real daemons, steady
-inference traffic for their canaries, and the CLI calls that publish, start and watch.
+"""Parts of the rollout tests: model versions built from the real sensor-anomaly and
+home-intent (GGUF) models, a hub with its own artifact directory and signing key, devices
+as real daemons, steady inference or chat traffic for their canaries, and the CLI calls
+that publish, start and watch.
 
 The usual set-up, once::
 
@@ -20,18 +21,29 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT, DaemonProcess, daemon, start_daemon
+from tests.gguf_templates import with_chat_template
 from tests.hub.conftest import hub, hub_env
 
 MODEL = ROOT / "models" / "sensor-anomaly"
 NORMAL = [21.0, 45.0, 0.6] * 32
 LOUD = [21.0, 45.0, 5000.0] * 32  # the "bad" version answers NaN for this
+INTENT = ROOT / "models" / "home-intent"
+INTENT_FILE = "home-intent-q8_0.gguf"
+# A GGUF version that loads and refuses every conversation (its template raises).
+REFUSING = "{{ raise_exception('this version refuses every conversation') }}"
+CHAT = {
+    "model": "home-intent",
+    "max_tokens": 6,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "turn on the kitchen lights"}],
+}
 
 
 def build_version(
@@ -80,6 +92,48 @@ def repository(root: Path) -> Path:
     """A model repository holding sensor-anomaly version 1 in the versioned layout."""
     shutil.copytree(MODEL, root / "sensor-anomaly" / "1", dirs_exist_ok=True)
     return root
+
+
+def intent_manifest(version: str) -> str:
+    """home-intent's manifest for ``version``, small for two shared cores: one thread, one
+    slot of 256 tokens (a command and a few tokens of answer fit)."""
+    return (
+        f'name = "home-intent"\nruntime = "gguf"\nfile = "{INTENT_FILE}"\n'
+        f'version = "{version}"\n\n[options]\nthreads = 1\nn_ctx = 256\nparallel = 1\n'
+        "cpu_repack = false\n"  # as models/home-intent/manifest.toml says why
+    )
+
+
+def intent_repository(root: Path) -> Path:
+    """A model repository holding home-intent version 1 (the project's file) in the
+    versioned layout."""
+    folder = root / "home-intent" / "1"
+    folder.mkdir(parents=True)
+    shutil.copyfile(INTENT / INTENT_FILE, folder / INTENT_FILE)
+    (folder / "manifest.toml").write_text(intent_manifest("1"))
+    return root
+
+
+def build_intent_version(dest: Path, version: str, *, template: str | None = None) -> Path:
+    """A new version of home-intent in ``dest``: the real GGUF rewritten with the ``gguf``
+    package, its chat template followed by a Jinja comment naming the version (a different
+    file that answers the same), or with ``template`` instead (say ``REFUSING``)."""
+    import gguf
+
+    if template is None:
+        reader = gguf.GGUFReader(INTENT / INTENT_FILE)
+        original = reader.fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE].contents()
+        template = f"{original}{{# home-intent version {version} #}}"
+    dest.mkdir(parents=True)
+    with_chat_template(INTENT / INTENT_FILE, dest / INTENT_FILE, template)
+    (dest / "manifest.toml").write_text(intent_manifest(version))
+    return dest
+
+
+LAYOUTS: dict[str, Callable[[Path], Path]] = {
+    "sensor-anomaly": repository,
+    "home-intent": intent_repository,
+}
 
 
 def hub_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -172,6 +226,7 @@ class Device:
     state: Path
     token: str
     proc: DaemonProcess | None = None
+    model: str = "sensor-anomaly"  # the one model its repository holds
     loud: bool = False  # traffic with readings the bad version answers NaN for
     answered: list[int] = field(default_factory=list)
 
@@ -209,35 +264,48 @@ class Device:
         return result
 
     def serving(self) -> str | None:
-        stable = self.lifecycle()["stable"].get("sensor-anomaly")
+        stable = self.lifecycle()["stable"].get(self.model)
         return str(stable) if stable is not None else None
 
     def on_disk(self) -> list[str]:
-        return sorted(p.name for p in (self.models / "sensor-anomaly").iterdir())
+        return sorted(p.name for p in (self.models / self.model).iterdir())
+
+
+def infer(device: Device, url: str) -> int:
+    """One sensor-anomaly inference (OIP); the HTTP status."""
+    window = LOUD if device.loud else NORMAL
+    body = {"inputs": [{"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": window}]}
+    status, _ = call(url + "/v2/models/sensor-anomaly/infer", body)
+    return status
+
+
+def chat(device: Device, url: str) -> int:
+    """One home-intent chat completion (OpenAI); the HTTP status, or -1 for a 200 that
+    holds no answer (tests check every status is 200)."""
+    status, body = call(url + "/v1/chat/completions", CHAT)
+    if status == 200 and not body["choices"][0]["message"]["content"]:
+        return -1
+    return status
+
+
+REQUESTS: dict[str, Callable[[Device, str], int]] = {"sensor-anomaly": infer, "home-intent": chat}
 
 
 @contextmanager
 def traffic(devices: list[Device], stop_on: threading.Event | None = None) -> Iterator[None]:
-    """Steady inference requests to every device (its canary needs them to judge)."""
+    """Steady requests to every device, of the kind its model takes (its canary needs them
+    to judge)."""
     stop = threading.Event()
 
     def run(device: Device) -> None:
+        send = REQUESTS[device.model]
         while not stop.is_set():
             proc = device.proc
             if proc is None or not proc.url or proc.proc.poll() is not None:
                 time.sleep(0.1)
                 continue
-            window = LOUD if device.loud else NORMAL
-            body = {
-                "inputs": [
-                    {"name": "window", "datatype": "FP32", "shape": [1, 32, 3], "data": window}
-                ]
-            }
-            try:
-                status, _ = call(proc.url + "/v2/models/sensor-anomaly/infer", body)
-                device.answered.append(status)
-            except OSError:
-                pass
+            with suppress(OSError):
+                device.answered.append(send(device, proc.url))
             time.sleep(0.05)
 
     threads = [threading.Thread(target=run, args=(d,), daemon=True) for d in devices]
@@ -260,10 +328,12 @@ def fleet(
     *,
     public_key: str | None = None,
     models_fs_bytes: int = 0,
+    model: str = "sensor-anomaly",
     **extra: str,
 ) -> Iterator[list[Device]]:
-    """Enrolled devices, each a real daemon with a state directory of its own;
-    ``models_fs_bytes``: their model repositories on a tmpfs of that size."""
+    """Enrolled devices, each a real daemon with a state directory of its own, serving
+    version 1 of ``model`` (a key of ``LAYOUTS``); ``models_fs_bytes``: their model
+    repositories on a tmpfs of that size."""
     devices: list[Device] = []
     key = ""
     mounted: list[Path] = []
@@ -275,7 +345,8 @@ def fleet(
             mount = ["mount", "-t", "tmpfs", "-o", f"size={models_fs_bytes}", "tmpfs"]
             subprocess.run([*mount, str(root / "models")], check=True, capture_output=True)
             mounted.append(root / "models")
-        devices.append(Device(name, repository(root / "models"), root / "state", token))
+        models = LAYOUTS[model](root / "models")
+        devices.append(Device(name, models, root / "state", token, model=model))
         (root / "state").mkdir()
     key = public_key or key
     with ExitStack() as stack:

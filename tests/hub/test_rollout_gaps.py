@@ -1,5 +1,6 @@
-"""Rollout gaps closed: devices away when their wave starts (skip, catch-up), canaries
-that get no traffic, and a daemon killed between install and the canary's verdict.
+"""Rollout gaps closed: devices away when their wave starts (skipped for good, or caught
+up when back), canaries that get no traffic, and a daemon killed between install and the
+canary's verdict.
 
 Real hub, real daemons, real model files (see test_rollout.py).
 """
@@ -17,6 +18,7 @@ import pytest
 from tests.hub.conftest import hub
 from tests.hub.rollout_parts import (
     build_version,
+    call,
     fleet,
     hub_cli,
     poll,
@@ -82,6 +84,53 @@ def test_offline_device_is_skipped_when_its_wave_starts_and_catches_up(tmp_path:
         assert b.serving() == "2" and a.serving() == "2"
 
 
+def test_offline_device_is_skipped_when_its_wave_starts_and_stays_skipped(
+    tmp_path: Path,
+) -> None:
+    storage, env, artifact, key = prepare(tmp_path)
+    with (
+        hub(storage, env=env) as proc,
+        fleet(tmp_path, env, proc.url, ["dev-a", "dev-b"]) as devices,
+        traffic(devices),
+    ):
+        a, b = devices
+        assert b.proc is not None
+        b.proc.stop()
+        time.sleep(4.5)  # fleet.offline_after = 3: the hub counts dev-b offline
+        rollout = start(env, artifact, "--waves", "1,100%", "--soak", "1", "--offline", "skip")
+        first = rows(env, rollout)
+        assert first["dev-b"]["state"] == "pending"
+        assert first["dev-b"]["reason"] == (
+            "offline now; if still away when wave 2 starts, it will be skipped"
+        )
+        doc = poll("the rollout done", lambda: (s := status(env, rollout))["state"] == "done" and s)
+        by = {d["device_id"]: d for d in doc["devices"]}
+        assert by["dev-a"]["state"] == "healthy"
+        assert "canary promoted" in by["dev-a"]["reason"]
+        assert by["dev-b"]["state"] == "skipped"
+        assert by["dev-b"]["reason"] == "device offline when wave 2 ran"
+        assert a.serving() == "2"
+        # Back, and heard by the hub: skip means skip, nothing is installed after all.
+        back = time.time()
+        restart(b, proc.url, key)
+
+        def heard() -> bool:
+            code, row = call(f"{proc.url}/api/v1/devices/dev-b")
+            assert code == 200, row
+            return row["status"] not in ("offline", "never seen") and row["last_seen"] > back
+
+        poll("dev-b back online", heard)
+        # Long enough for an install to show: heartbeats (and the hub's answers) every
+        # 0.2 s, the rollout's rules every 0.2 s, a download of a few kilobytes.
+        time.sleep(3)
+        assert rows(env, rollout)["dev-b"] == by["dev-b"]
+        assert status(env, rollout)["state"] == "done"
+        assert b.serving() == "1"
+        assert b.on_disk() == ["1"]
+        assert not (b.models / ".incoming").exists(), "nothing was downloaded"
+        assert a.serving() == "2"
+
+
 def test_canary_without_traffic_is_reported_and_counted_then_judged(tmp_path: Path) -> None:
     storage, env, artifact, _ = prepare(tmp_path)
     with (
@@ -105,10 +154,10 @@ def test_canary_without_traffic_is_reported_and_counted_then_judged(tmp_path: Pa
 
 def test_daemon_killed_before_the_verdict_resumes_its_canary(tmp_path: Path) -> None:
     storage, env, artifact, key = prepare(tmp_path)
-    slow = {"APPLIANCE_CANARY__WINDOW": "600"}  # no verdict before the power cut
     with (
         hub(storage, env=env) as proc,
-        fleet(tmp_path, env, proc.url, ["dev-a"], **slow) as (dev,),
+        # No verdict before the power cut.
+        fleet(tmp_path, env, proc.url, ["dev-a"], APPLIANCE_CANARY__WINDOW="600") as (dev,),
     ):
         rollout = start(env, artifact, "--soak", "0")
         poll(
