@@ -13,8 +13,8 @@ import time
 
 from appliance.hub.config import HubConfig
 from appliance.hub.metrics import HubMetrics
-from appliance.hub.periodic import Periodic
 from appliance.hub.storage.base import Storage
+from appliance.ops.units import Periodic
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ upload is logged, shown in /health (unit ``backup``) and tried again at the next
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import tempfile
 import time
@@ -26,14 +25,17 @@ from appliance.core.service import Core
 from appliance.errors import ConfigError
 from appliance.ops.hubsync import outbox_path, resolve_token
 from appliance.ops.instance import state_directory
+from appliance.ops.units import BackgroundUnit
 
 log = logging.getLogger(__name__)
 
 PASSPHRASE_ENV = "APPLIANCE_BACKUP_PASSPHRASE"  # as `appliance backup` reads it
 
 
-class PeriodicBackup:
+class PeriodicBackup(BackgroundUnit):
     """Lifecycle unit: uploads the configuration backup every ``hub.backup_interval``."""
+
+    name = "appliance-backup-upload"
 
     def __init__(
         self, config: Config, core: Core, config_path: Path | None, env: Mapping[str, str]
@@ -46,7 +48,6 @@ class PeriodicBackup:
         )
         self._token = resolve_token(config, env)
         self._secret = _secret(config, env)
-        self._task: asyncio.Task[None] | None = None
         self._remove_status: Callable[[], None] = lambda: None
         self.uploads = 0
         self.last_upload: float | None = None
@@ -54,8 +55,7 @@ class PeriodicBackup:
 
     async def __aenter__(self) -> PeriodicBackup:
         self._remove_status = self._core.add_status("backup", self.status)
-        self._task = asyncio.create_task(self._run(), name="appliance-backup-upload")
-        return self
+        return await super().__aenter__()
 
     async def __aexit__(
         self,
@@ -64,10 +64,7 @@ class PeriodicBackup:
         tb: TracebackType | None,
     ) -> None:
         self._remove_status()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await super().__aexit__(exc_type, exc, tb)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -77,7 +74,7 @@ class PeriodicBackup:
             "last_error": self.last_error,
         }
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self._config.hub.backup_interval)
             try:

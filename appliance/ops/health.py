@@ -18,7 +18,6 @@ loop with every snapshot), and :meth:`HealthSnapshot.to_dict` for a JSON-ready f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -40,6 +39,7 @@ from appliance.ops.snapshot import (
     SystemStats,
     throttling_flags,
 )
+from appliance.ops.units import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,8 @@ class HealthCollector:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
         self._remove_status()
 
     async def _run(self) -> None:

@@ -17,12 +17,12 @@ every arena back to the kernel. On a C library without these calls (musl) both d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
+
+from appliance.ops.units import BackgroundUnit
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +56,15 @@ def release_free_heap() -> bool:
     return bool(libc.malloc_trim(ctypes.c_size_t(0)))
 
 
-class HeapTrim:
+class HeapTrim(BackgroundUnit):
     """Lifecycle unit: once ``wait_loaded`` returns, give the freed heap back (off the loop)."""
+
+    name = "appliance-heap-trim"
 
     def __init__(self, wait_loaded: Callable[[], Awaitable[object]]) -> None:
         self._wait_loaded = wait_loaded
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> HeapTrim:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="appliance-heap-trim")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
         await self._wait_loaded()
         released = await asyncio.to_thread(release_free_heap)
         log.debug("start-up heap %s", "given back" if released else "had nothing to give back")

@@ -11,7 +11,6 @@ from appliance.ops.memory import HeapTrim
 
 _PROBE = """
 import ctypes, json
-from appliance.ops import memory
 
 def anon():
     for line in open("/proc/self/status"):
@@ -31,6 +30,8 @@ pin = libc.malloc(64)
 for block in blocks:
     libc.free(block)
 held = anon()
+# Imported only now: what it imports would change the heap's layout before the probe.
+from appliance.ops import memory
 released = memory.release_free_heap()
 print(json.dumps({"before": before, "held": held, "after": anon(), "released": released,
                   "limited": memory.limit_arenas({}), "kept": memory.limit_arenas(

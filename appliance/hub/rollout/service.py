@@ -16,12 +16,12 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.hub.config import HubConfig, state_path
-from appliance.hub.periodic import Periodic
 from appliance.hub.rollout import plan
 from appliance.hub.rollout.artifacts import BlobStore
 from appliance.hub.rollout.plan import PlanError
 from appliance.hub.storage.base import Device
 from appliance.hub.storage.rollouts import Artifact, Rollout, RolloutDevice, RolloutStore
+from appliance.ops.units import Periodic
 from appliance.security import signing
 
 log = logging.getLogger(__name__)
