@@ -42,6 +42,11 @@ class Admission:
         return self._admitted - self._running
 
     @property
+    def admitted(self) -> int:
+        """Requests admitted: running or waiting."""
+        return self._admitted
+
+    @property
     def running(self) -> int:
         return self._running
 

@@ -33,6 +33,7 @@ from appliance.core.types import (
     EmbeddingResult,
     GenerateRequest,
     InferResult,
+    Signature,
     TokenChunk,
     datatype_of,
 )
@@ -40,6 +41,7 @@ from appliance.errors import RequestError, ShuttingDown, UnsupportedOperation
 from appliance.runtimes.base import Runtime
 
 MAX_EMBED_INPUTS = 2048
+_PLANS = 64  # signatures whose checks are kept gathered
 
 # How a generation ended: (ok, seconds per generated token after the first).
 GenerationObserver = Callable[[bool, float], None]
@@ -55,6 +57,8 @@ class Executor:
         self.metrics = metrics
         self.cache = cache
         self.closing = False
+        # Per signature (by identity): its input names and output names.
+        self._plans: dict[int, tuple[Signature, dict[str, None], tuple[str, ...]]] = {}
 
     def begin_shutdown(self) -> None:
         """Refuse new work from now on; in-flight work finishes."""
@@ -99,7 +103,10 @@ class Executor:
         self, runtime: Runtime, inputs: Mapping[str, Array], outputs: Sequence[str] | None
     ) -> list[str]:
         signature = runtime.signature
-        expected = {spec.name: spec for spec in signature.inputs}
+        plan = self._plans.get(id(signature))
+        if plan is None or plan[0] is not signature:
+            plan = self._plan(signature)
+        _, expected, names = plan
         for tensor in inputs:
             if tensor not in expected:
                 raise RequestError(
@@ -129,9 +136,8 @@ class Executor:
                 raise RequestError(
                     f"input tensor {spec.name!r} contains NaN or infinite values", param="inputs"
                 )
-        names = [spec.name for spec in signature.outputs]
         if not outputs:
-            return names
+            return list(names)
         for out in outputs:
             if out not in names:
                 raise RequestError(
@@ -139,6 +145,19 @@ class Executor:
                     param="outputs",
                 )
         return list(dict.fromkeys(outputs))
+
+    def _plan(self, signature: Signature) -> tuple[Signature, dict[str, None], tuple[str, ...]]:
+        """What the checks of ``signature`` look up, gathered once per signature (a
+        model's is fixed while it is loaded) instead of on every request."""
+        if len(self._plans) >= _PLANS:  # signatures of runtimes long unloaded
+            self._plans.clear()
+        plan = (
+            signature,
+            dict.fromkeys(spec.name for spec in signature.inputs),
+            tuple(spec.name for spec in signature.outputs),
+        )
+        self._plans[id(signature)] = plan
+        return plan
 
     # -- text generation --------------------------------------------------------------
 

@@ -63,7 +63,7 @@ class ModelHandle:
     @property
     def busy(self) -> bool:
         """Requests are admitted (running or queued) on this version."""
-        return self.admission.running + self.admission.waiting > 0
+        return self.admission.admitted > 0  # running + waiting
 
     def _queue_changed(self, admission: Admission) -> None:
         if not self.busy:

@@ -17,10 +17,13 @@ def msgpack_request(request: web.Request) -> bool:
     return request.content_type in CONTENT_TYPES
 
 
-def answers_msgpack(request: web.Request) -> bool:
-    """Whether the answer to ``request`` should be MessagePack."""
+def answers_msgpack(request: web.Request, is_msgpack: bool | None = None) -> bool:
+    """Whether the answer to ``request`` should be MessagePack; ``is_msgpack``: what
+    :func:`msgpack_request` says of it, where the caller has asked already."""
+    if is_msgpack is None:
+        is_msgpack = msgpack_request(request)
     accept = request.headers.get("Accept", "")
-    if "msgpack" not in accept.lower() and not msgpack_request(request):
+    if "msgpack" not in accept.lower() and not is_msgpack:
         return False  # what the parse below concludes without a MessagePack type in Accept
     msgpack_q: float | None = None
     json_q: float | None = None
@@ -37,7 +40,7 @@ def answers_msgpack(request: web.Request) -> bool:
         return True
     if json_q is not None and json_q > (msgpack_q or 0.0):
         return False
-    return msgpack_request(request)  # no (or no clear) preference: answer in kind
+    return is_msgpack  # no (or no clear) preference: answer in kind
 
 
 def _quality(params: str) -> float:

@@ -70,7 +70,8 @@ async def infer(request: web.Request) -> web.Response:
         )
     raw = await request.read()
     header_length = request.headers.get(HEADER_LENGTH)
-    if msgpack_request(request):
+    is_msgpack = msgpack_request(request)  # once: each look parses Content-Type again
+    if is_msgpack:
         # MessagePack: the JSON form's shape, with raw tensor bytes as ``data``.
         if header_length is not None:
             raise RequestError(f"{HEADER_LENGTH} does not apply to a MessagePack body")
@@ -87,11 +88,11 @@ async def infer(request: web.Request) -> web.Response:
         body, binary = parse_json(raw), b""
     decoded = decode_request(body, binary)
     result = await core.infer(name, decoded.inputs, version=version, outputs=decoded.outputs)
-    if answers_msgpack(request):
+    if answers_msgpack(request, is_msgpack):
         return _msgpack_answer(name, info.version, decoded.id, result.outputs)
-    binary_names = set(decoded.binary_outputs)
+    binary_names = decoded.binary_outputs
     if decoded.binary_default:
-        binary_names |= set(result.outputs)
+        binary_names = binary_names | set(result.outputs)
     tensors, blobs = encode_outputs(result.outputs, binary_names)
     answer: dict[str, Any] = {
         "model_name": name,

@@ -97,9 +97,10 @@ def middlewares(
 
     @web.middleware
     async def body_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        if resource is not None and (request.method, resource.canonical) in streamed:
-            return await handler(request)
+        if streamed:
+            resource = request.match_info.route.resource
+            if resource is not None and (request.method, resource.canonical) in streamed:
+                return await handler(request)
         if request.body_exists and request.headers.get(hdrs.UPGRADE) is None:
             length = request.content_length
             if length is not None and length > max_body_bytes:
