@@ -60,6 +60,8 @@ class ConfigUpdate:
         self._reload = reload
         self._current = current
         self._report = report
+        # What /health shows, kept in memory so a health request reads no file.
+        self._shown = _shown(load_state(self._meta), self.dropin.exists())
 
     async def apply(self, st: dict[str, Any], fetch: Fetch) -> tuple[str, str]:
         rollout = str(st["rollout"])
@@ -77,7 +79,7 @@ class ConfigUpdate:
             await fetch(stage, files[0])
             text = await asyncio.to_thread((stage / FRAGMENT).read_text, "utf-8")
             fragment = self._parse(text)
-            previous = self.dropin.read_text("utf-8") if self.dropin.exists() else None
+            previous = await asyncio.to_thread(_read_or_none, self.dropin)
             meta = {
                 "rollout": rollout,
                 "name": st.get("name"),
@@ -87,6 +89,7 @@ class ConfigUpdate:
             }
             await asyncio.to_thread(save_state, self._meta, meta)
             await asyncio.to_thread(write, self.dropin, text.encode())
+            self._shown = _shown(meta, True)
             await asyncio.to_thread(shutil.rmtree, self._stage, True)
             log.info("rollout %s: configuration fragment written to %s", rollout, self.dropin)
         self._report({"rollout": rollout, "state": "installed", "reason": ""})
@@ -118,12 +121,12 @@ class ConfigUpdate:
 
     def status(self) -> dict[str, Any]:
         """The "remote_config" unit of /health: the drop-in, and what is in effect."""
-        meta = load_state(self._meta)
         config = self._current()
+        dropin = str(self.dropin) if self._shown is not None else None
         return {
-            "dropin": str(self.dropin) if self.dropin.exists() else None,
-            "rollout": meta.get("rollout") if self.dropin.exists() else None,
-            "version": meta.get("version") if self.dropin.exists() else None,
+            "dropin": dropin,
+            "rollout": self._shown.get("rollout") if self._shown is not None else None,
+            "version": self._shown.get("version") if self._shown is not None else None,
             "effective": {s: getattr(config, s).model_dump(mode="json") for s in LIVE},
         }
 
@@ -163,9 +166,19 @@ class ConfigUpdate:
             await asyncio.to_thread(self.dropin.unlink, True)
         back = {"rollout": meta.get("previous_rollout"), "previous": None}
         await asyncio.to_thread(save_state, self._meta, back)
+        self._shown = _shown(back, isinstance(previous, str))
         problems = await self._reload()
         if problems:
             log.error("reloading the previous configuration: %s", "; ".join(problems))
+
+
+def _shown(meta: dict[str, Any], on: bool) -> dict[str, Any] | None:
+    """The drop-in's rollout and version for /health; None when no drop-in is on."""
+    return {"rollout": meta.get("rollout"), "version": meta.get("version")} if on else None
+
+
+def _read_or_none(path: Path) -> str | None:
+    return path.read_text("utf-8") if path.exists() else None
 
 
 __all__ = ["ConfigUpdate", "Fetch", "Reload"]

@@ -37,6 +37,7 @@ import asyncio
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +126,8 @@ class Updater:
         self._task: asyncio.Task[None] | None = None
         self._rollout = ""  # the rollout the running task carries out
         self._decisions: dict[tuple[str, str], asyncio.Future[CanaryDecision]] = {}
+        self._saving = threading.Lock()
+        self._saves: set[asyncio.Future[None]] = set()
         self._unsubscribe = [core.add_canary_listener(self._on_decision)]
         self.configs: ConfigUpdate | None = None
         if reload is not None:
@@ -189,17 +192,17 @@ class Updater:
                     state, why = await self.configs.apply(statement, self._fetch)
                 else:
                     raise Refused(f"unknown action {statement.get('action')!r}")
-                self._finish(key, rollout, state, why)
+                await self._finish(key, rollout, state, why)
             elif kind != "model":
                 raise Refused(f"unknown artifact kind {kind!r}")
             elif statement.get("action") == "rollback":
                 moved = await asyncio.to_thread(self._move_aside, statement)
                 await self._core.reload_models()
                 why = "rolled back on the hub's order" if moved else "was not installed"
-                self._finish(key, rollout, "rolled_back", why)
+                await self._finish(key, rollout, "rolled_back", why)
             elif statement.get("action") == "install":
                 state, why = await self._install(statement)
-                self._finish(key, rollout, state, why)
+                await self._finish(key, rollout, state, why)
             else:
                 raise Refused(f"unknown action {statement.get('action')!r}")
         except Refused as exc:
@@ -207,24 +210,29 @@ class Updater:
             if self._config.models.dir is not None:  # nothing half-fetched stays behind
                 stage = self._config.models.dir / INCOMING / rollout
                 await asyncio.to_thread(shutil.rmtree, stage, True)
-            self._finish(key, rollout, "failed", f"refused: {exc}")
+            await self._finish(key, rollout, "failed", f"refused: {exc}")
         except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             # Not final: the hub asks again and the download resumes where it stopped.
             log.warning("rollout %s: %s; trying again on the next answer", rollout, exc)
             await asyncio.sleep(1)
 
-    def _finish(self, key: str, rollout: str, state: str, reason: str) -> None:
+    def _finish(self, key: str, rollout: str, state: str, reason: str) -> asyncio.Future[None]:
+        """Report and remember the outcome; the state file is written off the loop."""
         self._report({"rollout": rollout, "state": state, "reason": reason})
         self._done.add(key)
         if self._pending is not None and self._pending.get("rollout") == rollout:
             self._pending = None
-        self._save()
+        saving = asyncio.ensure_future(asyncio.to_thread(self._save))
+        self._saves.add(saving)  # held until written, also when nobody awaits it
+        saving.add_done_callback(self._saves.discard)
+        return saving
 
     def _save(self) -> None:
         state: dict[str, Any] = {"done": sorted(self._done)}
         if self._pending is not None:
             state["pending"] = self._pending
-        save_state(self._state_file, state)
+        with self._saving:  # one writer of the state file at a time
+            save_state(self._state_file, state)
 
     # -- install ----------------------------------------------------------------------
 
@@ -244,11 +252,7 @@ class Updater:
         self._pending = {"rollout": str(st["rollout"]), "name": name, "version": version}
         await asyncio.to_thread(self._save)
         if not await asyncio.to_thread(verified, target, files):
-            if (root / name / MANIFEST).exists():
-                raise Refused(f"{name} uses the single-version layout; move it into {name}/1/")
-            if target.exists():
-                raise Refused(f"{target} exists with other content")
-            await asyncio.to_thread(self._check_room, root, stage, files)
+            await asyncio.to_thread(self._check_room, root, stage, files, name, target)
             self._report({"rollout": st["rollout"], "state": "downloading", "reason": ""})
             for entry in files:
                 await self._fetch(stage, entry)
@@ -305,7 +309,14 @@ class Updater:
         if future is not None and not future.done():
             future.set_result(decision)
 
-    def _check_room(self, root: Path, stage: Path, files: list[dict[str, Any]]) -> None:
+    def _check_room(
+        self, root: Path, stage: Path, files: list[dict[str, Any]], name: str, target: Path
+    ) -> None:
+        """Blocking: the version can go in beside the others, and the disk has room for it."""
+        if (root / name / MANIFEST).exists():
+            raise Refused(f"{name} uses the single-version layout; move it into {name}/1/")
+        if target.exists():
+            raise Refused(f"{target} exists with other content")
         have = 0
         for entry in files:
             for path in (stage / entry["path"], stage / (entry["path"] + ".part")):
@@ -326,7 +337,7 @@ class Updater:
         if await asyncio.to_thread(matches, final, entry):
             return
         await asyncio.to_thread(stage.mkdir, parents=True, exist_ok=True)
-        have = part.stat().st_size if part.exists() else 0
+        have = await asyncio.to_thread(_size_or_zero, part)
         if have > int(entry["size"]):
             await asyncio.to_thread(part.unlink)
             have = 0
@@ -346,8 +357,9 @@ class Updater:
                 raise aiohttp.ClientError(f"hub answered {resp.status} for {entry['path']}")
             rate = self._config.hub.update_rate_bytes
             began, got = time.monotonic(), 0
-            with part.open("r+b" if have else "wb") as out:
-                out.seek(have)
+            out = await asyncio.to_thread(part.open, "r+b" if have else "wb")
+            try:
+                await asyncio.to_thread(out.seek, have)
                 if resp.status != 416:
                     async for block in resp.content.iter_chunked(1 << 16):
                         await asyncio.to_thread(out.write, block)
@@ -355,6 +367,8 @@ class Updater:
                         if rate and (ahead := got / rate - (time.monotonic() - began)) > 0:
                             await asyncio.sleep(ahead)
                 await asyncio.to_thread(sync, out)
+            finally:
+                await asyncio.to_thread(out.close)
         if not await asyncio.to_thread(matches, part, entry):
             await asyncio.to_thread(part.unlink)
             if resumed:  # what was kept may not have reached the disk: fetch it whole
@@ -376,3 +390,7 @@ class Updater:
         fsync_dir(target.parent)
         log.warning("model %s version %s moved aside to %s", name, version, aside)
         return True
+
+
+def _size_or_zero(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
